@@ -1,0 +1,174 @@
+"""Adapter-only weights on disk: safetensors files, and LoRA export in PEFT's format.
+
+Only adapter tensors are written - never the frozen base weights - and files are read with
+safetensors (no pickle), so loading an adapter file cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from crma_lightning.adapters.crma import CRMABlock
+from crma_lightning.adapters.inject import adapter_parameter_names, lora_adapter_names, lora_layers
+
+METADATA_KEY = "crma_lightning"
+
+
+def adapter_state_dict(model: nn.Module, lora_adapters: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors of ``model`` by parameter name (detached, same device).
+
+    Args:
+        model: A model with adapters attached.
+        lora_adapters: Keep only these LoRA adapters (``None``: all). CRMA tensors are always included.
+    """
+    keep = None if lora_adapters is None else set(lora_adapters)
+    params = dict(model.named_parameters())
+    out = {}
+    for name in adapter_parameter_names(model):
+        match = re.search(r"\.lora_[AB]\.([^.]+)\.", name)
+        if keep is not None and match and match.group(1) not in keep:
+            continue
+        out[name] = params[name].detach()
+    return out
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_adapters(
+    model: nn.Module,
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+    lora_adapters: Iterable[str] | None = None,
+) -> Path:
+    """Write the adapter tensors to a ``.safetensors`` file (atomically); ``metadata`` is stored as JSON."""
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, lora_adapters).items()}
+    meta = {"format": "pt", METADATA_KEY: json.dumps(metadata or {}, default=str)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return Path(path)
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata stored by :func:`save_adapters`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+
+
+@torch.no_grad()
+def load_adapters(model: nn.Module, path_or_state: str | os.PathLike | dict, strict: bool = True) -> list[str]:
+    """Copy adapter tensors from a file (or a state dict) into ``model``'s adapters.
+
+    Args:
+        model: A model with the same adapters attached (same targets, ranks, adapter names).
+        path_or_state: A file written by :func:`save_adapters`, or a ``{name: tensor}`` dict.
+        strict: Every adapter parameter of ``model`` must be present in the file.
+
+    Returns:
+        The names that were loaded.
+
+    Raises:
+        ValueError: Unknown keys, missing keys (when ``strict``) or mismatched shapes - all reported
+            before anything is copied.
+    """
+    state = load_file(str(path_or_state)) if not isinstance(path_or_state, dict) else path_or_state
+    params = dict(model.named_parameters())
+    expected = set(adapter_parameter_names(model))
+    unexpected = sorted(set(state) - expected)
+    missing = sorted(expected - set(state)) if strict else []
+    bad_shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(params[k].shape)}"
+        for k in state
+        if k in expected and tuple(state[k].shape) != tuple(params[k].shape)
+    ]
+    if unexpected or missing or bad_shapes:
+        raise ValueError(
+            f"adapter weights do not match the model: unexpected keys {unexpected[:5]}, missing keys "
+            f"{missing[:5]}, shape mismatches {bad_shapes[:5]} (source: {_describe(path_or_state)})"
+        )
+    for key, value in state.items():
+        params[key].copy_(value.to(params[key].dtype))
+    return sorted(state)
+
+
+def _describe(source) -> str:
+    return str(source) if not isinstance(source, dict) else f"state dict with {len(source)} tensors"
+
+
+def _unwrapped_name(model: nn.Module, name: str) -> str:
+    """``name`` without the ``base_layer`` hops that CRMA blocks add: the path in the plain HF model."""
+    parts, module = [], model
+    for part in name.split("."):
+        child = getattr(module, part) if not part.isdigit() else module[int(part)]
+        if not (part == "base_layer" and isinstance(module, CRMABlock)):
+            parts.append(part)
+        module = child
+    return ".".join(parts)
+
+
+def export_peft_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    out_dir: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write LoRA adapter ``adapter_name`` as a PEFT adapter directory.
+
+    The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
+    ``peft.PeftModel.from_pretrained(base_model, out_dir)``. CRMA has no PEFT equivalent and is not
+    exported; a CRMA model exported this way is its LoRA part only.
+    """
+    layers = list(lora_layers(model))
+    if adapter_name not in lora_adapter_names(model):
+        raise ValueError(f"unknown LoRA adapter {adapter_name!r}; existing adapters: {lora_adapter_names(model)}")
+    config = layers[0][1].configs[adapter_name]
+    names = [_unwrapped_name(model, name) for name, _ in layers]
+    tensors = {}
+    for name, (_, layer) in zip(names, layers):
+        # PEFT's saved keys drop the adapter name: base_model.model.<module>.lora_A.weight
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().cpu()
+    fan_in_fan_out = {layer.fan_in_fan_out for _, layer in layers}
+    if len(fan_in_fan_out) > 1:
+        raise ValueError("cannot export to PEFT: the targets mix nn.Linear and Conv1D layers")
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        # An exact alternation of the wrapped modules: PEFT full-matches a string against module names.
+        "target_modules": "^(?:" + "|".join(re.escape(n) for n in names) + ")$",
+        "fan_in_fan_out": fan_in_fan_out.pop(),
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2)))
+    return out

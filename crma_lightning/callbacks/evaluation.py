@@ -1,0 +1,165 @@
+"""``DomainEvaluation``: per-domain held-out loss, the loss matrix, forgetting metrics, heatmap."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics.aggregation import MeanMetric
+
+from crma_lightning import metrics
+from crma_lightning.plotting import loss_matrix_image
+
+
+class DomainEvaluation(L.Callback):
+    """Token-weighted held-out loss per domain, and the run's loss matrix ``L[s][j]`` (DESIGN §4).
+
+    Every validation pass (during ``fit`` or a standalone ``validate``) logs ``val/<domain>/loss``
+    and ``val/<domain>/ppl``, aggregated with torchmetrics (synchronised across processes: each
+    rank evaluates a disjoint shard). When the stage driver announces a matrix row with
+    :meth:`expect_row` - row 0 before stage 1 (the base model), row ``i`` after stage ``i`` - the
+    next standalone validation fills that row, and the ``cl/*`` metrics and the ``cl/loss_matrix``
+    heatmap are logged. The matrix is part of the callback's checkpoint state.
+
+    Args:
+        log_heatmap: Log the matrix as a TensorBoard image (and as a Markdown text table).
+    """
+
+    def __init__(self, log_heatmap: bool = True) -> None:
+        self.log_heatmap = log_heatmap
+        self.domains: list[str] = []
+        self.matrix: list[list[float | None]] = []
+        self.tokens: dict[str, int] = {}
+        self._pending_row: int | None = None
+        self._metrics: dict[str, MeanMetric] = {}
+        self._token_counts: dict[str, torch.Tensor] = {}
+        self.last_losses: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ driver API
+    def start_run(self, domains: list[str]) -> None:
+        """Fix the column order; a restored matrix must have been written for the same domains."""
+        if self.domains and self.domains != list(domains):
+            raise ValueError(f"the loss matrix was recorded for domains {self.domains}, this run has {list(domains)}")
+        self.domains = list(domains)
+
+    def expect_row(self, row: int) -> None:
+        """The next standalone validation fills matrix row ``row`` (0 = base model)."""
+        self._pending_row = row
+
+    def has_row(self, row: int) -> bool:
+        return row < len(self.matrix) and any(v is not None for v in self.matrix[row])
+
+    def summary(self, upto: int | None = None) -> dict[str, Any]:
+        """Every DESIGN §4 metric of the matrix so far (``upto``: completed stages)."""
+        if not self.matrix:
+            return {}
+        upto = len(self.matrix) - 1 if upto is None else upto
+        return metrics.summarize(self.matrix, self.domains, upto=upto)
+
+    # ------------------------------------------------------------------ accumulation
+    def _metric(self, domain: str, device: torch.device) -> MeanMetric:
+        if domain not in self._metrics:
+            self._metrics[domain] = MeanMetric().to(device)
+            self._token_counts[domain] = torch.zeros((), dtype=torch.long, device=device)
+        return self._metrics[domain]
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for metric in self._metrics.values():
+            metric.reset()
+        for counts in self._token_counts.values():
+            counts.zero_()
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, dict) or "loss_sum" not in outputs:
+            return
+        domain, tokens = outputs["domain"], outputs["tokens"]
+        # value = mean CE of the batch, weight = its token count: the metric is sum(CE) / sum(tokens).
+        self._metric(domain, pl_module.device).update(outputs["loss_sum"] / tokens.clamp_min(1), weight=tokens)
+        self._token_counts[domain] += tokens
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # Every rank must compute (and so synchronise) the same metrics in the same order.
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "eval_domain_names"):
+            order = list(datamodule.eval_domain_names())
+        else:
+            order = [d for d in self.domains if d in self._metrics] + sorted(set(self._metrics) - set(self.domains))
+        losses: dict[str, float] = {}
+        for domain in order:
+            metric = self._metric(domain, pl_module.device)
+            if metric.update_count == 0 and not _distributed():
+                continue
+            value = metric.compute()
+            losses[domain] = float(value)
+            pl_module.log(f"val/{domain}/loss", value, add_dataloader_idx=False)
+            pl_module.log(f"val/{domain}/ppl", torch.exp(value.clamp(max=50.0)), add_dataloader_idx=False)
+            tokens = self._token_counts[domain].clone()
+            if _distributed():
+                torch.distributed.all_reduce(tokens)
+            self.tokens[domain] = int(tokens)
+        self.last_losses = losses
+        if self._pending_row is not None and trainer.state.fn == "validate":
+            self._record_row(trainer, self._pending_row, losses)
+            self._pending_row = None
+
+    # ------------------------------------------------------------------ the matrix
+    def _record_row(self, trainer: L.Trainer, row: int, losses: dict[str, float]) -> None:
+        while len(self.matrix) <= row:
+            self.matrix.append([None] * len(self.domains))
+        self.matrix[row] = [losses.get(d, self.matrix[row][i]) for i, d in enumerate(self.domains)]
+        if not trainer.is_global_zero:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        summary = self.summary(upto=row)
+        scalars = {
+            "cl/drift_mean": summary.get("drift_mean"),
+            "cl/bwt": summary.get("bwt"),
+            "cl/fwt": summary.get("fwt"),
+            "cl/base_forgetting_mean": summary.get("base_relative_forgetting_mean"),
+            "cl/plasticity_mean": summary.get("plasticity_mean"),
+        }
+        scalars = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(v)}
+        for logger in trainer.loggers:
+            if scalars:
+                logger.log_metrics(scalars, step=step)
+            if self.log_heatmap and isinstance(logger, TensorBoardLogger):
+                image = loss_matrix_image(self.matrix, self.domains)
+                logger.experiment.add_image("cl/loss_matrix", image, global_step=step, dataformats="HWC")
+                logger.experiment.add_text("cl/loss_matrix_table", self.markdown_table(), global_step=step)
+
+    def markdown_table(self) -> str:
+        """The matrix so far as a Markdown table (rows: base, after stage i; columns: domains)."""
+        head = "| after stage | " + " | ".join(self.domains) + " |"
+        sep = "|---" * (len(self.domains) + 1) + "|"
+        lines = [head, sep]
+        for r, row in enumerate(self.matrix):
+            label = "base" if r == 0 else f"{r}: {self.domains[r - 1]}"
+            cells = ["—" if v is None else f"{v:.4f}" for v in row]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"domains": list(self.domains), "matrix": [list(r) for r in self.matrix], "tokens": dict(self.tokens)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.domains = list(state_dict.get("domains", []))
+        self.matrix = [list(r) for r in state_dict.get("matrix", [])]
+        self.tokens = dict(state_dict.get("tokens", {}))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -1,0 +1,432 @@
+"""``GradientStability``: per-step gradient norm, its variance and peak, and CRMA health (DESIGN §4).
+
+Nothing in the optimizer step waits for the device: the norms of each step are queued in a device
+buffer and copied to the host in one transfer per logging interval, where the statistics are updated
+and the per-step values logged with their own step numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from crma_lightning.adapters import CRMAAdapter, crma_adapters
+
+try:  # public from torch 2.5; FSDP2 (fully_shard) gradients are DTensors
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed support, or older layout
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None  # type: ignore[assignment,misc]
+
+HEALTH_KEYS = ("spectral_norm", "gate", "row_sum_error", "col_sum_error", "sinkhorn_residual")
+# Logged reductions of the per-adapter health values: (key, health field, reduction).
+HEALTH_METRICS = (
+    ("crma/spectral_norm_max", "spectral_norm", "max"),
+    ("crma/gate_mean", "gate", "mean"),
+    ("crma/gate_max", "gate", "max"),
+    ("crma/row_sum_error_max", "row_sum_error", "max"),
+    ("crma/col_sum_error_max", "col_sum_error", "max"),
+    ("crma/sinkhorn_residual_max", "sinkhorn_residual", "max"),
+)
+_FALLBACK_INTERVAL = 50  # flush interval when the trainer logs never (log_every_n_steps=0)
+
+
+# ---------------------------------------------------------------------- gradient norms on device
+def group_grad_square_sums(
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str | None = None,
+    local_shards_group: Any = None,
+) -> tuple[list[str], torch.Tensor]:
+    """Sum of squared gradient entries per optimizer param group, over the whole (unsharded) model.
+
+    Runs entirely on the device: no host synchronisation. Squares are accumulated in float32 whatever
+    the gradient dtype. Sharded gradients are reduced so that every rank gets the single-process value:
+
+    * DTensor gradients (FSDP2 ``fully_shard``, tensor parallel): the local shards' sums are
+      all-reduced over the mesh dimensions the tensor is sharded on (replicated dimensions hold
+      copies and are not summed).
+    * Plain local-shard gradients (FSDP1, Lightning's ``FSDPStrategy``): pass the sharding process
+      group as ``local_shards_group`` and the sums are all-reduced over it.
+    * Replicated gradients (single device, DDP after its all-reduce): used as they are.
+
+    Every rank must call this together when a reduction is needed (it issues collectives).
+
+    Args:
+        optimizer: The optimizer about to step; gradients of its parameters (``None`` grads skipped).
+        device: Device of the result when there are no gradients at all.
+        local_shards_group: Process group over which plain-tensor gradients are shards (FSDP1), or
+            ``None`` when plain gradients are complete.
+
+    Returns:
+        Group names (the group's ``"name"`` key, else ``"group{i}"``) and a float32 tensor of their
+        squared-gradient sums, in ``optimizer.param_groups`` order.
+    """
+    groups = optimizer.param_groups
+    names = [str(g.get("name", f"group{i}")) for i, g in enumerate(groups)]
+    # Bucket the gradients by the process groups their squares must be summed over.
+    buckets: dict[tuple[Any, ...], list[list[torch.Tensor]]] = {}
+    for i, group in enumerate(groups):
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if DTensor is not None and isinstance(g, DTensor):
+                mesh = g.device_mesh
+                key = tuple(mesh.get_group(d) for d, pl in enumerate(g.placements) if pl.is_shard())
+                g = g.to_local()
+            else:
+                key = () if local_shards_group is None else (local_shards_group,)
+            buckets.setdefault(key, [[] for _ in groups])[i].append(g)
+    total: torch.Tensor | None = None
+    for key, per_group in buckets.items():
+        flat = [g for gs in per_group for g in gs]
+        # One fused kernel for all per-tensor norms, accumulated in float32.
+        squares = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).square()
+        sums = torch.stack([part.sum() for part in squares.split([len(gs) for gs in per_group])])
+        for process_group in key:
+            torch.distributed.all_reduce(sums, group=process_group)
+        total = sums if total is None else total + sums.to(total.device)
+    if total is None:
+        total = torch.zeros(len(groups), dtype=torch.float32, device=device)
+    return names, total
+
+
+def fsdp1_shard_group(trainer: L.Trainer) -> Any:
+    """The process group over which FSDP1 (``FSDPStrategy``) shards gradients; ``None`` otherwise."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = trainer.strategy.model
+    for module in model.modules() if model is not None else ():
+        if isinstance(module, FullyShardedDataParallel):
+            return module.process_group  # the sharding group (intra-node under HYBRID_SHARD)
+    return torch.distributed.group.WORLD
+
+
+def step_of(trainer: L.Trainer) -> int:
+    """The logging step of the current optimizer step (continuous across stages, see the stage driver)."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def log_interval(trainer: L.Trainer, every: int | None) -> int:
+    """``every``, else the trainer's ``log_every_n_steps`` (a fallback of 50 when that is 0)."""
+    if every is not None:
+        return every
+    return int(trainer.log_every_n_steps) or _FALLBACK_INTERVAL
+
+
+def log_to_loggers(trainer: L.Trainer | None, entries: list[tuple[int, dict[str, float]]]) -> None:
+    """Log ``(step, metrics)`` entries with explicit steps to every logger, on global rank 0 only."""
+    if trainer is None or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        for step, metrics in entries:
+            if metrics:
+                logger.log_metrics(metrics, step=step)
+
+
+# ---------------------------------------------------------------------- CRMA health
+class _GatheredCRMA:
+    """A CRMA adapter's tiny mixing/gate parameters gathered from their FSDP2 shards.
+
+    Reuses :class:`CRMAAdapter`'s own maths, so the health values are defined in one place.
+    """
+
+    mixing = CRMAAdapter.mixing
+    gate = CRMAAdapter.gate
+    health = CRMAAdapter.health
+
+    def __init__(self, adapter: CRMAAdapter) -> None:
+        self.config = adapter.config
+        self.mix_logits = _full(adapter.mix_logits)
+        self.gate_logit = _full(adapter.gate_logit)
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if DTensor is not None and isinstance(p, DTensor) else p
+
+
+def crma_health_vector(module: torch.nn.Module) -> torch.Tensor | None:
+    """The :data:`HEALTH_METRICS` reductions over every CRMA adapter of ``module``, as one device tensor.
+
+    ``None`` when ``module`` has no CRMA adapters. Sharded (FSDP2) adapters are gathered first, which is
+    a collective: call it on every rank then.
+    """
+    adapters = [a for _, a in crma_adapters(module)]
+    if not adapters:
+        return None
+    with torch.no_grad():
+        rows = []
+        for adapter in adapters:
+            sharded = DTensor is not None and isinstance(adapter.mix_logits, DTensor)
+            health = (_GatheredCRMA(adapter) if sharded else adapter).health()
+            rows.append(torch.stack([health[k].float().reshape(()) for k in HEALTH_KEYS]))
+        table = torch.stack(rows)  # (adapters, fields)
+        out = []
+        for _, field, reduction in HEALTH_METRICS:
+            column = table[:, HEALTH_KEYS.index(field)]
+            out.append(column.max() if reduction == "max" else column.mean())
+        return torch.stack(out)
+
+
+# ---------------------------------------------------------------------- host-side statistics
+class RunningStats:
+    """Welford mean and population variance (``ddof=0``) and the peak of the gradient norm.
+
+    The first ``warmup`` steps (decided by the caller) and non-finite norms are counted but left out
+    of the statistics.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.warmup_steps = 0
+        self.nonfinite_steps = 0
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.peak: float | None = None
+
+    def add(self, x: float, warmup: bool = False) -> None:
+        """Record one step's norm."""
+        self.steps += 1
+        if warmup:
+            self.warmup_steps += 1
+            return
+        if not math.isfinite(x):
+            self.nonfinite_steps += 1
+            return
+        self.n += 1
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (x - self.mean)
+        self.peak = x if self.peak is None else max(self.peak, x)
+
+    def summary(self) -> dict[str, Any]:
+        """``steps`` (all), ``warmup_steps``, ``nonfinite_steps``, then mean/var/std/peak of the rest."""
+        var = self.m2 / self.n if self.n else None
+        return {
+            "steps": self.steps,
+            "warmup_steps": self.warmup_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "mean": self.mean if self.n else None,
+            "var": var,
+            "std": math.sqrt(var) if var is not None else None,
+            "peak": self.peak,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RunningStats:
+        stats = cls()
+        for key in vars(stats):
+            if key in state:
+                setattr(stats, key, state[key])
+        return stats
+
+
+def _window_var(values: deque[float]) -> float | None:
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / len(values)
+
+
+# ---------------------------------------------------------------------- the callback
+class GradientStability(L.Callback):
+    """Gradient norm per optimizer step, its Welford variance and peak per stage and run; CRMA health.
+
+    The norm is the global L2 norm over the gradients of every parameter the optimizer updates, taken
+    in ``on_before_optimizer_step`` - after backward and AMP unscaling, before Lightning's gradient
+    clipping (and before :class:`~crma_lightning.callbacks.ZClip`, which must come later in the
+    callback list). It is exact under FSDP1/FSDP2 (shards are reduced, see
+    :func:`group_grad_square_sums`) and DDP (gradients are already identical on every rank).
+
+    Per step it logs, with the step's own number as ``step``: ``grad/norm``, ``grad/var`` (variance over
+    the last ``window`` steps of the stage), ``grad/peak`` (the stage's running peak) and
+    ``grad/norm_<group>`` for each optimizer param group (``lora``, ``crma``, ...; they combine to
+    ``grad/norm`` as a root of the sum of squares). At every flush it also logs the CRMA health of all
+    adapters (``crma/spectral_norm_max``, ``crma/gate_mean``, ``crma/gate_max``,
+    ``crma/row_sum_error_max``, ``crma/col_sum_error_max``, ``crma/sinkhorn_residual_max``).
+
+    A flush - the one device-to-host copy - happens at the end of every ``log_every_n_steps``-th
+    optimizer step, at train end, and before a checkpoint takes this callback's state. Each ``fit``
+    call is one stage, named after ``pl_module.current_task`` (else ``stage{n}``); a fit resumed from a
+    mid-stage checkpoint continues that stage's statistics. Statistics live on every rank; only global
+    rank 0 logs.
+
+    Args:
+        log_every_n_steps: Flush/log interval in optimizer steps (default: the trainer's).
+        warmup_steps: Steps at the start of each stage left out of the mean, variance and peak.
+        window: Steps in the rolling variance logged as ``grad/var``.
+        log_health: Log the CRMA health metrics (skipped when the model has no CRMA adapters, and under
+            FSDP1, whose flattened shards do not hold whole matrices).
+
+    Note:
+        Variances are population variances (``ddof=0``, numpy's default): ``var = mean((x - mean)²)``.
+    """
+
+    def __init__(
+        self, log_every_n_steps: int | None = None, warmup_steps: int = 0, window: int = 50, log_health: bool = True
+    ) -> None:
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or log_every_n_steps < 1):
+            raise ValueError(f"log_every_n_steps={log_every_n_steps!r} is invalid: expected an integer >= 1 or None")
+        if isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: expected an integer >= 0")
+        if isinstance(window, bool) or window < 1:
+            raise ValueError(f"window={window!r} is invalid: expected an integer >= 1")
+        self.log_every_n_steps = log_every_n_steps
+        self.warmup_steps = warmup_steps
+        self.window = window
+        self.log_health = log_health
+        self.stages: dict[str, RunningStats] = {}
+        self.run = RunningStats()
+        self._stage: str | None = None  # key in self.stages
+        self._task: str | None = None  # pl_module.current_task of that stage
+        self._finished = True
+        self._restored = False
+        self._window: deque[float] = deque(maxlen=window)
+        self._pending: list[torch.Tensor] = []
+        self._pending_steps: list[int] = []
+        self._pending_names: list[str] = []
+        self._trainer: L.Trainer | None = None
+        self._shard_group: Any = None
+        self._every = _FALLBACK_INTERVAL
+        self._warned_fsdp1 = False
+
+    # ------------------------------------------------------------------ stage bookkeeping
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
+        self._every = log_interval(trainer, self.log_every_n_steps)
+        self._shard_group = fsdp1_shard_group(trainer)
+        task = getattr(pl_module, "current_task", None)
+        task = None if task is None else str(task)
+        resumed = self._restored and not self._finished and self._stage is not None and task == self._task
+        if not resumed:
+            base = task if task is not None else f"stage{len(self.stages)}"
+            key, k = base, 2
+            while key in self.stages:  # the same task trained twice: keep both stages
+                key, k = f"{base}#{k}", k + 1
+            self.stages[key] = RunningStats()
+            self._stage, self._task = key, task
+            self._window.clear()
+        self._finished = False
+        self._restored = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending:
+            self._flush(health=True)
+        self._finished = True
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._pending:
+            self._flush(health=False)  # keep what was measured; no collectives on a failing run
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = None
+
+    # ------------------------------------------------------------------ per step: device only
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        names, squares = group_grad_square_sums(optimizer, pl_module.device, self._shard_group)
+        if self._pending and names != self._pending_names:
+            self._flush(health=False)  # a different optimizer layout: rows would not stack
+        self._pending_names = names
+        self._pending.append(torch.cat([squares.sum().sqrt().reshape(1), squares.sqrt()]))
+        self._pending_steps.append(step_of(trainer))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Aligned with Lightning's own logging steps; under gradient accumulation only the batch that
+        # stepped has a fresh pending entry.
+        if self._pending and (self._pending_steps[-1] + 1) % self._every == 0:
+            self._flush(health=True)
+
+    # ------------------------------------------------------------------ per interval: host
+    def _flush(self, health: bool = True) -> None:
+        """Copy the buffered norms (and the CRMA health) to the host once; update statistics; log."""
+        rows, steps, names = self._pending, self._pending_steps, self._pending_names
+        self._pending, self._pending_steps = [], []
+        trainer = self._trainer
+        parts = [torch.stack(rows).flatten()]
+        health_vec = None
+        if health and self.log_health and trainer is not None and trainer.lightning_module is not None:
+            if isinstance(trainer.strategy, FSDPStrategy):
+                if not self._warned_fsdp1:
+                    rank_zero_warn("GradientStability: CRMA health is not logged under FSDP1 (FSDPStrategy)")
+                    self._warned_fsdp1 = True
+            # Rank 0 logs it; other ranks only join in when the adapters are sharded (a collective).
+            elif trainer.is_global_zero or _has_dtensor_params(trainer.lightning_module):
+                health_vec = crma_health_vector(trainer.lightning_module)
+        if health_vec is not None:
+            parts.append(health_vec.to(parts[0].device))
+        values = torch.cat(parts).tolist()  # the single device-to-host transfer of this interval
+        width = 1 + len(names)
+        stage = self.stages[self._stage] if self._stage is not None else RunningStats()
+        entries: list[tuple[int, dict[str, float]]] = []
+        for k, step in enumerate(steps):
+            row = values[k * width : (k + 1) * width]
+            norm = row[0]
+            warmup = stage.steps < self.warmup_steps
+            stage.add(norm, warmup)
+            self.run.add(norm, warmup)
+            if math.isfinite(norm):
+                self._window.append(norm)
+            metrics = {"grad/norm": norm}
+            window_var = _window_var(self._window)
+            if window_var is not None:
+                metrics["grad/var"] = window_var
+            if stage.peak is not None:
+                metrics["grad/peak"] = stage.peak
+            metrics.update({f"grad/norm_{name}": v for name, v in zip(names, row[1:])})
+            entries.append((step, metrics))
+        if health_vec is not None and entries:
+            tail = values[len(steps) * width :]
+            entries[-1][1].update({key: v for (key, _, _), v in zip(HEALTH_METRICS, tail)})
+        log_to_loggers(trainer, entries)
+
+    # ------------------------------------------------------------------ results and state
+    def summary(self) -> dict[str, Any]:
+        """``{"stages": {name: stats}, "run": stats}``; stats as in :meth:`RunningStats.summary`."""
+        if self._pending:
+            self._flush(health=False)
+        return {"stages": {k: v.summary() for k, v in self.stages.items()}, "run": self.run.summary()}
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning takes this when it writes a checkpoint: include the steps still on the device.
+        if self._pending:
+            self._flush(health=False)
+        return {
+            "version": 1,
+            "stages": {k: v.state_dict() for k, v in self.stages.items()},
+            "run": self.run.state_dict(),
+            "stage": self._stage,
+            "task": self._task,
+            "finished": self._finished,
+            "window": list(self._window),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stages = {k: RunningStats.from_state(v) for k, v in state_dict.get("stages", {}).items()}
+        self.run = RunningStats.from_state(state_dict.get("run", {}))
+        self._stage = state_dict.get("stage")
+        self._task = state_dict.get("task")
+        self._finished = bool(state_dict.get("finished", True))
+        self._window = deque((float(v) for v in state_dict.get("window", [])), maxlen=self.window)
+        self._restored = True
+
+
+def _has_dtensor_params(module: torch.nn.Module) -> bool:
+    return DTensor is not None and any(isinstance(a.mix_logits, DTensor) for _, a in crma_adapters(module))

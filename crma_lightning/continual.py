@@ -1,0 +1,481 @@
+"""The stage driver: one ``Trainer.fit`` per domain, evaluation after each, checkpoints, resume.
+
+Why a fresh ``Trainer`` per stage: a reused trainer keeps its loops' state - a second ``fit`` with
+``max_steps`` finds the step budget already spent and silently trains nothing (Lightning issue
+#11425), and the fit loop keeps serving the previous stage's cached train dataloader. A new trainer
+per stage has neither problem. What must stay continuous is shared explicitly: the callbacks (their
+state is the run's state), the loggers (one TensorBoard run), and the logging step, which starts each
+stage where the previous one ended.
+
+Run directory layout::
+
+    <run_dir>/report.json, report.md       rewritten after every stage
+    <run_dir>/tensorboard/                  one continuous TensorBoard run
+    <run_dir>/checkpoints/stage-01-<domain>.ckpt   after each stage (adapters, optimizer, run state)
+    <run_dir>/checkpoints/last.ckpt         mid-stage (periodic or on SIGINT/SIGTERM)
+    <run_dir>/adapters/stage-01-<domain>.safetensors   all adapters after each stage
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+from crma_lightning.adapters.serialization import save_adapters
+from crma_lightning.callbacks.evaluation import DomainEvaluation
+from crma_lightning.callbacks.gradient import GradientStability
+from crma_lightning.data import SequentialDomainDataModule
+from crma_lightning.module import ContinualLM
+from crma_lightning.report import build_report, write_report
+
+RESUME_MODES = ("auto", "never")
+_STAGE_PREFIX = "stage-"
+
+
+class RunInterrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: str | None) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; resumable checkpoint: {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class _RunState(Callback):
+    """The driver's own state, stored in every checkpoint (``callbacks`` entry ``_RunState``)."""
+
+    def __init__(self) -> None:
+        self.domains: list[str] = []
+        self.completed = 0  # finished stages
+        self.step_offset = 0  # logging step at the start of the current stage
+        self.timings: dict[str, dict[str, float]] = {}
+        self.identity: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "domains": list(self.domains),
+            "completed": self.completed,
+            "step_offset": self.step_offset,
+            "timings": copy.deepcopy(self.timings),
+            "identity": copy.deepcopy(self.identity),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.domains = list(state_dict["domains"])
+        self.completed = int(state_dict["completed"])
+        self.step_offset = int(state_dict["step_offset"])
+        self.timings = dict(state_dict.get("timings", {}))
+        self.identity = dict(state_dict.get("identity", {}))
+
+
+class _StopAndSave(Callback):
+    """Mid-stage checkpoints: every ``every_n_steps`` optimizer steps, and on SIGINT/SIGTERM.
+
+    Signal handlers only set a flag; the checkpoint is written at the next batch end, where the
+    model, optimizer and loops are consistent (a ``KeyboardInterrupt`` raised mid-step could leave a
+    half-applied optimizer update). With several processes the flag is reduced across ranks every
+    ``sync_every`` steps so that all ranks stop at the same step.
+    """
+
+    def __init__(self, runner: ContinualRunner, every_n_steps: int | None, sync_every: int = 10) -> None:
+        self.runner = runner
+        self.every_n_steps = every_n_steps
+        self.sync_every = sync_every
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        stop = self.runner.stop_signal is not None
+        if trainer.world_size > 1:
+            stop = trainer.global_step % self.sync_every == 0 and trainer.strategy.reduce_boolean_decision(
+                stop, all=False
+            )
+        if stop:
+            path = self.runner.save_checkpoint(trainer, self.runner.last_checkpoint)
+            raise RunInterrupted(self.runner.stop_signal or signal.SIGTERM, str(path))
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.runner.save_checkpoint(trainer, self.runner.last_checkpoint)
+
+
+class ContinualRunner:
+    """Train a :class:`ContinualLM` on every domain of a :class:`SequentialDomainDataModule` in turn.
+
+    Args:
+        run_dir: Directory for checkpoints, adapters, TensorBoard logs and the report.
+        trainer_kwargs: Keyword arguments of each stage's ``lightning.Trainer`` (accelerator, devices,
+            strategy, precision, ``max_steps``/``max_epochs`` = the per-stage budget, ...). ``callbacks``
+            and ``logger`` given here are shared by every stage.
+        callbacks: Extra callbacks shared by all stages. ``GradientStability`` and ``DomainEvaluation``
+            are added when missing.
+        seed: Stage ``i`` starts from ``seed_everything(seed + i)``, so a stage re-run after a crash
+            sees the same randomness as the original.
+        resume: ``"auto"``: continue from the newest valid checkpoint in ``run_dir`` if there is one;
+            ``"never"``: refuse to reuse a ``run_dir`` that already holds checkpoints; or a path to a
+            checkpoint to continue from.
+        checkpoint_every_n_steps: Also write ``checkpoints/last.ckpt`` every n optimizer steps (bounds
+            the work lost to a hard kill). Signals always write it.
+        save_stage_adapters: Write all adapters as safetensors after every stage.
+        config: The run's configuration, copied into the report (the CLI passes the parsed YAML).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike = "runs/continual",
+        trainer_kwargs: dict[str, Any] | None = None,
+        callbacks: list[Callback] | None = None,
+        seed: int = 0,
+        resume: str = "auto",
+        checkpoint_every_n_steps: int | None = None,
+        save_stage_adapters: bool = True,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        extra = list(self.trainer_kwargs.pop("callbacks", None) or [])
+        self.callbacks = _with_defaults(list(callbacks or []) + extra)
+        self._logger_arg = self.trainer_kwargs.pop("logger", True)
+        self.seed = seed
+        self.resume = resume
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.save_stage_adapters = save_stage_adapters
+        self.config = config or {}
+        self.state = _RunState()
+        self.stop_signal: int | None = None
+        self.loggers: list[Logger] = []
+        _check_budget(self.trainer_kwargs)
+        if resume not in RESUME_MODES and not Path(resume).is_file():
+            raise ValueError(f"resume={resume!r} is invalid: expected one of {list(RESUME_MODES)} or an existing file")
+        if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
+            raise ValueError(f"checkpoint_every_n_steps={checkpoint_every_n_steps!r} is invalid: expected >= 1")
+
+    # ------------------------------------------------------------------ paths and callbacks
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint_dir / "last.ckpt"
+
+    def stage_checkpoint(self, stage: int, domain: str) -> Path:
+        return self.checkpoint_dir / f"{_STAGE_PREFIX}{stage + 1:02d}-{domain}.ckpt"
+
+    @property
+    def evaluation(self) -> DomainEvaluation:
+        return next(cb for cb in self.callbacks if isinstance(cb, DomainEvaluation))
+
+    @property
+    def gradient_stats(self) -> GradientStability:
+        return next(cb for cb in self.callbacks if isinstance(cb, GradientStability))
+
+    def _stateful_callbacks(self) -> list[Callback]:
+        return [*self.callbacks, self.state]
+
+    # ------------------------------------------------------------------ the run
+    def run(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
+        """Run every remaining stage; returns the final report (also written to ``run_dir``)."""
+        datamodule.prepare(model.tokenizer)  # every domain loaded and checked before any training
+        domains = datamodule.domain_names
+        for i, spec in enumerate(datamodule.specs):
+            _check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name, stage=i)
+        model.prepare_tasks(domains)
+        self.state.domains = domains
+        self.state.identity = {"model": model.identity(), "domains": domains}
+        resume_from, resume_stage_done = self._restore(model, datamodule)
+        self.evaluation.start_run(domains)
+        self._setup_loggers(purge_step=self.state.step_offset if resume_from else None)
+        self._t0 = time.perf_counter()
+        with self._signals():
+            try:
+                self._run_stages(model, datamodule, resume_from, resume_stage_done)
+            except BaseException as err:
+                status = "interrupted" if isinstance(err, (RunInterrupted, KeyboardInterrupt)) else "failed"
+                self._write_report(model, datamodule, f"{status}: {err}" if status == "failed" else status)
+                raise
+        return self._write_report(model, datamodule, "complete")
+
+    def _run_stages(
+        self, model: ContinualLM, dm: SequentialDomainDataModule, resume_from: Path | None, stage_done: bool
+    ) -> None:
+        if not self.evaluation.has_row(0):
+            trainer = self._make_trainer(0, dm)
+            model.activate_task(None)
+            with dm.evaluating_all_domains():
+                self._evaluate(trainer, model, dm, row=0)
+            self._write_report(model, dm, "running")
+        for stage in range(self.state.completed, dm.num_stages):
+            if self.stop_signal is not None:
+                raise RunInterrupted(self.stop_signal, str(self._newest_checkpoint()))
+            domain = dm.domain_names[stage]
+            dm.set_stage(stage)
+            mid_stage = resume_from is not None and not stage_done and stage == self.state.completed
+            if not mid_stage:
+                L.seed_everything(self.seed + stage, workers=True, verbose=False)
+            model.begin_task(domain)
+            trainer = self._make_trainer(stage, dm)
+            _print(trainer, f"stage {stage + 1}/{dm.num_stages}: {domain}")
+            t0 = time.perf_counter()
+            trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if mid_stage else None)
+            resume_from = None  # only the first stage after a restart resumes mid-stage
+            train_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._evaluate(trainer, model, dm, row=stage + 1)
+            eval_s = time.perf_counter() - t0
+            self.state.timings[domain] = {
+                "train_s": train_s + self.state.timings.get(domain, {}).get("train_s", 0.0) * mid_stage,
+                "eval_s": eval_s,
+                "steps": int(trainer.global_step),
+            }
+            self.state.completed = stage + 1
+            self.state.step_offset = trainer.fit_loop.epoch_loop._batches_that_stepped
+            self.save_checkpoint(trainer, self.stage_checkpoint(stage, domain))
+            if self.save_stage_adapters:
+                self._export_adapters(trainer, model, stage, domain)
+            if trainer.is_global_zero and self.last_checkpoint.exists():
+                self.last_checkpoint.unlink()  # superseded by the stage checkpoint
+            self._write_report(model, dm, "running" if stage + 1 < dm.num_stages else "complete")
+
+    def _evaluate(self, trainer: L.Trainer, model: ContinualLM, dm: SequentialDomainDataModule, row: int) -> None:
+        self.evaluation.expect_row(row)
+        trainer.validate(model, datamodule=dm, verbose=False)
+        if not self.evaluation.has_row(row):
+            raise RuntimeError(f"evaluation after stage {row} recorded no losses (did validation run?)")
+
+    # ------------------------------------------------------------------ trainers and loggers
+    def _setup_loggers(self, purge_step: int | None) -> None:
+        arg = self._logger_arg
+        if arg is True or arg is None:
+            kwargs = {"purge_step": purge_step} if purge_step else {}
+            self.loggers = [
+                TensorBoardLogger(
+                    save_dir=str(self.run_dir), name="tensorboard", version="", default_hp_metric=False, **kwargs
+                )
+            ]
+        elif arg is False:
+            self.loggers = []
+        else:
+            self.loggers = list(arg) if isinstance(arg, (list, tuple)) else [arg]
+
+    def _make_trainer(self, stage: int, dm: SequentialDomainDataModule) -> L.Trainer:
+        kwargs = copy.copy(self.trainer_kwargs)
+        for key in ("strategy", "plugins"):  # stateful objects: a pristine copy per stage
+            if key in kwargs and not isinstance(kwargs[key], str):
+                kwargs[key] = copy.deepcopy(kwargs[key])
+        spec = dm.specs[stage]
+        if spec.max_steps is not None:
+            kwargs["max_steps"] = spec.max_steps
+        kwargs.setdefault("num_sanity_val_steps", 0)
+        user_checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in self.callbacks)
+        kwargs["enable_checkpointing"] = user_checkpointing
+        kwargs["callbacks"] = [*self.callbacks, self.state, _StopAndSave(self, self.checkpoint_every_n_steps)]
+        kwargs["logger"] = self.loggers or False
+        kwargs.setdefault("default_root_dir", str(self.run_dir))
+        trainer = L.Trainer(**kwargs)
+        # Continue the logging step where the previous stage ended: one continuous TensorBoard run.
+        trainer.fit_loop.epoch_loop._batches_that_stepped = self.state.step_offset
+        return trainer
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, trainer: L.Trainer, path: Path) -> Path:
+        """``trainer.save_checkpoint`` to a temporary name, then an atomic rename (rank 0)."""
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        trainer.strategy.barrier("crma_lightning.save_checkpoint")
+        return path
+
+    def _export_adapters(self, trainer: L.Trainer, model: ContinualLM, stage: int, domain: str) -> None:
+        path = self.run_dir / "adapters" / f"{_STAGE_PREFIX}{stage + 1:02d}-{domain}.safetensors"
+        if trainer.is_global_zero:
+            save_adapters(model.model, path, metadata={"stage": stage + 1, "domain": domain, **model.identity()})
+
+    def _checkpoint_candidates(self) -> list[Path]:
+        """Checkpoints to resume from, newest progress first: ``last.ckpt`` then stage checkpoints."""
+        stages = sorted(self.checkpoint_dir.glob(f"{_STAGE_PREFIX}*.ckpt"), reverse=True)
+        last = [self.last_checkpoint] if self.last_checkpoint.exists() else []
+        return last + stages
+
+    def _newest_checkpoint(self) -> Path | None:
+        candidates = self._checkpoint_candidates()
+        return candidates[0] if candidates else None
+
+    def _restore(self, model: ContinualLM, dm: SequentialDomainDataModule) -> tuple[Path | None, bool]:
+        """Load the newest valid checkpoint's run state; returns (path, stage_was_complete)."""
+        if self.resume == "never":
+            if self._checkpoint_candidates():
+                raise ValueError(
+                    f"run_dir {self.run_dir} already holds checkpoints and resume='never'; choose another "
+                    "run_dir, delete it, or resume with resume='auto'"
+                )
+            return None, False
+        candidates = [Path(self.resume)] if self.resume not in RESUME_MODES else self._checkpoint_candidates()
+        for path in candidates:
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                state = ckpt["callbacks"]["_RunState"]
+            except Exception as err:  # corrupt, truncated or foreign file: fall back to the previous one
+                warnings.warn(f"skipping checkpoint {path}: cannot be read ({type(err).__name__}: {err})", stacklevel=2)
+                continue
+            self._check_compatible(state, path)
+            self._load_states(ckpt, model, dm)
+            complete = path.name.startswith(_STAGE_PREFIX)
+            return path, complete
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"cannot resume from {self.resume}: the file is not a readable crma_lightning checkpoint")
+        return None, False
+
+    def _check_compatible(self, saved: dict[str, Any], path: Path) -> None:
+        mine = self.state.identity
+        ours, theirs = mine["domains"], saved.get("identity", {}).get("domains", saved.get("domains"))
+        problems = []
+        if theirs != ours:
+            problems.append(f"domains: checkpoint {theirs} vs now {ours}")
+        saved_model = saved.get("identity", {}).get("model", {})
+        for key, value in mine["model"].items():
+            if saved_model.get(key) != value:
+                problems.append(f"{key}: checkpoint {saved_model.get(key)!r} vs now {value!r}")
+        if problems:
+            raise ValueError(
+                f"cannot resume from {path}: the configuration changed in a way that matters ("
+                + "; ".join(problems)
+                + "). Use the original configuration, or a new run_dir."
+            )
+
+    def _load_states(self, ckpt: dict[str, Any], model: ContinualLM, dm: SequentialDomainDataModule) -> None:
+        model.on_load_checkpoint(ckpt)
+        model.load_state_dict(ckpt["state_dict"])
+        saved_callbacks = ckpt.get("callbacks", {})
+        for cb in self._stateful_callbacks():
+            if cb.state_key in saved_callbacks:
+                cb.load_state_dict(saved_callbacks[cb.state_key])
+        dm_state = ckpt.get(type(dm).__qualname__)
+        if dm_state is not None:
+            dm.load_state_dict(dm_state)
+
+    # ------------------------------------------------------------------ signals and report
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # second Ctrl+C: stop now
+            self.stop_signal = signum
+            print(
+                f"\n[crma_lightning] {signal.Signals(signum).name} received: saving a checkpoint after this step "
+                "(Ctrl+C again to abort without saving)",
+                flush=True,
+            )
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _write_report(self, model: ContinualLM, dm: SequentialDomainDataModule, status: str) -> dict[str, Any]:
+        evaluation = self.evaluation
+        report = build_report(
+            domains=dm.domain_names,
+            matrix=evaluation.matrix,
+            completed_stages=self.state.completed,
+            status=status,
+            metrics=evaluation.summary(upto=self.state.completed) if evaluation.matrix else {},
+            gradients=self.gradient_stats.summary(),
+            config={"model": _model_summary(model), "data": _data_settings(dm), **self.config},
+            data=dm.summary(),
+            timings={
+                "stages": self.state.timings,
+                "total_s": time.perf_counter() - getattr(self, "_t0", time.perf_counter()),
+            },
+            nonfinite=model.nonfinite.state_dict(),
+        )
+        if _is_global_zero():
+            write_report(self.run_dir, report)
+        return report
+
+
+def _with_defaults(callbacks: list[Callback]) -> list[Callback]:
+    """Put ``GradientStability`` first (it must see gradients before any clipping callback) and ensure
+    a ``DomainEvaluation``.
+    """
+    grads = [cb for cb in callbacks if isinstance(cb, GradientStability)] or [GradientStability()]
+    rest = [cb for cb in callbacks if not isinstance(cb, GradientStability)]
+    if not any(isinstance(cb, DomainEvaluation) for cb in rest):
+        rest.append(DomainEvaluation())
+    return grads + rest
+
+
+def _check_budget(
+    kwargs: dict[str, Any], max_steps: int | None = None, domain: str | None = None, stage: int = 0
+) -> None:
+    """Each stage needs a positive budget: ``max_steps`` (trainer or domain) or ``max_epochs``."""
+    where = f" for domain {domain!r}" if domain else ""
+    steps = max_steps if max_steps is not None else kwargs.get("max_steps", -1)
+    epochs = kwargs.get("max_epochs")
+    if steps is not None and steps != -1 and steps < 1:
+        raise ValueError(
+            f"max_steps={steps!r}{where} is invalid: expected a positive number of optimizer steps per stage"
+        )
+    if epochs is not None and epochs != -1 and epochs < 1:
+        raise ValueError(f"max_epochs={epochs!r} is invalid: expected a positive number of epochs per stage")
+    if (steps in (None, -1)) and (epochs in (None, -1)):
+        raise ValueError(
+            f"no per-stage budget{where}: set trainer max_steps (optimizer steps per stage) or max_epochs, "
+            "or max_steps on the domain"
+        )
+
+
+def _model_summary(model: ContinualLM) -> dict[str, Any]:
+    hp = model.hparams
+    base = hp["model_name_or_path"] or {k: v for k, v in (hp["model_config"] or {}).items()}
+    return {
+        "base": base,
+        "adapter": model.adapter,
+        "task_adapters": model.task_adapters,
+        "lora": hp["lora"],
+        "crma": hp["crma"] if model.adapter == "crma" else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _data_settings(dm: SequentialDomainDataModule) -> dict[str, Any]:
+    return {
+        "domains": dm.domain_names,
+        "max_length": dm.max_length,
+        "packing": dm.packing,
+        "batch_size": dm.batch_size,
+        "eval_domains": dm.eval_domains,
+        "seed": dm.seed,
+    }
+
+
+def _is_global_zero() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+
+
+def _print(trainer: L.Trainer, message: str) -> None:
+    if trainer.is_global_zero:
+        print(f"[crma_lightning] {message}", flush=True)

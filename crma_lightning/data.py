@@ -1,0 +1,558 @@
+"""Domains and the sequential DataModule: one domain per stage, every seen domain in validation.
+
+A domain is a name plus a source - a built-in demo domain, local files (jsonl/json/csv/parquet/txt,
+read by ``datasets``) or a dataset on the Hugging Face Hub - and a held-out split (an explicit file
+or split, or a fixed-seed fraction). Text comes from a field or a ``str.format`` template over the
+row; tokenisation and packing run through ``datasets.map`` (batched, cached when ``cache_dir`` is
+set). Every domain is loaded and checked in :meth:`SequentialDomainDataModule.prepare`, before any
+training, so a bad file fails the run at once with the domain, file and row in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset, disable_progress_bars, load_dataset
+from datasets.fingerprint import Hasher
+from transformers import PreTrainedTokenizerBase
+
+from crma_lightning.builtin_domains import BUILTIN_DOMAINS, builtin_documents
+from crma_lightning.sampling import EvalShardSampler, GlobalBatchSampler, ResumableLoader
+from crma_lightning.tokenizer import load_tokenizer
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+EVAL_DOMAINS = ("seen", "all")
+DEFAULT_DOMAINS = ("prose", "code", "arithmetic", "unicode")
+
+
+@dataclass
+class DomainSpec:
+    r"""One domain of the sequence. Exactly one of ``builtin``, ``path`` or ``hub`` is the source.
+
+    Attributes:
+        name: Unique name; used for the domain's adapter, log keys and report columns.
+        builtin: Name of a built-in demo domain (``prose``, ``code``, ``arithmetic``, ``unicode``).
+        path: Local file, glob or list of files; format from the extension unless ``format`` is set.
+        hub: Dataset id on the Hugging Face Hub (``datasets.load_dataset(hub, hub_config, split=split)``).
+        hub_config: Configuration name of the hub dataset.
+        revision: Git revision of the hub dataset (pin it for reproducible runs).
+        split: Split that holds the training rows.
+        format: ``json``, ``csv``, ``parquet`` or ``text`` for local files with another extension.
+        text_field: Column holding the text (ignored when ``template`` is set).
+        template: ``str.format`` template over the row's columns, e.g. ``"Q: {question}\\nA: {answer}"``.
+        holdout_path: Local file(s) with the held-out rows.
+        holdout_split: Split with the held-out rows (hub datasets, or local files with named splits).
+        holdout_fraction: Otherwise, this fraction of the training rows is held out (fixed seed).
+        max_examples: Keep at most this many training rows (after the held-out split).
+        max_steps: Optimizer steps for this domain's stage (overrides the trainer's ``max_steps``).
+    """
+
+    name: str
+    builtin: str | None = None
+    path: str | list[str] | None = None
+    hub: str | None = None
+    hub_config: str | None = None
+    revision: str | None = None
+    split: str = "train"
+    format: str | None = None
+    text_field: str = "text"
+    template: str | None = None
+    holdout_path: str | list[str] | None = None
+    holdout_split: str | None = None
+    holdout_fraction: float = 0.1
+    max_examples: int | None = None
+    max_steps: int | None = None
+
+    def source(self) -> str:
+        """Human-readable description of where the rows come from (for messages and the report)."""
+        if self.builtin:
+            return f"built-in domain {self.builtin!r}"
+        if self.path:
+            return f"file(s) {self.path}"
+        return f"hub dataset {self.hub!r}" + (f" ({self.hub_config})" if self.hub_config else "")
+
+
+def as_domain_spec(value: DomainSpec | str | dict) -> DomainSpec:
+    """Accept a :class:`DomainSpec`, a dict of its fields, or a built-in domain's name."""
+    if isinstance(value, DomainSpec):
+        return value
+    if isinstance(value, str):
+        return DomainSpec(name=value, builtin=value)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(DomainSpec.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"domain {value.get('name', value)!r} has unknown keys {unknown}; "
+                f"expected keys among {sorted(DomainSpec.__dataclass_fields__)}"
+            )
+        return DomainSpec(**value)
+    raise ValueError(f"domain {value!r} is invalid: expected a built-in name, a mapping or a DomainSpec")
+
+
+def validate_domains(specs: Sequence[DomainSpec]) -> None:
+    """Check names, sources and fractions of all domains; raise ``ValueError`` on the first problem."""
+    if not specs:
+        raise ValueError("no domains given: expected at least one domain")
+    seen: set[str] = set()
+    for spec in specs:
+        if not spec.name or not all(c.isalnum() or c in "_-" for c in spec.name):
+            raise ValueError(f"domain name {spec.name!r} is invalid: expected letters, digits, '_' or '-'")
+        if spec.name in seen:
+            names = [s.name for s in specs]
+            raise ValueError(f"duplicate domain name {spec.name!r} in {names}: every stage needs its own name")
+        seen.add(spec.name)
+        sources = [k for k in ("builtin", "path", "hub") if getattr(spec, k)]
+        if len(sources) != 1:
+            raise ValueError(
+                f"domain {spec.name!r} must have exactly one source among builtin/path/hub, got {sources or 'none'}"
+            )
+        if spec.builtin and spec.builtin not in BUILTIN_DOMAINS:
+            raise ValueError(
+                f"domain {spec.name!r}: unknown built-in domain {spec.builtin!r}; expected one of "
+                f"{sorted(BUILTIN_DOMAINS)}, or give a `path` or `hub` source"
+            )
+        if spec.format and spec.format not in set(_FILE_BUILDERS.values()):
+            raise ValueError(
+                f"domain {spec.name!r}: format={spec.format!r} is not supported; expected one of "
+                f"{sorted(set(_FILE_BUILDERS.values()))}"
+            )
+        if not (spec.holdout_path or spec.holdout_split) and not 0.0 < spec.holdout_fraction < 1.0:
+            raise ValueError(
+                f"domain {spec.name!r}: holdout_fraction={spec.holdout_fraction!r} must be in (0, 1) "
+                "when no holdout_path/holdout_split is given"
+            )
+        for key in ("max_examples", "max_steps"):
+            value = getattr(spec, key)
+            if value is not None and value < 1:
+                raise ValueError(f"domain {spec.name!r}: {key}={value!r} is invalid: expected an integer >= 1")
+
+
+# ---------------------------------------------------------------------- loading raw rows
+def _expand(path: str | list[str]) -> list[str]:
+    import glob
+
+    paths = [path] if isinstance(path, str) else list(path)
+    files: list[str] = []
+    for p in paths:
+        matched = sorted(glob.glob(os.path.expanduser(p)))
+        if not matched:
+            raise ValueError(f"file {p!r} does not exist (no file matches it)")
+        files.extend(matched)
+    return files
+
+
+def _check_text_file(domain: str, file: str) -> None:
+    """Scan a JSON Lines or text file for bytes that are not UTF-8 and lines that are not JSON.
+
+    ``datasets`` reports such problems without the line number; this names domain, file and line.
+    """
+    suffix = Path(file).suffix
+    if suffix not in (".jsonl", ".txt", ".json"):
+        return
+    with open(file, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"domain {domain!r}: {file} line {lineno} is not valid UTF-8 ({err.reason} at byte "
+                    f"{err.start}); re-encode the file as UTF-8"
+                ) from None
+            if suffix == ".jsonl" and line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"domain {domain!r}: {file} line {lineno} is not valid JSON: {err.msg}") from None
+
+
+def _load_files(spec: DomainSpec, path: str | list[str]) -> Dataset:
+    files = _expand(path)
+    for file in files:
+        if os.path.getsize(file) == 0:
+            raise ValueError(f"domain {spec.name!r}: file {file} is empty")
+        _check_text_file(spec.name, file)
+    builder = spec.format or _FILE_BUILDERS.get(Path(files[0]).suffix)
+    if builder is None:
+        raise ValueError(
+            f"domain {spec.name!r}: cannot tell the format of {files[0]}; expected one of the extensions "
+            f"{sorted(_FILE_BUILDERS)} or set `format`"
+        )
+    try:
+        return load_dataset(builder, data_files=files, split="train")
+    except Exception as err:  # datasets raises many types; name the domain and files
+        raise ValueError(f"domain {spec.name!r}: could not read {files} as {builder}: {err}") from err
+
+
+def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> tuple[Dataset, Dataset]:
+    """``(train, holdout)`` rows of one domain, before text extraction."""
+    if spec.builtin:
+        full = Dataset.from_dict({"text": builtin_documents(spec.builtin, max_chars)})
+    elif spec.path:
+        full = _load_files(spec, spec.path)
+    else:
+        try:
+            full = load_dataset(spec.hub, spec.hub_config, split=spec.split, revision=spec.revision)
+        except Exception as err:
+            raise ValueError(f"domain {spec.name!r}: could not load {spec.source()}: {err}") from err
+    if spec.holdout_path:
+        holdout = _load_files(spec, spec.holdout_path)
+        train = full
+    elif spec.holdout_split:
+        try:
+            holdout = load_dataset(spec.hub, spec.hub_config, split=spec.holdout_split, revision=spec.revision)
+        except Exception as err:
+            raise ValueError(f"domain {spec.name!r}: could not load split {spec.holdout_split!r}: {err}") from err
+        train = full
+    else:
+        if len(full) < 2:
+            raise ValueError(f"domain {spec.name!r} ({spec.source()}) has {len(full)} rows: too few to hold some out")
+        parts = full.train_test_split(test_size=spec.holdout_fraction, seed=seed, shuffle=True)
+        train, holdout = parts["train"], parts["test"]
+    if spec.max_examples is not None:
+        train = train.select(range(min(spec.max_examples, len(train))))
+    return train, holdout
+
+
+def extract_text(spec: DomainSpec, ds: Dataset, part: str) -> Dataset:
+    """A dataset with a single ``text`` column (template applied); rows with empty text are dropped."""
+    columns = list(ds.column_names)
+    if spec.template is None and spec.text_field not in columns:
+        raise ValueError(
+            f"domain {spec.name!r} ({part}, {spec.source()}): no text field {spec.text_field!r}; "
+            f"the rows have fields {columns}. Set `text_field` or a `template`."
+        )
+    if spec.template is not None:
+        import string
+
+        needed = {f for _, f, _, _ in string.Formatter().parse(spec.template) if f}
+        missing = sorted(needed - set(columns))
+        if missing:
+            raise ValueError(
+                f"domain {spec.name!r} ({part}): template uses fields {missing} that the rows do not have; "
+                f"available fields: {columns}"
+            )
+
+    def to_text(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        texts = []
+        for i, idx in enumerate(indices):
+            if spec.template is not None:
+                texts.append(spec.template.format(**{k: batch[k][i] for k in columns}))
+                continue
+            value = batch[spec.text_field][i]
+            if value is not None and not isinstance(value, str):
+                raise ValueError(
+                    f"domain {spec.name!r} ({part}) row {idx}: field {spec.text_field!r} is "
+                    f"{type(value).__name__}, expected a string"
+                )
+            texts.append(value or "")
+        return {"text": texts}
+
+    ds = ds.map(to_text, batched=True, with_indices=True, remove_columns=columns, desc=f"{spec.name}: text")
+    ds = ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) == 0:
+        raise ValueError(
+            f"domain {spec.name!r} ({part}, {spec.source()}) has no non-empty text after filtering; "
+            f"check `text_field`={spec.text_field!r} / `template`"
+        )
+    return ds
+
+
+def tokenize(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    packing: bool,
+    drop_last: bool,
+    cache_dir: str | None = None,
+) -> Dataset:
+    """Token ids in rows of ``max_length``.
+
+    ``packing``: texts joined with EOS and cut into full rows (the last partial row is kept only if
+    ``not drop_last``); else each text is truncated to one row. Rows are padded later, in the collator.
+    """
+    eos = tokenizer.eos_token_id
+    fingerprint = Hasher.hash((ds._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length, packing, drop_last))
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        if not packing:
+            return {"input_ids": [[*x[:max_length - 1], eos] if eos is not None else x[:max_length] for x in ids]}
+        stream: list[int] = []
+        for x in ids:
+            stream.extend(x)
+            if eos is not None:
+                stream.append(eos)
+        n_full = len(stream) // max_length
+        rows = [stream[i * max_length : (i + 1) * max_length] for i in range(n_full)]
+        if not drop_last and len(stream) > n_full * max_length:
+            rows.append(stream[n_full * max_length :])
+        return {"input_ids": rows}
+
+    kwargs: dict[str, Any] = {"batched": True, "batch_size": 1000, "remove_columns": ds.column_names}
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["cache_file_name"] = str(Path(cache_dir) / f"tokens-{fingerprint}.arrow")
+    out = ds.map(encode, new_fingerprint=fingerprint, desc="tokenize", **kwargs)
+    return out.filter(lambda batch: [len(x) > 1 for x in batch["input_ids"]], batched=True)
+
+
+class Collator:
+    """Pad a list of ``{"input_ids": [...]}`` rows; labels are the ids with padding set to -100."""
+
+    def __init__(self, pad_id: int, domain: str) -> None:
+        self.pad_id = pad_id
+        self.domain = domain
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            x = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "domain": self.domain}
+
+
+# ---------------------------------------------------------------------- the DataModule
+class SequentialDomainDataModule(L.LightningDataModule):
+    """An ordered list of domains; stage ``i`` trains on domain ``i`` and validates on the seen ones.
+
+    Args:
+        domains: Domains in training order: built-in names, mappings of :class:`DomainSpec` fields or
+            ``DomainSpec`` objects. Default: the four built-in demo domains.
+        tokenizer: Tokenizer name/path (``"byte"`` for the built-in byte-level one) or object. ``None``:
+            the model's tokenizer, handed over by the stage driver.
+        max_length: Tokens per training row.
+        packing: Join texts with EOS and cut full rows (no padding) instead of truncating each text.
+        batch_size: Rows per batch *per process* (the global batch is ``batch_size × world size``).
+        eval_batch_size: Rows per validation batch (default ``batch_size``).
+        eval_domains: ``"seen"`` (domains trained so far, incl. the current one) or ``"all"`` (also the
+            future ones, for forward transfer).
+        max_chars_per_domain: Size cap for the built-in domains.
+        max_eval_rows: Evaluate at most this many held-out rows per domain (``None``: all).
+        num_workers: DataLoader worker processes.
+        seed: Seed of the held-out split and of the training order.
+        cache_dir: Directory for tokenised datasets (reused across runs); ``None``: ``datasets``' default.
+    """
+
+    def __init__(
+        self,
+        domains: list[DomainSpec | str] | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 128,
+        packing: bool = True,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        eval_domains: str = "seen",
+        max_chars_per_domain: int | None = 200_000,
+        max_eval_rows: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.specs = [as_domain_spec(d) for d in (domains if domains is not None else DEFAULT_DOMAINS)]
+        validate_domains(self.specs)
+        if eval_domains not in EVAL_DOMAINS:
+            raise ValueError(f"eval_domains={eval_domains!r} is invalid: expected one of {list(EVAL_DOMAINS)}")
+        for key, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length!r} is invalid: expected >= 2 (inputs and shifted labels)")
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.max_length = max_length
+        self.packing = packing
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_domains = eval_domains
+        self.max_chars_per_domain = max_chars_per_domain
+        self.max_eval_rows = max_eval_rows
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.stage = 0
+        self._eval_override: str | None = None
+        self.train_sets: dict[str, Dataset] = {}
+        self.eval_sets: dict[str, Dataset] = {}
+
+    # -------------------------------------------------------------- domains and stages
+    @property
+    def domain_names(self) -> list[str]:
+        """Domain names in training order."""
+        return [s.name for s in self.specs]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.specs)
+
+    @property
+    def current_domain(self) -> str:
+        return self.specs[self.stage].name
+
+    def set_stage(self, stage: int) -> None:
+        """Select the domain trained by the next ``fit`` (0-based)."""
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage {stage} is out of range: expected 0 <= stage < {self.num_stages}")
+        self.stage = stage
+
+    def eval_domain_names(self, stage: int | None = None) -> list[str]:
+        """Domains evaluated after ``stage`` (default: the current one), per ``eval_domains``."""
+        stage = self.stage if stage is None else stage
+        scope = self._eval_override or self.eval_domains
+        return self.domain_names if scope == "all" else self.domain_names[: stage + 1]
+
+    @contextmanager
+    def evaluating_all_domains(self) -> Iterator[None]:
+        """Within the block, validation covers every domain (the base-model row of the loss matrix)."""
+        previous, self._eval_override = self._eval_override, "all"
+        try:
+            yield
+        finally:
+            self._eval_override = previous
+
+    # -------------------------------------------------------------- preparation
+    def prepare_data(self) -> None:
+        """Download hub datasets once per node (Lightning calls this on local rank 0 only)."""
+        for spec in self.specs:
+            if spec.hub:
+                load_raw(spec, self.seed)
+
+    def prepare(self, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Load, check and tokenise every domain. Idempotent; call before training to fail fast."""
+        if tokenizer is not None and self.tokenizer is None:
+            self.tokenizer = tokenizer
+        if self.tokenizer is None:
+            raise ValueError("SequentialDomainDataModule has no tokenizer: pass `tokenizer` or a model's tokenizer")
+        if self.tokenizer.eos_token_id is None and self.packing:
+            raise ValueError("packing needs an EOS token to separate texts; the tokenizer has none")
+        if self.train_sets:
+            return
+        disable_progress_bars()
+        for spec in self.specs:
+            train_raw, holdout_raw = load_raw(spec, self.seed, self.max_chars_per_domain)
+            train_text = extract_text(spec, train_raw, "train")
+            holdout_text = extract_text(spec, holdout_raw, "holdout")
+            train = tokenize(train_text, self.tokenizer, self.max_length, self.packing, True, self.cache_dir)
+            held = tokenize(holdout_text, self.tokenizer, self.max_length, self.packing, False, self.cache_dir)
+            if len(train) == 0:
+                raise ValueError(
+                    f"domain {spec.name!r} ({spec.source()}): the training rows give no sequence of "
+                    f"{self.max_length} tokens; add data or lower max_length / disable packing"
+                )
+            if len(held) == 0:
+                raise ValueError(f"domain {spec.name!r} ({spec.source()}): the held-out rows give no tokens")
+            if self.max_eval_rows is not None:
+                held = held.select(range(min(self.max_eval_rows, len(held))))
+            self.train_sets[spec.name] = train
+            self.eval_sets[spec.name] = held
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare(self._model_tokenizer())
+
+    def _model_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        return getattr(module, "tokenizer", None)
+
+    def check_batches(self, world_size: int = 1) -> None:
+        """Every domain must fill at least one global training batch (raise before training if not)."""
+        for name, ds in self.train_sets.items():
+            if len(ds) < self.batch_size * world_size:
+                raise ValueError(
+                    f"domain {name!r} has {len(ds)} training rows of {self.max_length} tokens, fewer than one "
+                    f"global batch ({self.batch_size} x {world_size} processes); add data or lower batch_size"
+                )
+
+    # -------------------------------------------------------------- loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> ResumableLoader:
+        world, rank = self._world()
+        self.check_batches(world)
+        name = self.current_domain
+        ds = self.train_sets[name]
+        sampler = GlobalBatchSampler(ds, self.batch_size, world, rank, seed=self.seed + self.stage)
+        return ResumableLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=Collator(self._pad_id(), name),
+            num_workers=self.num_workers,
+            drop_last=True,
+            progress=self._progress,
+        )
+
+    def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
+        world, rank = self._world()
+        loaders = []
+        for name in self.eval_domain_names():
+            ds = self.eval_sets[name]
+            loaders.append(
+                torch.utils.data.DataLoader(
+                    ds,
+                    batch_size=self.eval_batch_size,
+                    sampler=EvalShardSampler(ds, world, rank),
+                    collate_fn=Collator(self._pad_id(), name),
+                    num_workers=self.num_workers,
+                )
+            )
+        return loaders
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    # -------------------------------------------------------------- state and summary
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "domains": self.domain_names}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("domains") not in (None, self.domain_names):
+            raise ValueError(
+                f"checkpoint was written for domains {state_dict['domains']}, this run has {self.domain_names}"
+            )
+        self.stage = int(state_dict["stage"])
+
+    def summary(self) -> dict[str, Any]:
+        """Per-domain sizes and sources, for the run report."""
+        out: dict[str, Any] = {}
+        for spec in self.specs:
+            entry = {k: v for k, v in asdict(spec).items() if v not in (None, "", [])}
+            if spec.name in self.train_sets:
+                entry["train_rows"] = len(self.train_sets[spec.name])
+                entry["holdout_rows"] = len(self.eval_sets[spec.name])
+                entry["holdout_tokens"] = int(sum(len(x) for x in self.eval_sets[spec.name]["input_ids"]))
+            out[spec.name] = entry
+        return out
+
+
+__all__ = [
+    "DEFAULT_DOMAINS",
+    "Collator",
+    "DomainSpec",
+    "SequentialDomainDataModule",
+    "as_domain_spec",
+    "extract_text",
+    "load_raw",
+    "tokenize",
+    "validate_domains",
+]

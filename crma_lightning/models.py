@@ -1,0 +1,79 @@
+"""Loading or building the base causal LM and its tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from crma_lightning.tokenizer import BYTE_TOKENIZER, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+_DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    """``"bfloat16"`` -> ``torch.bfloat16`` etc.; raises ``ValueError`` listing the valid names."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model_tokenizer(
+    model_name_or_path: str | None, tokenizer: str | None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer named by ``tokenizer``, else the model's own, else (model from config) the byte one."""
+    if tokenizer is None:
+        tokenizer = model_name_or_path if model_name_or_path is not None else BYTE_TOKENIZER
+    return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+
+
+def build_model(
+    model_name_or_path: str | None,
+    model_config: dict[str, Any] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """``from_pretrained(model_name_or_path)`` or ``from_config(model_config)``; the result is frozen-ready.
+
+    With a config, ``vocab_size`` defaults to the tokenizer's size and the special token ids to the
+    tokenizer's. Either way the tokenizer must fit the model's embedding table.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if (model_name_or_path is None) == (model_config is None):
+        raise ValueError("give exactly one of `model_name_or_path` and `model_config`")
+    if model_name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code, **{_DTYPE_KWARG: torch_dtype}
+        )
+    else:
+        cfg = dict(model_config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"model_config needs a `model_type` (e.g. 'llama'); got keys {sorted(model_config)}")
+        cfg.setdefault("vocab_size", len(tokenizer))
+        if cfg["vocab_size"] < len(tokenizer):
+            raise ValueError(
+                f"model_config vocab_size={cfg['vocab_size']} is too small: the tokenizer has {len(tokenizer)} "
+                "tokens; leave vocab_size out to use the tokenizer's size"
+            )
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            cfg.setdefault(key, getattr(tokenizer, key))
+        try:
+            config = AutoConfig.for_model(model_type, **cfg)
+        except ValueError as err:
+            raise ValueError(f"model_config: {err}") from err
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        if isinstance(torch_dtype, torch.dtype):
+            model = model.to(torch_dtype)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding table has {vocab} rows; "
+            "use the model's own tokenizer or a model_config with a larger vocab_size"
+        )
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,60 @@
+"""The loss matrix as an RGB image for TensorBoard (matplotlib when installed, plain numpy otherwise)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _row_labels(n_rows: int, domains: list[str]) -> list[str]:
+    return ["base"] + [f"after {i}: {domains[i - 1]}" for i in range(1, n_rows)]
+
+
+def loss_matrix_image(matrix: list[list[float | None]], domains: list[str]) -> np.ndarray:
+    """``(H, W, 3)`` uint8 heatmap of ``matrix`` (rows: base, after stage 1..; columns: domains).
+
+    Missing entries are grey. With matplotlib the cells are annotated with their values; without it
+    the image is a plain colour grid (the numbers are in the text summary and ``report.md``).
+    """
+    values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    try:
+        return _matplotlib_image(values, domains)
+    except ImportError:
+        return _numpy_image(values)
+
+
+def _matplotlib_image(values: np.ndarray, domains: list[str]) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, cols = values.shape
+    fig = Figure(figsize=(1.6 + 1.3 * cols, 1.0 + 0.5 * rows), dpi=100)
+    canvas = FigureCanvasAgg(fig)  # an off-screen canvas: no GUI backend, no global pyplot state
+    ax = fig.add_subplot()
+    masked = np.ma.masked_invalid(values)
+    image = ax.imshow(masked, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(cols), domains, rotation=30, ha="right")
+    ax.set_yticks(range(rows), _row_labels(rows, domains))
+    for r in range(rows):
+        for c in range(cols):
+            if not math.isnan(values[r, c]):
+                ax.text(c, r, f"{values[r, c]:.3f}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_title("held-out loss (lower is better)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return rgba[..., :3].copy()
+
+
+def _numpy_image(values: np.ndarray, cell: int = 24) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    scale = (values - lo) / (hi - lo if hi > lo else 1.0)
+    rgb = np.zeros((*values.shape, 3), dtype=np.uint8)
+    ok = np.isfinite(scale)
+    rgb[..., 0] = np.where(ok, 255 * np.nan_to_num(scale), 128)  # red = high loss
+    rgb[..., 1] = np.where(ok, 64, 128)
+    rgb[..., 2] = np.where(ok, 255 * (1 - np.nan_to_num(scale)), 128)  # blue = low loss
+    return np.kron(rgb, np.ones((cell, cell, 1), dtype=np.uint8))

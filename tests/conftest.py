@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny transformers models built from configs (no downloads, seconds on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one intra-op thread is fastest, and it avoids oversubscribing a shared 2-core machine.
+torch.set_num_threads(1)
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_neox(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "neox": tiny_neox}
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def model_factory(request):
+    """Each tiny architecture in turn: a callable ``factory(seed=0) -> model``."""
+    return MODEL_FACTORIES[request.param]

@@ -1,0 +1,203 @@
+"""ContinualLM: task adapters, trainable sets, parameter groups, hooks, checkpoint contents."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from crma_lightning.adapters import adapter_parameter_names, lora_adapter_names
+from crma_lightning.module import ContinualLM
+
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+def make(**kw) -> ContinualLM:
+    kw.setdefault("model_config", TINY)
+    return ContinualLM(**kw)
+
+
+def batches(n=4, seed=0, domain="a"):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 256, (2, 16), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "domain": domain})
+    return out
+
+
+def fit(model, data, steps=4):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=None))
+    return trainer
+
+
+def trainable(model):
+    return {n for n, p in model.model.named_parameters() if p.requires_grad}
+
+
+def test_per_task_adapters_freeze_earlier_tasks_and_crma_keeps_training():
+    m = make(adapter="crma", task_adapters="per_task")
+    m.prepare_tasks(["a", "b"])
+    assert lora_adapter_names(m.model) == ["a", "b"]
+    m.begin_task("a")
+    t = trainable(m)
+    assert any(".lora_A.a." in n for n in t) and not any(".lora_A.b." in n for n in t)
+    assert any(".crma." in n for n in t)
+    m.begin_task("b")
+    t = trainable(m)
+    assert not any(".lora_A.a." in n for n in t) and any(".lora_B.b." in n for n in t)
+    assert t <= set(adapter_parameter_names(m.model))
+
+
+def test_shared_mode_trains_one_adapter_for_every_task():
+    m = make(adapter="lora", task_adapters="shared")
+    m.prepare_tasks(["a", "b"])
+    assert lora_adapter_names(m.model) == ["shared"]
+    m.begin_task("b")
+    assert m.adapter_for("a") == m.adapter_for("b") == "shared"
+    assert not any(".crma." in n for n in trainable(m))
+
+
+def test_adapter_init_is_independent_of_creation_order():
+    a = make(task_adapters="per_task")
+    a.prepare_tasks(["x", "y"])
+    b = make(task_adapters="per_task")
+    b.begin_task("x")
+    b.begin_task("y")  # created lazily, one at a time
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_changes_only_the_active_task_adapter_and_crma():
+    m = make(adapter="crma", task_adapters="per_task")
+    m.prepare_tasks(["a", "b"])
+    m.begin_task("a")
+    fit(m, batches())
+    m.begin_task("b")
+    before = {k: v.clone() for k, v in m.model.state_dict().items()}
+    fit(m, batches(seed=1, domain="b"))
+    after = m.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    assert all(".lora_A.b." in k or ".lora_B.b." in k or ".crma." in k for k in changed), changed
+    assert any(".crma." in k for k in changed)
+
+
+def test_state_dict_holds_adapters_only_and_round_trips():
+    m = make(adapter="crma", task_adapters="per_task")
+    m.prepare_tasks(["a"])
+    m.begin_task("a")
+    fit(m, batches())
+    sd = m.state_dict()
+    assert set(sd) == {f"model.{n}" for n in adapter_parameter_names(m.model)}
+    base_keys = [k for k in m.model.state_dict() if "base_layer" in k and "lora" not in k]
+    assert base_keys and not any(f"model.{k}" in sd for k in base_keys)
+    fresh = make(adapter="crma", task_adapters="per_task")
+    fresh.prepare_tasks(["a"])
+    fresh.load_state_dict(sd)
+    x = batches(1)[0]["input_ids"]
+    fresh.activate_task("a")
+    m.activate_task("a")
+    assert torch.equal(fresh(x), m(x))
+    with pytest.raises(ValueError, match="missing"):
+        fresh.load_state_dict({k: v for k, v in list(sd.items())[1:]})
+
+
+def test_param_groups_and_structural_lr():
+    m = make(adapter="crma", crma_structural_lr=0.05)
+    m.begin_task("a")
+    groups = {g["name"]: g for g in m.param_groups()}
+    assert set(groups) == {"lora", "crma", "crma_structural"}
+    assert groups["crma_structural"]["lr"] == 0.05
+    assert all(p.shape == (4, 4) for p in groups["crma_structural"]["params"])
+    opt = m.configure_optimizers()
+    assert {g["name"] for g in opt.param_groups} == {"lora", "crma", "crma_structural"}
+
+
+def test_research_subclass_needs_only_a_few_lines():
+    class L2Adapters(ContinualLM):
+        def __init__(self, *args, l2: float = 0.5, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.l2 = l2
+            self.started = []
+
+        def compute_loss(self, batch, logits):
+            penalty = sum(p.pow(2).sum() for _, p in self.trainable_parameters())
+            return super().compute_loss(batch, logits) + self.l2 * penalty
+
+        def on_task_start(self, task, index):
+            self.started.append((task, index))
+
+    m = L2Adapters(model_config=TINY, adapter="lora")
+    m.begin_task("a")
+    b = batches(1)[0]
+    logits = m(b["input_ids"])
+    base = ContinualLM.compute_loss(m, b, logits)
+    assert m.compute_loss(b, logits) > base
+    assert m.started == [("a", 0)]
+
+
+def test_generate_returns_text_and_restores_the_task():
+    m = make(adapter="lora", task_adapters="per_task")
+    m.prepare_tasks(["a", "b"])
+    m.begin_task("b")
+    out = m.generate(["12 + 3 = ", "def "], task="a", max_new_tokens=5, do_sample=False)
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    assert m.current_task == "b"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"task_adapters": "sometimes"}, r"task_adapters='sometimes'.*\['shared', 'per_task'\]"),
+        ({"adapter": "dora"}, r"adapter='dora'.*\['lora', 'crma'\]"),
+        ({"dtype": "float8"}, r"dtype='float8'"),
+        ({"model_config": {"hidden_size": 8}}, "model_type"),
+        ({"model_config": {**TINY, "vocab_size": 100}}, "vocab_size=100 is too small: the tokenizer has 259 tokens"),
+        ({"lora": {"r": 0}}, r"rank r=0"),
+    ],
+)
+def test_bad_model_settings(kwargs, match):
+    from crma_lightning.adapters import LoRAConfig
+
+    if isinstance(kwargs.get("lora"), dict):
+        kwargs["lora"] = LoRAConfig(**kwargs["lora"])
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+def test_nonfinite_steps_are_skipped_then_stop():
+    from crma_lightning.nonfinite import NonFiniteError
+
+    m = make(adapter="lora", max_nonfinite_steps=3)
+    m.begin_task("a")
+
+    class Poisoned(ContinualLM):
+        pass
+
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    original = m.compute_loss
+    m.compute_loss = lambda batch, logits: original(batch, logits) * float("nan")
+    with pytest.raises(NonFiniteError, match="3 consecutive"):
+        fit(m, batches(6), steps=6)
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a NaN step updated the weights"
+    assert m.nonfinite.skipped == 3
