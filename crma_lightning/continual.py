@@ -415,9 +415,7 @@ class ContinualRunner:
 
 
 def _with_defaults(callbacks: list[Callback]) -> list[Callback]:
-    """Put ``GradientStability`` first (it must see gradients before any clipping callback) and ensure
-    a ``DomainEvaluation``.
-    """
+    """Add the default callbacks; ``GradientStability`` goes first, before any clipping callback."""
     grads = [cb for cb in callbacks if isinstance(cb, GradientStability)] or [GradientStability()]
     rest = [cb for cb in callbacks if not isinstance(cb, GradientStability)]
     if not any(isinstance(cb, DomainEvaluation) for cb in rest):
