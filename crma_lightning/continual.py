@@ -226,7 +226,7 @@ class ContinualRunner:
             trainer = self._make_trainer(stage, dm)
             _print(trainer, f"stage {stage + 1}/{dm.num_stages}: {domain}")
             t0 = time.perf_counter()
-            trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if mid_stage else None)
+            trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if mid_stage else None, weights_only=True)
             resume_from = None  # only the first stage after a restart resumes mid-stage
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -275,7 +275,8 @@ class ContinualRunner:
         spec = dm.specs[stage]
         if spec.max_steps is not None:
             kwargs["max_steps"] = spec.max_steps
-        kwargs.setdefault("num_sanity_val_steps", 0)
+        if kwargs.get("num_sanity_val_steps") is None:  # every stage is evaluated in full afterwards
+            kwargs["num_sanity_val_steps"] = 0
         user_checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in self.callbacks)
         kwargs["enable_checkpointing"] = user_checkpointing
         kwargs["callbacks"] = [*self.callbacks, self.state, _StopAndSave(self, self.checkpoint_every_n_steps)]
@@ -292,7 +293,7 @@ class ContinualRunner:
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer and loops too
         if trainer.is_global_zero:
             os.replace(tmp, path)
         trainer.strategy.barrier("crma_lightning.save_checkpoint")

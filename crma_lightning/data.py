@@ -284,7 +284,7 @@ def tokenize(
     def encode(batch: dict[str, list]) -> dict[str, list]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         if not packing:
-            return {"input_ids": [[*x[:max_length - 1], eos] if eos is not None else x[:max_length] for x in ids]}
+            return {"input_ids": [[*x[: max_length - 1], eos] if eos is not None else x[:max_length] for x in ids]}
         stream: list[int] = []
         for x in ids:
             stream.extend(x)

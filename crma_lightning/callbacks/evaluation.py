@@ -69,8 +69,8 @@ class DomainEvaluation(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for metric in self._metrics.values():
             metric.reset()
-        for counts in self._token_counts.values():
-            counts.zero_()
+        # Fresh tensors (not zero_()): ones created under a validate() inference mode are read-only outside it.
+        self._token_counts = {d: torch.zeros((), dtype=torch.long, device=pl_module.device) for d in self._metrics}
 
     def on_validation_batch_end(
         self,
