@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
@@ -100,6 +101,8 @@ class CRMALightningCLI(LightningCLI):
             save_stage_adapters=run["save_stage_adapters"],
             config={"cli": self._config_dict()},
         )
+        # Load and check every domain before anything is written: a bad file leaves no run directory behind.
+        datamodule.prepare(model.tokenizer)
         self._save_config(Path(run["dir"]))
         report = runner.run(model, datamodule)
         if runner.loggers and getattr(runner.loggers[0], "log_dir", None):
@@ -132,7 +135,7 @@ def main(args: Any = None) -> None:
     except NonFiniteError as err:
         print(f"\n[crma_lightning] stopped: {err}", file=sys.stderr)
         sys.exit(1)
-    except ValueError as err:
+    except (ValueError, MisconfigurationException) as err:  # bad configuration or data, caught before training
         if os.environ.get("CRMA_DEBUG"):
             raise
         print(f"\n[crma_lightning] error: {err}", file=sys.stderr)

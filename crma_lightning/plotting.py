@@ -36,10 +36,13 @@ def _matplotlib_image(values: np.ndarray, domains: list[str]) -> np.ndarray:
     image = ax.imshow(masked, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(cols), domains, rotation=30, ha="right")
     ax.set_yticks(range(rows), _row_labels(rows, domains))
+    lo, hi = np.nanmin(values), np.nanmax(values)
     for r in range(rows):
         for c in range(cols):
             if not math.isnan(values[r, c]):
-                ax.text(c, r, f"{values[r, c]:.3f}", ha="center", va="center", color="white", fontsize=8)
+                light = hi > lo and (values[r, c] - lo) / (hi - lo) < 0.5  # viridis_r is light at low values
+                color = "black" if light else "white"
+                ax.text(c, r, f"{values[r, c]:.3f}", ha="center", va="center", color=color, fontsize=8)
     ax.set_title("held-out loss (lower is better)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()

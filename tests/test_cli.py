@@ -1,0 +1,171 @@
+"""The `crma-lightning` command: end to end, print_config round trip, bad keys/types, every shipped config."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+from crma_lightning.cli import CRMALightningCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+OVERLAYS = {"naive.yaml", "frozen.yaml", "modular.yaml", "crma-shared.yaml"}
+
+
+def tiny_config(tmp_path: Path, run_dir: Path, steps: int = 3) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "run": {"dir": str(run_dir)},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": steps,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "class_path": "crma_lightning.ContinualLM",
+            "init_args": {
+                "model_config": {
+                    "model_type": "llama",
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                },
+                "adapter": "crma",
+                "task_adapters": "per_task",
+            },
+        },
+        "data": {
+            "domains": ["prose", "arithmetic"],
+            "max_length": 32,
+            "batch_size": 4,
+            "max_chars_per_domain": 6000,
+            "max_eval_rows": 8,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def print_config(*args: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        CRMALightningCLI(args=["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return out.getvalue()
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "crma_lightning", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+def test_cli_end_to_end(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    proc = run_cli("fit", "--config", str(tiny_config(tmp_path, run_dir)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 1/2: prose" in proc.stdout and "stage 2/2: arithmetic" in proc.stdout
+    assert "| after stage | prose | arithmetic |" in proc.stdout  # the report table is printed
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "complete" and len(report["loss_matrix"]["values"]) == 3
+    assert (run_dir / "report.md").read_text().count("| base |") == 1
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["init_args"]["adapter"] == "crma"
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "grad/norm", "val/prose/loss", "cl/drift_mean", "crma/spectral_norm_max"} <= tags
+    assert "cl/loss_matrix" in events.Tags()["images"]
+
+
+def test_print_config_round_trip(tmp_path):
+    first = print_config("--config", str(CONFIGS / "demo.yaml"), "--model.init_args.adapter=lora", "--data.batch_size=4")
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(first)
+    second = print_config("--config", str(saved))
+    assert yaml.safe_load(first) == yaml.safe_load(second)
+    cfg = yaml.safe_load(second)
+    assert cfg["model"]["init_args"]["adapter"] == "lora" and cfg["data"]["batch_size"] == 4
+
+
+def test_overlays_change_only_the_mode():
+    base = yaml.safe_load(print_config("--config", str(CONFIGS / "demo.yaml")))
+    for name in sorted(OVERLAYS):
+        cfg = yaml.safe_load(print_config("--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / name)))
+        differences = {
+            f"model.{k}" for k in base["model"]["init_args"] if base["model"]["init_args"][k] != cfg["model"]["init_args"][k]
+        }
+        differences |= {f"run.{k}" for k in base["run"] if base["run"][k] != cfg["run"][k]}
+        assert differences <= {"model.adapter", "model.task_adapters", "run.dir"}, (name, differences)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_parses(path):
+    args = ["--config", str(CONFIGS / "demo.yaml")] if path in OVERLAYS else []
+    cfg = yaml.safe_load(print_config(*args, "--config", str(CONFIGS / path)))
+    assert cfg["model"]["class_path"].endswith("ContinualLM") or "class_path" in cfg["model"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.init_args.adaptor=lora", "adaptor"),
+        ("--data.batch_size=eight", "batch_size"),
+        ("--run.dirr=x", "dirr"),
+    ],
+)
+def test_bad_keys_and_types_fail_fast(tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    proc = run_cli("fit", "--config", str(tiny_config(tmp_path, run_dir)), override)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not run_dir.exists(), "a configuration error must not leave a run directory behind"
+
+
+def test_bad_values_fail_before_any_work(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(tmp_path, run_dir)
+    proc = run_cli("fit", "--config", str(cfg), "--model.init_args.lora.r=0")
+    assert proc.returncode == 2 and "rank r=0" in proc.stderr
+    proc = run_cli("fit", "--config", str(cfg), "--trainer.max_steps=-3")
+    assert proc.returncode == 2 and "max_steps" in proc.stderr and "-3" in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_configuration_doc_lists_every_option():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    cfg = yaml.safe_load(print_config("--config", str(CONFIGS / "demo.yaml")))
+    keys = []
+
+    def walk(prefix, node):
+        if isinstance(node, dict) and not {"class_path", "init_args"} <= set(node):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(node, dict):
+            walk(prefix, node["init_args"])
+        else:
+            keys.append(prefix)
+
+    for section in ("run", "data", "gradient_stability", "evaluation"):
+        walk(section, cfg[section])
+    walk("model", cfg["model"]["init_args"])
+    keys = [k for k in keys if not k.startswith(("model.optimizer.", "model.model_config."))]
+    missing = [k for k in keys if f"`{k.split('.', 1)[1]}`" not in doc and f"`{k}`" not in doc]
+    assert not missing, f"docs/configuration.md does not document: {missing}"
