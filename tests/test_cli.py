@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-
 from crma_lightning.cli import CRMALightningCLI
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -96,7 +96,8 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_print_config_round_trip(tmp_path):
-    first = print_config("--config", str(CONFIGS / "demo.yaml"), "--model.init_args.adapter=lora", "--data.batch_size=4")
+    overrides = ["--model.init_args.adapter=lora", "--data.batch_size=4"]
+    first = print_config("--config", str(CONFIGS / "demo.yaml"), *overrides)
     saved = tmp_path / "printed.yaml"
     saved.write_text(first)
     second = print_config("--config", str(saved))
@@ -109,9 +110,8 @@ def test_overlays_change_only_the_mode():
     base = yaml.safe_load(print_config("--config", str(CONFIGS / "demo.yaml")))
     for name in sorted(OVERLAYS):
         cfg = yaml.safe_load(print_config("--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / name)))
-        differences = {
-            f"model.{k}" for k in base["model"]["init_args"] if base["model"]["init_args"][k] != cfg["model"]["init_args"][k]
-        }
+        before, after = base["model"]["init_args"], cfg["model"]["init_args"]
+        differences = {f"model.{k}" for k in before if before[k] != after[k]}
         differences |= {f"run.{k}" for k in base["run"] if base["run"][k] != cfg["run"][k]}
         assert differences <= {"model.adapter", "model.task_adapters", "run.dir"}, (name, differences)
 
