@@ -88,15 +88,18 @@ class CRMALightningCLI(LightningCLI):
         config = dict(config, logger=False)  # the CLI's own trainer only validates the settings
         return super()._instantiate_trainer(config, callbacks)
 
-    def fit(self, model: ContinualLM, datamodule: SequentialDomainDataModule, **_: Any) -> None:
+    def fit(
+        self, model: ContinualLM, datamodule: SequentialDomainDataModule, ckpt_path: str | None = None, **_: Any
+    ) -> None:
         cfg = self.config[self.subcommand]
         run = cfg["run"]
+        resume = run["resume"] if ckpt_path in (None, "last") else ckpt_path  # Lightning's flag, our resume
         runner = ContinualRunner(
             run_dir=run["dir"],
             trainer_kwargs=self.stage_trainer_kwargs,
             callbacks=self.stage_callbacks,
             seed=int(cfg["seed_everything"]) if not isinstance(cfg["seed_everything"], bool) else 0,
-            resume=run["resume"],
+            resume=resume,
             checkpoint_every_n_steps=run["checkpoint_every_n_steps"],
             save_stage_adapters=run["save_stage_adapters"],
             config={"cli": self._config_dict()},

@@ -201,3 +201,20 @@ def test_nonfinite_steps_are_skipped_then_stop():
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a NaN step updated the weights"
     assert m.nonfinite.skipped == 3
+
+
+def test_warmup_cosine_schedule_and_its_validation():
+    from crma_lightning.schedules import WarmupCosine
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = WarmupCosine(opt, warmup_steps=2, total_steps=10, min_ratio=0.1)
+    rates = []
+    for _ in range(12):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert rates[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 4 / 8)).item()))
+    assert rates[-1] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="min_ratio=2"):
+        WarmupCosine(opt, min_ratio=2)
