@@ -71,6 +71,11 @@ def test_three_stage_run_completes_in_every_mode(tmp_path, adapter, task_adapter
         assert (tmp_path / "run" / "adapters" / f"stage-{stage:02d}-{domain}.safetensors").exists()
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["loss_matrix"] == report["loss_matrix"]
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    for s, row in enumerate(matrix):  # report.md renders the same numbers as report.json
+        label = "base" if s == 0 else f"{s}: {DOMAINS[s - 1]}"
+        cells = " | ".join("—" if v is None else f"{v:.4f}" for v in row)
+        assert f"| {label} | {cells} |" in markdown
 
 
 def test_lora_per_task_has_zero_drift_and_shared_does_not(tmp_path):

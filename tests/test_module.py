@@ -218,3 +218,19 @@ def test_warmup_cosine_schedule_and_its_validation():
     assert rates[-1] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="min_ratio=2"):
         WarmupCosine(opt, min_ratio=2)
+
+
+def test_loads_a_local_pretrained_model_and_tokenizer(tmp_path):
+    """`model_name_or_path` takes any local directory written by `save_pretrained` (no hub access)."""
+    source = make(adapter="lora")
+    from crma_lightning.adapters import detach_adapters
+
+    detach_adapters(source.model)
+    source.model.save_pretrained(tmp_path / "base")
+    source.tokenizer.save_pretrained(tmp_path / "base")
+    loaded = ContinualLM(model_name_or_path=str(tmp_path / "base"), adapter="crma", dtype="bfloat16")
+    assert loaded.tokenizer.eos_token == "<|eos|>" and len(loaded.tokenizer) == 259
+    assert next(p for n, p in loaded.model.named_parameters() if "base_layer" in n).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in loaded.model.named_parameters() if p.requires_grad)
+    ids = batches(1)[0]["input_ids"]
+    assert torch.isfinite(loaded(ids)).all()
