@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
-from crma_lightning.continual import ContinualRunner, RunInterrupted
+from crma_lightning.continual import ContinualRunner, RunInterrupted, _is_global_zero
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
 from crma_lightning.nonfinite import NonFiniteError
@@ -104,10 +104,14 @@ class CRMALightningCLI(LightningCLI):
             save_stage_adapters=run["save_stage_adapters"],
             config={"cli": self._config_dict()},
         )
-        # Load and check every domain before anything is written: a bad file leaves no run directory behind.
-        datamodule.prepare(model.tokenizer)
+        # Every check that needs no training - data, budgets, batch sizes, the checkpoint to resume - runs
+        # before anything is written: a bad file or setting leaves no run directory behind, and a refused
+        # resume leaves the run directory's config.yaml matching its checkpoints.
+        runner.preflight(model, datamodule, world_size=self.trainer.world_size)
         self._save_config(Path(run["dir"]))
         report = runner.run(model, datamodule)
+        if not _is_global_zero():
+            return  # every process runs this; one report on the console is enough
         if runner.loggers and getattr(runner.loggers[0], "log_dir", None):
             print(f"\nTensorBoard: tensorboard --logdir {runner.loggers[0].log_dir}")
         print("\n" + render_markdown(report))
@@ -141,8 +145,27 @@ def main(args: Any = None) -> None:
     except (ValueError, MisconfigurationException) as err:  # bad configuration or data, caught before training
         if os.environ.get("CRMA_DEBUG"):
             raise
-        print(f"\n[crma_lightning] error: {err}", file=sys.stderr)
+        print(f"\n[crma_lightning] error: {_root_message(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _root_message(err: BaseException) -> str:
+    """The message of the error our code raised, not jsonargparse's wrapper around it.
+
+    A ``ValueError`` raised while a ``class_path`` class is built reaches us wrapped ("Does not validate
+    against any of the Union subtypes ..." followed by a dump of every init argument), with the original
+    as its cause; that original names the setting at fault.
+    """
+    while err.__cause__ is not None and _raised_in_jsonargparse(err):
+        err = err.__cause__
+    return str(err)
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "jsonargparse" in tb.tb_frame.f_code.co_filename
 
 
 if __name__ == "__main__":  # pragma: no cover

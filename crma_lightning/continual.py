@@ -19,11 +19,14 @@ Run directory layout::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import pickle
 import signal
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,10 +37,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
-from crma_lightning.adapters.serialization import save_adapters
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
 from crma_lightning.data import SequentialDomainDataModule
+from crma_lightning.distributed import export_adapters
 from crma_lightning.module import ContinualLM
 from crma_lightning.report import build_report, write_report
 
@@ -94,6 +97,12 @@ class _StopAndSave(Callback):
         self.runner = runner
         self.every_n_steps = every_n_steps
         self.sync_every = sync_every
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.runner._reclaim_sigterm(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.runner._reclaim_sigterm(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         stop = self.runner.stop_signal is not None
@@ -153,6 +162,9 @@ class ContinualRunner:
         self.state = _RunState()
         self.stop_signal: int | None = None
         self.loggers: list[Logger] = []
+        self._handler: Any = None  # the SIGINT/SIGTERM handler while a run is in progress
+        # (path, checkpoint) that `preflight` chose to resume from; None until it has looked.
+        self._resume_choice: tuple[Path | None, dict[str, Any] | None] | None = None
         _check_budget(self.trainer_kwargs)
         if resume not in RESUME_MODES and not Path(resume).is_file():
             raise ValueError(f"resume={resume!r} is invalid: expected one of {list(RESUME_MODES)} or an existing file")
@@ -183,15 +195,38 @@ class ContinualRunner:
         return [*self.callbacks, self.state]
 
     # ------------------------------------------------------------------ the run
-    def run(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
-        """Run every remaining stage; returns the final report (also written to ``run_dir``)."""
-        datamodule.prepare(model.tokenizer)  # every domain loaded and checked before any training
+    def preflight(
+        self, model: ContinualLM, datamodule: SequentialDomainDataModule, world_size: int | None = None
+    ) -> None:
+        """Every check that needs no training, done before anything is written to ``run_dir``.
+
+        Loads, checks and tokenises every domain; checks each stage's budget, that every domain fills
+        one global batch (when ``world_size`` is given; :meth:`run` checks it again once its trainer
+        knows the world size) and, when resuming, that the checkpoint to continue from is readable and
+        belongs to this configuration (model, adapters, domains and their held-out data). :meth:`run`
+        calls it too; call it first to fail before writing anything else (the CLI does, before it
+        saves ``config.yaml``).
+
+        Raises:
+            ValueError: Naming the domain, file, setting or checkpoint at fault.
+        """
+        datamodule.prepare(model.tokenizer)
         domains = datamodule.domain_names
         for i, spec in enumerate(datamodule.specs):
             _check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name, stage=i)
-        model.prepare_tasks(domains)
+        if world_size is not None:
+            datamodule.check_batches(world_size)
         self.state.domains = domains
-        self.state.identity = {"model": model.identity(), "domains": domains}
+        self.state.identity = {"model": model.identity(), "domains": domains, "data": _data_identity(datamodule)}
+        if self._resume_choice is None:
+            self._resume_choice = self._find_resume_checkpoint()
+
+    def run(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
+        """Run every remaining stage; returns the final report (also written to ``run_dir``)."""
+        self.preflight(model, datamodule)  # every domain loaded and checked before any training
+        domains = datamodule.domain_names
+        model.prepare_tasks(domains)
+        self._remove_stale_temp_files()
         resume_from, resume_stage_done = self._restore(model, datamodule)
         self.evaluation.start_run(domains)
         self._setup_loggers(purge_step=self.state.step_offset if resume_from else None)
@@ -200,8 +235,14 @@ class ContinualRunner:
             try:
                 self._run_stages(model, datamodule, resume_from, resume_stage_done)
             except BaseException as err:
-                status = "interrupted" if isinstance(err, (RunInterrupted, KeyboardInterrupt)) else "failed"
+                # A stop that Lightning turned into SystemExit (its SIGTERM exception, or its exit(1)
+                # after a second Ctrl+C) is still an interruption: report it as one, exit 128 + signal.
+                stopped = self.stop_signal is not None and isinstance(err, (SystemExit, KeyboardInterrupt))
+                status = "interrupted" if stopped or isinstance(err, (RunInterrupted, KeyboardInterrupt)) else "failed"
                 self._write_report(model, datamodule, f"{status}: {err}" if status == "failed" else status)
+                if stopped and not isinstance(err, RunInterrupted):
+                    newest = self._newest_checkpoint()
+                    raise RunInterrupted(self.stop_signal, str(newest) if newest else None) from err
                 raise
         return self._write_report(model, datamodule, "complete")
 
@@ -223,6 +264,7 @@ class ContinualRunner:
             if not mid_stage:
                 L.seed_everything(self.seed + stage, workers=True, verbose=False)
             model.begin_task(domain)
+            model.nonfinite.stage = domain  # skipped steps are counted, and reported, per stage
             trainer = self._make_trainer(stage, dm)
             _print(trainer, f"stage {stage + 1}/{dm.num_stages}: {domain}")
             t0 = time.perf_counter()
@@ -239,7 +281,12 @@ class ContinualRunner:
             }
             self.state.completed = stage + 1
             self.state.step_offset = trainer.fit_loop.epoch_loop._batches_that_stepped
-            self.save_checkpoint(trainer, self.stage_checkpoint(stage, domain))
+            try:
+                self.save_checkpoint(trainer, self.stage_checkpoint(stage, domain))
+            except BaseException:
+                # Not on disk, so not complete: the failure report must agree with what a resume finds.
+                self.state.completed = stage
+                raise
             if self.save_stage_adapters:
                 self._export_adapters(trainer, model, stage, domain)
             if trainer.is_global_zero and self.last_checkpoint.exists():
@@ -283,6 +330,7 @@ class ContinualRunner:
         kwargs["logger"] = self.loggers or False
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         trainer = L.Trainer(**kwargs)
+        dm.check_batches(trainer.world_size)  # before the first stage trains, now that the world size is known
         # Continue the logging step where the previous stage ended: one continuous TensorBoard run.
         trainer.fit_loop.epoch_loop._batches_that_stepped = self.state.step_offset
         return trainer
@@ -293,7 +341,13 @@ class ContinualRunner:
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer and loops too
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer and loops too
+        except BaseException:
+            # Disk full, a failing hook, ...: the previous file at `path` is untouched; leave no stray temp file.
+            if trainer.is_global_zero and tmp.is_file():
+                tmp.unlink()
+            raise
         if trainer.is_global_zero:
             os.replace(tmp, path)
         trainer.strategy.barrier("crma_lightning.save_checkpoint")
@@ -301,8 +355,9 @@ class ContinualRunner:
 
     def _export_adapters(self, trainer: L.Trainer, model: ContinualLM, stage: int, domain: str) -> None:
         path = self.run_dir / "adapters" / f"{_STAGE_PREFIX}{stage + 1:02d}-{domain}.safetensors"
-        if trainer.is_global_zero:
-            save_adapters(model.model, path, metadata={"stage": stage + 1, "domain": domain, **model.identity()})
+        # Every rank joins: sharded (FSDP) adapters are gathered collectively; rank 0 writes the file.
+        metadata = {"stage": stage + 1, "domain": domain, **model.identity()}
+        export_adapters(model.model, path, metadata=metadata, write=trainer.is_global_zero)
 
     def _checkpoint_candidates(self) -> list[Path]:
         """Checkpoints to resume from, newest progress first: ``last.ckpt`` then stage checkpoints."""
@@ -314,30 +369,57 @@ class ContinualRunner:
         candidates = self._checkpoint_candidates()
         return candidates[0] if candidates else None
 
-    def _restore(self, model: ContinualLM, dm: SequentialDomainDataModule) -> tuple[Path | None, bool]:
-        """Load the newest valid checkpoint's run state; returns (path, stage_was_complete)."""
+    def _find_resume_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The newest readable checkpoint to resume from and its contents, checked against this run.
+
+        ``resume="auto"``: an unreadable candidate (truncated, corrupt, not ours) is skipped with a
+        warning naming it, and the next older one is tried. An explicit path must be readable.
+        """
         if self.resume == "never":
             if self._checkpoint_candidates():
                 raise ValueError(
                     f"run_dir {self.run_dir} already holds checkpoints and resume='never'; choose another "
                     "run_dir, delete it, or resume with resume='auto'"
                 )
-            return None, False
-        candidates = [Path(self.resume)] if self.resume not in RESUME_MODES else self._checkpoint_candidates()
+            return None, None
+        explicit = self.resume not in RESUME_MODES
+        candidates = [Path(self.resume)] if explicit else self._checkpoint_candidates()
         for path in candidates:
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
                 state = ckpt["callbacks"]["_RunState"]
-            except Exception as err:  # corrupt, truncated or foreign file: fall back to the previous one
-                warnings.warn(f"skipping checkpoint {path}: cannot be read ({type(err).__name__}: {err})", stacklevel=2)
+            except Exception as err:  # corrupt, truncated or foreign file
+                if explicit:
+                    raise ValueError(f"cannot resume from {path}: {_unreadable(path, err)}") from err
+                warnings.warn(
+                    f"skipping checkpoint {path}: {_unreadable(path, err)}; trying the next older checkpoint",
+                    stacklevel=3,
+                )
                 continue
             self._check_compatible(state, path)
-            self._load_states(ckpt, model, dm)
-            complete = path.name.startswith(_STAGE_PREFIX)
-            return path, complete
-        if self.resume not in RESUME_MODES:
-            raise ValueError(f"cannot resume from {self.resume}: the file is not a readable crma_lightning checkpoint")
-        return None, False
+            return path, ckpt
+        if candidates:
+            warnings.warn(f"no readable checkpoint in {self.checkpoint_dir}: starting from the beginning", stacklevel=3)
+        return None, None
+
+    def _restore(self, model: ContinualLM, dm: SequentialDomainDataModule) -> tuple[Path | None, bool]:
+        """Load the chosen checkpoint's states; returns (path, stage_was_complete)."""
+        path, ckpt = self._resume_choice or (None, None)
+        self._resume_choice = None  # consumed: the checkpoint's tensors need not stay in memory
+        if path is None or ckpt is None:
+            return None, False
+        self._load_states(ckpt, model, dm)
+        return path, path.name.startswith(_STAGE_PREFIX)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Delete temp files that a process killed mid-write (SIGKILL, power loss) left behind."""
+        if not _is_global_zero():
+            return
+        for folder in (self.run_dir, self.checkpoint_dir, self.run_dir / "adapters"):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp*"):
+                    if tmp.is_file():
+                        tmp.unlink()
 
     def _check_compatible(self, saved: dict[str, Any], path: Path) -> None:
         mine = self.state.identity
@@ -349,6 +431,11 @@ class ContinualRunner:
         for key, value in mine["model"].items():
             if saved_model.get(key) != value:
                 problems.append(f"{key}: checkpoint {saved_model.get(key)!r} vs now {value!r}")
+        saved_data = saved.get("identity", {}).get("data")
+        if saved_data is not None:  # absent from checkpoints written before it was recorded
+            for key, value in mine["data"].items():
+                if saved_data.get(key) != value:
+                    problems.append(f"data.{key}: checkpoint {saved_data.get(key)!r} vs now {value!r}")
         if problems:
             raise ValueError(
                 f"cannot resume from {path}: the configuration changed in a way that matters ("
@@ -387,11 +474,31 @@ class ContinualRunner:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
             signal.signal(s, handler)
+        self._handler = handler
         try:
             yield
         finally:
+            self._handler = None
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def _reclaim_sigterm(self, trainer: L.Trainer) -> None:
+        """Put the driver's SIGTERM handler back in place of the one ``Trainer.fit``/``validate`` install.
+
+        Lightning's handler makes its loops raise ``SIGTERMException`` - a ``SystemExit`` with exit
+        code 0 - at an epoch end or in the middle of a validation, without a checkpoint. The driver
+        instead lets a validation finish (so the stage's checkpoint is written) and stops training at
+        the next batch end with a checkpoint. Lightning restores the driver's handler when it tears down.
+        A SIGTERM that arrived while Lightning's handler was in place also ran the driver's (Lightning
+        chains to it), so clearing Lightning's flag loses nothing. If this private attribute moves, the
+        fallback in :meth:`run` still reports the stop as an interruption.
+        """
+        if self._handler is None or threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._handler)
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and getattr(connector, "received_sigterm", False):
+            connector.received_sigterm = False
 
     def _write_report(self, model: ContinualLM, dm: SequentialDomainDataModule, status: str) -> dict[str, Any]:
         evaluation = self.evaluation
@@ -444,6 +551,22 @@ def _check_budget(
         )
 
 
+def _unreadable(path: Path, err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` (or finding the run state in it) failed, in one line."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the very end
+        return "not a complete PyTorch checkpoint (no zip archive: truncated, corrupt, or another kind of file)"
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's own text suggests weights_only=False; crma_lightning never unpickles arbitrary objects.
+        return (
+            "not a weights-only checkpoint (torch.load(weights_only=True) refused it: it is not a checkpoint, "
+            "or it holds pickled objects, which crma_lightning never loads)"
+        )
+    if isinstance(err, (KeyError, TypeError)):
+        return f"not a crma_lightning checkpoint (it has no run state: {type(err).__name__}: {err})"
+    text = str(err).strip().splitlines()
+    return f"unreadable ({type(err).__name__}: {text[0][:200] if text else 'no message'})"
+
+
 def _model_summary(model: ContinualLM) -> dict[str, Any]:
     hp = model.hparams
     base = hp["model_name_or_path"] or {k: v for k, v in (hp["model_config"] or {}).items()}
@@ -455,6 +578,23 @@ def _model_summary(model: ContinualLM) -> dict[str, Any]:
         "crma": hp["crma"] if model.adapter == "crma" else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _data_identity(dm: SequentialDomainDataModule) -> dict[str, Any]:
+    """Data settings that change what the loss matrix measures: a resumed run must keep them.
+
+    Left out on purpose: budgets (``max_steps``), batch sizes, workers and the cache directory, which
+    change how training proceeds or how fast, not which held-out text a loss is measured on.
+    """
+    return {
+        "max_length": dm.max_length,
+        "packing": dm.packing,
+        "max_chars_per_domain": dm.max_chars_per_domain,
+        "max_eval_rows": dm.max_eval_rows,
+        "eval_domains": dm.eval_domains,
+        "seed": dm.seed,
+        "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "max_steps"} for s in dm.specs],
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from datasets import Dataset, disable_progress_bars, load_dataset
 from datasets.fingerprint import Hasher
@@ -31,6 +33,8 @@ from crma_lightning.tokenizer import load_tokenizer
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 EVAL_DOMAINS = ("seen", "all")
 DEFAULT_DOMAINS = ("prose", "code", "arithmetic", "unicode")
+ROW_COLUMN = "__crma_row__"
+"""Column that carries each row's position in its source through the held-out split (for messages)."""
 
 
 @dataclass
@@ -173,22 +177,56 @@ def _check_text_file(domain: str, file: str) -> None:
                     raise ValueError(f"domain {domain!r}: {file} line {lineno} is not valid JSON: {err.msg}") from None
 
 
-def _load_files(spec: DomainSpec, path: str | list[str]) -> Dataset:
-    files = _expand(path)
-    for file in files:
-        if os.path.getsize(file) == 0:
-            raise ValueError(f"domain {spec.name!r}: file {file} is empty")
-        _check_text_file(spec.name, file)
+def _builder(spec: DomainSpec, files: list[str]) -> str:
     builder = spec.format or _FILE_BUILDERS.get(Path(files[0]).suffix)
     if builder is None:
         raise ValueError(
             f"domain {spec.name!r}: cannot tell the format of {files[0]}; expected one of the extensions "
             f"{sorted(_FILE_BUILDERS)} or set `format`"
         )
+    return builder
+
+
+def _load_files(spec: DomainSpec, path: str | list[str]) -> Dataset:
+    files = _expand(path)
+    for file in files:
+        if os.path.getsize(file) == 0:
+            raise ValueError(f"domain {spec.name!r}: file {file} is empty")
+        _check_text_file(spec.name, file)
+    builder = _builder(spec, files)
     try:
         return load_dataset(builder, data_files=files, split="train")
     except Exception as err:  # datasets raises many types; name the domain and files
         raise ValueError(f"domain {spec.name!r}: could not read {files} as {builder}: {err}") from err
+
+
+def _numbered(ds: Dataset) -> Dataset:
+    """``ds`` plus :data:`ROW_COLUMN`: the row's position in its source, kept through shuffling."""
+    return ds.add_column(ROW_COLUMN, np.arange(len(ds)))
+
+
+def describe_row(spec: DomainSpec, part: str, row: int) -> str:
+    """Where row ``row`` (0-based, in source order) of the domain's ``part`` comes from.
+
+    For local files: the file and the row within it (for JSON Lines without blank lines, line
+    ``row + 1``). Only error and warning messages call this, so counting the rows of each file when
+    a domain has several is affordable.
+    """
+    if spec.path:
+        source = spec.holdout_path if part == "holdout" and spec.holdout_path else spec.path
+        files = _expand(source)
+        if len(files) > 1:
+            builder = _builder(spec, files)
+            for file in files[:-1]:
+                size = len(load_dataset(builder, data_files=[file], split="train"))
+                if row < size:
+                    return f"{file} row {row}"
+                row -= size
+        return f"{files[-1]} row {row}"
+    if spec.hub:
+        split = spec.holdout_split if part == "holdout" and spec.holdout_split else spec.split
+        return f"hub dataset {spec.hub!r} split {split!r} row {row}"
+    return f"{spec.source()} row {row}"
 
 
 def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> tuple[Dataset, Dataset]:
@@ -196,18 +234,20 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
     if spec.builtin:
         full = Dataset.from_dict({"text": builtin_documents(spec.builtin, max_chars)})
     elif spec.path:
-        full = _load_files(spec, spec.path)
+        full = _numbered(_load_files(spec, spec.path))
     else:
         try:
-            full = load_dataset(spec.hub, spec.hub_config, split=spec.split, revision=spec.revision)
+            full = _numbered(load_dataset(spec.hub, spec.hub_config, split=spec.split, revision=spec.revision))
         except Exception as err:
             raise ValueError(f"domain {spec.name!r}: could not load {spec.source()}: {err}") from err
     if spec.holdout_path:
-        holdout = _load_files(spec, spec.holdout_path)
+        holdout = _numbered(_load_files(spec, spec.holdout_path))
         train = full
     elif spec.holdout_split:
         try:
-            holdout = load_dataset(spec.hub, spec.hub_config, split=spec.holdout_split, revision=spec.revision)
+            holdout = _numbered(
+                load_dataset(spec.hub, spec.hub_config, split=spec.holdout_split, revision=spec.revision)
+            )
         except Exception as err:
             raise ValueError(f"domain {spec.name!r}: could not load split {spec.holdout_split!r}: {err}") from err
         train = full
@@ -221,9 +261,16 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
     return train, holdout
 
 
-def extract_text(spec: DomainSpec, ds: Dataset, part: str) -> Dataset:
-    """A dataset with a single ``text`` column (template applied); rows with empty text are dropped."""
-    columns = list(ds.column_names)
+def extract_text(spec: DomainSpec, ds: Dataset, part: str, stats: dict[str, int] | None = None) -> Dataset:
+    """A dataset with a single ``text`` column (template applied).
+
+    Rows whose text is missing, null or blank are dropped: a warning names the domain, the file and
+    the first such rows, and ``stats["dropped"]`` (when ``stats`` is given) counts them. A text field
+    that holds something other than a string is an error naming its file and row, and so is a domain
+    with no text left at all.
+    """
+    numbered = ROW_COLUMN in ds.column_names
+    columns = [c for c in ds.column_names if c != ROW_COLUMN]
     if spec.template is None and spec.text_field not in columns:
         raise ValueError(
             f"domain {spec.name!r} ({part}, {spec.source()}): no text field {spec.text_field!r}; "
@@ -242,26 +289,43 @@ def extract_text(spec: DomainSpec, ds: Dataset, part: str) -> Dataset:
 
     def to_text(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts = []
-        for i, idx in enumerate(indices):
+        # Row numbers in source order: the held-out split shuffled the rows.
+        rows = batch[ROW_COLUMN] if numbered else indices
+        for i, row in enumerate(rows):
             if spec.template is not None:
                 texts.append(spec.template.format(**{k: batch[k][i] for k in columns}))
                 continue
             value = batch[spec.text_field][i]
             if value is not None and not isinstance(value, str):
                 raise ValueError(
-                    f"domain {spec.name!r} ({part}) row {idx}: field {spec.text_field!r} is "
-                    f"{type(value).__name__}, expected a string"
+                    f"domain {spec.name!r} ({part}): {describe_row(spec, part, row)}: field {spec.text_field!r} "
+                    f"is {type(value).__name__}, expected a string"
                 )
             texts.append(value or "")
         return {"text": texts}
 
+    total = len(ds)
     ds = ds.map(to_text, batched=True, with_indices=True, remove_columns=columns, desc=f"{spec.name}: text")
+    blank = ds.filter(lambda batch: [not t.strip() for t in batch["text"]], batched=True)
     ds = ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
     if len(ds) == 0:
         raise ValueError(
             f"domain {spec.name!r} ({part}, {spec.source()}) has no non-empty text after filtering; "
             f"check `text_field`={spec.text_field!r} / `template`"
         )
+    if len(blank):
+        rows = blank[:3][ROW_COLUMN] if numbered else []
+        where = f" (e.g. {', '.join(describe_row(spec, part, r) for r in rows)})" if rows else ""
+        what = "template's text" if spec.template is not None else f"field {spec.text_field!r}"
+        warnings.warn(
+            f"domain {spec.name!r} ({part}): dropped {len(blank)} of {total} rows whose {what} is missing, "
+            f"null or blank{where}",
+            stacklevel=2,
+        )
+    if numbered:
+        ds = ds.remove_columns(ROW_COLUMN)
+    if stats is not None:
+        stats["dropped"] = len(blank)
     return ds
 
 
@@ -368,6 +432,18 @@ class SequentialDomainDataModule(L.LightningDataModule):
         for key, value in (("max_length", max_length), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1")
+        # Zero or negative sizes would not fail here but later and obscurely (an empty held-out set,
+        # "0 rows" from the built-in domains), so they are rejected with the key's name.
+        optional = {
+            "eval_batch_size": eval_batch_size,
+            "max_chars_per_domain": max_chars_per_domain,
+            "max_eval_rows": max_eval_rows,
+        }
+        for key, value in optional.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1 or null (no limit)")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} is invalid: expected an integer >= 0")
         if max_length < 2:
             raise ValueError(f"max_length={max_length!r} is invalid: expected >= 2 (inputs and shifted labels)")
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
@@ -385,6 +461,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         self._eval_override: str | None = None
         self.train_sets: dict[str, Dataset] = {}
         self.eval_sets: dict[str, Dataset] = {}
+        self.dropped_rows: dict[str, dict[str, int]] = {}
 
     # -------------------------------------------------------------- domains and stages
     @property
@@ -439,12 +516,35 @@ class SequentialDomainDataModule(L.LightningDataModule):
         if self.train_sets:
             return
         disable_progress_bars()
+        # Filled locally and published at the end: a failure part-way must not leave a half-prepared
+        # module that the next call would take as ready.
+        train_sets: dict[str, Dataset] = {}
+        eval_sets: dict[str, Dataset] = {}
+        dropped: dict[str, dict[str, int]] = {}
         for spec in self.specs:
             train_raw, holdout_raw = load_raw(spec, self.seed, self.max_chars_per_domain)
-            train_text = extract_text(spec, train_raw, "train")
-            holdout_text = extract_text(spec, holdout_raw, "holdout")
+            train_stats: dict[str, int] = {}
+            holdout_stats: dict[str, int] = {}
+            train_text = extract_text(spec, train_raw, "train", train_stats)
+            holdout_text = extract_text(spec, holdout_raw, "holdout", holdout_stats)
             train = tokenize(train_text, self.tokenizer, self.max_length, self.packing, True, self.cache_dir)
             held = tokenize(holdout_text, self.tokenizer, self.max_length, self.packing, False, self.cache_dir)
+            counts = {
+                "train_blank": train_stats.get("dropped", 0),
+                "holdout_blank": holdout_stats.get("dropped", 0),
+            }
+            if not self.packing:  # one row per text: texts of a single token have no next token to learn
+                counts["train_too_short"] = len(train_text) - len(train)
+                counts["holdout_too_short"] = len(holdout_text) - len(held)
+                short = counts["train_too_short"] + counts["holdout_too_short"]
+                if short:
+                    warnings.warn(
+                        f"domain {spec.name!r} ({spec.source()}): dropped {short} texts shorter than 2 tokens "
+                        "after tokenisation",
+                        stacklevel=2,
+                    )
+            if any(counts.values()):
+                dropped[spec.name] = {k: v for k, v in counts.items() if v}
             if len(train) == 0:
                 raise ValueError(
                     f"domain {spec.name!r} ({spec.source()}): the training rows give no sequence of "
@@ -454,8 +554,9 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 raise ValueError(f"domain {spec.name!r} ({spec.source()}): the held-out rows give no tokens")
             if self.max_eval_rows is not None:
                 held = held.select(range(min(self.max_eval_rows, len(held))))
-            self.train_sets[spec.name] = train
-            self.eval_sets[spec.name] = held
+            train_sets[spec.name] = train
+            eval_sets[spec.name] = held
+        self.train_sets, self.eval_sets, self.dropped_rows = train_sets, eval_sets, dropped
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare(self._model_tokenizer())
@@ -467,11 +568,13 @@ class SequentialDomainDataModule(L.LightningDataModule):
 
     def check_batches(self, world_size: int = 1) -> None:
         """Every domain must fill at least one global training batch (raise before training if not)."""
+        sources = {spec.name: spec.source() for spec in self.specs}
         for name, ds in self.train_sets.items():
             if len(ds) < self.batch_size * world_size:
                 raise ValueError(
-                    f"domain {name!r} has {len(ds)} training rows of {self.max_length} tokens, fewer than one "
-                    f"global batch ({self.batch_size} x {world_size} processes); add data or lower batch_size"
+                    f"domain {name!r} has {len(ds)} training rows of {self.max_length} tokens (from "
+                    f"{sources[name]}), fewer than one global batch ({self.batch_size} x {world_size} "
+                    "processes); add data or lower batch_size"
                 )
 
     # -------------------------------------------------------------- loaders
@@ -541,6 +644,8 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 entry["train_rows"] = len(self.train_sets[spec.name])
                 entry["holdout_rows"] = len(self.eval_sets[spec.name])
                 entry["holdout_tokens"] = int(sum(len(x) for x in self.eval_sets[spec.name]["input_ids"]))
+            if spec.name in self.dropped_rows:
+                entry["dropped_rows"] = dict(self.dropped_rows[spec.name])
             out[spec.name] = entry
         return out
 
@@ -551,6 +656,7 @@ __all__ = [
     "DomainSpec",
     "SequentialDomainDataModule",
     "as_domain_spec",
+    "describe_row",
     "extract_text",
     "load_raw",
     "tokenize",

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -40,6 +42,14 @@ from crma_lightning.adapters import (
     set_crma_trainable,
 )
 from crma_lightning.adapters.lora import check_adapter_name
+from crma_lightning.distributed import (
+    AdapterModelParallelStrategy,
+    apply_fsdp1,
+    apply_fsdp2,
+    clean_parameter_name,
+    data_parallel_mesh,
+    fsdp2_mixed_precision,
+)
 from crma_lightning.models import build_model, load_model_tokenizer
 from crma_lightning.nonfinite import NonFiniteGuard
 
@@ -71,6 +81,12 @@ class ContinualLM(L.LightningModule):
         gradient_checkpointing: Recompute activations in the backward pass (less memory, more time).
         max_nonfinite_steps: Stop with an error after this many consecutive steps with a non-finite
             loss or gradient; such steps are skipped (no parameter update) and counted.
+        fsdp_mixed_precision: FSDP2 only (``AdapterModelParallelStrategy``): ``"bf16"`` all-gathers and
+            computes in bf16 and reduces gradients in float32; the sharded parameters and the optimizer
+            keep their own dtype (CRMA adapters keep float32 throughout). ``None``: no policy. Under
+            FSDP1 use the strategy's ``mixed_precision``/the trainer's ``precision`` instead.
+        fsdp_activation_checkpointing: FSDP1/FSDP2 only: recompute each decoder block's activations in
+            the backward pass (per block, CRMA included; parameter names are unchanged).
     """
 
     def __init__(
@@ -90,6 +106,8 @@ class ContinualLM(L.LightningModule):
         seed: int = 0,
         gradient_checkpointing: bool = False,
         max_nonfinite_steps: int = 10,
+        fsdp_mixed_precision: str | None = None,
+        fsdp_activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if task_adapters not in TASK_ADAPTER_MODES:
@@ -118,6 +136,9 @@ class ContinualLM(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.crma_structural_lr = crma_structural_lr
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        fsdp2_mixed_precision(fsdp_mixed_precision)  # validate now, not when the strategy shards
+        self.fsdp_mixed_precision = fsdp_mixed_precision
+        self.fsdp_activation_checkpointing = fsdp_activation_checkpointing
 
         self.tokenizer: PreTrainedTokenizerBase = load_model_tokenizer(model_name_or_path, tokenizer, trust_remote_code)
         with torch.random.fork_rng(devices=[]):
@@ -187,6 +208,40 @@ class ContinualLM(L.LightningModule):
 
     def on_task_start(self, task: str, index: int) -> None:
         """Hook: called by :meth:`begin_task` once the task's adapter is active and trainable."""
+
+    # ------------------------------------------------------------------ multi-device
+    def configure_model(self) -> None:
+        """Shard the model for FSDP; a no-op on one device and under DDP.
+
+        Lightning calls this at the start of every ``fit``/``validate``, inside the strategy's contexts.
+
+        * ``ModelParallelStrategy`` / :class:`~crma_lightning.distributed.AdapterModelParallelStrategy`
+          (FSDP2, ``self.device_mesh`` is set): ``fully_shard`` on every decoder block - the
+          ``CRMABlock`` wrapper when CRMA is attached - then on the root
+          (:func:`~crma_lightning.distributed.apply_fsdp2`).
+        * ``FSDPStrategy`` (FSDP1): LoRA factors, CRMA adapters, blocks and the root become FSDP units
+          (:func:`~crma_lightning.distributed.apply_fsdp1`).
+
+        Idempotent - the stage driver makes a new ``Trainer`` per stage, and what is already sharded is
+        skipped. All per-task adapters exist before the first ``fit`` (:meth:`prepare_tasks`), so the
+        sharded parameter set never changes; only ``requires_grad`` flips between stages.
+        """
+        if self._device_mesh is not None:
+            if not isinstance(self._trainer.strategy if self._trainer else None, AdapterModelParallelStrategy):
+                rank_zero_warn(
+                    "ContinualLM under a plain ModelParallelStrategy: its checkpoints gather the whole frozen base "
+                    "model, and uneven evaluation shards can hang. Use "
+                    "crma_lightning.distributed.AdapterModelParallelStrategy instead."
+                )
+            mesh = data_parallel_mesh(self._device_mesh)
+            apply_fsdp2(self.model, mesh, self.fsdp_mixed_precision, self.fsdp_activation_checkpointing)
+        elif self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
+            if "auto_wrap_policy" in self._trainer.strategy.kwargs:
+                raise ValueError(
+                    "FSDPStrategy(auto_wrap_policy=...) with ContinualLM: leave auto_wrap_policy unset, "
+                    "configure_model wraps adapters and blocks itself"
+                )
+            self.model = apply_fsdp1(self.model, self.fsdp_activation_checkpointing)
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -315,7 +370,8 @@ class ContinualLM(L.LightningModule):
         names = set(adapter_parameter_names(self.model)) | {
             n for n, p in self.model.named_parameters() if p.requires_grad
         }
-        return [f"model.{n}" for n, _ in self.model.named_parameters() if n in names]
+        # FSDP1 units add `_fsdp_wrapped_module.` to parameter names but not to state dict keys.
+        return [f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_parameters() if n in names]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Only the adapters and trainable parameters - never the frozen base weights."""
@@ -340,8 +396,8 @@ class ContinualLM(L.LightningModule):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def _base_keys(self) -> set[str]:
-        return {f"model.{n}" for n, _ in self.model.named_parameters()} | {
-            f"model.{n}" for n, _ in self.model.named_buffers()
+        return {f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_parameters()} | {
+            f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_buffers()
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -24,7 +24,10 @@ class NonFiniteGuard:
         max_consecutive: Raise :class:`NonFiniteError` after this many bad steps in a row.
         skipped: Total skipped steps.
         consecutive: Current run of skipped steps.
-        skipped_steps: Global steps that were skipped (the first 100).
+        skipped_steps: ``trainer.global_step`` of each skipped step (the first 100); it restarts at 0 in
+            every stage of a driven run, see ``per_stage``.
+        per_stage: Skipped steps per stage label (the stage driver labels each stage with its domain).
+        stage: Label of the stage now training; the driver sets it, ``None`` outside a driven run.
     """
 
     def __init__(self, max_consecutive: int = 10) -> None:
@@ -34,6 +37,8 @@ class NonFiniteGuard:
         self.skipped = 0
         self.consecutive = 0
         self.skipped_steps: list[int] = []
+        self.per_stage: dict[str, int] = {}
+        self.stage: str | None = None
 
     def check(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
         """Return ``True`` (and clear the gradients) if this step's gradients are not all finite."""
@@ -57,18 +62,28 @@ class NonFiniteGuard:
         self.consecutive += 1
         if len(self.skipped_steps) < 100:
             self.skipped_steps.append(int(step))
+        if self.stage is not None:
+            self.per_stage[self.stage] = self.per_stage.get(self.stage, 0) + 1
         if self.consecutive >= self.max_consecutive:
+            # Steps restart at 0 in every stage, so name the stage too.
+            where = f"step {step} of stage {self.stage!r}" if self.stage is not None else f"global step {step}"
             raise NonFiniteError(
                 f"{self.consecutive} consecutive optimizer steps had a non-finite loss or gradient "
-                f"(last at global step {step}; {self.skipped} skipped in all). Lower the learning rate, "
+                f"(last at {where}; {self.skipped} skipped in all). Lower the learning rate, "
                 "check the data, or raise max_nonfinite_steps. Finished stages are kept on disk."
             )
         return True
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped, "consecutive": self.consecutive, "skipped_steps": list(self.skipped_steps)}
+        return {
+            "skipped": self.skipped,
+            "consecutive": self.consecutive,
+            "skipped_steps": list(self.skipped_steps),
+            "per_stage": dict(self.per_stage),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped = int(state.get("skipped", 0))
         self.consecutive = int(state.get("consecutive", 0))
         self.skipped_steps = list(state.get("skipped_steps", []))
+        self.per_stage = {str(k): int(v) for k, v in state.get("per_stage", {}).items()}

@@ -164,9 +164,11 @@ class CRMAAdapter(nn.Module):
         """
         n, k = self.config.n_streams, self.config.stream_rank
         m = self.mixing() if m is None else m
-        w = self.write().view(self.hidden_size, n, k)  # W[d, (i, c)]
+        # The small factors are combined in float32 whatever the parameters' dtype (bf16 under
+        # `precision: bf16-true` or FSDP mixed precision); the forward casts the result to h's dtype.
+        w = self.write().float().view(self.hidden_size, n, k)  # W[d, (i, c)]
         # (W (M ⊗ I))[d, (j, c)] = sum_i W[d, (i, c)] · M[i, j]
-        return self.gate() * torch.einsum("dic,ij->djc", w, m).reshape(self.hidden_size, n * k)
+        return self.gate().float() * torch.einsum("dic,ij->djc", w, m.float()).reshape(self.hidden_size, n * k)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Apply the adapter to hidden states ``h`` of shape ``(..., d)``; returns the same shape and dtype."""

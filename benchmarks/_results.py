@@ -1,0 +1,265 @@
+"""Numbers of the continual benchmark: per run, per seed pair, aggregated over seeds; JSON and Markdown.
+
+Every number that cannot be computed is a :class:`Null` carrying the reason; :func:`to_json` turns it
+into JSON ``null`` and records the reason under ``null_reasons`` (keyed by the field's path), so a
+reader of ``results.json`` never meets an unexplained ``null`` or a non-finite number.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from crma_lightning import metrics
+
+LORA_PAIRS = {"CRMA-shared": "NAIVE", "MODULAR": "FROZEN"}
+"""Each CRMA setting and the LoRA setting it is compared with (same task-adapter sharing)."""
+
+TARGETS = {
+    "modular_abs_drift_pct_max": 0.5,
+    "naive_over_modular_forgetting_min": 10.0,
+    "stability_gain_min": 0.39,
+    "plasticity_rel_diff_pct_max": 2.0,
+    "overhead_max": 1.05,
+}
+
+
+@dataclass(frozen=True)
+class Null:
+    """A value that is undefined, and why."""
+
+    reason: str
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _or_null(x: Any, reason: str) -> Any:
+    return x if _num(x) else Null(reason)
+
+
+# ---------------------------------------------------------------------- one run
+def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
+    """Metrics of one run from its report and step times.
+
+    Args:
+        raw: What ``_runs._run_one`` returned.
+        time_skip: Steps at the start of each stage left out of the step-time median.
+    """
+    report, failed = raw["report"], raw["error"]
+    if report is None or report.get("status") != "complete":
+        why = f"run did not complete: {failed or (report or {}).get('status')}"
+        return {"status": Null(why), "error": failed or Null("no exception was raised")}
+    domains = report["domains"]
+    m = report["metrics"]
+    matrix = report["loss_matrix"]["values"]
+    out: dict[str, Any] = {"status": "complete", "run_dir": raw["run_dir"], "domains": domains}
+    out["loss_matrix"] = [[_or_null(v, "not evaluated (future domain)") for v in row] for row in matrix]
+    out["final_losses"] = dict(zip(domains, matrix[-1]))
+    for key in ("drift", "base_relative_forgetting", "plasticity"):
+        out[key] = {d: _or_null(v, "undefined for the last domain") for d, v in m[key].items()}
+    out["drift_mean"] = _or_null(m["drift_mean"], "fewer than two stages")
+    out["base_relative_forgetting_mean"] = _or_null(m["base_relative_forgetting_mean"], "fewer than two stages")
+    out["bwt"] = _or_null(m["bwt"], "fewer than two stages")
+    out["fwt"] = _or_null(m["fwt"], "future domains are not evaluated (eval_domains='seen'; --eval-domains all)")
+    out["plasticity_mean"] = m["plasticity_mean"]
+    grads = report["gradients"]
+    stage_stats = grads["stages"]
+    variances = [s["var"] for s in stage_stats.values() if _num(s["var"])]
+    out["grad"] = {
+        "stages": {
+            k: {f: _or_null(s[f], "no step after warm-up") for f in ("steps", "mean", "var", "peak")}
+            for k, s in stage_stats.items()
+        },
+        "var_stage_mean": _or_null(statistics.fmean(variances) if variances else None, "no stage variance"),
+        "var_run": _or_null(grads["run"]["var"], "no step after warm-up"),
+        "peak": _or_null(grads["run"]["peak"], "no step after warm-up"),
+    }
+    times = {k: v[time_skip:] for k, v in raw["step_times"].items()}
+    flat = [t for v in times.values() for t in v]
+    out["step_time"] = {
+        "median_ms": _or_null(1e3 * statistics.median(flat) if flat else None, f"no step after the first {time_skip}"),
+        "timed_steps": len(flat),
+        "skipped_per_stage": time_skip,
+        "stage_median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items() if v},
+        "all_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in raw["step_times"].items()},
+    }
+    effect = raw.get("crma_effect") or {}
+    out["crma_effect"] = {
+        k: _or_null(effect.get(k), "no CRMA adapter in this setting")
+        for k in ("rel_update_mean", "rel_update_max", "gate_mean", "operator_bound_mean", "g_max")
+    }
+    out["timings"] = report["timings"]
+    out["wall_s"] = raw["wall_s"]
+    return out
+
+
+# ---------------------------------------------------------------------- pairs within a seed
+def _get(run: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(run, dict) or key not in run:
+            return None
+        run = run[key]
+    return run
+
+
+def _rel(x: Any, ref: Any) -> float | None:
+    return 100.0 * (x - ref) / ref if _num(x) and _num(ref) and ref != 0 else None
+
+
+def _paired_time_ratio(x: dict[str, list[float]], ref: dict[str, list[float]], skip: int) -> float | None:
+    """Median over steps of ``t_X[k] / t_LoRA[k]`` for steps taken in the same round (same stage, index)."""
+    ratios = [a / b for s in ref if s in x for a, b in zip(x[s][skip:], ref[s][skip:]) if b > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def pair_numbers(runs: dict[str, dict[str, Any]], raws: dict[str, dict[str, Any]], skip: int, step: bool):
+    """CRMA setting vs its LoRA pair, for one seed (see :data:`LORA_PAIRS`)."""
+    out: dict[str, Any] = {}
+    for x, ref in LORA_PAIRS.items():
+        rx, rr = runs[x], runs[ref]
+        why = f"{x} or {ref} did not complete"
+        if rx.get("status") != "complete" or rr.get("status") != "complete":
+            out[f"{x}_vs_{ref}"] = Null(why)
+            continue
+        # improvement_j = 100 (L_ref[T][j] - L_X[T][j]) / L_ref[T][j]: positive = X ends lower (better).
+        fx, fr = rx["final_losses"], rr["final_losses"]
+        improvements = [-r if (r := _rel(fx[d], fr[d])) is not None else None for d in rx["domains"]]
+        paired = _paired_time_ratio(raws[x]["step_times"], raws[ref]["step_times"], skip) if step else None
+        out[f"{x}_vs_{ref}"] = {
+            "heldout_improvement_pct": _or_null(
+                statistics.fmean(improvements) if None not in improvements else None, "a final loss is missing"
+            ),
+            "stability_gain": _or_null(
+                metrics.stability_gain(_get(rx, "grad", "var_stage_mean"), _get(rr, "grad", "var_stage_mean")),
+                "a variance is missing or the LoRA variance is 0",
+            ),
+            "stability_gain_run_var": _or_null(
+                metrics.stability_gain(_get(rx, "grad", "var_run"), _get(rr, "grad", "var_run")),
+                "a variance is missing or the LoRA variance is 0",
+            ),
+            "peak_ratio": _or_null(_ratio(_get(rx, "grad", "peak"), _get(rr, "grad", "peak")), "a peak is missing"),
+            "plasticity_rel_diff_pct": _or_null(_rel(rx["plasticity_mean"], rr["plasticity_mean"]), "missing"),
+            "overhead": _or_null(
+                metrics.overhead(_get(rx, "step_time", "median_ms"), _get(rr, "step_time", "median_ms")),
+                "a median step time is missing",
+            ),
+            "overhead_paired": _or_null(paired, "only with --interleave step (steps of one round are paired)"),
+        }
+    return out
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if _num(a) and _num(b) and b != 0 else None
+
+
+# ---------------------------------------------------------------------- over seeds
+def stats(values: list[Any]) -> dict[str, Any]:
+    """``mean``, ``std`` (sample, ddof=1), ``min``, ``max``, ``n`` of the finite values."""
+    xs = [v for v in values if _num(v)]
+    if not xs:
+        return {"n": 0, **{k: Null("no seed produced this number") for k in ("mean", "std", "min", "max")}}
+    std = statistics.stdev(xs) if len(xs) > 1 else Null("one seed: no spread")
+    return {"n": len(xs), "mean": statistics.fmean(xs), "std": std, "min": min(xs), "max": max(xs)}
+
+
+RUN_FIELDS = {
+    "drift_mean_pct": ("drift_mean",),
+    "base_relative_forgetting_mean_pct": ("base_relative_forgetting_mean",),
+    "bwt": ("bwt",),
+    "plasticity_mean": ("plasticity_mean",),
+    "grad_var": ("grad", "var_stage_mean"),
+    "grad_var_run": ("grad", "var_run"),
+    "grad_peak": ("grad", "peak"),
+    "step_median_ms": ("step_time", "median_ms"),
+    "crma_rel_update_mean": ("crma_effect", "rel_update_mean"),
+    "crma_rel_update_max": ("crma_effect", "rel_update_max"),
+    "crma_operator_bound_mean": ("crma_effect", "operator_bound_mean"),
+}
+PAIR_FIELDS = (
+    "heldout_improvement_pct",
+    "stability_gain",
+    "stability_gain_run_var",
+    "peak_ratio",
+    "plasticity_rel_diff_pct",
+    "overhead",
+    "overhead_paired",
+)
+
+
+def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean/std/range over seeds of every run metric (per mode) and every pair metric."""
+    seeds = list(per_seed)
+    modes = list(per_seed[seeds[0]]["runs"])
+    agg: dict[str, Any] = {"modes": {}, "pairs": {}}
+    for mode in modes:
+        agg["modes"][mode] = {
+            name: stats([_get(per_seed[s]["runs"][mode], *path) for s in seeds]) for name, path in RUN_FIELDS.items()
+        }
+    for pair in per_seed[seeds[0]]["pairs"]:
+        agg["pairs"][pair] = {f: stats([_get(per_seed[s]["pairs"], pair, f) for s in seeds]) for f in PAIR_FIELDS}
+    return agg
+
+
+def verdicts(agg: dict[str, Any]) -> dict[str, Any]:
+    """The product targets (DESIGN §1 / issue #7) against the seed means; ``met`` is a plain bool."""
+
+    def mean(*path: str) -> Any:
+        v = _get(agg, *path, "mean")
+        return v if _num(v) else None
+
+    def check(value: Any, ok: bool | None, target: str, why: str) -> dict[str, Any]:
+        if value is None:
+            return {"value": Null(why), "target": target, "met": Null(why)}
+        return {"value": value, "target": target, "met": bool(ok)}
+
+    mod, naive = mean("modes", "MODULAR", "drift_mean_pct"), mean("modes", "NAIVE", "drift_mean_pct")
+    ratio = naive / abs(mod) if naive is not None and mod not in (None, 0) else None
+    out = {
+        "modular_abs_drift_pct": check(
+            abs(mod) if mod is not None else None,
+            mod is not None and abs(mod) <= TARGETS["modular_abs_drift_pct_max"],
+            "|mean drift| of MODULAR <= 0.5%",
+            "MODULAR mean drift missing",
+        ),
+        "naive_over_modular_drift": check(
+            ratio,
+            ratio is not None and ratio >= TARGETS["naive_over_modular_forgetting_min"],
+            "NAIVE mean drift >= 10x |MODULAR mean drift|",
+            "a mean drift is missing or MODULAR's is exactly 0",
+        ),
+    }
+    for pair in LORA_PAIRS.items():
+        key = f"{pair[0]}_vs_{pair[1]}"
+        gain, plast = mean("pairs", key, "stability_gain"), mean("pairs", key, "plasticity_rel_diff_pct")
+        over = mean("pairs", key, "overhead")
+        out[f"stability_gain_{key}"] = check(
+            gain, gain is not None and gain >= TARGETS["stability_gain_min"], ">= 0.39", "missing"
+        )
+        out[f"plasticity_{key}"] = check(
+            plast, plast is not None and abs(plast) <= TARGETS["plasticity_rel_diff_pct_max"], "within 2%", "missing"
+        )
+        out[f"overhead_{key}"] = check(over, over is not None and over <= TARGETS["overhead_max"], "<= 1.05", "missing")
+    return out
+
+
+# ---------------------------------------------------------------------- serialisation
+def to_json(value: Any, reasons: dict[str, str], path: str = "") -> Any:
+    """JSON-safe copy of ``value``; ``Null`` and non-finite floats become ``None`` with a reason."""
+    if isinstance(value, Null):
+        reasons[path] = value.reason
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        reasons[path] = f"non-finite value ({value}) produced by the run"
+        return None
+    if value is None:
+        reasons[path] = "no value recorded (unexplained: please report)"
+        return None
+    if isinstance(value, dict):
+        return {str(k): to_json(v, reasons, f"{path}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v, reasons, f"{path}/{i}") for i, v in enumerate(value)]
+    return value

@@ -1,0 +1,91 @@
+"""The benchmark's Markdown: one table of the four settings, then the pair comparisons and targets."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from _results import LORA_PAIRS, Null
+
+
+def _f(x: Any, spec: str) -> str:
+    if isinstance(x, Null) or x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return format(x, spec)
+
+
+def _ms(s: dict[str, Any], spec: str, with_range: bool = False) -> str:
+    """``mean ± std`` (``[min, max]`` when asked) of an aggregate entry."""
+    if s["n"] == 0:
+        return "—"
+    text = _f(s["mean"], spec)
+    if not isinstance(s["std"], Null):
+        text += f" ± {format(s['std'], spec.lstrip('+'))}"
+    if with_range:
+        text += f" [{_f(s['min'], spec)}, {_f(s['max'], spec)}]"
+    return text
+
+
+def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]) -> str:
+    """``results.md``: setup line, the table, the pair definitions and the targets."""
+    setup = results["setup"]
+    pair_of = {ref: x for x, ref in LORA_PAIRS.items()}
+    lines = [
+        f"Domains (training order): {', '.join(setup['domains'])}. Base: {setup['base_model']['description']}. "
+        f"{setup['steps']} steps/stage, batch {setup['batch_size']} x {setup['max_length']} tokens, "
+        f"LoRA r={setup['lora_r']} on {setup['lora_targets']}, AdamW lr {setup['lr']}; seeds {setup['seeds']}; "
+        f"{setup['machine']}; step interleaving: {setup['interleave']}; wall {results['wall_s'] / 60:.1f} min.",
+        "",
+        "| setting | adapter, task adapters | mean drift % (mean ± std [min, max]) | base-rel. forgetting % "
+        "| plasticity (mean L[j][j]) | final held-out gain vs LoRA pair % | grad-norm var (stage mean) "
+        "| grad-norm peak | stability gain vs LoRA pair | median step ms | overhead vs LoRA pair |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, row in agg["modes"].items():
+        cfg = setup["modes"][mode]
+        if mode in LORA_PAIRS:
+            pair = agg["pairs"][f"{mode}_vs_{LORA_PAIRS[mode]}"]
+            gain, heldout, over = (
+                _ms(pair["stability_gain"], "+.3f"),
+                _ms(pair["heldout_improvement_pct"], "+.3f"),
+                _ms(pair["overhead"], ".3f"),
+            )
+        else:
+            gain = heldout = over = f"(LoRA ref. of {pair_of[mode]})"
+        lines.append(
+            f"| {mode} | {cfg['adapter']}, {cfg['task_adapters']} | {_ms(row['drift_mean_pct'], '+.3f', True)} "
+            f"| {_ms(row['base_relative_forgetting_mean_pct'], '+.2f')} | {_ms(row['plasticity_mean'], '.4f')} "
+            f"| {heldout} | {_ms(row['grad_var'], '.3g')} | {_ms(row['grad_peak'], '.3g')} | {gain} "
+            f"| {_ms(row['step_median_ms'], '.1f')} | {over} |"
+        )
+    lines += ["", "Pairs (CRMA setting vs the LoRA setting with the same task-adapter sharing), mean ± std over seeds:"]
+    for key, p in agg["pairs"].items():
+        lines.append(
+            f"- {key.replace('_vs_', ' vs ')}: final held-out gain {_ms(p['heldout_improvement_pct'], '+.3f')} %, "
+            f"plasticity difference {_ms(p['plasticity_rel_diff_pct'], '+.3f')} %, stability gain "
+            f"{_ms(p['stability_gain'], '+.3f')} (pooled over stages: {_ms(p['stability_gain_run_var'], '+.3f')}), "
+            f"peak ratio {_ms(p['peak_ratio'], '.3f')}, overhead {_ms(p['overhead'], '.3f')} "
+            f"(median of per-round paired ratios: {_ms(p['overhead_paired'], '.3f')})"
+        )
+    for mode in LORA_PAIRS:
+        row = agg["modes"][mode]
+        lines.append(
+            f"- CRMA effect in {mode} (held-out rows, all blocks): ||h' - h|| / ||h|| = "
+            f"{_ms(row['crma_rel_update_mean'], '.2e')} mean, {_ms(row['crma_rel_update_max'], '.2e')} max; "
+            f"operator bound g·||W||·||M||·||R|| = {_ms(row['crma_operator_bound_mean'], '.2e')} (g_max 0.1)"
+        )
+    lines += ["", "Targets (seed means):"]
+    for key, v in verdict.items():
+        met = v["met"]
+        state = "—" if isinstance(met, Null) else ("met" if met else "MISSED")
+        lines.append(f"- {key}: {_f(v['value'], '.4g')} (target {v['target']}): {state}")
+    lines += [
+        "",
+        "Definitions: drift_j = 100 (L[T][j] - L[j][j]) / L[j][j], mean over j < T; base-relative forgetting_j = "
+        "100 (L[T][j] - L[0][j]) / L[0][j]; final held-out gain of X vs its LoRA pair = mean over all domains j of "
+        "100 (L_LoRA[T][j] - L_X[T][j]) / L_LoRA[T][j] (positive: X ends lower); grad-norm var = per-stage variance "
+        "of the per-step gradient norm, averaged over stages; stability gain = 1 - var_X / var_LoRA per seed; "
+        "overhead = median step time of X / that of LoRA, per seed (steps: forward + backward + optimizer, "
+        "timed per optimizer step, first steps of each stage skipped).",
+    ]
+    return "\n".join(lines) + "\n"

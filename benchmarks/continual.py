@@ -1,0 +1,255 @@
+"""Continual-learning benchmark: forgetting, stability and cost of NAIVE, FROZEN, MODULAR and CRMA-shared.
+
+The four settings of DESIGN §3.3 run on the same base model, domains, budgets and seeds, each through
+the code path users run (``ContinualLM`` + ``SequentialDomainDataModule`` + ``ContinualRunner``), each
+in its own run directory ``<out>/seed<s>/<MODE>``:
+
+    NAIVE        lora + shared      one LoRA keeps training through every stage
+    FROZEN       lora + per_task    a fresh LoRA per stage, earlier ones frozen
+    MODULAR      crma + per_task    FROZEN + the shared CRMA backbone (trains in every stage)
+    CRMA-shared  crma + shared      NAIVE + CRMA
+
+Within each seed the four runs take turns one optimizer step at a time (``--interleave step``), so the
+step times of all modes see the same machine load. Writes ``results.json`` (every per-seed number and
+the aggregates; a ``null`` always has its reason under ``null_reasons``) and ``results.md`` (the table)
+into ``--out``, and prints the table.
+
+Base model: ``--model PATH`` (any local Hugging Face causal LM), or by default a tiny Llama-style model
+pretrained briefly on an equal mix of the domains' training text and cached (see ``_pretrain.py``).
+
+Examples::
+
+    python benchmarks/continual.py --out runs/bench/builtin                 # built-in domains, 3 seeds
+    python benchmarks/continual.py --data-dir /work/shared/data/domains \\
+        --domains medical legal finance science --out runs/bench/real
+    python benchmarks/continual.py --quick --out /tmp/bench-quick           # a few minutes on CPU
+    python benchmarks/continual.py --model /models/llama-1b --device cuda --precision bf16-mixed \\
+        --steps 500 --batch-size 16 --max-length 1024 --lr 2e-4 --interleave run --out runs/bench/1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from _bench_data import domain_specs, fingerprint, resolve_domains
+from _pretrain import PretrainSettings, pretrained_base
+from _results import aggregate, pair_numbers, run_numbers, to_json, verdicts
+from _runs import MODES, run_seed
+from _table import render
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ≤ 30 min on a shared 2-core CPU: 4 modes x 3 seeds x 4 stages x 150 steps, 4-layer model.
+    "default": {
+        "hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "max_length": 128, "batch_size": 8,
+        "eval_batch_size": 32, "steps": 150, "seeds": 3, "lr": 2e-3, "max_eval_rows": 128,
+        "max_chars": 200_000, "pretrain_steps": 400, "pretrain_batch_size": 16, "pretrain_lr": 2e-3,
+    },
+    # ≤ 3 min (about 1-1.5 on a shared 2-core CPU): a 2-layer model, 50 steps per stage, two seeds.
+    "quick": {
+        "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "max_length": 128, "batch_size": 8,
+        "eval_batch_size": 32, "steps": 50, "seeds": 2, "lr": 2e-3, "max_eval_rows": 32,
+        "max_chars": 60_000, "pretrain_steps": 150, "pretrain_batch_size": 16, "pretrain_lr": 2e-3,
+    },
+    # Seconds: the test suite's smoke run (numbers mean nothing).
+    "tiny": {
+        "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "max_length": 32, "batch_size": 4,
+        "eval_batch_size": 8, "steps": 4, "seeds": 2, "lr": 1e-2, "max_eval_rows": 8,
+        "max_chars": 6_000, "pretrain_steps": 8, "pretrain_batch_size": 4, "pretrain_lr": 1e-2,
+    },
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-continual"), help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="delete earlier run directories in --out first")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small model and budgets (≤ 3 min on CPU)")
+    size.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds; numbers mean nothing)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", type=Path, help="directory of <domain>/train.jsonl + <domain>/holdout.jsonl")
+    g.add_argument("--domains", nargs="+", help="domains in training order (default: all)")
+    g.add_argument("--max-chars", type=int, help="size cap of each built-in domain, in characters")
+    g.add_argument("--max-train-rows", type=int, help="keep at most this many training records per domain")
+    g.add_argument("--max-eval-rows", type=int, help="held-out rows (of --max-length tokens) per domain")
+    g.add_argument("--eval-domains", choices=("seen", "all"), default="seen", help="'all' also gives FWT")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="local Hugging Face model path (default: the built-in pretrained tiny Llama)")
+    g.add_argument("--tokenizer", help="tokenizer path (default: the model's own)")
+    g.add_argument("--cache-dir", type=Path, default=Path("~/.cache/crma_lightning/bench").expanduser())
+    g.add_argument("--hidden", type=int, help="built-in base: hidden size")
+    g.add_argument("--layers", type=int, help="built-in base: decoder layers")
+    g.add_argument("--pretrain-steps", type=int, help="built-in base: full fine-tuning steps on the mix")
+    g.add_argument("--pretrain-batch-size", type=int)
+    g.add_argument("--pretrain-lr", type=float)
+    g = p.add_argument_group("training (per stage)")
+    g.add_argument("--steps", type=int, help="optimizer steps per stage")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--max-length", type=int, help="tokens per packed row")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (constant)")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-targets", default="all-linear", help="'all-linear' or comma-separated module names")
+    g.add_argument("--seeds", type=int, help="number of seeds: first-seed, first-seed + 1, ...")
+    g.add_argument("--first-seed", type=int, default=0)
+    g.add_argument("--grad-warmup", type=int, default=0, help="steps per stage left out of gradient statistics")
+    g = p.add_argument_group("machine")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    g.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
+    g.add_argument("--dtype", default="float32", help="dtype of the frozen base weights")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default 1 on cpu: steadier on a shared machine)")
+    g.add_argument("--interleave", choices=("step", "run"), default="step", help="how the modes share the machine")
+    g.add_argument("--time-skip", type=int, default=3, help="first steps of each stage left out of step times")
+    args = p.parse_args(argv)
+    preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "default"]
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.preset = "tiny" if args.tiny else "quick" if args.quick else "default"
+    if args.seeds < 1:
+        p.error(f"--seeds {args.seeds}: expected a number of seeds >= 1")
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
+    if args.domains and len(args.domains) == 1 and "," in args.domains[0]:
+        args.domains = [d for d in args.domains[0].split(",") if d]
+    return args
+
+
+def _device(name: str) -> tuple[str, str]:
+    """``(torch device, Lightning accelerator)``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return name, ("gpu" if name.startswith("cuda") else name)
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
+
+
+def _quiet() -> None:
+    """Silence per-trainer chatter (GPU-available notes, worker hints): 4 modes x stages x seeds of it."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    # from_pretrained leaves the base in eval mode; Lightning keeps it. No dropout here either way.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars, once per run
+
+
+def base_model(args: argparse.Namespace, specs: list[dict[str, Any]], device: str) -> dict[str, Any]:
+    """The base every mode starts from: ``--model`` or the cached pretrained tiny Llama."""
+    if args.model:
+        return {"path": args.model, "tokenizer": args.tokenizer, "description": f"`{args.model}` (given)"}
+    settings = PretrainSettings(
+        model_config={
+            "model_type": "llama",
+            "hidden_size": args.hidden,
+            "intermediate_size": 2 * args.hidden,
+            "num_hidden_layers": args.layers,
+            "num_attention_heads": args.heads,
+            "num_key_value_heads": args.kv_heads,
+            "max_position_embeddings": max(256, args.max_length),
+        },
+        steps=args.pretrain_steps,
+        batch_size=args.pretrain_batch_size,
+        max_length=args.max_length,
+        lr=args.pretrain_lr,
+        bf16="bf16" in args.precision,
+    )
+    path, info = pretrained_base(specs, settings, fingerprint(specs), args.cache_dir, device)
+    curve = info["loss_curve"]
+    desc = (
+        f"tiny Llama {args.hidden}x{args.layers} ({info['parameters']:,} params, byte tokenizer), pretrained "
+        f"{settings.steps} steps x {settings.batch_size} rows on an equal mix of the domains' training text "
+        f"(final train loss {curve[-1]['loss']:.3f}{', cached' if info['cached'] else ''})"
+    )
+    return {"path": str(path), "tokenizer": "byte", "description": desc, "pretrain": info}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the content of ``results.json``."""
+    args = parse_args(argv)
+    _quiet()
+    t_start = time.perf_counter()
+    device, accelerator = _device(args.device)
+    if device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    out: Path = args.out
+    old = sorted(out.glob("seed*"))
+    if old and not args.overwrite:
+        raise SystemExit(f"{out} already holds runs ({old[0].name}, ...): pass --overwrite or another --out")
+    for d in old:
+        shutil.rmtree(d)
+    out.mkdir(parents=True, exist_ok=True)
+    names = resolve_domains(args.data_dir, args.domains)
+    specs = domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
+    base = base_model(args, specs, device)
+    targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    cfg = {
+        "model_path": base["path"], "tokenizer": base["tokenizer"], "dtype": args.dtype, "lora_r": args.lora_r,
+        "lora_targets": targets, "lr": args.lr, "domains": specs, "max_length": args.max_length,
+        "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size, "eval_domains": args.eval_domains,
+        "max_eval_rows": args.max_eval_rows, "token_cache": str(args.cache_dir / "tokens"),
+        "accelerator": accelerator, "device": device, "precision": args.precision, "steps": args.steps,
+        "log_every_n_steps": 10, "grad_warmup": args.grad_warmup,
+    }  # fmt: skip
+    modes = list(MODES)
+    per_seed: dict[str, Any] = {}
+    for i, seed in enumerate(args.seed_list):
+        order = modes[i % len(modes) :] + modes[: i % len(modes)]  # rotate: no mode always goes first
+        raws = run_seed(seed, order, out, cfg, args.interleave)
+        runs = {m: run_numbers(raws[m], args.time_skip) for m in modes}
+        pairs = pair_numbers(runs, raws, args.time_skip, args.interleave == "step")
+        per_seed[str(seed)] = {"order": order, "runs": runs, "pairs": pairs}
+    agg = aggregate(per_seed)
+    verdict = verdicts(agg)
+    setup = {
+        "command": "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "preset": args.preset, "domains": names, "domain_files": specs, "base_model": base,
+        "modes": MODES, "seeds": args.seed_list, "steps": args.steps, "batch_size": args.batch_size,
+        "max_length": args.max_length, "lr": args.lr, "lora_r": args.lora_r, "lora_targets": args.lora_targets,
+        "lora_alpha": 2.0 * args.lora_r, "crma": "CRMAConfig() defaults (n=4, k=4, g_max=0.1, 20 Sinkhorn iters)",
+        "max_eval_rows": args.max_eval_rows, "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
+        "time_skip": args.time_skip, "interleave": args.interleave, "device": device, "precision": args.precision,
+        "machine": _machine(device), "python": platform.python_version(), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    results: dict[str, Any] = {
+        "benchmark": "crma_lightning continual (issue #7)",
+        "setup": setup,
+        "per_seed": per_seed,
+        "aggregates": agg,
+        "targets": verdict,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    table = render(results, agg, verdict)
+    reasons: dict[str, str] = {}
+    payload = to_json(results, reasons)
+    payload["null_reasons"] = reasons
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['wall_s'] / 60:.1f} min)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,515 @@
+"""Multi-device training: FSDP2/FSDP1 wrapping of a ``ContinualLM`` and adapter-only sharded checkpoints.
+
+Three ways to train on several devices, all through Lightning's ``Trainer(strategy=...)``:
+
+* ``AdapterModelParallelStrategy`` (FSDP2, recommended): Lightning's ``ModelParallelStrategy`` with
+  ``ContinualLM.configure_model`` applying ``fully_shard`` to every decoder block and the root (see
+  :func:`apply_fsdp2`). Its checkpoints hold only the adapters and trainable parameters, gathered to
+  full tensors and written by rank 0 as one file - the same layout as a single-process checkpoint, so
+  either loads into the other.
+* ``strategy="fsdp"`` (Lightning's ``FSDPStrategy``, FSDP1, GPU only): ``configure_model`` wraps each
+  LoRA factor, each CRMA adapter, each block and the root as FSDP units (:func:`apply_fsdp1`).
+* ``strategy="ddp"``: nothing to wrap; ``ContinualLM.state_dict`` already holds only the adapters.
+
+Why a strategy subclass for FSDP2: ``ModelParallelStrategy`` collects checkpoints with
+``get_model_state_dict`` (which would gather the whole frozen base) and loads them with its own logic
+that bypasses ``ContinualLM.load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from crma_lightning.adapters import CRMABlock, adapter_state_dict, find_decoder_layers, lora_layers, save_adapters
+from crma_lightning.adapters.serialization import METADATA_KEY, atomic_write
+from crma_lightning.sampling import EvalShardSampler
+
+try:  # public from torch 2.5
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+    distribute_tensor = None  # type: ignore[assignment]
+
+# fp16 is left out on purpose: FSDP2's policy has no loss scaling, and fp16 gradients underflow without it.
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------- FSDP2 (fully_shard)
+def fsdp2_mixed_precision(name: str | None) -> Any:
+    """``MixedPrecisionPolicy`` for ``name`` (``"bf16"``; ``None``: no policy).
+
+    Parameters are all-gathered and computed in the low-precision dtype; gradients are reduced in
+    float32, and the sharded parameters (hence the optimizer) stay in their own dtype - float32 for
+    the adapters.
+    """
+    if name is None:
+        return None
+    if name not in MIXED_PRECISION_DTYPES:
+        raise ValueError(
+            f"fsdp_mixed_precision={name!r} is invalid: expected one of {sorted(MIXED_PRECISION_DTYPES)} or None"
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=MIXED_PRECISION_DTYPES[name], reduce_dtype=torch.float32)
+
+
+def _float32_policy() -> Any:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def is_fsdp2_module(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was already applied to ``module``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def apply_fsdp2(
+    model: nn.Module, mesh: Any, mixed_precision: str | None = None, activation_checkpointing: bool = False
+) -> int:
+    """``fully_shard`` every decoder block, then the root; returns how many modules were newly sharded.
+
+    A block is the :class:`CRMABlock` wrapper when CRMA is attached, so each CRMA adapter is sharded
+    (and all-gathered) together with its block - except under mixed precision, where the adapter gets a
+    float32 unit of its own inside the block. LoRA factors live inside the block's linears and are
+    sharded with it.
+    Idempotent: the stage driver builds a new ``Trainer`` per stage and Lightning calls
+    ``configure_model`` for every ``fit``/``validate``, so modules already sharded are skipped.
+
+    Frozen base weights and trainable adapters share an FSDP2 unit without cost: FSDP2 keeps one
+    ``DTensor`` per parameter and only allocates and reduce-scatters gradients of parameters that
+    require them, re-reading ``requires_grad`` at every all-gather - so flipping it between stages
+    (stage 2 trains adapter ``b`` while ``a`` is frozen) needs no re-wrapping. The one thing FSDP2
+    fixes at the first forward, each unit's gradient dtypes, is refreshed on every call (see
+    :func:`refresh_fsdp2_gradient_dtypes`).
+
+    Args:
+        model: The Hugging Face model (``ContinualLM.model``).
+        mesh: A 1-D device mesh over the data-parallel ranks.
+        mixed_precision: See :func:`fsdp2_mixed_precision`.
+        activation_checkpointing: Recompute each block's activations in the backward pass (torch's
+            composable ``checkpoint``, which keeps parameter names unchanged - checkpoints stay
+            interchangeable with unsharded runs).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    policy = fsdp2_mixed_precision(mixed_precision)
+    if policy is not None:
+        kwargs["mp_policy"] = policy
+    _, layers = find_decoder_layers(model)
+    count = 0
+    for block in layers:
+        if is_fsdp2_module(block):
+            continue
+        if policy is not None and isinstance(block, CRMABlock):
+            # CRMA keeps float32 parameters under mixed precision: its Sinkhorn and norm constraints run in
+            # float32 by design (the structural bound needs exact unit row/column sums), and its mixing
+            # product needs one dtype. Its own unit (one small extra all-gather per block) keeps it so;
+            # inputs stay in the compute dtype, and so does its output.
+            fully_shard(block.crma, mesh=mesh, mp_policy=_float32_policy())
+            count += 1
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(block)
+        fully_shard(block, **kwargs)
+        count += 1
+    if not is_fsdp2_module(model):
+        fully_shard(model, **kwargs)
+        count += 1
+    refresh_fsdp2_gradient_dtypes(model, required=policy is not None)
+    return count
+
+
+def refresh_fsdp2_gradient_dtypes(model: nn.Module, required: bool = True) -> None:
+    """Make FSDP2 re-derive each unit's gradient dtypes from the parameters that train *now*.
+
+    Why: FSDP2 fixes a unit's original/reduce dtypes once, at its first forward, from the parameters
+    that require grad at that moment (``FSDPParamGroup._init_mp_dtypes``, called from ``lazy_init``).
+    In a continual run the first forward is the base-model evaluation, when most adapters are
+    frozen; a unit with no trainable parameter then gets ``None`` for both, and under a mixed
+    precision policy its gradients would later be reduced in bf16 and assigned to float32 parameters
+    (``RuntimeError: attempting to assign a gradient with dtype BFloat16 ...``). Re-running that
+    initialisation after ``requires_grad`` changed (every ``fit``, via ``configure_model``) fixes it.
+    Without a mixed precision policy gradients already have the parameters' dtype and nothing changes.
+
+    Uses FSDP2 internals (torch >= 2.6); with ``required`` a missing internal raises instead of
+    failing later with the error above.
+    """
+    for module in model.modules():
+        if not is_fsdp2_module(module):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None and hasattr(state, "_fsdp_param_group"):
+            groups = [state._fsdp_param_group] if state._fsdp_param_group is not None else []
+        if groups is None or not all(hasattr(g, "_init_mp_dtypes") for g in groups):
+            if required:
+                raise RuntimeError(
+                    "this torch version's FSDP2 internals changed: cannot refresh gradient dtypes after "
+                    "requires_grad changes; run without fsdp_mixed_precision"
+                )
+            return
+        for group in groups:
+            group._init_mp_dtypes()
+
+
+def data_parallel_mesh(mesh: Any) -> Any:
+    """The data-parallel sub-mesh of Lightning's 2-D ``(data_parallel, tensor_parallel)`` mesh.
+
+    Raises:
+        ValueError: Tensor parallelism was requested; ``ContinualLM`` has no tensor-parallel plan.
+    """
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"tensor_parallel_size={mesh['tensor_parallel'].size()} is not supported: ContinualLM shards "
+            "with FSDP2 over the data-parallel dimension only; use tensor_parallel_size=1"
+        )
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+# ---------------------------------------------------------------------- FSDP1 (FSDPStrategy, GPU only)
+def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
+    """Wrap adapters, blocks and the root as FSDP1 units; returns the wrapped root.
+
+    Call inside Lightning's ``FSDPStrategy.model_sharded_context`` (``configure_model`` is), where
+    ``torch.distributed.fsdp.wrap.wrap`` builds ``FullyShardedDataParallel`` units with the strategy's
+    settings; outside it ``wrap`` is a no-op. The PEFT recipe: FSDP1 flattens the parameters of a unit
+    into one ``FlatParameter`` and allocates a gradient for all of it when any of them trains, so each
+    LoRA factor (``lora_A[name]``, ``lora_B[name]``) and each CRMA adapter is its own unit and the
+    frozen base weights of a block are in a separate one - frozen and trainable parameters never
+    share a flat parameter, and no gradient memory is spent on frozen weights. Per-task adapters
+    change ``requires_grad`` between stages; with ``use_orig_params=True`` (Lightning's default)
+    FSDP1 re-derives each flat parameter's ``requires_grad`` from its original parameters before
+    every forward.
+
+    Do not also set the strategy's ``auto_wrap_policy`` (the wrapping is done here). Not verified in
+    this repository's test suite: Lightning refuses ``FSDPStrategy`` on CPU.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import wrap
+
+    if isinstance(model, FullyShardedDataParallel):
+        return model  # already wrapped by an earlier stage's trainer
+    for _, layer in list(lora_layers(model)):  # list: the loop replaces modules of the tree it walks
+        for bank in (layer.lora_A, layer.lora_B):
+            for name in list(bank):
+                bank[name] = wrap(bank[name])
+    _, layers = find_decoder_layers(model)
+    for i, block in enumerate(layers):
+        if isinstance(block, CRMABlock):
+            block.crma = wrap(block.crma)
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(block)
+        layers[i] = wrap(block)
+    return wrap(model)
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_parameter_name(name: str) -> str:
+    """``name`` without the segments FSDP1 / activation-checkpoint wrappers insert.
+
+    FSDP1's ``named_parameters`` keeps them (outside ``summon_full_params``) while its state dict keys
+    do not; stripping them makes both agree with the unwrapped model (and with checkpoints of it).
+    """
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def has_fsdp1_modules(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+# ---------------------------------------------------------------------- gathering and scattering
+def is_dtensor(value: Any) -> bool:
+    return DTensor is not None and isinstance(value, DTensor)
+
+
+def has_dtensors(module: nn.Module) -> bool:
+    return any(is_dtensor(p) for p in module.parameters())
+
+
+def gather_full_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Full, detached CPU copies of the tensors of ``state``; sharded ``DTensor`` values are all-gathered.
+
+    A collective when ``state`` holds a ``DTensor``: every rank must call it with the same keys in
+    the same order (the module's own order; the state dicts of identical modules agree).
+    """
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if is_dtensor(value):
+            value = value.full_tensor()
+        # clone(): on CPU, .cpu() would alias the live (or, under FSDP1's summon_full_params, soon freed) storage.
+        out[key] = value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def shard_like(value: Any, param: Any) -> Any:
+    """``value`` (a full tensor) as a ``DTensor`` laid out like ``param``; anything else unchanged.
+
+    Every rank holds the full tensor, so each takes its own shard locally (``src_data_rank=None``):
+    no communication.
+    """
+    if not (is_dtensor(param) and isinstance(value, torch.Tensor)) or is_dtensor(value):
+        return value
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"shape mismatch: saved {tuple(value.shape)} vs model {tuple(param.shape)}")
+    return distribute_tensor(
+        value.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements, src_data_rank=None
+    )
+
+
+def load_full_state(module: nn.Module, state: Mapping[str, Any], strict: bool = True) -> Any:
+    """Load full (unsharded) tensors into a possibly sharded module through its own ``load_state_dict``.
+
+    The module's ``load_state_dict`` keeps its checks (``ContinualLM`` verifies the adapter keys);
+    the values are converted to ``DTensor`` shards matching the parameters first.
+    """
+    params = dict(module.named_parameters())
+    converted = {k: shard_like(v, params[k]) if k in params else v for k, v in state.items()}
+    return module.load_state_dict(converted, strict=strict)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered (a collective under FSDP2).
+
+    The result has the single-process layout (state keyed by parameter index), so a checkpoint
+    written by N processes resumes on M.
+    """
+    if isinstance(optimizer, LightningOptimizer):
+        optimizer = optimizer._optimizer
+    state = optimizer.state_dict()
+    gathered = {idx: gather_full_state(dict(sorted(s.items()))) for idx, s in sorted(state["state"].items())}
+    return {"state": gathered, "param_groups": state["param_groups"]}
+
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load a full (single-process layout) optimizer state into an optimizer over sharded parameters."""
+    if isinstance(optimizer, LightningOptimizer):
+        optimizer = optimizer._optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(params) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise ValueError(
+            f"optimizer state does not match: the checkpoint has "
+            f"{sum(len(g['params']) for g in state['param_groups'])} parameters, the optimizer {len(params)}"
+        )
+    sharded = {
+        idx: {k: shard_like(v, params[int(idx)]) if k != "step" else v for k, v in s.items()}
+        for idx, s in state["state"].items()
+    }
+    optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
+
+
+# ---------------------------------------------------------------------- adapter files
+def export_adapters(
+    model: nn.Module, path: str | os.PathLike, metadata: dict | None = None, write: bool = True
+) -> Path:
+    """Write the adapters of a possibly sharded model as safetensors (the format of ``save_adapters``).
+
+    Call on every rank: sharded adapters are gathered collectively; only ranks with ``write`` (rank 0)
+    write the file.
+    """
+    if not has_dtensors(model) and not has_fsdp1_modules(model):
+        if write:
+            save_adapters(model, path, metadata=metadata)
+        return Path(path)
+    with _fsdp1_full_params(model):
+        tensors = gather_full_state(adapter_state_dict(model))
+    if write:
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        # Same layout as crma_lightning.adapters.save_adapters, so load_adapters/read_adapter_metadata read it.
+        meta = {"format": "pt", METADATA_KEY: json.dumps(metadata or {}, default=str)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return Path(path)
+
+
+def _fsdp1_full_params(model: nn.Module) -> AbstractContextManager:
+    if not has_fsdp1_modules(model):
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    # rank0_only + offload: the full parameters exist only on rank 0, in CPU memory, for the copy.
+    return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=True)
+
+
+# ---------------------------------------------------------------------- evaluation with equal batch counts
+def eval_batches_per_rank(num_examples: int, world_size: int, batch_size: int) -> list[int]:
+    """Batches each rank gets from :class:`EvalShardSampler` shards of ``num_examples`` rows."""
+    per = math.ceil(num_examples / world_size)
+    sizes = [max(0, min(num_examples, (r + 1) * per) - min(num_examples, r * per)) for r in range(world_size)]
+    return [math.ceil(s / batch_size) for s in sizes]
+
+
+class PaddedEvalLoader:
+    """An evaluation loader topped up with padding batches so that every rank runs as many batches.
+
+    Why: under FSDP2 every forward all-gathers parameters, a collective; :class:`EvalShardSampler`
+    shards are unpadded (so token-weighted means are exact) and ranks can get a different number of
+    batches - the rank with more would wait forever in its extra forward. A padding batch is the
+    dataset's first row with every label ``-100``: it runs through the model like any batch and adds
+    zero tokens to the loss sums.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+        self.sampler = loader.sampler
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = 0
+        for batch in self.loader:
+            seen += 1
+            yield batch
+        for _ in range(self.num_batches - seen):
+            yield self.padding_batch()
+
+    def padding_batch(self) -> dict[str, Any]:
+        batch = self.loader.collate_fn([self.loader.dataset[0]])
+        batch["labels"] = torch.full_like(batch["labels"], -100)
+        return batch
+
+
+def equalize_eval_batches(loader: Any) -> Any:
+    """Wrap an :class:`EvalShardSampler` loader in :class:`PaddedEvalLoader` when ranks' batch counts differ."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(loader, DataLoader) or not isinstance(sampler, EvalShardSampler) or not loader.batch_size:
+        return loader
+    counts = eval_batches_per_rank(len(loader.dataset), sampler.num_replicas, loader.batch_size)
+    if len(set(counts)) == 1:
+        return loader
+    return PaddedEvalLoader(loader, max(counts))
+
+
+# ---------------------------------------------------------------------- the strategy
+class AdapterModelParallelStrategy(ModelParallelStrategy):
+    """FSDP2 data parallelism for :class:`~crma_lightning.ContinualLM` with adapter-only checkpoints.
+
+    Lightning's ``ModelParallelStrategy`` with three changes:
+
+    * Checkpoints hold what ``lightning_module.state_dict()`` holds (for ``ContinualLM``: adapters and
+      trainable parameters, never the frozen base), gathered to full tensors, plus the optimizer state
+      in the single-process layout; rank 0 writes one file. A checkpoint from N processes therefore
+      loads on M processes or on one, and a single-process checkpoint loads here.
+    * Loading goes through the module's own ``load_state_dict`` (key checks included), with each
+      rank taking its shard of the full tensors locally.
+    * Evaluation loaders over :class:`EvalShardSampler` shards are padded to the same number of
+      batches on every rank (see :class:`PaddedEvalLoader`).
+
+    Args:
+        data_parallel_size: Ranks that shard the model; ``"auto"``: all of them (devices × nodes).
+        tensor_parallel_size: Must be 1 (``ContinualLM`` has no tensor-parallel plan).
+        process_group_backend: ``"nccl"``, ``"gloo"``, ... (default: the device's).
+        timeout: Timeout of collective operations.
+    """
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: Literal["auto"] | int = 1,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if tensor_parallel_size not in (1, "auto"):
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size!r} is not supported: ContinualLM shards with "
+                "FSDP2 over the data-parallel dimension only; use 1"
+            )
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=False,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup_environment(self) -> None:
+        # ModelParallelStrategy's "auto" means one data-parallel group per node (tensor parallel inside
+        # a node); without tensor parallelism every rank is a data-parallel rank.
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    # ------------------------------------------------------------------ saving
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        state = gather_full_state(self.lightning_module.state_dict())  # collective: every rank
+        return state if self.is_global_zero else {}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        state = full_optimizer_state(optimizer)  # collective: every rank
+        return state if self.is_global_zero else {}
+
+    # ------------------------------------------------------------------ loading
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise ValueError(
+                f"{path} is a sharded (distributed) checkpoint folder; AdapterModelParallelStrategy reads the "
+                "single-file adapter checkpoints it writes (or any single-process ContinualLM checkpoint)"
+            )
+        # Every rank reads the file: it holds adapters only, and each rank takes its shards locally.
+        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        load_full_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True  # Lightning calls load_optimizer_state_dict (the parent loads it in load_checkpoint)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            load_full_optimizer_state(optimizer, state)
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        return equalize_eval_batches(super().process_dataloader(dataloader))
+
+
+__all__ = [
+    "AdapterModelParallelStrategy",
+    "PaddedEvalLoader",
+    "apply_fsdp1",
+    "apply_fsdp2",
+    "clean_parameter_name",
+    "data_parallel_mesh",
+    "equalize_eval_batches",
+    "export_adapters",
+    "fsdp2_mixed_precision",
+    "full_optimizer_state",
+    "gather_full_state",
+    "load_full_optimizer_state",
+    "load_full_state",
+    "refresh_fsdp2_gradient_dtypes",
+]

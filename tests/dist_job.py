@@ -1,0 +1,197 @@
+"""Multi-process continual runs for ``tests/test_distributed.py`` (run as a script, never under pytest).
+
+Lightning's launcher re-executes ``sys.argv`` once per extra process, so each 2-process job is this
+script run as a subprocess::
+
+    python tests/dist_job.py fsdp2 OUT_DIR     # FSDP2 (AdapterModelParallelStrategy), 2 CPU processes
+    python tests/dist_job.py ddp OUT_DIR       # DDP, 2 CPU processes
+
+Every process runs the same scenarios; rank 0 writes ``OUT_DIR/result.json``. The single-process
+reference uses the same functions in the test process (``strategy="single"``).
+
+Scenarios (``fsdp2``; ``ddp`` runs the first only):
+
+* ``ref``: a 2-stage CRMA + per-task LoRA run.
+* ``crash``: the same run, killed by an exception at step 2 of stage 2 with a checkpoint every step,
+  then resumed in the same processes from the mid-stage ``last.ckpt`` (``trainer.fit(ckpt_path=...)``).
+* ``boundary``: a new run directory resumed from ``ref``'s stage-1 checkpoint (``ContinualRunner``
+  loads the module state before any sharding).
+* ``nan``: a NaN put into rank 1's gradient shard at one step: ``NonFiniteGuard`` must skip that step
+  on both ranks (each rank writes ``nan-rank<r>.json``).
+* ``bf16``: FSDP2 with ``fsdp_mixed_precision="bf16"``; ``lora_bf16``: the same with LoRA only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from crma_lightning.continual import ContinualRunner
+from crma_lightning.data import SequentialDomainDataModule
+from crma_lightning.module import ContinualLM
+
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+DOMAINS = ["prose", "code"]
+GLOBAL_BATCH = 4
+STEPS = 3
+WORLD = 2
+# 5 held-out rows in batches of 2: 2 ranks get 3 and 2 rows, i.e. 2 and 1 batches - uneven on purpose.
+EVAL_ROWS = 5
+EVAL_BATCH = 2
+
+
+def make_model(mixed_precision: str | None = None, adapter: str = "crma") -> ContinualLM:
+    return ContinualLM(
+        model_config=TINY,
+        adapter=adapter,
+        task_adapters="per_task",
+        optimizer=partial(torch.optim.AdamW, lr=0.01),
+        fsdp_mixed_precision=mixed_precision,
+        fsdp_activation_checkpointing=True,  # used by FSDP2 only; numerically a no-op
+    )
+
+
+def make_data(world: int) -> SequentialDomainDataModule:
+    return SequentialDomainDataModule(
+        domains=DOMAINS,
+        max_length=32,
+        batch_size=GLOBAL_BATCH // world,  # per process: the global batch is the same for any world size
+        eval_batch_size=EVAL_BATCH,
+        max_chars_per_domain=6000,
+        max_eval_rows=EVAL_ROWS,
+    )
+
+
+def make_strategy(name: str):
+    if name == "fsdp2":
+        from crma_lightning.distributed import AdapterModelParallelStrategy
+
+        # A short collective timeout: a hang fails the job in seconds instead of 30 minutes.
+        timeout = timedelta(seconds=90)
+        return AdapterModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1, timeout=timeout)
+    if name == "ddp":
+        return "ddp"
+    return "auto"
+
+
+def trainer_kwargs(name: str) -> dict:
+    return {
+        "accelerator": "cpu",
+        "devices": 1 if name == "single" else WORLD,
+        "strategy": make_strategy(name),
+        "max_steps": STEPS,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+    }
+
+
+class Crash(L.Callback):
+    """Raise on every rank at ``step`` of the stage training ``domain``."""
+
+    def __init__(self, domain: str, step: int) -> None:
+        self.domain, self.step = domain, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.current_task == self.domain and trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class NaNGradient(L.Callback):
+    """At global step ``step``, put a NaN into the first non-empty local gradient shard of rank ``rank``.
+
+    Runs before ``ContinualLM.on_before_optimizer_step`` (Lightning calls callbacks first), so the
+    guard sees a non-finite gradient on that rank only.
+    """
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_rank != self.rank or trainer.global_step != self.step:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                if local is not None and local.numel():
+                    local.view(-1)[0] = float("nan")
+                    return
+
+
+def run(run_dir: Path, strategy: str, callbacks=None, mixed_precision=None, adapter="crma", **runner_kwargs):
+    """One continual run; returns the final report and the model."""
+    world = 1 if strategy == "single" else WORLD
+    runner = ContinualRunner(
+        run_dir=run_dir, trainer_kwargs=trainer_kwargs(strategy), callbacks=callbacks, seed=0, **runner_kwargs
+    )
+    model = make_model(mixed_precision, adapter)
+    return runner.run(model, make_data(world)), model
+
+
+def sharding_facts(model: ContinualLM) -> dict:
+    """How the model ended up: FSDP2 units, DTensor parameters, local shard sizes, checkpointed blocks."""
+    from torch.distributed._composable.contract import _get_registry
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from crma_lightning.adapters import find_decoder_layers
+
+    params = dict(model.model.named_parameters())
+    _, layers = find_decoder_layers(model.model)
+    return {
+        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        "all_dtensor": all(isinstance(p, DTensor) for p in params.values()),
+        "global_numel": sum(p.numel() for p in params.values()),
+        "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params.values()),
+        "checkpointed_blocks": sum("checkpoint" in (_get_registry(b) or {}) for b in layers),
+        "blocks": len(layers),
+    }
+
+
+def main(strategy: str, out: Path) -> None:
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    result: dict = {"strategy": strategy}
+    ref, model = run(out / "ref", strategy)
+    result["ref"] = ref["loss_matrix"]["values"]
+    result["world_size"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if strategy == "fsdp2":
+        result["sharding"] = sharding_facts(model)
+        try:
+            run(out / "crash", strategy, callbacks=[Crash("code", 2)], checkpoint_every_n_steps=1)
+            raise AssertionError("the simulated crash did not happen")
+        except RuntimeError as err:
+            assert "simulated crash" in str(err), err
+        result["crash_had_last_ckpt"] = (out / "crash" / "checkpoints" / "last.ckpt").exists()
+        result["crash"] = run(out / "crash", strategy)[0]["loss_matrix"]["values"]
+        stage1 = out / "ref" / "checkpoints" / "stage-01-prose.ckpt"
+        result["boundary"] = run(out / "boundary", strategy, resume=str(stage1))[0]["loss_matrix"]["values"]
+        _, nan_model = run(out / "nan", strategy, callbacks=[NaNGradient(rank=1, step=1)])
+        (out / f"nan-rank{rank}.json").write_text(json.dumps(nan_model.nonfinite.state_dict()))
+        result["bf16"] = run(out / "bf16", strategy, mixed_precision="bf16")[0]["loss_matrix"]["values"]
+        # LoRA only: the blocks are the decoder layers themselves, and none has a trainable parameter
+        # at the first forward (base-model evaluation) - the hard case for FSDP2's gradient dtypes.
+        report, lora_model = run(out / "lora_bf16", strategy, mixed_precision="bf16", adapter="lora")
+        result["lora_bf16"] = report["loss_matrix"]["values"]
+        result["lora_sharding"] = sharding_facts(lora_model)
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], Path(sys.argv[2]))

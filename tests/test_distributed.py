@@ -1,0 +1,284 @@
+"""Multi-process training on CPU (gloo): FSDP2 and DDP against the single-process run, checkpoints, resume.
+
+Each 2-process job is ``tests/dist_job.py`` run as a subprocess (Lightning's launcher re-executes
+``sys.argv`` for the second process, so it must never start inside the pytest process). The
+single-process reference runs here, with the same seed, data and global batch (per-process batch =
+global batch / 2; :class:`~crma_lightning.sampling.GlobalBatchSampler` makes the global batches the
+same), so the runs must agree up to float reduction order.
+
+Tolerances (measured differences on this machine are about 1e-6 or smaller):
+
+* loss matrix, FSDP2/DDP vs one process: absolute 1e-4 per entry (losses are about 5.4 nats);
+* gradient norm of the first optimizer step: relative 1e-5 (later steps: relative 1e-4);
+* resumed runs (mid-stage and stage boundary) vs the uninterrupted FSDP2 run: absolute 1e-6;
+* FSDP2 with ``fsdp_mixed_precision="bf16"`` vs float32: absolute 0.02;
+* a 2-process checkpoint evaluated in one process vs the 2-process evaluation: absolute 1e-5.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crma_lightning.adapters import read_adapter_metadata
+from crma_lightning.callbacks.evaluation import DomainEvaluation
+from crma_lightning.data import Collator
+from crma_lightning.distributed import (
+    AdapterModelParallelStrategy,
+    PaddedEvalLoader,
+    equalize_eval_batches,
+    eval_batches_per_rank,
+)
+from crma_lightning.sampling import EvalShardSampler
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "tests" / "dist_job.py"
+JOB_TIMEOUT_S = 240
+# Launcher/rendezvous variables from an enclosing distributed run would make the job join it.
+_DIST_ENV = (
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_WORLD_SIZE",
+)
+
+_spec = importlib.util.spec_from_file_location("dist_job", JOB)
+dist_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dist_job)
+
+
+def launch(strategy: str, out: Path) -> dict:
+    """Run ``dist_job.py strategy out`` in its own session; kill the whole group on timeout."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    log = out / "job.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, str(JOB), strategy, str(out)],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Lightning's second process joins this group: one killpg ends both
+        )
+        try:
+            rc = proc.wait(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = "timeout"
+    if rc != 0:
+        pytest.fail(
+            f"{strategy} job failed (rc={rc}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-40:])
+        )
+    return json.loads((out / "result.json").read_text())
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.value for e in sorted(events.Scalars("grad/norm"), key=lambda e: e.step)]
+
+
+def assert_matrices_close(actual, expected, abs_tol):
+    assert len(actual) == len(expected)
+    for row_a, row_e in zip(actual, expected):
+        for a, e in zip(row_a, row_e):
+            assert (a is None) == (e is None), (actual, expected)
+            if a is not None:
+                assert a == pytest.approx(e, abs=abs_tol), (actual, expected)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    report, _ = dist_job.run(out / "ref", "single")
+    return out, report["loss_matrix"]["values"]
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    return out, launch("fsdp2", out)
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, launch("ddp", out)
+
+
+# ---------------------------------------------------------------------- 2-process runs
+@pytest.mark.distributed
+@pytest.mark.parametrize("job", ["fsdp2", "ddp"])
+def test_two_process_continual_run_matches_single_process(request, single, job):
+    out, result = request.getfixturevalue(job)
+    assert result["world_size"] == 2
+    assert_matrices_close(result["ref"], single[1], abs_tol=1e-4)
+    report = json.loads((out / "ref" / "report.json").read_text())
+    assert report["status"] == "complete" and report["completed_stages"] == 2
+
+
+@pytest.mark.distributed
+def test_fsdp2_really_shards_every_block_and_the_root(fsdp2):
+    facts = fsdp2[1]["sharding"]
+    assert facts["fsdp_units"] == facts["blocks"] + 1  # each block (CRMABlock) and the root
+    assert facts["all_dtensor"]
+    # Each of the 2 ranks holds about half of every parameter (dim-0 shards, the odd row rounds up).
+    assert facts["global_numel"] / 2 <= facts["local_numel"] < 0.51 * facts["global_numel"]
+    assert facts["checkpointed_blocks"] == facts["blocks"]  # fsdp_activation_checkpointing=True
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("job", ["fsdp2", "ddp"])
+def test_logged_gradient_norm_matches_single_process(request, single, job):
+    out, _ = request.getfixturevalue(job)
+    expected, actual = grad_norms(single[0] / "ref"), grad_norms(out / "ref")
+    assert len(actual) == len(expected) == 2 * dist_job.STEPS
+    assert actual[0] == pytest.approx(expected[0], rel=1e-5)
+    assert actual == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.distributed
+def test_fsdp2_resumes_mid_stage_and_at_a_stage_boundary(fsdp2):
+    _, result = fsdp2
+    assert result["crash_had_last_ckpt"], "the crash should have left a mid-stage checkpoint"
+    # Identical to the uninterrupted run only if the adapters AND the AdamW state were restored.
+    assert_matrices_close(result["crash"], result["ref"], abs_tol=1e-6)
+    assert_matrices_close(result["boundary"], result["ref"], abs_tol=1e-6)
+
+
+@pytest.mark.distributed
+def test_fsdp2_nonfinite_gradient_on_one_rank_is_skipped_on_both(fsdp2):
+    out, _ = fsdp2
+    states = [json.loads((out / f"nan-rank{r}.json").read_text()) for r in range(2)]
+    # A NaN was put into rank 1's gradient shard at step 1 of each stage; rank 0's shards were finite.
+    assert states[0]["skipped"] == states[1]["skipped"] == 2
+    assert states[0]["skipped_steps"] == states[1]["skipped_steps"]
+
+
+@pytest.mark.distributed
+def test_fsdp2_bf16_mixed_precision_trains_close_to_float32(fsdp2):
+    _, result = fsdp2
+    assert_matrices_close(result["bf16"], result["ref"], abs_tol=0.02)
+
+
+@pytest.mark.distributed
+def test_fsdp2_lora_only_shards_the_decoder_layers_and_trains_in_bf16(fsdp2):
+    _, result = fsdp2
+    facts = result["lora_sharding"]
+    assert facts["fsdp_units"] == facts["blocks"] + 1 and facts["all_dtensor"]
+    matrix = result["lora_bf16"]
+    assert matrix[1][0] < matrix[0][0] and matrix[2][1] < matrix[0][1]  # each stage learned its domain
+    assert matrix[2][0] == pytest.approx(matrix[1][0], abs=1e-6)  # per-task LoRA: zero drift
+
+
+@pytest.mark.distributed
+def test_fsdp2_stage_two_trains_its_adapter_while_the_first_stays_frozen(single, fsdp2):
+    adapters = fsdp2[0] / "ref" / "adapters"
+    s1, s2 = load_file(adapters / "stage-01-prose.safetensors"), load_file(adapters / "stage-02-code.safetensors")
+    assert set(s1) == set(s2)
+    prose = [k for k in s1 if ".lora_B.prose." in k]
+    code = [k for k in s1 if ".lora_B.code." in k]
+    crma = [k for k in s1 if ".crma.write_weight" in k]
+    assert prose and code and crma
+    assert all(torch.equal(s1[k], s2[k]) for k in prose)  # frozen in stage 2
+    assert all(not s1[k].any() for k in code) and all(s2[k].any() for k in code)  # zero-init, then trained
+    assert any(not torch.equal(s1[k], s2[k]) for k in crma)  # the CRMA backbone trains in every stage
+    # The gathered (FSDP2) export holds the same tensors as the single-process one.
+    reference = load_file(single[0] / "ref" / "adapters" / "stage-02-code.safetensors")
+    assert set(reference) == set(s2)
+    for k, v in reference.items():
+        torch.testing.assert_close(s2[k], v, atol=1e-5, rtol=1e-4)
+    assert read_adapter_metadata(adapters / "stage-02-code.safetensors")["domain"] == "code"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("job", ["fsdp2", "ddp"])
+def test_two_process_checkpoint_holds_adapters_only_and_reproduces_its_losses_in_one_process(request, single, job):
+    out, result = request.getfixturevalue(job)
+    ckpt = torch.load(out / "ref" / "checkpoints" / "stage-02-code.ckpt", map_location="cpu", weights_only=True)
+    model = dist_job.make_model()
+    model.on_load_checkpoint(ckpt)  # creates the per-task adapters, as the stage driver does
+    state = ckpt["state_dict"]
+    assert set(state) == set(model.checkpoint_parameter_names())  # adapters only: no base weight
+    assert all(".lora_" in k or ".crma." in k for k in state)
+    assert all(type(v) is torch.Tensor for v in state.values())  # full tensors, not DTensor shards
+    reference = torch.load(
+        single[0] / "ref" / "checkpoints" / "stage-02-code.ckpt", map_location="cpu", weights_only=True
+    )
+    for k, v in reference["state_dict"].items():
+        torch.testing.assert_close(state[k], v, atol=1e-5, rtol=1e-4)
+
+    model.load_state_dict(state)
+    # The optimizer state has the single-process layout: it loads into a 1-process AdamW.
+    optimizer = torch.optim.AdamW(model.param_groups(), lr=0.01)
+    optimizer.load_state_dict(ckpt["optimizer_states"][0])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(optimizer.state) == len(params)
+    assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in params)
+
+    data = dist_job.make_data(world=1)
+    data.prepare(model.tokenizer)
+    data.set_stage(1)
+    evaluation = DomainEvaluation(log_heatmap=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[evaluation],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(model, datamodule=data, verbose=False)
+    expected = dict(zip(dist_job.DOMAINS, result["ref"][2]))
+    assert evaluation.last_losses == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------- single-process pieces
+def test_eval_batches_per_rank_follows_the_eval_shards():
+    assert eval_batches_per_rank(5, 2, 2) == [2, 1]
+    assert eval_batches_per_rank(8, 2, 4) == [1, 1]
+    assert eval_batches_per_rank(1, 4, 2) == [1, 0, 0, 0]
+    for n, world, batch in [(5, 2, 2), (7, 3, 2), (1, 4, 2)]:
+        sizes = [len(EvalShardSampler(list(range(n)), world, r)) for r in range(world)]
+        assert eval_batches_per_rank(n, world, batch) == [-(-s // batch) for s in sizes]
+
+
+def test_padded_eval_loader_adds_zero_token_batches_to_the_short_rank():
+    rows = [{"input_ids": list(range(1, 2 + i))} for i in range(5)]
+    collate = Collator(pad_id=0, domain="d")
+    short = torch.utils.data.DataLoader(rows, batch_size=2, sampler=EvalShardSampler(rows, 2, 1), collate_fn=collate)
+    long = torch.utils.data.DataLoader(rows, batch_size=2, sampler=EvalShardSampler(rows, 2, 0), collate_fn=collate)
+    padded = equalize_eval_batches(short)
+    assert isinstance(padded, PaddedEvalLoader) and len(padded) == len(equalize_eval_batches(long)) == 2
+    batches = list(padded)
+    assert len(batches) == 2
+    assert (batches[0]["labels"] != -100).any()
+    assert (batches[1]["labels"] == -100).all() and batches[1]["domain"] == "d"
+    even = torch.utils.data.DataLoader(rows[:4], batch_size=2, sampler=EvalShardSampler(rows[:4], 2, 1))
+    assert equalize_eval_batches(even) is even
+
+
+def test_bad_distributed_settings_are_refused():
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        AdapterModelParallelStrategy(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="fsdp_mixed_precision='fp32'"):
+        dist_job.ContinualLM(model_config=dist_job.TINY, fsdp_mixed_precision="fp32")
