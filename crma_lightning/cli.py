@@ -22,11 +22,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
-from crma_lightning.continual import ContinualRunner, RunInterrupted, _is_global_zero
+from crma_lightning.continual import ContinualRunner, RunInterrupted
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
 from crma_lightning.nonfinite import NonFiniteError
 from crma_lightning.report import render_markdown
+from crma_lightning.utils import is_global_zero
 
 
 @dataclass
@@ -110,7 +111,7 @@ class CRMALightningCLI(LightningCLI):
         runner.preflight(model, datamodule, world_size=self.trainer.world_size)
         self._save_config(Path(run["dir"]))
         report = runner.run(model, datamodule)
-        if not _is_global_zero():
+        if not is_global_zero():
             return  # every process runs this; one report on the console is enough
         if runner.loggers and getattr(runner.loggers[0], "log_dir", None):
             print(f"\nTensorBoard: tensorboard --logdir {runner.loggers[0].log_dir}")

@@ -19,42 +19,24 @@ Run directory layout::
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
-import pickle
-import signal
-import threading
 import time
-import warnings
-import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
+from crma_lightning.checkpoints import RESUME_MODES, STAGE_PREFIX, CheckpointStore, data_identity
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.distributed import export_adapters
+from crma_lightning.interrupts import RunInterrupted, StopAndSave, StopSignals
 from crma_lightning.module import ContinualLM
 from crma_lightning.report import build_report, write_report
-
-RESUME_MODES = ("auto", "never")
-_STAGE_PREFIX = "stage-"
-
-
-class RunInterrupted(Exception):
-    """The run stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
-
-    def __init__(self, signum: int, checkpoint: str | None) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; resumable checkpoint: {checkpoint}")
-        self.signum = signum
-        self.checkpoint = checkpoint
+from crma_lightning.utils import is_global_zero
 
 
 class _RunState(Callback):
@@ -82,39 +64,6 @@ class _RunState(Callback):
         self.step_offset = int(state_dict["step_offset"])
         self.timings = dict(state_dict.get("timings", {}))
         self.identity = dict(state_dict.get("identity", {}))
-
-
-class _StopAndSave(Callback):
-    """Mid-stage checkpoints: every ``every_n_steps`` optimizer steps, and on SIGINT/SIGTERM.
-
-    Signal handlers only set a flag; the checkpoint is written at the next batch end, where the
-    model, optimizer and loops are consistent (a ``KeyboardInterrupt`` raised mid-step could leave a
-    half-applied optimizer update). With several processes the flag is reduced across ranks every
-    ``sync_every`` steps so that all ranks stop at the same step.
-    """
-
-    def __init__(self, runner: ContinualRunner, every_n_steps: int | None, sync_every: int = 10) -> None:
-        self.runner = runner
-        self.every_n_steps = every_n_steps
-        self.sync_every = sync_every
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.runner._reclaim_sigterm(trainer)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.runner._reclaim_sigterm(trainer)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        stop = self.runner.stop_signal is not None
-        if trainer.world_size > 1:
-            stop = trainer.global_step % self.sync_every == 0 and trainer.strategy.reduce_boolean_decision(
-                stop, all=False
-            )
-        if stop:
-            path = self.runner.save_checkpoint(trainer, self.runner.last_checkpoint)
-            raise RunInterrupted(self.runner.stop_signal or signal.SIGTERM, str(path))
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self.runner.save_checkpoint(trainer, self.runner.last_checkpoint)
 
 
 class ContinualRunner:
@@ -150,6 +99,7 @@ class ContinualRunner:
         config: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.checkpoints = CheckpointStore(self.run_dir)
         self.trainer_kwargs = dict(trainer_kwargs or {})
         extra = list(self.trainer_kwargs.pop("callbacks", None) or [])
         self.callbacks = _with_defaults(list(callbacks or []) + extra)
@@ -160,7 +110,7 @@ class ContinualRunner:
         self.save_stage_adapters = save_stage_adapters
         self.config = config or {}
         self.state = _RunState()
-        self.stop_signal: int | None = None
+        self.signals = StopSignals()
         self.loggers: list[Logger] = []
         self._handler: Any = None  # the SIGINT/SIGTERM handler while a run is in progress
         # (path, checkpoint) that `preflight` chose to resume from; None until it has looked.
@@ -172,17 +122,6 @@ class ContinualRunner:
             raise ValueError(f"checkpoint_every_n_steps={checkpoint_every_n_steps!r} is invalid: expected >= 1")
 
     # ------------------------------------------------------------------ paths and callbacks
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoint_dir / "last.ckpt"
-
-    def stage_checkpoint(self, stage: int, domain: str) -> Path:
-        return self.checkpoint_dir / f"{_STAGE_PREFIX}{stage + 1:02d}-{domain}.ckpt"
-
     @property
     def evaluation(self) -> DomainEvaluation:
         return next(cb for cb in self.callbacks if isinstance(cb, DomainEvaluation))
@@ -217,32 +156,32 @@ class ContinualRunner:
         if world_size is not None:
             datamodule.check_batches(world_size)
         self.state.domains = domains
-        self.state.identity = {"model": model.identity(), "domains": domains, "data": _data_identity(datamodule)}
+        self.state.identity = {"model": model.identity(), "domains": domains, "data": data_identity(datamodule)}
         if self._resume_choice is None:
-            self._resume_choice = self._find_resume_checkpoint()
+            self._resume_choice = self.checkpoints.find_resume(self.resume, self.state.identity)
 
     def run(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
         """Run every remaining stage; returns the final report (also written to ``run_dir``)."""
         self.preflight(model, datamodule)  # every domain loaded and checked before any training
         domains = datamodule.domain_names
         model.prepare_tasks(domains)
-        self._remove_stale_temp_files()
+        self.checkpoints.remove_stale_temp_files()
         resume_from, resume_stage_done = self._restore(model, datamodule)
         self.evaluation.start_run(domains)
         self._setup_loggers(purge_step=self.state.step_offset if resume_from else None)
         self._t0 = time.perf_counter()
-        with self._signals():
+        with self.signals:
             try:
                 self._run_stages(model, datamodule, resume_from, resume_stage_done)
             except BaseException as err:
                 # A stop that Lightning turned into SystemExit (its SIGTERM exception, or its exit(1)
                 # after a second Ctrl+C) is still an interruption: report it as one, exit 128 + signal.
-                stopped = self.stop_signal is not None and isinstance(err, (SystemExit, KeyboardInterrupt))
+                stopped = self.signals.signum is not None and isinstance(err, (SystemExit, KeyboardInterrupt))
                 status = "interrupted" if stopped or isinstance(err, (RunInterrupted, KeyboardInterrupt)) else "failed"
                 self._write_report(model, datamodule, f"{status}: {err}" if status == "failed" else status)
                 if stopped and not isinstance(err, RunInterrupted):
-                    newest = self._newest_checkpoint()
-                    raise RunInterrupted(self.stop_signal, str(newest) if newest else None) from err
+                    newest = self.checkpoints.newest()
+                    raise RunInterrupted(self.signals.signum, str(newest) if newest else None) from err
                 raise
         return self._write_report(model, datamodule, "complete")
 
@@ -256,8 +195,8 @@ class ContinualRunner:
                 self._evaluate(trainer, model, dm, row=0)
             self._write_report(model, dm, "running")
         for stage in range(self.state.completed, dm.num_stages):
-            if self.stop_signal is not None:
-                raise RunInterrupted(self.stop_signal, str(self._newest_checkpoint()))
+            if self.signals.signum is not None:
+                raise RunInterrupted(self.signals.signum, str(self.checkpoints.newest()))
             domain = dm.domain_names[stage]
             dm.set_stage(stage)
             mid_stage = resume_from is not None and not stage_done and stage == self.state.completed
@@ -282,15 +221,15 @@ class ContinualRunner:
             self.state.completed = stage + 1
             self.state.step_offset = trainer.fit_loop.epoch_loop._batches_that_stepped
             try:
-                self.save_checkpoint(trainer, self.stage_checkpoint(stage, domain))
+                self.checkpoints.save(trainer, self.checkpoints.stage(stage, domain))
             except BaseException:
                 # Not on disk, so not complete: the failure report must agree with what a resume finds.
                 self.state.completed = stage
                 raise
             if self.save_stage_adapters:
                 self._export_adapters(trainer, model, stage, domain)
-            if trainer.is_global_zero and self.last_checkpoint.exists():
-                self.last_checkpoint.unlink()  # superseded by the stage checkpoint
+            if trainer.is_global_zero and self.checkpoints.last.exists():
+                self.checkpoints.last.unlink()  # superseded by the stage checkpoint
             self._write_report(model, dm, "running" if stage + 1 < dm.num_stages else "complete")
 
     def _evaluate(self, trainer: L.Trainer, model: ContinualLM, dm: SequentialDomainDataModule, row: int) -> None:
@@ -326,7 +265,11 @@ class ContinualRunner:
             kwargs["num_sanity_val_steps"] = 0
         user_checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in self.callbacks)
         kwargs["enable_checkpointing"] = user_checkpointing
-        kwargs["callbacks"] = [*self.callbacks, self.state, _StopAndSave(self, self.checkpoint_every_n_steps)]
+        kwargs["callbacks"] = [
+            *self.callbacks,
+            self.state,
+            StopAndSave(self.signals, self.checkpoints, self.checkpoint_every_n_steps),
+        ]
         kwargs["logger"] = self.loggers or False
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         trainer = L.Trainer(**kwargs)
@@ -336,71 +279,11 @@ class ContinualRunner:
         return trainer
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, trainer: L.Trainer, path: Path) -> Path:
-        """``trainer.save_checkpoint`` to a temporary name, then an atomic rename (rank 0)."""
-        if trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer and loops too
-        except BaseException:
-            # Disk full, a failing hook, ...: the previous file at `path` is untouched; leave no stray temp file.
-            if trainer.is_global_zero and tmp.is_file():
-                tmp.unlink()
-            raise
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
-        trainer.strategy.barrier("crma_lightning.save_checkpoint")
-        return path
-
     def _export_adapters(self, trainer: L.Trainer, model: ContinualLM, stage: int, domain: str) -> None:
-        path = self.run_dir / "adapters" / f"{_STAGE_PREFIX}{stage + 1:02d}-{domain}.safetensors"
+        path = self.run_dir / "adapters" / f"{STAGE_PREFIX}{stage + 1:02d}-{domain}.safetensors"
         # Every rank joins: sharded (FSDP) adapters are gathered collectively; rank 0 writes the file.
         metadata = {"stage": stage + 1, "domain": domain, **model.identity()}
         export_adapters(model.model, path, metadata=metadata, write=trainer.is_global_zero)
-
-    def _checkpoint_candidates(self) -> list[Path]:
-        """Checkpoints to resume from, newest progress first: ``last.ckpt`` then stage checkpoints."""
-        stages = sorted(self.checkpoint_dir.glob(f"{_STAGE_PREFIX}*.ckpt"), reverse=True)
-        last = [self.last_checkpoint] if self.last_checkpoint.exists() else []
-        return last + stages
-
-    def _newest_checkpoint(self) -> Path | None:
-        candidates = self._checkpoint_candidates()
-        return candidates[0] if candidates else None
-
-    def _find_resume_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
-        """The newest readable checkpoint to resume from and its contents, checked against this run.
-
-        ``resume="auto"``: an unreadable candidate (truncated, corrupt, not ours) is skipped with a
-        warning naming it, and the next older one is tried. An explicit path must be readable.
-        """
-        if self.resume == "never":
-            if self._checkpoint_candidates():
-                raise ValueError(
-                    f"run_dir {self.run_dir} already holds checkpoints and resume='never'; choose another "
-                    "run_dir, delete it, or resume with resume='auto'"
-                )
-            return None, None
-        explicit = self.resume not in RESUME_MODES
-        candidates = [Path(self.resume)] if explicit else self._checkpoint_candidates()
-        for path in candidates:
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-                state = ckpt["callbacks"]["_RunState"]
-            except Exception as err:  # corrupt, truncated or foreign file
-                if explicit:
-                    raise ValueError(f"cannot resume from {path}: {_unreadable(path, err)}") from err
-                warnings.warn(
-                    f"skipping checkpoint {path}: {_unreadable(path, err)}; trying the next older checkpoint",
-                    stacklevel=3,
-                )
-                continue
-            self._check_compatible(state, path)
-            return path, ckpt
-        if candidates:
-            warnings.warn(f"no readable checkpoint in {self.checkpoint_dir}: starting from the beginning", stacklevel=3)
-        return None, None
 
     def _restore(self, model: ContinualLM, dm: SequentialDomainDataModule) -> tuple[Path | None, bool]:
         """Load the chosen checkpoint's states; returns (path, stage_was_complete)."""
@@ -409,39 +292,7 @@ class ContinualRunner:
         if path is None or ckpt is None:
             return None, False
         self._load_states(ckpt, model, dm)
-        return path, path.name.startswith(_STAGE_PREFIX)
-
-    def _remove_stale_temp_files(self) -> None:
-        """Delete temp files that a process killed mid-write (SIGKILL, power loss) left behind."""
-        if not _is_global_zero():
-            return
-        for folder in (self.run_dir, self.checkpoint_dir, self.run_dir / "adapters"):
-            if folder.is_dir():
-                for tmp in folder.glob(".*.tmp*"):
-                    if tmp.is_file():
-                        tmp.unlink()
-
-    def _check_compatible(self, saved: dict[str, Any], path: Path) -> None:
-        mine = self.state.identity
-        ours, theirs = mine["domains"], saved.get("identity", {}).get("domains", saved.get("domains"))
-        problems = []
-        if theirs != ours:
-            problems.append(f"domains: checkpoint {theirs} vs now {ours}")
-        saved_model = saved.get("identity", {}).get("model", {})
-        for key, value in mine["model"].items():
-            if saved_model.get(key) != value:
-                problems.append(f"{key}: checkpoint {saved_model.get(key)!r} vs now {value!r}")
-        saved_data = saved.get("identity", {}).get("data")
-        if saved_data is not None:  # absent from checkpoints written before it was recorded
-            for key, value in mine["data"].items():
-                if saved_data.get(key) != value:
-                    problems.append(f"data.{key}: checkpoint {saved_data.get(key)!r} vs now {value!r}")
-        if problems:
-            raise ValueError(
-                f"cannot resume from {path}: the configuration changed in a way that matters ("
-                + "; ".join(problems)
-                + "). Use the original configuration, or a new run_dir."
-            )
+        return path, CheckpointStore.is_stage_checkpoint(path)
 
     def _load_states(self, ckpt: dict[str, Any], model: ContinualLM, dm: SequentialDomainDataModule) -> None:
         model.on_load_checkpoint(ckpt)
@@ -455,51 +306,6 @@ class ContinualRunner:
             dm.load_state_dict(dm_state)
 
     # ------------------------------------------------------------------ signals and report
-    @contextmanager
-    def _signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl+C: stop now
-            self.stop_signal = signum
-            print(
-                f"\n[crma_lightning] {signal.Signals(signum).name} received: saving a checkpoint after this step "
-                "(Ctrl+C again to abort without saving)",
-                flush=True,
-            )
-
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in previous:
-            signal.signal(s, handler)
-        self._handler = handler
-        try:
-            yield
-        finally:
-            self._handler = None
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-    def _reclaim_sigterm(self, trainer: L.Trainer) -> None:
-        """Put the driver's SIGTERM handler back in place of the one ``Trainer.fit``/``validate`` install.
-
-        Lightning's handler makes its loops raise ``SIGTERMException`` - a ``SystemExit`` with exit
-        code 0 - at an epoch end or in the middle of a validation, without a checkpoint. The driver
-        instead lets a validation finish (so the stage's checkpoint is written) and stops training at
-        the next batch end with a checkpoint. Lightning restores the driver's handler when it tears down.
-        A SIGTERM that arrived while Lightning's handler was in place also ran the driver's (Lightning
-        chains to it), so clearing Lightning's flag loses nothing. If this private attribute moves, the
-        fallback in :meth:`run` still reports the stop as an interruption.
-        """
-        if self._handler is None or threading.current_thread() is not threading.main_thread():
-            return
-        signal.signal(signal.SIGTERM, self._handler)
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is not None and getattr(connector, "received_sigterm", False):
-            connector.received_sigterm = False
-
     def _write_report(self, model: ContinualLM, dm: SequentialDomainDataModule, status: str) -> dict[str, Any]:
         evaluation = self.evaluation
         report = build_report(
@@ -517,7 +323,7 @@ class ContinualRunner:
             },
             nonfinite=model.nonfinite.state_dict(),
         )
-        if _is_global_zero():
+        if is_global_zero():
             write_report(self.run_dir, report)
         return report
 
@@ -551,22 +357,6 @@ def _check_budget(
         )
 
 
-def _unreadable(path: Path, err: BaseException) -> str:
-    """Why ``torch.load(weights_only=True)`` (or finding the run state in it) failed, in one line."""
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the very end
-        return "not a complete PyTorch checkpoint (no zip archive: truncated, corrupt, or another kind of file)"
-    if isinstance(err, pickle.UnpicklingError):
-        # torch's own text suggests weights_only=False; crma_lightning never unpickles arbitrary objects.
-        return (
-            "not a weights-only checkpoint (torch.load(weights_only=True) refused it: it is not a checkpoint, "
-            "or it holds pickled objects, which crma_lightning never loads)"
-        )
-    if isinstance(err, (KeyError, TypeError)):
-        return f"not a crma_lightning checkpoint (it has no run state: {type(err).__name__}: {err})"
-    text = str(err).strip().splitlines()
-    return f"unreadable ({type(err).__name__}: {text[0][:200] if text else 'no message'})"
-
-
 def _model_summary(model: ContinualLM) -> dict[str, Any]:
     hp = model.hparams
     base = hp["model_name_or_path"] or {k: v for k, v in (hp["model_config"] or {}).items()}
@@ -581,23 +371,6 @@ def _model_summary(model: ContinualLM) -> dict[str, Any]:
     }
 
 
-def _data_identity(dm: SequentialDomainDataModule) -> dict[str, Any]:
-    """Data settings that change what the loss matrix measures: a resumed run must keep them.
-
-    Left out on purpose: budgets (``max_steps``), batch sizes, workers and the cache directory, which
-    change how training proceeds or how fast, not which held-out text a loss is measured on.
-    """
-    return {
-        "max_length": dm.max_length,
-        "packing": dm.packing,
-        "max_chars_per_domain": dm.max_chars_per_domain,
-        "max_eval_rows": dm.max_eval_rows,
-        "eval_domains": dm.eval_domains,
-        "seed": dm.seed,
-        "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "max_steps"} for s in dm.specs],
-    }
-
-
 def _data_settings(dm: SequentialDomainDataModule) -> dict[str, Any]:
     return {
         "domains": dm.domain_names,
@@ -607,12 +380,6 @@ def _data_settings(dm: SequentialDomainDataModule) -> dict[str, Any]:
         "eval_domains": dm.eval_domains,
         "seed": dm.seed,
     }
-
-
-def _is_global_zero() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
 
 
 def _print(trainer: L.Trainer, message: str) -> None:

@@ -14,12 +14,10 @@ unfreezes - plus the continual state; never the frozen base weights.
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -42,16 +40,17 @@ from crma_lightning.adapters import (
     set_crma_trainable,
 )
 from crma_lightning.adapters.lora import check_adapter_name
-from crma_lightning.distributed import (
-    AdapterModelParallelStrategy,
+from crma_lightning.distributed import AdapterModelParallelStrategy
+from crma_lightning.models import build_model, load_model_tokenizer
+from crma_lightning.nonfinite import NonFiniteGuard
+from crma_lightning.rng import rng_state, set_rng_state
+from crma_lightning.sharding import (
     apply_fsdp1,
     apply_fsdp2,
     clean_parameter_name,
     data_parallel_mesh,
     fsdp2_mixed_precision,
 )
-from crma_lightning.models import build_model, load_model_tokenizer
-from crma_lightning.nonfinite import NonFiniteGuard
 
 TASK_ADAPTER_MODES = ("shared", "per_task")
 SHARED_ADAPTER = "shared"
@@ -218,9 +217,9 @@ class ContinualLM(L.LightningModule):
         * ``ModelParallelStrategy`` / :class:`~crma_lightning.distributed.AdapterModelParallelStrategy`
           (FSDP2, ``self.device_mesh`` is set): ``fully_shard`` on every decoder block - the
           ``CRMABlock`` wrapper when CRMA is attached - then on the root
-          (:func:`~crma_lightning.distributed.apply_fsdp2`).
+          (:func:`~crma_lightning.sharding.apply_fsdp2`).
         * ``FSDPStrategy`` (FSDP1): LoRA factors, CRMA adapters, blocks and the root become FSDP units
-          (:func:`~crma_lightning.distributed.apply_fsdp1`).
+          (:func:`~crma_lightning.sharding.apply_fsdp1`).
 
         Idempotent - the stage driver makes a new ``Trainer`` per stage, and what is already sharded is
         skipped. All per-task adapters exist before the first ``fit`` (:meth:`prepare_tasks`), so the
@@ -406,7 +405,7 @@ class ContinualLM(L.LightningModule):
             "current_task": self.current_task,
             "identity": self.identity(),
             "nonfinite": self.nonfinite.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -418,7 +417,7 @@ class ContinualLM(L.LightningModule):
         if state["current_task"] is not None:
             self._train_task(state["current_task"])
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
-        _set_rng_state(state.get("rng"))
+        set_rng_state(state.get("rng"))
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters)."""
@@ -438,35 +437,3 @@ class ContinualLM(L.LightningModule):
         diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
         if diffs:
             raise ValueError("checkpoint was written by a different model setup; " + "; ".join(diffs))
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-        "numpy": dict(zip(("kind", "keys", "pos", "has_gauss", "gauss"), _plain(np.random.get_state()))),
-    }
-
-
-def _plain(np_state: tuple) -> tuple:
-    kind, keys, pos, has_gauss, gauss = np_state
-    return kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)
-
-
-def _set_rng_state(state: dict[str, Any] | None) -> None:
-    if not state:
-        return
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            np_state["kind"],
-            np.asarray(np_state["keys"], dtype=np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["gauss"],
-        )
-    )
