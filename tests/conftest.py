@@ -6,12 +6,25 @@ import os
 
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one intra-op thread is fastest, and it avoids oversubscribing a shared 2-core machine.
 torch.set_num_threads(1)
+
+
+TINY_LLAMA_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+"""``ContinualLM(model_config=...)`` for the tests' tiny Llama-style model (vocab from the byte tokenizer)."""
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
@@ -76,3 +89,28 @@ MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "neox": tiny_neox}
 def model_factory(request):
     """Each tiny architecture in turn: a callable ``factory(seed=0) -> model``."""
     return MODEL_FACTORIES[request.param]
+
+
+class MemoryLogger(Logger):
+    """Records every ``log_metrics`` call as ``(metrics, step)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[dict[str, float], int]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records.append((dict(metrics), step))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def with_key(self, key: str) -> list[tuple[dict[str, float], int]]:
+        return [(m, s) for m, s in self.records if key in m]

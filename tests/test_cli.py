@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_LLAMA_CONFIG
 
 from crma_lightning.cli import CRMALightningCLI
 
@@ -36,14 +37,7 @@ def tiny_config(tmp_path: Path, run_dir: Path, steps: int = 3) -> Path:
         "model": {
             "class_path": "crma_lightning.ContinualLM",
             "init_args": {
-                "model_config": {
-                    "model_type": "llama",
-                    "hidden_size": 32,
-                    "intermediate_size": 64,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                    "num_key_value_heads": 2,
-                },
+                "model_config": TINY_LLAMA_CONFIG,
                 "adapter": "crma",
                 "task_adapters": "per_task",
             },

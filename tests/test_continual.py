@@ -7,20 +7,13 @@ import json
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_LLAMA_CONFIG
 
 from crma_lightning.continual import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
 
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+TINY = TINY_LLAMA_CONFIG
 DOMAINS = ["prose", "code", "arithmetic"]
 TRAINER = {
     "accelerator": "cpu",

@@ -23,19 +23,12 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import TINY_LLAMA_CONFIG
 
 from crma_lightning.cli import main
 
 TESTS = Path(__file__).resolve().parent
-TINY_MODEL = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+TINY_MODEL = TINY_LLAMA_CONFIG
 # Stage 2 is long (150 steps, several seconds even on an idle machine) so that a signal sent as soon
 # as stage 2 has written its first periodic checkpoint (step 10) always lands in the middle of it.
 LONG_DOMAINS = ["prose", {"name": "code", "builtin": "code", "max_steps": 150}, "arithmetic"]

@@ -9,56 +9,15 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_LLAMA_CONFIG, MemoryLogger
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
 from crma_lightning.callbacks import GradientStability
 from crma_lightning.callbacks.gradient import RunningStats, crma_health_vector, group_grad_square_sums
 from crma_lightning.module import ContinualLM
 
-MODEL_CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: with two cores shared by other processes, a second intra-op thread only spins.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class MemoryLogger(Logger):
-    """Records every ``log_metrics`` call as ``(metrics, step)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[dict[str, float], int]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((dict(metrics), step))
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def with_key(self, key: str) -> list[tuple[dict[str, float], int]]:
-        return [(m, s) for m, s in self.records if key in m]
+MODEL_CONFIG = TINY_LLAMA_CONFIG
 
 
 def make_model(adapter: str = "crma") -> ContinualLM:

@@ -5,20 +5,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_LLAMA_CONFIG
 from torch.utils.data import DataLoader
 
 from crma_lightning.adapters import adapter_parameter_names, lora_adapter_names
 from crma_lightning.module import ContinualLM
 
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
+TINY = TINY_LLAMA_CONFIG
 
 
 def make(**kw) -> ContinualLM:

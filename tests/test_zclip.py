@@ -8,44 +8,11 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
+from conftest import TINY_LLAMA_CONFIG, MemoryLogger
 from torch.utils.data import DataLoader
 
 from crma_lightning.callbacks import GradientStability, ZClip
 from crma_lightning.module import ContinualLM
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class MemoryLogger(Logger):
-    """Records every ``log_metrics`` call as ``(metrics, step)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[dict[str, float], int]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((dict(metrics), step))
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def with_key(self, key: str) -> list[tuple[dict[str, float], int]]:
-        return [(m, s) for m, s in self.records if key in m]
 
 
 class Rig:
@@ -210,14 +177,7 @@ def test_invalid_arguments():
 
 def test_in_trainer_logged_norm_is_before_clipping():
     model = ContinualLM(
-        model_config={
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
+        model_config=TINY_LLAMA_CONFIG,
         adapter="crma",
     )
     model.prepare_tasks(["a"])
