@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -138,6 +139,19 @@ def _machine(device: str) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
 
 
+def _git_state() -> dict[str, Any]:
+    """The library's commit and whether ``crma_lightning/`` had uncommitted changes when the run started."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "crma_lightning"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError) as err:
+        return {"commit": f"unknown ({type(err).__name__})", "library_dirty": "unknown"}
+    return {"commit": commit.stdout.strip(), "library_dirty": bool(dirty.stdout.strip())}
+
+
 def _quiet() -> None:
     """Silence per-trainer chatter (GPU-available notes, worker hints): 4 modes x stages x seeds of it."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -148,9 +162,11 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from datasets import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars, once per run
+    disable_progress_bars()  # map/filter bars while the base model's data is prepared
 
 
 def base_model(args: argparse.Namespace, specs: list[dict[str, Any]], device: str) -> dict[str, Any]:
@@ -188,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     _quiet()
     t_start = time.perf_counter()
+    git_start = _git_state()  # the shared checkout may move while a long run is going: record both ends
     device, accelerator = _device(args.device)
     if device == "cpu":
         torch.set_num_threads(args.threads or 1)
@@ -230,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lora_alpha": 2.0 * args.lora_r, "crma": "CRMAConfig() defaults (n=4, k=4, g_max=0.1, 20 Sinkhorn iters)",
         "max_eval_rows": args.max_eval_rows, "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
         "time_skip": args.time_skip, "interleave": args.interleave, "device": device, "precision": args.precision,
-        "machine": _machine(device), "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "git": {"at_start": git_start, "at_end": _git_state()}, "machine": _machine(device),
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
     }  # fmt: skip
     results: dict[str, Any] = {
         "benchmark": "crma_lightning continual (issue #7)",

@@ -149,6 +149,9 @@ class ContinualLM(L.LightningModule):
             )
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # `from_pretrained` returns the model in eval mode and Lightning keeps submodules' modes: without this
+        # the base model's dropout would be silently off in training (unlike a model built from a config).
+        self.model.train()
         self.tasks: list[str] = []
         self.current_task: str | None = None
         self._seed = seed

@@ -222,6 +222,7 @@ def test_loads_a_local_pretrained_model_and_tokenizer(tmp_path):
     source.model.save_pretrained(tmp_path / "base")
     source.tokenizer.save_pretrained(tmp_path / "base")
     loaded = ContinualLM(model_name_or_path=str(tmp_path / "base"), adapter="crma", dtype="bfloat16")
+    assert loaded.model.training, "from_pretrained returns eval mode; training must see dropout like any model"
     assert loaded.tokenizer.eos_token == "<|eos|>" and len(loaded.tokenizer) == 259
     assert next(p for n, p in loaded.model.named_parameters() if "base_layer" in n).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for n, p in loaded.model.named_parameters() if p.requires_grad)
