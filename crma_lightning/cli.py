@@ -30,6 +30,10 @@ from crma_lightning.report import render_markdown
 from crma_lightning.utils import is_global_zero
 
 
+class RunFailed(RuntimeError):
+    """An error during training or evaluation (after every up-front check passed): exit code 1."""
+
+
 @dataclass
 class RunConfig:
     """Settings of the continual run itself (the ``run:`` section of the YAML).
@@ -110,7 +114,12 @@ class CRMALightningCLI(LightningCLI):
         # resume leaves the run directory's config.yaml matching its checkpoints.
         runner.preflight(model, datamodule, world_size=self.trainer.world_size)
         self._save_config(Path(run["dir"]))
-        report = runner.run(model, datamodule)
+        try:
+            report = runner.run(model, datamodule)
+        except (ValueError, MisconfigurationException) as err:
+            # After preflight, a ValueError is a failure of the run (a hook, a library), not a bad setting:
+            # keep its traceback and exit 1 instead of being reported as a configuration error (exit 2).
+            raise RunFailed(f"the run failed: {type(err).__name__}: {err}") from err
         if not is_global_zero():
             return  # every process runs this; one report on the console is enough
         if runner.loggers and getattr(runner.loggers[0], "log_dir", None):

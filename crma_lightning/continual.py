@@ -111,11 +111,12 @@ class ContinualRunner:
         self.config = config or {}
         self.state = _RunState()
         self.signals = StopSignals()
+        self._purge_step = 0
         self.loggers: list[Logger] = []
         self._handler: Any = None  # the SIGINT/SIGTERM handler while a run is in progress
         # (path, checkpoint) that `preflight` chose to resume from; None until it has looked.
         self._resume_choice: tuple[Path | None, dict[str, Any] | None] | None = None
-        _check_budget(self.trainer_kwargs)
+        _check_budget(self.trainer_kwargs, required=False)  # a missing budget may come from every domain
         if resume not in RESUME_MODES and not Path(resume).is_file():
             raise ValueError(f"resume={resume!r} is invalid: expected one of {list(RESUME_MODES)} or an existing file")
         if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
@@ -151,8 +152,8 @@ class ContinualRunner:
         """
         datamodule.prepare(model.tokenizer)
         domains = datamodule.domain_names
-        for i, spec in enumerate(datamodule.specs):
-            _check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name, stage=i)
+        for spec in datamodule.specs:
+            _check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name)
         if world_size is not None:
             datamodule.check_batches(world_size)
         self.state.domains = domains
@@ -168,7 +169,7 @@ class ContinualRunner:
         self.checkpoints.remove_stale_temp_files()
         resume_from, resume_stage_done = self._restore(model, datamodule)
         self.evaluation.start_run(domains)
-        self._setup_loggers(purge_step=self.state.step_offset if resume_from else None)
+        self._setup_loggers(purge_step=self._purge_step if resume_from else None)
         self._t0 = time.perf_counter()
         with self.signals:
             try:
@@ -193,6 +194,7 @@ class ContinualRunner:
             model.activate_task(None)
             with dm.evaluating_all_domains():
                 self._evaluate(trainer, model, dm, row=0)
+            self.state.step_offset = max(self.state.step_offset, 1)  # the base evaluation is step 0
             self._write_report(model, dm, "running")
         for stage in range(self.state.completed, dm.num_stages):
             if self.signals.signum is not None:
@@ -202,7 +204,7 @@ class ContinualRunner:
             mid_stage = resume_from is not None and not stage_done and stage == self.state.completed
             if not mid_stage:
                 L.seed_everything(self.seed + stage, workers=True, verbose=False)
-            model.begin_task(domain)
+            model.begin_task(domain, resumed=mid_stage)
             model.nonfinite.stage = domain  # skipped steps are counted, and reported, per stage
             trainer = self._make_trainer(stage, dm)
             _print(trainer, f"stage {stage + 1}/{dm.num_stages}: {domain}")
@@ -219,7 +221,8 @@ class ContinualRunner:
                 "steps": int(trainer.global_step),
             }
             self.state.completed = stage + 1
-            self.state.step_offset = trainer.fit_loop.epoch_loop._batches_that_stepped
+            # The next stage logs from the step after this stage's evaluation: no two events share a step.
+            self.state.step_offset = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
             try:
                 self.checkpoints.save(trainer, self.checkpoints.stage(stage, domain))
             except BaseException:
@@ -292,7 +295,12 @@ class ContinualRunner:
         if path is None or ckpt is None:
             return None, False
         self._load_states(ckpt, model, dm)
-        return path, CheckpointStore.is_stage_checkpoint(path)
+        complete = CheckpointStore.is_stage_checkpoint(path)
+        # TensorBoard drops events at and after `purge_step`: what the killed run logged past the checkpoint.
+        # A stage checkpoint is followed by the next stage's first step; a mid-stage one by its next step.
+        loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        self._purge_step = self.state.step_offset if complete else int(loop["_batches_that_stepped"]) + 1
+        return path, complete
 
     def _load_states(self, ckpt: dict[str, Any], model: ContinualLM, dm: SequentialDomainDataModule) -> None:
         model.on_load_checkpoint(ckpt)
@@ -338,7 +346,7 @@ def _with_defaults(callbacks: list[Callback]) -> list[Callback]:
 
 
 def _check_budget(
-    kwargs: dict[str, Any], max_steps: int | None = None, domain: str | None = None, stage: int = 0
+    kwargs: dict[str, Any], max_steps: int | None = None, domain: str | None = None, required: bool = True
 ) -> None:
     """Each stage needs a positive budget: ``max_steps`` (trainer or domain) or ``max_epochs``."""
     where = f" for domain {domain!r}" if domain else ""
@@ -350,7 +358,7 @@ def _check_budget(
         )
     if epochs is not None and epochs != -1 and epochs < 1:
         raise ValueError(f"max_epochs={epochs!r} is invalid: expected a positive number of epochs per stage")
-    if (steps in (None, -1)) and (epochs in (None, -1)):
+    if required and (steps in (None, -1)) and (epochs in (None, -1)):
         raise ValueError(
             f"no per-stage budget{where}: set trainer max_steps (optimizer steps per stage) or max_epochs, "
             "or max_steps on the domain"

@@ -27,7 +27,7 @@ from crma_lightning.domains import (
     tokenize,
     validate_domains,
 )
-from crma_lightning.sampling import EvalShardSampler, GlobalBatchSampler, ResumableLoader
+from crma_lightning.sampling import EvalShardSampler, GlobalBatchSampler, ResumableLoader, equalize_eval_batches
 from crma_lightning.tokenizer import load_tokenizer
 
 EVAL_DOMAINS = ("seen", "all")
@@ -270,20 +270,20 @@ class SequentialDomainDataModule(L.LightningDataModule):
             progress=self._progress,
         )
 
-    def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
+    def val_dataloader(self) -> list[Any]:
+        """One loader per evaluated domain; every rank gets as many batches (padding adds zero tokens)."""
         world, rank = self._world()
         loaders = []
         for name in self.eval_domain_names():
             ds = self.eval_sets[name]
-            loaders.append(
-                torch.utils.data.DataLoader(
-                    ds,
-                    batch_size=self.eval_batch_size,
-                    sampler=EvalShardSampler(ds, world, rank),
-                    collate_fn=Collator(self._pad_id(), name),
-                    num_workers=self.num_workers,
-                )
+            loader = torch.utils.data.DataLoader(
+                ds,
+                batch_size=self.eval_batch_size,
+                sampler=EvalShardSampler(ds, world, rank),
+                collate_fn=Collator(self._pad_id(), name),
+                num_workers=self.num_workers,
             )
+            loaders.append(equalize_eval_batches(loader))
         return loaders
 
     def _pad_id(self) -> int:

@@ -19,9 +19,8 @@ that bypasses ``ContinualLM.load_state_dict``.
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -33,11 +32,10 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader
 
 from crma_lightning.adapters import adapter_state_dict, save_adapters
 from crma_lightning.adapters.serialization import METADATA_KEY, atomic_write
-from crma_lightning.sampling import EvalShardSampler
+from crma_lightning.sampling import PaddedEvalLoader, equalize_eval_batches
 from crma_lightning.sharding import has_fsdp1_modules
 
 try:  # public from torch 2.5
@@ -157,58 +155,6 @@ def _fsdp1_full_params(model: nn.Module) -> AbstractContextManager:
 
     # rank0_only + offload: the full parameters exist only on rank 0, in CPU memory, for the copy.
     return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=True)
-
-
-# ---------------------------------------------------------------------- evaluation with equal batch counts
-def eval_batches_per_rank(num_examples: int, world_size: int, batch_size: int) -> list[int]:
-    """Batches each rank gets from :class:`EvalShardSampler` shards of ``num_examples`` rows."""
-    per = math.ceil(num_examples / world_size)
-    sizes = [max(0, min(num_examples, (r + 1) * per) - min(num_examples, r * per)) for r in range(world_size)]
-    return [math.ceil(s / batch_size) for s in sizes]
-
-
-class PaddedEvalLoader:
-    """An evaluation loader topped up with padding batches so that every rank runs as many batches.
-
-    Why: under FSDP2 every forward all-gathers parameters, a collective; :class:`EvalShardSampler`
-    shards are unpadded (so token-weighted means are exact) and ranks can get a different number of
-    batches - the rank with more would wait forever in its extra forward. A padding batch is the
-    dataset's first row with every label ``-100``: it runs through the model like any batch and adds
-    zero tokens to the loss sums.
-    """
-
-    def __init__(self, loader: DataLoader, num_batches: int) -> None:
-        self.loader = loader
-        self.num_batches = num_batches
-        self.sampler = loader.sampler
-        self.dataset = loader.dataset
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[Any]:
-        seen = 0
-        for batch in self.loader:
-            seen += 1
-            yield batch
-        for _ in range(self.num_batches - seen):
-            yield self.padding_batch()
-
-    def padding_batch(self) -> dict[str, Any]:
-        batch = self.loader.collate_fn([self.loader.dataset[0]])
-        batch["labels"] = torch.full_like(batch["labels"], -100)
-        return batch
-
-
-def equalize_eval_batches(loader: Any) -> Any:
-    """Wrap an :class:`EvalShardSampler` loader in :class:`PaddedEvalLoader` when ranks' batch counts differ."""
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(loader, DataLoader) or not isinstance(sampler, EvalShardSampler) or not loader.batch_size:
-        return loader
-    counts = eval_batches_per_rank(len(loader.dataset), sampler.num_replicas, loader.batch_size)
-    if len(set(counts)) == 1:
-        return loader
-    return PaddedEvalLoader(loader, max(counts))
 
 
 # ---------------------------------------------------------------------- the strategy

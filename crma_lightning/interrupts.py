@@ -105,6 +105,10 @@ class StopAndSave(Callback):
         self.signals.reclaim_sigterm(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # With gradient accumulation only a batch that ended with an optimizer step is a consistent point:
+        # a checkpoint between micro-batches would drop the partial gradients (same rule as ModelCheckpoint).
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return
         stop = self.signals.signum is not None
         if trainer.world_size > 1:
             stop = trainer.global_step % self.sync_every == 0 and trainer.strategy.reduce_boolean_decision(

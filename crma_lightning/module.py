@@ -111,8 +111,7 @@ class ContinualLM(L.LightningModule):
         super().__init__()
         if task_adapters not in TASK_ADAPTER_MODES:
             raise ValueError(f"task_adapters={task_adapters!r} is invalid: expected one of {list(TASK_ADAPTER_MODES)}")
-        lora = dataclasses.replace(lora) if lora is not None else LoRAConfig()
-        crma = dataclasses.replace(crma) if crma is not None else CRMAConfig()
+        lora, crma = _as_config(lora, LoRAConfig), _as_config(crma, CRMAConfig)
         self.save_hyperparameters(
             {
                 "model_name_or_path": model_name_or_path,
@@ -181,14 +180,21 @@ class ContinualLM(L.LightningModule):
                 torch.manual_seed(self._seed + 1 + self.tasks.index(task))
                 add_lora_adapter(self.model, name, self.lora_config, trainable=False)
 
-    def begin_task(self, task: str) -> None:
+    def begin_task(self, task: str, resumed: bool = False) -> None:
         """Start training ``task``: create/activate its adapter, freeze the other tasks' adapters.
 
         ``per_task``: a fresh adapter for the task, all earlier ones frozen. ``shared``: the one adapter
         keeps training. CRMA adapters (``adapter="crma"``) train in every stage.
+
+        Args:
+            task: The task (domain) name.
+            resumed: The stage continues from a mid-stage checkpoint: :meth:`on_task_start` already ran
+                when the stage first began and is not called again (keep per-task state of a subclass in
+                ``on_save_checkpoint``/``on_load_checkpoint``, as ``examples/anchored_crma.py`` does).
         """
         self._train_task(task)
-        self.on_task_start(task, self.tasks.index(task))
+        if not resumed:
+            self.on_task_start(task, self.tasks.index(task))
 
     def _train_task(self, task: str) -> None:
         self._ensure_task(task)
@@ -380,14 +386,16 @@ class ContinualLM(L.LightningModule):
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         keep = {prefix + n for n in self.checkpoint_parameter_names()}
-        # `full` may be a destination shared with sibling modules (e.g. under a wrapper): only prune ours.
-        for key in [k for k in full if k.startswith(prefix) and k not in keep]:
+        # Prune only the wrapped model's frozen weights: a subclass's own parameters/buffers (outside
+        # `self.model`) are kept, and `full` may be a destination shared with sibling modules.
+        for key in [k for k in full if k.startswith(prefix + "model.") and k not in keep]:
             del full[key]
         return full
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load adapter weights; ``strict`` requires exactly the adapter/trainable keys."""
-        expected = set(self.checkpoint_parameter_names())
+        """Load adapter weights; ``strict`` requires exactly the adapter/trainable keys (and a subclass's own)."""
+        own = {k for k in super().state_dict(keep_vars=True) if not k.startswith("model.")}
+        expected = set(self.checkpoint_parameter_names()) | own
         unexpected = sorted(set(state_dict) - expected - self._base_keys())
         missing = sorted(expected - set(state_dict))
         if strict and (unexpected or missing):
@@ -440,3 +448,12 @@ class ContinualLM(L.LightningModule):
         diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
         if diffs:
             raise ValueError("checkpoint was written by a different model setup; " + "; ".join(diffs))
+
+
+def _as_config(value: Any, cls: type) -> Any:
+    """A fresh ``cls`` from ``None``, an instance or a dict (hyper-parameters saved in a checkpoint)."""
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**value)
+    return dataclasses.replace(value)

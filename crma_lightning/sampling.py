@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -62,18 +63,23 @@ class GlobalBatchSampler(DistributedSampler):
         return self.num_samples
 
 
+def shard_bounds(num_examples: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of ``rank``'s contiguous evaluation shard; shard sizes differ by at most one."""
+    return rank * num_examples // world_size, (rank + 1) * num_examples // world_size
+
+
 class EvalShardSampler(DistributedSampler):
     """Contiguous, unpadded shards for evaluation: every example is evaluated exactly once.
 
     ``DistributedSampler`` pads the last shard by repeating examples, which biases a token-weighted
-    mean; here ranks may get one example fewer instead, and the metric sums are reduced across ranks.
+    mean; here shard sizes differ by at most one example instead (a rank can get none when there are
+    fewer examples than ranks), and the metric sums are reduced across ranks. See
+    :class:`PaddedEvalLoader` for equal batch counts.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        n = len(dataset)
-        per = math.ceil(n / num_replicas)
-        self._start, self._stop = min(n, rank * per), min(n, (rank + 1) * per)
+        self._start, self._stop = shard_bounds(len(dataset), num_replicas, rank)
         self.num_samples = self._stop - self._start
 
     def __iter__(self) -> Iterator[int]:
@@ -81,6 +87,57 @@ class EvalShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def eval_batches_per_rank(num_examples: int, world_size: int, batch_size: int) -> list[int]:
+    """Batches each rank gets from :class:`EvalShardSampler` shards of ``num_examples`` rows."""
+    bounds = [shard_bounds(num_examples, world_size, r) for r in range(world_size)]
+    return [math.ceil((stop - start) / batch_size) for start, stop in bounds]
+
+
+class PaddedEvalLoader:
+    """An evaluation loader topped up with padding batches so that every rank runs as many batches.
+
+    Why: unpadded shards (exact token-weighted means) can give ranks different batch counts - or none.
+    Under FSDP every forward is a collective, so a rank with an extra batch would wait forever; under
+    DDP a rank with an empty shard is refused by Lightning. A padding batch is the dataset's first row
+    with every label ``-100``: it runs through the model like any batch and adds zero tokens.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+        # What Lightning inspects on an evaluation loader (shuffling, sampler) is the wrapped loader's.
+        self.sampler = loader.sampler
+        self.batch_sampler = loader.batch_sampler
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = 0
+        for batch in self.loader:
+            seen += 1
+            yield batch
+        for _ in range(self.num_batches - seen):
+            yield self.padding_batch()
+
+    def padding_batch(self) -> dict[str, Any]:
+        batch = self.loader.collate_fn([self.loader.dataset[0]])
+        batch["labels"] = torch.full_like(batch["labels"], -100)
+        return batch
+
+
+def equalize_eval_batches(loader: Any) -> Any:
+    """Wrap an :class:`EvalShardSampler` loader in :class:`PaddedEvalLoader` when ranks' batch counts differ."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(loader, DataLoader) or not isinstance(sampler, EvalShardSampler) or not loader.batch_size:
+        return loader
+    counts = eval_batches_per_rank(len(loader.dataset), sampler.num_replicas, loader.batch_size)
+    if len(set(counts)) == 1:
+        return loader
+    return PaddedEvalLoader(loader, max(counts))
 
 
 class ResumableLoader(DataLoader):
@@ -97,12 +154,22 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         epoch, batches = self._progress()
-        return {"epoch": int(epoch), "batches": int(batches)}
+        sampler = self.sampler
+        assert isinstance(sampler, GlobalBatchSampler)
+        # Rows, not batches: a resume with another batch size or process count skips the same data.
+        return {"epoch": int(epoch), "batches": int(batches), "rows": int(batches) * sampler.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler = self.sampler
         assert isinstance(sampler, GlobalBatchSampler)
         sampler.set_epoch(int(state["epoch"]))  # Lightning sets it again at the epoch start
-        batches = int(state["batches"])
+        rows = int(state.get("rows", int(state["batches"]) * sampler.global_batch))
+        if rows % sampler.global_batch:
+            raise ValueError(
+                f"cannot resume mid-epoch: the checkpoint consumed {rows} rows, not a whole number of global "
+                f"batches of {sampler.global_batch} (batch_size x processes changed); resume with the original "
+                "batch size and process count, or from a stage checkpoint"
+            )
+        batches = rows // sampler.global_batch
         # A checkpoint written on an epoch's last batch resumes at the start of the next epoch.
         sampler.skip_batches(batches if batches < sampler.batches_per_epoch else 0)

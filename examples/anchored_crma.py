@@ -33,6 +33,16 @@ class AnchoredCRMA(ContinualLM):
         # Snapshot the shared backbone as this task begins training.
         self._start = {n: p.detach().clone() for n, p in self.trainable_parameters() if ".crma." in n}
 
+    # The anchor is per-task state: keep it in checkpoints, so a stage resumed mid-way (where
+    # on_task_start does not run again) pulls towards the same values as an uninterrupted run.
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["anchor_start"] = {n: t.cpu() for n, t in self._start.items()}
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        self._start = dict(checkpoint.get("anchor_start", {}))
+
     def compute_loss(self, batch, logits):
         loss = super().compute_loss(batch, logits)
         if not self.anchor or not self._start:

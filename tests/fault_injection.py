@@ -63,3 +63,21 @@ class PoisonedLM(ContinualLM):
         if self.poison == "inf_grad" and self._poisoned():
             param = next(p for _, p in self.trainable_parameters() if p.grad is not None)
             param.grad.view(-1)[0] = float("inf")
+
+
+class FailingLM(ContinualLM):
+    """A :class:`ContinualLM` whose ``compute_loss`` raises ``ValueError`` at one step of one task.
+
+    Stands for a bug in research code that surfaces mid-training: it must not be reported as a bad
+    configuration (exit 2) - the run fails with exit code 1 and a traceback, finished stages kept.
+    """
+
+    def __init__(self, *args: Any, fail_task: str = "code", fail_step: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_task = fail_task
+        self.fail_step = fail_step
+
+    def compute_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
+        if self.current_task == self.fail_task and self.trainer.global_step == self.fail_step:
+            raise ValueError("simulated bug in a research hook")
+        return super().compute_loss(batch, logits)

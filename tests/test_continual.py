@@ -109,7 +109,8 @@ def test_every_stage_trains_its_own_domain_for_its_full_budget(tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
-    assert steps == sorted(steps) and len(set(steps)) == len(steps) == 9, steps  # one continuous run
+    assert steps == [1, 2, 3, 5, 6, 7, 9, 10, 11], steps  # one continuous run; evaluations at 0, 4, 8, 12
+    assert [e.step for e in events.Scalars("val/prose/loss")] == [0, 4, 8, 12]
 
 
 class _Crash(L.Callback):
@@ -138,6 +139,16 @@ def test_crash_in_stage_two_resumes_to_the_same_results(tmp_path, every):
     ref_m, res_m = reference["loss_matrix"]["values"], resumed["loss_matrix"]["values"]
     for a, b in zip(ref_m, res_m):
         assert a == pytest.approx(b, abs=1e-5)
+    # TensorBoard: what the crashed run logged past its checkpoint is purged, so the resumed curves have
+    # exactly the uninterrupted run's steps - no duplicates, no gaps - and the same values.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def curve(name):
+        events = EventAccumulator(str(tmp_path / name / "tensorboard"))
+        events.Reload()
+        return [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")]
+
+    assert curve("crash") == curve("ref")
 
 
 def test_stage_checkpoint_holds_no_base_weights(tmp_path):
@@ -154,8 +165,14 @@ def test_stage_checkpoint_holds_no_base_weights(tmp_path):
 
 
 def test_bad_budget_and_resume_settings(tmp_path):
-    with pytest.raises(ValueError, match="no per-stage budget"):
-        ContinualRunner(run_dir=tmp_path, trainer_kwargs={"accelerator": "cpu"})
+    runner = ContinualRunner(run_dir=tmp_path / "nobudget", trainer_kwargs={"accelerator": "cpu"})
+    with pytest.raises(ValueError, match="no per-stage budget for domain 'prose'"):
+        runner.run(make_model(), make_data())
+    assert not (tmp_path / "nobudget").exists()
+    # Budgets on every domain are enough on their own.
+    domains = [{"name": d, "builtin": d, "max_steps": 2} for d in DOMAINS[:2]]
+    per_domain = ContinualRunner(run_dir=tmp_path / "perdomain", trainer_kwargs={**TRAINER, "max_steps": None})
+    assert per_domain.run(make_model(), make_data(domains))["status"] == "complete"
     with pytest.raises(ValueError, match="max_steps=-5"):
         ContinualRunner(run_dir=tmp_path, trainer_kwargs={"max_steps": -5})
     with pytest.raises(ValueError, match="resume='sometimes'"):

@@ -216,3 +216,25 @@ def test_tokenized_cache_is_reused(tmp_path):
 def test_domain_spec_source_strings():
     assert "built-in" in DomainSpec(name="a", builtin="prose").source()
     assert "hub dataset 'org/ds'" in DomainSpec(name="a", hub="org/ds").source()
+
+
+def test_mid_epoch_resume_counts_rows_and_refuses_a_changed_global_batch():
+    from crma_lightning.sampling import ResumableLoader
+
+    data = list(range(64))
+
+    def loader(batch, progress=(0, 3)):
+        return ResumableLoader(
+            data, batch_size=batch, sampler=GlobalBatchSampler(data, batch), progress=lambda: progress
+        )
+
+    state = loader(8).state_dict()
+    assert state == {"epoch": 0, "batches": 3, "rows": 24}
+    same = loader(8)
+    same.load_state_dict(state)
+    assert next(iter(same.sampler)) == list(GlobalBatchSampler(data, 8))[24]  # continues at row 24
+    doubled = loader(4)
+    doubled.load_state_dict(state)  # 24 rows = 6 batches of 4: the same data is skipped
+    assert len(list(doubled.sampler)) == 64 - 24
+    with pytest.raises(ValueError, match="consumed 24 rows, not a whole number of global batches of 16"):
+        loader(16).load_state_dict(state)

@@ -33,13 +33,8 @@ from safetensors.torch import load_file
 from crma_lightning.adapters import read_adapter_metadata
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.data import Collator
-from crma_lightning.distributed import (
-    AdapterModelParallelStrategy,
-    PaddedEvalLoader,
-    equalize_eval_batches,
-    eval_batches_per_rank,
-)
-from crma_lightning.sampling import EvalShardSampler
+from crma_lightning.distributed import AdapterModelParallelStrategy
+from crma_lightning.sampling import EvalShardSampler, PaddedEvalLoader, equalize_eval_batches, eval_batches_per_rank
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "dist_job.py"
@@ -254,9 +249,10 @@ def test_two_process_checkpoint_holds_adapters_only_and_reproduces_its_losses_in
 
 # ---------------------------------------------------------------------- single-process pieces
 def test_eval_batches_per_rank_follows_the_eval_shards():
-    assert eval_batches_per_rank(5, 2, 2) == [2, 1]
+    assert eval_batches_per_rank(5, 2, 2) == [1, 2]  # shards of 2 and 3 rows
     assert eval_batches_per_rank(8, 2, 4) == [1, 1]
-    assert eval_batches_per_rank(1, 4, 2) == [1, 0, 0, 0]
+    assert eval_batches_per_rank(1, 4, 2) == [0, 0, 0, 1]
+    assert eval_batches_per_rank(9, 4, 1) == [2, 2, 2, 3]  # sizes differ by one at most: no rank is left empty
     for n, world, batch in [(5, 2, 2), (7, 3, 2), (1, 4, 2)]:
         sizes = [len(EvalShardSampler(list(range(n)), world, r)) for r in range(world)]
         assert eval_batches_per_rank(n, world, batch) == [-(-s // batch) for s in sizes]
@@ -265,8 +261,8 @@ def test_eval_batches_per_rank_follows_the_eval_shards():
 def test_padded_eval_loader_adds_zero_token_batches_to_the_short_rank():
     rows = [{"input_ids": list(range(1, 2 + i))} for i in range(5)]
     collate = Collator(pad_id=0, domain="d")
-    short = torch.utils.data.DataLoader(rows, batch_size=2, sampler=EvalShardSampler(rows, 2, 1), collate_fn=collate)
-    long = torch.utils.data.DataLoader(rows, batch_size=2, sampler=EvalShardSampler(rows, 2, 0), collate_fn=collate)
+    short = torch.utils.data.DataLoader(rows, batch_size=2, sampler=EvalShardSampler(rows, 2, 0), collate_fn=collate)
+    long = torch.utils.data.DataLoader(rows, batch_size=2, sampler=EvalShardSampler(rows, 2, 1), collate_fn=collate)
     padded = equalize_eval_batches(short)
     assert isinstance(padded, PaddedEvalLoader) and len(padded) == len(equalize_eval_batches(long)) == 2
     batches = list(padded)

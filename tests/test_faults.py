@@ -468,6 +468,16 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_exit_code_1(tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "stage-02-code.ckpt").exists()
 
 
+def test_an_error_during_training_exits_1_with_a_traceback_not_as_a_config_error(tmp_path):
+    cfg = config(tmp_path / "run", steps=4, model_class="fault_injection.FailingLM", model={"fail_step": 1})
+    proc = run_process(write_config(tmp_path / "c.yaml", cfg))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "simulated bug in a research hook" in proc.stderr
+    assert "[crma_lightning] error:" not in proc.stderr  # not presented as a configuration error
+    report = report_of(tmp_path / "run")
+    assert report["status"].startswith("failed") and report["completed_stages"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- bad data
 GOOD_ROWS = [{"text": f"good example number {i} " * 4} for i in range(60)]
 

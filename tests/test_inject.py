@@ -304,3 +304,25 @@ def test_failure_during_construction_rolls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         attach_adapters(model, "lora", LoRAConfig(r=2))
     _assert_same(model, snapshot)  # modules, weights and requires_grad flags all restored
+
+
+def test_crma_uses_the_residual_width_not_the_embedding_width():
+    """OPT-350m style: 32-wide embeddings projected to 64-wide blocks; CRMA must be 64 wide."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(
+        vocab_size=100,
+        hidden_size=64,
+        word_embed_proj_dim=32,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    model = OPTForCausalLM(cfg).eval()
+    x = torch.randint(0, 100, (2, 7))
+    base = model(x).logits
+    attach_adapters(model, "crma")
+    assert {a.hidden_size for _, a in crma_adapters(model)} == {64}
+    assert torch.allclose(model(x).logits, base, atol=1e-6)

@@ -228,3 +228,37 @@ def test_loads_a_local_pretrained_model_and_tokenizer(tmp_path):
     assert all(p.dtype == torch.float32 for n, p in loaded.model.named_parameters() if p.requires_grad)
     ids = batches(1)[0]["input_ids"]
     assert torch.isfinite(loaded(ids)).all()
+
+
+def test_subclass_state_is_checkpointed_and_resumed_stages_skip_on_task_start():
+    class WithFisher(ContinualLM):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.register_buffer("fisher", torch.zeros(3))
+            self.started = []
+
+        def on_task_start(self, task, index):
+            self.started.append(task)
+
+    m = WithFisher(model_config=TINY, adapter="lora")
+    m.fisher += 7
+    sd = m.state_dict()
+    assert torch.equal(sd["fisher"], torch.full((3,), 7.0)), "a subclass's own state must reach checkpoints"
+    fresh = WithFisher(model_config=TINY, adapter="lora")
+    fresh.load_state_dict(sd)  # strict: the subclass's key is expected, not "unexpected"
+    assert torch.equal(fresh.fisher, m.fisher)
+    fresh.begin_task("a", resumed=True)  # continuing a stage from a mid-stage checkpoint
+    fresh.begin_task("b")
+    assert fresh.started == ["b"] and fresh.current_task == "b"
+
+
+def test_load_from_checkpoint_rebuilds_the_module(tmp_path):
+    m = make(adapter="crma")
+    m.begin_task("a")
+    trainer = fit(m, batches(2), steps=2)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    restored = ContinualLM.load_from_checkpoint(path, weights_only=True)
+    assert restored.lora_config == m.lora_config and restored.tasks == ["a"]
+    x = batches(1)[0]["input_ids"]
+    assert torch.equal(restored(x), m(x))

@@ -116,13 +116,17 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def hidden_size_of(model: nn.Module) -> int:
-    """Width of the residual stream (the input embedding dimension)."""
+    """Width of the residual stream that the decoder layers output.
+
+    ``config.hidden_size`` first: some models project their embeddings to another width (OPT-350m has
+    512-wide embeddings and 1024-wide blocks); the input embedding dimension is the fallback.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and isinstance(getattr(config, "hidden_size", None), int):
+        return int(config.hidden_size)
     if hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
         return int(model.get_input_embeddings().embedding_dim)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "hidden_size", None):
-        return int(config.hidden_size)
-    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: no input embeddings or config")
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: no config.hidden_size or embeddings")
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

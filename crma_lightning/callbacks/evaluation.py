@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import SumMetric
 
 from crma_lightning import metrics
 from crma_lightning.plotting import loss_matrix_image
@@ -34,8 +34,7 @@ class DomainEvaluation(L.Callback):
         self.matrix: list[list[float | None]] = []
         self.tokens: dict[str, int] = {}
         self._pending_row: int | None = None
-        self._metrics: dict[str, MeanMetric] = {}
-        self._token_counts: dict[str, torch.Tensor] = {}
+        self._metrics: dict[str, tuple[SumMetric, SumMetric]] = {}
         self.last_losses: dict[str, float] = {}
 
     # ------------------------------------------------------------------ driver API
@@ -60,17 +59,23 @@ class DomainEvaluation(L.Callback):
         return metrics.summarize(self.matrix, self.domains, upto=upto)
 
     # ------------------------------------------------------------------ accumulation
-    def _metric(self, domain: str, device: torch.device) -> MeanMetric:
+    def _sums(self, domain: str, device: torch.device) -> tuple[SumMetric, SumMetric]:
+        """(summed cross-entropy, token count) of ``domain``: the loss is their ratio.
+
+        ``nan_strategy="disable"``: no per-batch NaN check (it would sync the host every batch) and no
+        silently dropped NaN batches either - a diverged domain reports NaN. float64 keeps token counts
+        exact far beyond float32's 16M.
+        """
         if domain not in self._metrics:
-            self._metrics[domain] = MeanMetric().to(device)
-            self._token_counts[domain] = torch.zeros((), dtype=torch.long, device=device)
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            loss_sum, tokens = (SumMetric(nan_strategy="disable").set_dtype(dtype).to(device) for _ in range(2))
+            self._metrics[domain] = (loss_sum, tokens)
         return self._metrics[domain]
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for metric in self._metrics.values():
-            metric.reset()
-        # Fresh tensors (not zero_()): ones created under a validate() inference mode are read-only outside it.
-        self._token_counts = {d: torch.zeros((), dtype=torch.long, device=pl_module.device) for d in self._metrics}
+        for pair in self._metrics.values():
+            for metric in pair:
+                metric.reset()
 
     def on_validation_batch_end(
         self,
@@ -83,10 +88,9 @@ class DomainEvaluation(L.Callback):
     ) -> None:
         if not isinstance(outputs, dict) or "loss_sum" not in outputs:
             return
-        domain, tokens = outputs["domain"], outputs["tokens"]
-        # value = mean CE of the batch, weight = its token count: the metric is sum(CE) / sum(tokens).
-        self._metric(domain, pl_module.device).update(outputs["loss_sum"] / tokens.clamp_min(1), weight=tokens)
-        self._token_counts[domain] += tokens
+        loss_sum, tokens = self._sums(outputs["domain"], pl_module.device)
+        loss_sum.update(outputs["loss_sum"])
+        tokens.update(outputs["tokens"])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -99,17 +103,15 @@ class DomainEvaluation(L.Callback):
             order = [d for d in self.domains if d in self._metrics] + sorted(set(self._metrics) - set(self.domains))
         losses: dict[str, float] = {}
         for domain in order:
-            metric = self._metric(domain, pl_module.device)
-            if metric.update_count == 0 and not _distributed():
+            loss_sum, tokens = self._sums(domain, pl_module.device)
+            if loss_sum.update_count == 0 and not _distributed():
                 continue
-            value = metric.compute()
+            total, count = loss_sum.compute(), tokens.compute()  # summed over ranks by torchmetrics
+            value = (total / count.clamp_min(1)).float()
             losses[domain] = float(value)
             pl_module.log(f"val/{domain}/loss", value, add_dataloader_idx=False)
             pl_module.log(f"val/{domain}/ppl", torch.exp(value.clamp(max=50.0)), add_dataloader_idx=False)
-            tokens = self._token_counts[domain].clone()
-            if _distributed():
-                torch.distributed.all_reduce(tokens)
-            self.tokens[domain] = int(tokens)
+            self.tokens[domain] = int(count)
         self.last_losses = losses
         if self._pending_row is not None and trainer.state.fn == "validate":
             self._record_row(trainer, self._pending_row, losses)
