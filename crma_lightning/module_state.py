@@ -1,0 +1,97 @@
+"""What a ``ContinualLM`` checkpoint holds: the adapters (never the frozen base) and the task state.
+
+A mixin of :class:`~crma_lightning.module.ContinualLM`, kept apart because it is one concept - the
+checkpoint contract - that strategies (DDP, FSDP, FSDP2) and the stage driver rely on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crma_lightning.adapters import adapter_parameter_names
+from crma_lightning.rng import rng_state, set_rng_state
+from crma_lightning.sharding import clean_parameter_name
+
+
+class AdapterCheckpointMixin:
+    """``state_dict``/``load_state_dict`` limited to what trains, plus the continual state and identity.
+
+    Expects the host class to provide ``model``, ``tasks``, ``current_task``, ``nonfinite``,
+    ``tokenizer``, ``adapter``, ``task_adapters``, ``hparams``, ``prepare_tasks`` and ``_train_task``.
+    """
+
+    def checkpoint_parameter_names(self) -> list[str]:
+        """Names (in ``state_dict`` form) of what a checkpoint holds: adapters + anything trainable."""
+        names = set(adapter_parameter_names(self.model)) | {
+            n for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        # FSDP1 units add `_fsdp_wrapped_module.` to parameter names but not to state dict keys.
+        return [f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_parameters() if n in names]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Only the adapters and trainable parameters - never the frozen base weights."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        keep = {prefix + n for n in self.checkpoint_parameter_names()}
+        # Prune only the wrapped model's frozen weights: a subclass's own parameters/buffers (outside
+        # `self.model`) are kept, and `full` may be a destination shared with sibling modules.
+        for key in [k for k in full if k.startswith(prefix + "model.") and k not in keep]:
+            del full[key]
+        return full
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load adapter weights; ``strict`` requires exactly the adapter/trainable keys (and a subclass's own)."""
+        own = {k for k in super().state_dict(keep_vars=True) if not k.startswith("model.")}
+        expected = set(self.checkpoint_parameter_names()) | own
+        unexpected = sorted(set(state_dict) - expected - self._base_keys())
+        missing = sorted(expected - set(state_dict))
+        if strict and (unexpected or missing):
+            raise ValueError(
+                f"checkpoint does not match this model's adapters: missing {missing[:5]} "
+                f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def _base_keys(self) -> set[str]:
+        return {f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_parameters()} | {
+            f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_buffers()
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["continual_model"] = {
+            "tasks": list(self.tasks),
+            "current_task": self.current_task,
+            "identity": self.identity(),
+            "nonfinite": self.nonfinite.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("continual_model")
+        if state is None:
+            raise ValueError("not a crma_lightning checkpoint: it has no 'continual_model' entry")
+        self.check_identity(state["identity"])
+        self.prepare_tasks(state["tasks"])  # adapters must exist before their weights load
+        if state["current_task"] is not None:
+            self._train_task(state["current_task"])
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        set_rng_state(state.get("rng"))
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters)."""
+        hp = self.hparams
+        return {
+            "model": hp["model_name_or_path"] or hp["model_config"],
+            "vocab_size": len(self.tokenizer),
+            "adapter": self.adapter,
+            "task_adapters": self.task_adapters,
+            "lora": {k: v for k, v in hp["lora"].items() if k != "dropout"},
+            "crma": hp["crma"] if self.adapter == "crma" else None,
+        }
+
+    def check_identity(self, saved: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming every setting where a checkpoint and this model differ."""
+        mine = self.identity()
+        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
+        if diffs:
+            raise ValueError("checkpoint was written by a different model setup; " + "; ".join(diffs))
