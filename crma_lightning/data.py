@@ -127,6 +127,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         self._eval_override: str | None = None
         self.train_sets: dict[str, Dataset] = {}
         self.eval_sets: dict[str, Dataset] = {}
+        self.holdout_tokens: dict[str, int] = {}
         self.dropped_rows: dict[str, dict[str, int]] = {}
 
     # -------------------------------------------------------------- domains and stages
@@ -186,6 +187,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         # module that the next call would take as ready.
         train_sets: dict[str, Dataset] = {}
         eval_sets: dict[str, Dataset] = {}
+        holdout_tokens: dict[str, int] = {}
         dropped: dict[str, dict[str, int]] = {}
         for spec in self.specs:
             train_raw, holdout_raw = load_raw(spec, self.seed, self.max_chars_per_domain)
@@ -222,7 +224,10 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 held = held.select(range(min(self.max_eval_rows, len(held))))
             train_sets[spec.name] = train
             eval_sets[spec.name] = held
+            # Counted once here (a pass over the token lists), not every time the report is rewritten.
+            holdout_tokens[spec.name] = int(sum(len(x) for x in held["input_ids"]))
         self.train_sets, self.eval_sets, self.dropped_rows = train_sets, eval_sets, dropped
+        self.holdout_tokens = holdout_tokens
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare(self._model_tokenizer())
@@ -309,7 +314,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
             if spec.name in self.train_sets:
                 entry["train_rows"] = len(self.train_sets[spec.name])
                 entry["holdout_rows"] = len(self.eval_sets[spec.name])
-                entry["holdout_tokens"] = int(sum(len(x) for x in self.eval_sets[spec.name]["input_ids"]))
+                entry["holdout_tokens"] = self.holdout_tokens[spec.name]
             if spec.name in self.dropped_rows:
                 entry["dropped_rows"] = dict(self.dropped_rows[spec.name])
             out[spec.name] = entry
