@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke check: a 2-stage CRMA run (LoRA r=16 all-linear + CRMA, one LoRA per task) on a Llama-style
 # model built from a config (no download), bf16 base weights, through ContinualRunner on one GPU - first
-# with Lightning's FSDP strategy (FSDP1, `strategy: fsdp`), then with AdapterModelParallelStrategy
-# (FSDP2), each in its own process. Prints training tokens/s per stage and peak GPU memory
+# with AdapterFSDPStrategy (FSDP1: Lightning's FSDPStrategy with adapter-only checkpoints), then with
+# AdapterModelParallelStrategy (FSDP2), each in its own process. Prints training tokens/s per stage and peak GPU memory
 # (torch.cuda.max_memory_allocated) for each. Runs in well under 5 minutes on one H100/H200-class GPU.
 #
 #   bash benchmarks/gpu_check.sh                          # 1.1B (TinyLlama shape), batch 16 x 1024
@@ -39,7 +39,7 @@ import torch
 from crma_lightning.adapters import CRMAConfig, LoRAConfig
 from crma_lightning.continual import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.distributed import AdapterModelParallelStrategy
+from crma_lightning.distributed import AdapterFSDPStrategy, AdapterModelParallelStrategy
 from crma_lightning.module import ContinualLM
 
 SIZES = {  # real architectures' shapes, randomly initialised
@@ -56,7 +56,9 @@ steps = int(os.environ.get("GPU_CHECK_STEPS", "30"))
 ac = os.environ.get("GPU_CHECK_AC", "0") == "1"
 run_dir = Path(os.environ.get("GPU_CHECK_DIR", "runs/gpu_check") + f"-{strategy_name}")
 shutil.rmtree(run_dir, ignore_errors=True)
-strategy = {"fsdp": "fsdp", "fsdp2": AdapterModelParallelStrategy(data_parallel_size=1), "auto": "auto"}[strategy_name]
+strategies = {"fsdp": AdapterFSDPStrategy, "fsdp2": lambda: AdapterModelParallelStrategy(data_parallel_size=1),
+              "auto": lambda: "auto"}
+strategy = strategies[strategy_name]()
 
 
 class Throughput(L.Callback):

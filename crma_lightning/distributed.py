@@ -7,13 +7,15 @@ Three ways to train on several devices, all through Lightning's ``Trainer(strate
   :func:`apply_fsdp2`). Its checkpoints hold only the adapters and trainable parameters, gathered to
   full tensors and written by rank 0 as one file - the same layout as a single-process checkpoint, so
   either loads into the other.
-* ``strategy="fsdp"`` (Lightning's ``FSDPStrategy``, FSDP1, GPU only): ``configure_model`` wraps each
-  LoRA factor, each CRMA adapter, each block and the root as FSDP units (:func:`apply_fsdp1`).
+* ``AdapterFSDPStrategy`` (FSDP1, defined in :mod:`crma_lightning.fsdp1`): Lightning's
+  ``FSDPStrategy``; ``configure_model`` wraps each LoRA factor, each CRMA adapter, each block and
+  the root as FSDP units (:func:`apply_fsdp1`). Same adapter-only checkpoints, gathering only the
+  adapters' units; also runs on CPU (gloo).
 * ``strategy="ddp"``: nothing to wrap; ``ContinualLM.state_dict`` already holds only the adapters.
 
-Why a strategy subclass for FSDP2: ``ModelParallelStrategy`` collects checkpoints with
-``get_model_state_dict`` (which would gather the whole frozen base) and loads them with its own logic
-that bypasses ``ContinualLM.load_state_dict``.
+Why strategy subclasses: ``ModelParallelStrategy`` collects checkpoints with ``get_model_state_dict``
+and ``FSDPStrategy`` with FSDP1's full state dict; both gather the whole frozen base, and both load
+with their own logic that bypasses ``ContinualLM.load_state_dict``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +36,13 @@ from torch import nn
 
 from crma_lightning.adapters import adapter_state_dict, save_adapters
 from crma_lightning.adapters.serialization import METADATA_KEY, atomic_write
+from crma_lightning.fsdp1 import AdapterFSDPStrategy, KeepDtypesFSDPPrecision
 from crma_lightning.sampling import PaddedEvalLoader, equalize_eval_batches
-from crma_lightning.sharding import has_fsdp1_modules
+from crma_lightning.sharding import (
+    clean_parameter_name,
+    fsdp1_gather_params,
+    has_fsdp1_modules,
+)
 
 try:  # public from torch 2.5
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -138,7 +144,9 @@ def export_adapters(
         if write:
             save_adapters(model, path, metadata=metadata)
         return Path(path)
-    with _fsdp1_full_params(model):
+    if has_fsdp1_modules(model):
+        tensors = fsdp1_gather_params(model, [clean_parameter_name(n) for n in adapter_state_dict(model)])
+    else:
         tensors = gather_full_state(adapter_state_dict(model))
     if write:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -146,15 +154,6 @@ def export_adapters(
         meta = {"format": "pt", METADATA_KEY: json.dumps(metadata or {}, default=str)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return Path(path)
-
-
-def _fsdp1_full_params(model: nn.Module) -> AbstractContextManager:
-    if not has_fsdp1_modules(model):
-        return nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    # rank0_only + offload: the full parameters exist only on rank 0, in CPU memory, for the copy.
-    return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=True)
 
 
 # ---------------------------------------------------------------------- the strategy
@@ -245,7 +244,9 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
 
 
 __all__ = [
+    "AdapterFSDPStrategy",
     "AdapterModelParallelStrategy",
+    "KeepDtypesFSDPPrecision",
     "PaddedEvalLoader",
     "equalize_eval_batches",
     "export_adapters",

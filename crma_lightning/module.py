@@ -39,7 +39,7 @@ from crma_lightning.adapters import (
     set_crma_trainable,
 )
 from crma_lightning.adapters.lora import check_adapter_name
-from crma_lightning.distributed import AdapterModelParallelStrategy
+from crma_lightning.distributed import AdapterFSDPStrategy, AdapterModelParallelStrategy
 from crma_lightning.models import build_model, load_model_tokenizer
 from crma_lightning.module_state import AdapterCheckpointMixin
 from crma_lightning.nonfinite import NonFiniteGuard
@@ -225,7 +225,8 @@ class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
           (FSDP2, ``self.device_mesh`` is set): ``fully_shard`` on every decoder block - the
           ``CRMABlock`` wrapper when CRMA is attached - then on the root
           (:func:`~crma_lightning.sharding.apply_fsdp2`).
-        * ``FSDPStrategy`` (FSDP1): LoRA factors, CRMA adapters, blocks and the root become FSDP units
+        * :class:`~crma_lightning.distributed.AdapterFSDPStrategy` / ``FSDPStrategy`` (FSDP1): LoRA factors,
+          CRMA adapters, blocks and the root become FSDP units
           (:func:`~crma_lightning.sharding.apply_fsdp1`).
 
         Idempotent - the stage driver makes a new ``Trainer`` per stage, and what is already sharded is
@@ -242,6 +243,11 @@ class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
             mesh = data_parallel_mesh(self._device_mesh)
             apply_fsdp2(self.model, mesh, self.fsdp_mixed_precision, self.fsdp_activation_checkpointing)
         elif self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
+            if not isinstance(self._trainer.strategy, AdapterFSDPStrategy):
+                rank_zero_warn(
+                    "ContinualLM under a plain FSDPStrategy: its checkpoints gather the whole frozen base model "
+                    "onto rank 0. Use crma_lightning.distributed.AdapterFSDPStrategy instead."
+                )
             if "auto_wrap_policy" in self._trainer.strategy.kwargs:
                 raise ValueError(
                     "FSDPStrategy(auto_wrap_policy=...) with ContinualLM: leave auto_wrap_policy unset, "

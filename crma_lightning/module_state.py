@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from crma_lightning.adapters import adapter_parameter_names
 from crma_lightning.rng import rng_state, set_rng_state
 from crma_lightning.sharding import clean_parameter_name
@@ -41,16 +43,56 @@ class AdapterCheckpointMixin:
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load adapter weights; ``strict`` requires exactly the adapter/trainable keys (and a subclass's own)."""
-        own = {k for k in super().state_dict(keep_vars=True) if not k.startswith("model.")}
-        expected = set(self.checkpoint_parameter_names()) | own
+        if strict:
+            self.check_checkpoint_keys(state_dict)
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def check_checkpoint_keys(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` has exactly this model's checkpoint keys.
+
+        Expected: the adapter/trainable parameters (:meth:`checkpoint_parameter_names`) and a
+        subclass's own state (:meth:`own_state_dict`); frozen base keys are tolerated.
+        """
+        expected = set(self.checkpoint_parameter_names()) | set(self.own_state_dict(keep_vars=True))
         unexpected = sorted(set(state_dict) - expected - self._base_keys())
         missing = sorted(expected - set(state_dict))
-        if strict and (unexpected or missing):
+        if unexpected or missing:
             raise ValueError(
                 f"checkpoint does not match this model's adapters: missing {missing[:5]} "
                 f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
             )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def own_state_dict(self, keep_vars: bool = False) -> dict[str, Any]:
+        """The state outside the wrapped ``model``: a subclass's own parameters, buffers and submodules.
+
+        Built without recursing into ``model``, whose ``state_dict`` under FSDP1 would gather every unit.
+        """
+        out: dict[str, Any] = {}
+        for name, param in self._parameters.items():
+            if param is not None:
+                out[name] = param if keep_vars else param.detach()
+        for name, buf in self._buffers.items():
+            if buf is not None and name not in self._non_persistent_buffers_set:
+                out[name] = buf if keep_vars else buf.detach()
+        for name, child in self._modules.items():
+            if name != "model" and child is not None:
+                child.state_dict(destination=out, prefix=f"{name}.", keep_vars=keep_vars)
+        return out
+
+    def load_own_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the entries of :meth:`own_state_dict` from ``state_dict`` without touching ``model``.
+
+        Submodules load through their own ``load_state_dict`` (strict, so hooks and extra state
+        apply); the module's direct parameters and buffers are copied in place.
+        """
+        with torch.no_grad():
+            for name, value in list(self._parameters.items()) + list(self._buffers.items()):
+                if value is not None and name in state_dict:
+                    value.copy_(state_dict[name])
+        for name, child in self._modules.items():
+            if name != "model" and child is not None:
+                prefix = f"{name}."
+                child.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
 
     def _base_keys(self) -> set[str]:
         return {f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_parameters()} | {

@@ -6,6 +6,7 @@ padded evaluation) is in :mod:`crma_lightning.distributed`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -155,7 +156,7 @@ def data_parallel_mesh(mesh: Any) -> Any:
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
-# ---------------------------------------------------------------------- FSDP1 (FSDPStrategy, GPU only)
+# ---------------------------------------------------------------------- FSDP1 (FSDPStrategy)
 def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
     """Wrap adapters, blocks and the root as FSDP1 units; returns the wrapped root.
 
@@ -170,8 +171,9 @@ def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.
     FSDP1 re-derives each flat parameter's ``requires_grad`` from its original parameters before
     every forward.
 
-    Do not also set the strategy's ``auto_wrap_policy`` (the wrapping is done here). Not verified in
-    this repository's test suite: Lightning refuses ``FSDPStrategy`` on CPU.
+    Do not also set the strategy's ``auto_wrap_policy`` (the wrapping is done here). Use it with
+    :class:`~crma_lightning.fsdp1.AdapterFSDPStrategy`, whose checkpoints gather only the
+    adapter units (:func:`fsdp1_gather_params`).
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import wrap
@@ -181,11 +183,15 @@ def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.
     for _, layer in list(lora_layers(model)):  # list: the loop replaces modules of the tree it walks
         for bank in (layer.lora_A, layer.lora_B):
             for name in list(bank):
-                bank[name] = wrap(bank[name])
+                # No mixed precision for adapter units (here and for CRMA below): the adapters keep
+                # float32 weights and math, and LoRA casts its input to its weights' dtype itself
+                # (under a bf16 policy the unit's weights would be bf16 while its input is float32).
+                bank[name] = wrap(bank[name], mixed_precision=None)
     _, layers = find_decoder_layers(model)
     for i, block in enumerate(layers):
         if isinstance(block, CRMABlock):
-            block.crma = wrap(block.crma)
+            # CRMA's Sinkhorn and norm constraints run on float32 parameters by design (as under FSDP2).
+            block.crma = wrap(block.crma, mixed_precision=None)
         if activation_checkpointing:
             from torch.distributed._composable import checkpoint
 
@@ -213,3 +219,162 @@ def has_fsdp1_modules(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def fsdp1_units_holding(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Module, str, list[str]]]:
+    """``(unit, its path, its names)`` for the FSDP1 units whose flat parameter holds one of ``names``.
+
+    ``model`` must contain the FSDP root. A parameter belongs to the innermost
+    ``FullyShardedDataParallel`` unit around the module that registers it. Units come in module
+    order, the same on every rank: the order in which the collectives over them must run. Raises
+    ``KeyError`` (before any collective) for a name that is not a parameter of ``model``.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wanted, units, found = set(names), {}, set()
+
+    def visit(module: nn.Module, prefix: str, unit: tuple[nn.Module, str] | None) -> None:
+        if isinstance(module, FullyShardedDataParallel):
+            unit = (module, prefix.rstrip("."))
+        for pname, _ in module.named_parameters(prefix=prefix.rstrip("."), recurse=False):
+            name = clean_parameter_name(pname)
+            if name in wanted and name not in found:
+                found.add(name)
+                if unit is not None:
+                    units.setdefault(id(unit[0]), (*unit, []))[2].append(name)
+        for cname, child in module.named_children():
+            visit(child, f"{prefix}{cname}.", unit)
+
+    visit(model, "", None)
+    missing = sorted(wanted - found)
+    if missing:
+        raise KeyError(f"no parameter named {missing[:3]} ({len(missing)} in all) in the model")
+    return list(units.values())
+
+
+def _fsdp1_units(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Module, str, list[str]]]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = fsdp1_units_holding(model, names)
+    root = next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
+    if root is not None:
+        root.check_is_root()  # lazy-initialises the real root first, so no inner unit is taken for a root
+    return units
+
+
+def fsdp1_gather_params(model: nn.Module, names: Iterable[str], rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the named parameters of an FSDP1 model; ``{}`` on ranks > 0 with ``rank0_only``.
+
+    A collective: every rank must call it with the same names. Only the units that hold the names are
+    all-gathered (``summon_full_params(unit, recurse=False)``), one at a time: for adapter names that
+    is the adapters' own units, never the frozen base - which is why :func:`apply_fsdp1` gives every
+    adapter a unit of its own. Needs ``use_orig_params=True`` (Lightning's default), under which the
+    original parameters hold the full tensors inside ``summon_full_params``.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    names = list(names)
+    gathered: dict[str, torch.Tensor] = {}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    keep = rank == 0 or not rank0_only
+    for unit, path, unit_names in _fsdp1_units(model, names):
+        on_cpu = all(p.device.type == "cpu" for p in unit.parameters())
+        # offload_to_cpu only from an accelerator: with CPU parameters torch's offload path crashes.
+        with FullyShardedDataParallel.summon_full_params(
+            unit, recurse=False, writeback=False, rank0_only=rank0_only, offload_to_cpu=not on_cpu
+        ):
+            if keep:
+                params = _full_names(unit, path)
+                for name in unit_names:
+                    # clone: on CPU, .cpu() would alias storage that is freed when the context exits.
+                    gathered[name] = params[name].detach().to("cpu", copy=True)
+    return {n: gathered[n] for n in names if n in gathered}
+
+
+def fsdp1_load_params(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Write full tensors into the named parameters of an FSDP1 model, unit by unit (a collective).
+
+    Every rank passes the same ``values`` (full tensors); each unit is unsharded, updated and
+    resharded (``summon_full_params(unit, recurse=False, writeback=True)``).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for unit, path, unit_names in _fsdp1_units(model, values):
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True), torch.no_grad():
+            params = _full_names(unit, path)
+            for name in unit_names:
+                param, value = params[name], values[name]
+                if tuple(value.shape) != tuple(param.shape):
+                    # Same values on every rank: every rank raises here, so no rank waits on a collective.
+                    raise ValueError(f"{name}: saved shape {tuple(value.shape)} vs model {tuple(param.shape)}")
+                param.copy_(value)
+
+
+def _full_names(unit: nn.Module, path: str) -> dict[str, nn.Parameter]:
+    """``unit``'s parameters by clean name relative to the model (``path``: the unit's own path in it)."""
+    return {clean_parameter_name(n): p for n, p in unit.named_parameters(prefix=path)}
+
+
+def _fsdp1_full_state_dict_type(module: nn.Module, rank0_only: bool) -> Any:
+    """FSDP1's full state dict settings on every unit of ``module``.
+
+    ``rank0_only``: saving gathers the optimizer state on rank 0 only; loading needs it on every
+    rank. Gathered state goes to the CPU as it is gathered when the parameters are on an
+    accelerator; on the CPU no offload is asked for, because ``offload_to_cpu`` with parameters
+    already there crashes torch (observed: a segfault in FSDP1's state dict hooks).
+    """
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = any(p.device.type != "cpu" for p in module.parameters())
+    return FSDP.state_dict_type(
+        module,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=False, rank0_only=False),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+    )
+
+
+def _optimizer_parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Clean names of the optimizer's parameters, in optimizer order (the single-process indices)."""
+    names = {id(p): clean_parameter_name(n) for n, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def fsdp1_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of FSDP1-sharded parameters, gathered on rank 0, in the single-process layout.
+
+    A collective over the units whose parameters have optimizer state (the adapters). The result
+    (rank 0; other ranks get no state) is keyed by parameter index like ``optimizer.state_dict()`` of
+    an unsharded model, so a checkpoint written by N processes resumes in one.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    names = _optimizer_parameter_names(module, optimizer)
+    with _fsdp1_full_state_dict_type(module, rank0_only=True):
+        by_name = FSDP.optim_state_dict(module, optimizer).get("state", {})
+    state = {
+        i: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in by_name[n].items()}
+        for i, n in enumerate(names)
+        if n in by_name
+    }
+    return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+
+
+def fsdp1_load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a single-process-layout optimizer state into an optimizer over FSDP1-sharded parameters."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    names = _optimizer_parameter_names(module, optimizer)
+    saved = sum(len(g["params"]) for g in state["param_groups"])
+    if saved != len(names):
+        raise ValueError(
+            f"optimizer state does not match: the checkpoint has {saved} parameters, the optimizer {len(names)}"
+        )
+    by_name = {
+        "state": {names[int(i)]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    with _fsdp1_full_state_dict_type(module, rank0_only=False):
+        flat = FSDP.optim_state_dict_to_load(module, optimizer, by_name)
+    optimizer.load_state_dict(flat)

@@ -4,12 +4,13 @@ Lightning's launcher re-executes ``sys.argv`` once per extra process, so each 2-
 script run as a subprocess::
 
     python tests/dist_job.py fsdp2 OUT_DIR     # FSDP2 (AdapterModelParallelStrategy), 2 CPU processes
+    python tests/dist_job.py fsdp1 OUT_DIR     # FSDP1 (AdapterFSDPStrategy), 2 CPU processes
     python tests/dist_job.py ddp OUT_DIR       # DDP, 2 CPU processes
 
 Every process runs the same scenarios; rank 0 writes ``OUT_DIR/result.json``. The single-process
 reference uses the same functions in the test process (``strategy="single"``).
 
-Scenarios (``fsdp2``; ``ddp`` runs the first only):
+Scenarios (``fsdp2`` all; ``fsdp1`` all but ``lora_bf16``; ``ddp`` the first only):
 
 * ``ref``: a 2-stage CRMA + per-task LoRA run.
 * ``crash``: the same run, killed by an exception at step 2 of stage 2 with a checkpoint every step,
@@ -18,7 +19,8 @@ Scenarios (``fsdp2``; ``ddp`` runs the first only):
   loads the module state before any sharding).
 * ``nan``: a NaN put into rank 1's gradient shard at one step: ``NonFiniteGuard`` must skip that step
   on both ranks (each rank writes ``nan-rank<r>.json``).
-* ``bf16``: FSDP2 with ``fsdp_mixed_precision="bf16"``; ``lora_bf16``: the same with LoRA only.
+* ``bf16``: FSDP2 with ``fsdp_mixed_precision="bf16"``, FSDP1 with a bf16 ``MixedPrecision`` policy;
+  ``lora_bf16``: FSDP2 bf16 with LoRA only.
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ EVAL_ROWS = 5
 EVAL_BATCH = 2
 
 
-def make_model(mixed_precision: str | None = None, adapter: str = "crma") -> ContinualLM:
+def make_model(mixed_precision: str | None = None, adapter: str = "crma", dtype: str = "float32") -> ContinualLM:
     return ContinualLM(
+        dtype=dtype,
         model_config=TINY,
         adapter=adapter,
         task_adapters="per_task",
         optimizer=partial(torch.optim.AdamW, lr=0.01),
         fsdp_mixed_precision=mixed_precision,
-        fsdp_activation_checkpointing=True,  # used by FSDP2 only; numerically a no-op
+        fsdp_activation_checkpointing=True,  # used by FSDP1/FSDP2 only; numerically a no-op
     )
 
 
@@ -77,6 +80,14 @@ def make_strategy(name: str):
         # A short collective timeout: a hang fails the job in seconds instead of 30 minutes.
         timeout = timedelta(seconds=90)
         return AdapterModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1, timeout=timeout)
+    if name in ("fsdp1", "fsdp1_bf16"):
+        from torch.distributed.fsdp import MixedPrecision
+
+        from crma_lightning.distributed import AdapterFSDPStrategy
+
+        # fsdp1_bf16: a bf16 policy for the base's units; the adapters' units keep float32 (apply_fsdp1).
+        policy = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if name != "fsdp1" else None
+        return AdapterFSDPStrategy(timeout=timedelta(seconds=90), mixed_precision=policy)
     if name == "ddp":
         return "ddp"
     return "auto"
@@ -126,13 +137,13 @@ class NaNGradient(L.Callback):
                     return
 
 
-def run(run_dir: Path, strategy: str, callbacks=None, mixed_precision=None, adapter="crma", **runner_kwargs):
+def run(run_dir: Path, strategy: str, callbacks=None, mixed_precision=None, adapter="crma", dtype="float32", **kwargs):
     """One continual run; returns the final report and the model."""
     world = 1 if strategy == "single" else WORLD
     runner = ContinualRunner(
-        run_dir=run_dir, trainer_kwargs=trainer_kwargs(strategy), callbacks=callbacks, seed=0, **runner_kwargs
+        run_dir=run_dir, trainer_kwargs=trainer_kwargs(strategy), callbacks=callbacks, seed=0, **kwargs
     )
-    model = make_model(mixed_precision, adapter)
+    model = make_model(mixed_precision, adapter, dtype)
     return runner.run(model, make_data(world)), model
 
 
@@ -156,14 +167,54 @@ def sharding_facts(model: ContinualLM) -> dict:
     }
 
 
+def fsdp1_sharding_facts(model: ContinualLM) -> dict:
+    """How FSDP1 wrapped the model: units by what they wrap, local shard sizes, frozen/trainable mixing."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from crma_lightning.adapters import CRMAAdapter, CRMABlock
+
+    units = [m for m in model.modules() if isinstance(m, FSDP)]
+    kinds = [type(u.module).__name__ for u in units]
+    # use_orig_params=True: each original parameter is a view of this rank's part of its flat parameter.
+    local = sum(p.numel() for p in model.model.parameters())
+    # Frozen and trainable parameters never share a flat parameter (the PEFT recipe: no gradient
+    # memory for frozen weights). `_flat_param._params`: the unit's original parameters (an FSDP1 internal).
+    mixed = [k for u, k in zip(units, kinds) if len({p.requires_grad for p in u._flat_param._params}) > 1]
+    return {
+        "fsdp_units": len(units),
+        "crma_units": sum(isinstance(u.module, CRMAAdapter) for u in units),
+        "block_units": sum(isinstance(u.module, CRMABlock) for u in units),
+        "lora_factor_units": kinds.count("Linear"),
+        "root_is_unit": isinstance(model.model, FSDP),
+        "local_numel": local,
+        "units_mixing_frozen_and_trainable": mixed,
+    }
+
+
+def fsdp1_dtypes(model: ContinualLM) -> dict:
+    """Per kind of FSDP1 unit: the dtypes its flat parameters are stored in and computed with.
+
+    Compute dtype: the unit's mixed precision ``param_dtype``, else its storage dtype.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    seen: dict[str, dict[str, set]] = {"storage": {}, "compute": {}}
+    for unit in (m for m in model.modules() if isinstance(m, FSDP)):
+        kind = type(unit.module).__name__  # Linear (a LoRA factor), CRMAAdapter, CRMABlock, LlamaForCausalLM
+        storage = unit._flat_param.dtype  # an FSDP1 internal
+        seen["storage"].setdefault(kind, set()).add(str(storage))
+        seen["compute"].setdefault(kind, set()).add(str(unit.mixed_precision.param_dtype or storage))
+    return {what: {kind: sorted(d) for kind, d in kinds.items()} for what, kinds in seen.items()}
+
+
 def main(strategy: str, out: Path) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     result: dict = {"strategy": strategy}
     ref, model = run(out / "ref", strategy)
     result["ref"] = ref["loss_matrix"]["values"]
     result["world_size"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if strategy == "fsdp2":
-        result["sharding"] = sharding_facts(model)
+    if strategy in ("fsdp2", "fsdp1"):
+        result["sharding"] = sharding_facts(model) if strategy == "fsdp2" else fsdp1_sharding_facts(model)
         try:
             run(out / "crash", strategy, callbacks=[Crash("code", 2)], checkpoint_every_n_steps=1)
             raise AssertionError("the simulated crash did not happen")
@@ -175,6 +226,15 @@ def main(strategy: str, out: Path) -> None:
         result["boundary"] = run(out / "boundary", strategy, resume=str(stage1))[0]["loss_matrix"]["values"]
         _, nan_model = run(out / "nan", strategy, callbacks=[NaNGradient(rank=1, step=1)])
         (out / f"nan-rank{rank}.json").write_text(json.dumps(nan_model.nonfinite.state_dict()))
+    if strategy == "fsdp1":
+        report, bf16_model = run(out / "bf16", "fsdp1_bf16")
+        result["bf16"] = report["loss_matrix"]["values"]
+        result["bf16_dtypes"] = fsdp1_dtypes(bf16_model)
+        # A bf16 base under precision "32-true": the base must stay bf16 (not be cast to float32).
+        report, base_model = run(out / "bf16_base", "fsdp1", dtype="bfloat16")
+        result["bf16_base"] = report["loss_matrix"]["values"]
+        result["bf16_base_dtypes"] = fsdp1_dtypes(base_model)
+    if strategy == "fsdp2":
         result["bf16"] = run(out / "bf16", strategy, mixed_precision="bf16")[0]["loss_matrix"]["values"]
         # LoRA only: the blocks are the decoder layers themselves, and none has a trainable parameter
         # at the first forward (base-model evaluation) - the hard case for FSDP2's gradient dtypes.

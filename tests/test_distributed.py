@@ -1,4 +1,4 @@
-"""Multi-process training on CPU (gloo): FSDP2 and DDP against the single-process run, checkpoints, resume.
+"""Multi-process training on CPU (gloo): FSDP2, FSDP1 and DDP against the single-process run, checkpoints, resume.
 
 Each 2-process job is ``tests/dist_job.py`` run as a subprocess (Lightning's launcher re-executes
 ``sys.argv`` for the second process, so it must never start inside the pytest process). The
@@ -8,10 +8,10 @@ same), so the runs must agree up to float reduction order.
 
 Tolerances (measured differences on this machine are about 1e-6 or smaller):
 
-* loss matrix, FSDP2/DDP vs one process: absolute 1e-4 per entry (losses are about 5.4 nats);
+* loss matrix, FSDP2/FSDP1/DDP vs one process: absolute 1e-4 per entry (losses are about 5.4 nats);
 * gradient norm of the first optimizer step: relative 1e-5 (later steps: relative 1e-4);
-* resumed runs (mid-stage and stage boundary) vs the uninterrupted FSDP2 run: absolute 1e-6;
-* FSDP2 with ``fsdp_mixed_precision="bf16"`` vs float32: absolute 0.02;
+* resumed runs (mid-stage and stage boundary) vs the uninterrupted run (FSDP2, FSDP1): absolute 1e-6;
+* FSDP2 with ``fsdp_mixed_precision="bf16"``, FSDP1 with a bf16 ``MixedPrecision``, vs float32: absolute 0.02;
 * a 2-process checkpoint evaluated in one process vs the 2-process evaluation: absolute 1e-5.
 """
 
@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from crma_lightning.adapters import read_adapter_metadata
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.data import Collator
-from crma_lightning.distributed import AdapterModelParallelStrategy
+from crma_lightning.distributed import AdapterFSDPStrategy, AdapterModelParallelStrategy
 from crma_lightning.sampling import EvalShardSampler, PaddedEvalLoader, equalize_eval_batches, eval_batches_per_rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +115,12 @@ def fsdp2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def fsdp1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp1")
+    return out, launch("fsdp1", out)
+
+
+@pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     return out, launch("ddp", out)
@@ -122,7 +128,7 @@ def ddp(tmp_path_factory):
 
 # ---------------------------------------------------------------------- 2-process runs
 @pytest.mark.distributed
-@pytest.mark.parametrize("job", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1", "ddp"])
 def test_two_process_continual_run_matches_single_process(request, single, job):
     out, result = request.getfixturevalue(job)
     assert result["world_size"] == 2
@@ -142,7 +148,7 @@ def test_fsdp2_really_shards_every_block_and_the_root(fsdp2):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("job", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1", "ddp"])
 def test_logged_gradient_norm_matches_single_process(request, single, job):
     out, _ = request.getfixturevalue(job)
     expected, actual = grad_norms(single[0] / "ref"), grad_norms(out / "ref")
@@ -152,8 +158,24 @@ def test_logged_gradient_norm_matches_single_process(request, single, job):
 
 
 @pytest.mark.distributed
-def test_fsdp2_resumes_mid_stage_and_at_a_stage_boundary(fsdp2):
-    _, result = fsdp2
+def test_fsdp1_wraps_each_adapter_apart_from_the_frozen_base(fsdp1):
+    facts = fsdp1[1]["sharding"]
+    layers, targets, tasks = 2, 7, len(dist_job.DOMAINS)  # tiny Llama, LoRA on all 7 linears, one LoRA per task
+    assert facts["lora_factor_units"] == layers * targets * tasks * 2  # lora_A[task] and lora_B[task]
+    assert facts["crma_units"] == facts["block_units"] == layers
+    assert facts["root_is_unit"] and facts["fsdp_units"] == facts["lora_factor_units"] + 2 * layers + 1
+    # No flat parameter holds both frozen and trainable weights: no gradient memory for frozen ones.
+    assert facts["units_mixing_frozen_and_trainable"] == []
+    model = dist_job.make_model()
+    model.prepare_tasks(dist_job.DOMAINS)
+    total = sum(p.numel() for p in model.model.parameters())
+    assert total / 2 <= facts["local_numel"] < 0.51 * total  # rank 0 holds half of every flat parameter
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1"])
+def test_sharded_run_resumes_mid_stage_and_at_a_stage_boundary(request, job):
+    _, result = request.getfixturevalue(job)
     assert result["crash_had_last_ckpt"], "the crash should have left a mid-stage checkpoint"
     # Identical to the uninterrupted run only if the adapters AND the AdamW state were restored.
     assert_matrices_close(result["crash"], result["ref"], abs_tol=1e-6)
@@ -161,8 +183,9 @@ def test_fsdp2_resumes_mid_stage_and_at_a_stage_boundary(fsdp2):
 
 
 @pytest.mark.distributed
-def test_fsdp2_nonfinite_gradient_on_one_rank_is_skipped_on_both(fsdp2):
-    out, _ = fsdp2
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1"])
+def test_nonfinite_gradient_on_one_rank_is_skipped_on_both(request, job):
+    out, _ = request.getfixturevalue(job)
     states = [json.loads((out / f"nan-rank{r}.json").read_text()) for r in range(2)]
     # A NaN was put into rank 1's gradient shard at step 1 of each stage; rank 0's shards were finite.
     assert states[0]["skipped"] == states[1]["skipped"] == 2
@@ -170,9 +193,29 @@ def test_fsdp2_nonfinite_gradient_on_one_rank_is_skipped_on_both(fsdp2):
 
 
 @pytest.mark.distributed
-def test_fsdp2_bf16_mixed_precision_trains_close_to_float32(fsdp2):
-    _, result = fsdp2
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1"])
+def test_bf16_mixed_precision_trains_close_to_float32(request, job):
+    _, result = request.getfixturevalue(job)
     assert_matrices_close(result["bf16"], result["ref"], abs_tol=0.02)
+
+
+@pytest.mark.distributed
+def test_fsdp1_bf16_policy_leaves_the_adapters_in_float32(fsdp1):
+    # A bf16 MixedPrecision policy applies to the base's units only; adapters keep float32 weights and math.
+    dtypes = fsdp1[1]["bf16_dtypes"]["compute"]
+    assert dtypes["Linear"] == dtypes["CRMAAdapter"] == ["torch.float32"]  # LoRA factors and CRMA
+    assert dtypes["CRMABlock"] == dtypes["LlamaForCausalLM"] == ["torch.bfloat16"]  # the base's units
+
+
+@pytest.mark.distributed
+def test_fsdp1_keeps_a_bf16_base_in_bf16_under_32_true(fsdp1):
+    # Lightning's FSDPStrategy would cast the whole model to float32 under precision "32-true".
+    result = fsdp1[1]
+    for what in ("storage", "compute"):
+        dtypes = result["bf16_base_dtypes"][what]
+        assert dtypes["CRMABlock"] == dtypes["LlamaForCausalLM"] == ["torch.bfloat16"], what
+        assert dtypes["Linear"] == dtypes["CRMAAdapter"] == ["torch.float32"], what
+    assert_matrices_close(result["bf16_base"], result["ref"], abs_tol=0.05)
 
 
 @pytest.mark.distributed
@@ -186,8 +229,9 @@ def test_fsdp2_lora_only_shards_the_decoder_layers_and_trains_in_bf16(fsdp2):
 
 
 @pytest.mark.distributed
-def test_fsdp2_stage_two_trains_its_adapter_while_the_first_stays_frozen(single, fsdp2):
-    adapters = fsdp2[0] / "ref" / "adapters"
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1"])
+def test_sharded_stage_two_trains_its_adapter_while_the_first_stays_frozen(request, single, job):
+    adapters = request.getfixturevalue(job)[0] / "ref" / "adapters"
     s1, s2 = load_file(adapters / "stage-01-prose.safetensors"), load_file(adapters / "stage-02-code.safetensors")
     assert set(s1) == set(s2)
     prose = [k for k in s1 if ".lora_B.prose." in k]
@@ -197,7 +241,7 @@ def test_fsdp2_stage_two_trains_its_adapter_while_the_first_stays_frozen(single,
     assert all(torch.equal(s1[k], s2[k]) for k in prose)  # frozen in stage 2
     assert all(not s1[k].any() for k in code) and all(s2[k].any() for k in code)  # zero-init, then trained
     assert any(not torch.equal(s1[k], s2[k]) for k in crma)  # the CRMA backbone trains in every stage
-    # The gathered (FSDP2) export holds the same tensors as the single-process one.
+    # The gathered export holds the same tensors, under the same names, as the single-process one.
     reference = load_file(single[0] / "ref" / "adapters" / "stage-02-code.safetensors")
     assert set(reference) == set(s2)
     for k, v in reference.items():
@@ -206,7 +250,7 @@ def test_fsdp2_stage_two_trains_its_adapter_while_the_first_stays_frozen(single,
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("job", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1", "ddp"])
 def test_two_process_checkpoint_holds_adapters_only_and_reproduces_its_losses_in_one_process(request, single, job):
     out, result = request.getfixturevalue(job)
     ckpt = torch.load(out / "ref" / "checkpoints" / "stage-02-code.ckpt", map_location="cpu", weights_only=True)
@@ -276,5 +320,12 @@ def test_padded_eval_loader_adds_zero_token_batches_to_the_short_rank():
 def test_bad_distributed_settings_are_refused():
     with pytest.raises(ValueError, match="tensor_parallel_size=2"):
         AdapterModelParallelStrategy(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="auto_wrap_policy"):
+        AdapterFSDPStrategy(auto_wrap_policy={torch.nn.Linear})
+    with pytest.raises(ValueError, match="state_dict_type='sharded'"):
+        AdapterFSDPStrategy(state_dict_type="sharded")
+    AdapterFSDPStrategy(state_dict_type="full")  # what --print_config writes back: accepted
+    with pytest.raises(ValueError, match="use_orig_params=False"):
+        AdapterFSDPStrategy(use_orig_params=False)
     with pytest.raises(ValueError, match="fsdp_mixed_precision='fp32'"):
         dist_job.ContinualLM(model_config=dist_job.TINY, fsdp_mixed_precision="fp32")
