@@ -84,12 +84,12 @@ def launch(strategy: str, out: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-def grad_norms(run_dir: Path) -> list[float]:
+def grad_norms(run_dir: Path, tag: str = "grad/norm") -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    return [e.value for e in sorted(events.Scalars("grad/norm"), key=lambda e: e.step)]
+    return [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)]
 
 
 def assert_matrices_close(actual, expected, abs_tol):
@@ -170,6 +170,18 @@ def test_fsdp1_wraps_each_adapter_apart_from_the_frozen_base(fsdp1):
     model.prepare_tasks(dist_job.DOMAINS)
     total = sum(p.numel() for p in model.model.parameters())
     assert total / 2 <= facts["local_numel"] < 0.51 * total  # rank 0 holds half of every flat parameter
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1"])
+def test_crma_health_of_sharded_adapters_matches_single_process(request, single, job):
+    # The adapters are gathered from their shards (FSDP1: their own units, onto rank 0) before the
+    # spectral norms and Sinkhorn errors are computed.
+    out, _ = request.getfixturevalue(job)
+    for tag in ("crma/spectral_norm_max", "crma/gate_mean", "crma/row_sum_error_max"):
+        expected, actual = grad_norms(single[0] / "ref", tag), grad_norms(out / "ref", tag)
+        assert len(actual) == len(expected) == 2 * dist_job.STEPS, tag
+        assert actual == pytest.approx(expected, rel=1e-4, abs=1e-6), tag
 
 
 @pytest.mark.distributed

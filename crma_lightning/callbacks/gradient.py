@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from crma_lightning.adapters import CRMAAdapter, crma_adapters
 
@@ -178,6 +178,25 @@ def crma_health_vector(module: torch.nn.Module) -> torch.Tensor | None:
         return torch.stack(out)
 
 
+def fsdp1_crma_health_vector(module: torch.nn.Module, compute: bool) -> torch.Tensor | None:
+    """:func:`crma_health_vector` under FSDP1, where flattened shards do not hold whole matrices.
+
+    A collective: every rank unshards the CRMA adapters' own units (``apply_fsdp1`` gives each one),
+    onto rank 0 only; ranks with ``compute`` (rank 0) compute the vector, the others return ``None``.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = [m for m in module.modules() if isinstance(m, FSDP)]
+    crma_units = [u for u in units if isinstance(u.module, CRMAAdapter)]
+    if not crma_units:
+        return None
+    units[0].check_is_root()  # the real root is lazily initialised first, never a CRMA unit
+    with ExitStack() as stack:
+        for unit in crma_units:
+            stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True))
+        return crma_health_vector(module) if compute else None
+
+
 # ---------------------------------------------------------------------- host-side statistics
 class RunningStats:
     """Welford mean and population variance (``ddof=0``) and the peak of the gradient norm.
@@ -269,8 +288,7 @@ class GradientStability(L.Callback):
         log_every_n_steps: Flush/log interval in optimizer steps (default: the trainer's).
         warmup_steps: Steps at the start of each stage left out of the mean, variance and peak.
         window: Steps in the rolling variance logged as ``grad/var``.
-        log_health: Log the CRMA health metrics (skipped when the model has no CRMA adapters, and under
-            FSDP1, whose flattened shards do not hold whole matrices).
+        log_health: Log the CRMA health metrics (skipped when the model has no CRMA adapters).
 
     Note:
         Variances are population variances (``ddof=0``, numpy's default): ``var = mean((x - mean)²)``.
@@ -302,7 +320,6 @@ class GradientStability(L.Callback):
         self._trainer: L.Trainer | None = None
         self._shard_group: Any = None
         self._every = _FALLBACK_INTERVAL
-        self._warned_fsdp1 = False
 
     # ------------------------------------------------------------------ stage bookkeeping
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -364,9 +381,7 @@ class GradientStability(L.Callback):
         health_vec = None
         if health and self.log_health and trainer is not None and trainer.lightning_module is not None:
             if isinstance(trainer.strategy, FSDPStrategy):
-                if not self._warned_fsdp1:
-                    rank_zero_warn("GradientStability: CRMA health is not logged under FSDP1 (FSDPStrategy)")
-                    self._warned_fsdp1 = True
+                health_vec = fsdp1_crma_health_vector(trainer.lightning_module, trainer.is_global_zero)
             # Rank 0 logs it; other ranks only join in when the adapters are sharded (a collective).
             elif trainer.is_global_zero or _has_dtensor_params(trainer.lightning_module):
                 health_vec = crma_health_vector(trainer.lightning_module)
