@@ -184,3 +184,26 @@ def unreadable(path: Path, err: BaseException) -> str:
         return f"not a crma_lightning checkpoint (it has no run state: {type(err).__name__}: {err})"
     text = str(err).strip().splitlines()
     return f"unreadable ({type(err).__name__}: {text[0][:200] if text else 'no message'})"
+
+
+class SingleFileCheckpoints:
+    """Strategy mixin: load the one-file adapter checkpoints of the adapter strategies on every rank.
+
+    Used by :class:`~crma_lightning.distributed.AdapterModelParallelStrategy` (FSDP2) and
+    :class:`~crma_lightning.fsdp1.AdapterFSDPStrategy` (FSDP1): their checkpoints hold the adapters
+    only, as full tensors, so every rank reads the whole file and takes what it holds. The strategy
+    loads the optimizer state itself in ``load_optimizer_state_dict``.
+    """
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise ValueError(
+                f"{path} is a sharded (distributed) checkpoint folder; {type(self).__name__} reads the "
+                "single-file adapter checkpoints it writes (or any single-process ContinualLM checkpoint)"
+            )
+        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True  # Lightning calls load_optimizer_state_dict (the FSDP parents load it in load_checkpoint)

@@ -36,6 +36,7 @@ from torch import nn
 
 from crma_lightning.adapters import adapter_state_dict, save_adapters
 from crma_lightning.adapters.serialization import METADATA_KEY, atomic_write
+from crma_lightning.checkpoints import SingleFileCheckpoints
 from crma_lightning.fsdp1 import AdapterFSDPStrategy, KeepDtypesFSDPPrecision
 from crma_lightning.sampling import PaddedEvalLoader, equalize_eval_batches
 from crma_lightning.sharding import (
@@ -157,7 +158,7 @@ def export_adapters(
 
 
 # ---------------------------------------------------------------------- the strategy
-class AdapterModelParallelStrategy(ModelParallelStrategy):
+class AdapterModelParallelStrategy(SingleFileCheckpoints, ModelParallelStrategy):
     """FSDP2 data parallelism for :class:`~crma_lightning.ContinualLM` with adapter-only checkpoints.
 
     Lightning's ``ModelParallelStrategy`` with three changes:
@@ -216,23 +217,9 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
         return state if self.is_global_zero else {}
 
     # ------------------------------------------------------------------ loading
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(checkpoint_path))
-        if path.is_dir():
-            raise ValueError(
-                f"{path} is a sharded (distributed) checkpoint folder; AdapterModelParallelStrategy reads the "
-                "single-file adapter checkpoints it writes (or any single-process ContinualLM checkpoint)"
-            )
-        # Every rank reads the file: it holds adapters only, and each rank takes its shards locally.
-        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
         load_full_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
-
-    @property
-    def lightning_restore_optimizer(self) -> bool:
-        return True  # Lightning calls load_optimizer_state_dict (the parent loads it in load_checkpoint)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):

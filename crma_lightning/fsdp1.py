@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -23,6 +22,7 @@ from lightning.pytorch.plugins.precision import FSDPPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from crma_lightning.checkpoints import SingleFileCheckpoints
 from crma_lightning.module_state import AdapterCheckpointMixin
 from crma_lightning.sampling import equalize_eval_batches
 from crma_lightning.sharding import (
@@ -30,7 +30,6 @@ from crma_lightning.sharding import (
     fsdp1_gather_params,
     fsdp1_load_full_optimizer_state,
     fsdp1_load_params,
-    has_fsdp1_modules,
 )
 
 try:
@@ -58,7 +57,7 @@ class KeepDtypesFSDPPrecision(FSDPPrecision):
         return None if self.precision == "32-true" else super().mixed_precision_config
 
 
-class AdapterFSDPStrategy(FSDPStrategy):
+class AdapterFSDPStrategy(SingleFileCheckpoints, FSDPStrategy):
     """FSDP1 (Lightning's ``FSDPStrategy``) for :class:`~crma_lightning.ContinualLM`, adapter-only checkpoints.
 
     ``ContinualLM.configure_model`` makes every LoRA factor, every CRMA adapter, every decoder block
@@ -192,8 +191,6 @@ class AdapterFSDPStrategy(FSDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         module = self.lightning_module
         assert module is not None
-        if not has_fsdp1_modules(module):
-            return super().lightning_module_state_dict()
         names = [n.removeprefix("model.") for n in module.checkpoint_parameter_names()]
         gathered = fsdp1_gather_params(module.model, names)  # collective; full tensors on rank 0 only
         if not self.is_global_zero:
@@ -209,15 +206,6 @@ class AdapterFSDPStrategy(FSDPStrategy):
         return state if self.is_global_zero else {}
 
     # ------------------------------------------------------------------ loading
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(checkpoint_path))
-        if path.is_dir():
-            raise ValueError(
-                f"{path} is a sharded (distributed) checkpoint folder; AdapterFSDPStrategy reads the single-file "
-                "adapter checkpoints it writes (or any single-process ContinualLM checkpoint)"
-            )
-        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
         assert module is not None
@@ -228,10 +216,6 @@ class AdapterFSDPStrategy(FSDPStrategy):
         # Only the adapters' units are gathered and written back; the frozen base is never touched.
         fsdp1_load_params(module.model, values)  # collective
         module.load_own_state_dict(state)
-
-    @property
-    def lightning_restore_optimizer(self) -> bool:
-        return True  # Lightning calls load_optimizer_state_dict (the parent loads it in load_checkpoint)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         states = checkpoint["optimizer_states"]

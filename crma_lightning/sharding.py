@@ -252,14 +252,24 @@ def fsdp1_units_holding(model: nn.Module, names: Iterable[str]) -> list[tuple[nn
     return list(units.values())
 
 
-def _fsdp1_units(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Module, str, list[str]]]:
+def fsdp1_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP1 units of ``model`` (which must contain the root), in module order, root lazily initialised.
+
+    Call before unsharding inner units: ``summon_full_params`` on a unit lazily initialises it as a
+    root if the real root has not been initialised yet (no forward has run).
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    units = fsdp1_units_holding(model, names)
-    root = next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
-    if root is not None:
-        root.check_is_root()  # lazy-initialises the real root first, so no inner unit is taken for a root
+    units = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+    if units:
+        units[0].check_is_root()
     return units
+
+
+def _fsdp1_units(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Module, str, list[str]]]:
+    holding = fsdp1_units_holding(model, names)  # raises for unknown names before any collective
+    fsdp1_units(model)
+    return holding
 
 
 def fsdp1_gather_params(model: nn.Module, names: Iterable[str], rank0_only: bool = True) -> dict[str, torch.Tensor]:

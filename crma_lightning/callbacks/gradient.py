@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from crma_lightning.adapters import CRMAAdapter, crma_adapters
+from crma_lightning.sharding import fsdp1_units
 
 try:  # public from torch 2.5; FSDP2 (fully_shard) gradients are DTensors
     from torch.distributed.tensor import DTensor
@@ -186,11 +187,9 @@ def fsdp1_crma_health_vector(module: torch.nn.Module, compute: bool) -> torch.Te
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    units = [m for m in module.modules() if isinstance(m, FSDP)]
-    crma_units = [u for u in units if isinstance(u.module, CRMAAdapter)]
+    crma_units = [u for u in fsdp1_units(module) if isinstance(u.module, CRMAAdapter)]
     if not crma_units:
         return None
-    units[0].check_is_root()  # the real root is lazily initialised first, never a CRMA unit
     with ExitStack() as stack:
         for unit in crma_units:
             stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True))
