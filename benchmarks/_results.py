@@ -205,7 +205,7 @@ def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def verdicts(agg: dict[str, Any]) -> dict[str, Any]:
-    """The product targets (DESIGN §1 / issue #7) against the seed means; ``met`` is a plain bool."""
+    """The product targets (issue #7) against the seed means; ``met`` is a plain bool."""
 
     def mean(*path: str) -> Any:
         v = _get(agg, *path, "mean")

@@ -29,7 +29,7 @@ import torch
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, crma_adapters
 from crma_lightning.callbacks.gradient import GradientStability
-from crma_lightning.continual import ContinualRunner
+from crma_lightning.runner import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
 
@@ -39,7 +39,7 @@ MODES: dict[str, dict[str, str]] = {
     "MODULAR": {"adapter": "crma", "task_adapters": "per_task"},
     "CRMA-shared": {"adapter": "crma", "task_adapters": "shared"},
 }
-"""The four settings (DESIGN §3.3), in table order."""
+"""The four settings (docs/method.md), in table order."""
 
 
 class Baton:

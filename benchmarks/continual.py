@@ -1,6 +1,6 @@
 """Continual-learning benchmark: forgetting, stability and cost of NAIVE, FROZEN, MODULAR and CRMA-shared.
 
-The four settings of DESIGN §3.3 run on the same base model, domains, budgets and seeds, each through
+The four settings of docs/method.md run on the same base model, domains, budgets and seeds, each through
 the code path users run (``ContinualLM`` + ``SequentialDomainDataModule`` + ``ContinualRunner``), each
 in its own run directory ``<out>/seed<s>/<MODE>``:
 

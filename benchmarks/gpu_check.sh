@@ -37,9 +37,9 @@ import lightning as L
 import torch
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig
-from crma_lightning.continual import ContinualRunner
+from crma_lightning.runner import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.distributed import AdapterFSDPStrategy, AdapterModelParallelStrategy
+from crma_lightning.parallel import AdapterFSDPStrategy, AdapterModelParallelStrategy
 from crma_lightning.module import ContinualLM
 
 SIZES = {  # real architectures' shapes, randomly initialised

@@ -1,7 +1,8 @@
-"""The run's checkpoint files: where they live, atomic writes, and which one to resume from.
+"""The run's checkpoint files: where they live, atomic writes, the run state, and which one to resume from.
 
-    <run_dir>/checkpoints/stage-01-<domain>.ckpt   after each stage (adapters, optimizer, run state)
-    <run_dir>/checkpoints/last.ckpt                mid-stage (periodic or on SIGINT/SIGTERM)
+    <run_dir>/checkpoints/stage-01-<domain>.ckpt        after each stage (adapters, optimizer, run state)
+    <run_dir>/checkpoints/last.ckpt                     mid-stage (periodic or on SIGINT/SIGTERM)
+    <run_dir>/adapters/stage-01-<domain>.safetensors    all adapters after each stage
 
 Every file is written to a temporary name and renamed into place, so a reader (or a resume after
 a crash) never sees half a checkpoint. Checkpoints are read with ``torch.load(weights_only=True)``:
@@ -10,7 +11,7 @@ no pickled objects, so a checkpoint file cannot execute code.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import os
 import pickle
 import warnings
@@ -20,13 +21,54 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 
-from crma_lightning.utils import is_global_zero
+from crma_lightning.parallel.dist import is_global_zero
 
 RESUME_MODES = ("auto", "never")
 STAGE_PREFIX = "stage-"
-RUN_STATE_KEY = "_RunState"
-"""Key of the stage driver's state in a checkpoint's ``callbacks`` entry."""
+
+
+class RunState(Callback):
+    """The stage driver's own state, stored in every checkpoint under ``callbacks[RunState.KEY]``.
+
+    Attributes:
+        domains: The run's domains in training order.
+        completed: Finished stages.
+        step_offset: Logging step at the start of the current stage.
+        timings: Per-domain ``train_s``, ``eval_s``, ``steps``.
+        identity: What a checkpoint must agree on to be resumed (see :func:`check_compatible`).
+    """
+
+    KEY = "_RunState"
+    """The checkpoint key; the class's first name, kept so that older checkpoints still resume."""
+
+    def __init__(self) -> None:
+        self.domains: list[str] = []
+        self.completed = 0
+        self.step_offset = 0
+        self.timings: dict[str, dict[str, float]] = {}
+        self.identity: dict[str, Any] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self.KEY
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "domains": list(self.domains),
+            "completed": self.completed,
+            "step_offset": self.step_offset,
+            "timings": copy.deepcopy(self.timings),
+            "identity": copy.deepcopy(self.identity),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.domains = list(state_dict["domains"])
+        self.completed = int(state_dict["completed"])
+        self.step_offset = int(state_dict["step_offset"])
+        self.timings = dict(state_dict.get("timings", {}))
+        self.identity = dict(state_dict.get("identity", {}))
 
 
 class CheckpointStore:
@@ -43,7 +85,11 @@ class CheckpointStore:
 
     def stage(self, stage: int, domain: str) -> Path:
         """Path of the checkpoint written after (0-based) ``stage`` on ``domain``."""
-        return self.dir / f"{STAGE_PREFIX}{stage + 1:02d}-{domain}.ckpt"
+        return self.dir / f"{_stage_name(stage, domain)}.ckpt"
+
+    def stage_adapters(self, stage: int, domain: str) -> Path:
+        """Path of the adapter file (safetensors) written after (0-based) ``stage`` on ``domain``."""
+        return self.run_dir / "adapters" / f"{_stage_name(stage, domain)}.safetensors"
 
     @staticmethod
     def is_stage_checkpoint(path: Path) -> bool:
@@ -99,7 +145,7 @@ class CheckpointStore:
         for path in candidates:
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
-                state = ckpt["callbacks"][RUN_STATE_KEY]
+                state = ckpt["callbacks"][RunState.KEY]
             except Exception as err:  # corrupt, truncated or foreign file
                 if explicit:
                     raise ValueError(f"cannot resume from {path}: {unreadable(path, err)}") from err
@@ -125,49 +171,41 @@ class CheckpointStore:
                         tmp.unlink()
 
 
+def _stage_name(stage: int, domain: str) -> str:
+    return f"{STAGE_PREFIX}{stage + 1:02d}-{domain}"
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: checkpoint X vs now Y"`` for every key of ``current`` whose saved value differs.
+
+    The one comparison of identities: the model's (``ContinualLM.identity``), the data's
+    (``SequentialDomainDataModule.identity``) and the run's domains all go through it.
+    """
+    return [
+        f"{prefix}{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
+        for key, value in current.items()
+        if saved.get(key) != value
+    ]
+
+
 def check_compatible(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
     """Raise ``ValueError`` listing every setting where checkpoint ``path`` and this run differ.
 
-    ``identity`` holds ``domains``, ``model`` (:meth:`ContinualLM.identity`) and ``data``
-    (:func:`data_identity`); ``saved`` is the run state stored in the checkpoint.
+    ``identity`` holds ``domains``, ``model`` and ``data`` (see :func:`identity_differences`);
+    ``saved`` is the run state stored in the checkpoint.
     """
     saved_identity = saved.get("identity", {})
-    ours, theirs = identity["domains"], saved_identity.get("domains", saved.get("domains"))
-    problems = []
-    if theirs != ours:
-        problems.append(f"domains: checkpoint {theirs} vs now {ours}")
-    saved_model = saved_identity.get("model", {})
-    for key, value in identity["model"].items():
-        if saved_model.get(key) != value:
-            problems.append(f"{key}: checkpoint {saved_model.get(key)!r} vs now {value!r}")
-    saved_data = saved_identity.get("data")
-    if saved_data is not None:  # absent from checkpoints written before it was recorded
-        for key, value in identity["data"].items():
-            if saved_data.get(key) != value:
-                problems.append(f"data.{key}: checkpoint {saved_data.get(key)!r} vs now {value!r}")
+    saved_domains = saved_identity.get("domains", saved.get("domains"))
+    problems = identity_differences({"domains": saved_domains}, {"domains": identity["domains"]})
+    problems += identity_differences(saved_identity.get("model", {}), identity["model"])
+    if saved_identity.get("data") is not None:  # absent from checkpoints written before it was recorded
+        problems += identity_differences(saved_identity["data"], identity["data"], prefix="data.")
     if problems:
         raise ValueError(
             f"cannot resume from {path}: the configuration changed in a way that matters ("
             + "; ".join(problems)
             + "). Use the original configuration, or a new run_dir."
         )
-
-
-def data_identity(dm: Any) -> dict[str, Any]:
-    """Data settings that change what the loss matrix measures: a resumed run must keep them.
-
-    Left out on purpose: budgets (``max_steps``), batch sizes, workers and the cache directory, which
-    change how training proceeds or how fast, not which held-out text a loss is measured on.
-    """
-    return {
-        "max_length": dm.max_length,
-        "packing": dm.packing,
-        "max_chars_per_domain": dm.max_chars_per_domain,
-        "max_eval_rows": dm.max_eval_rows,
-        "eval_domains": dm.eval_domains,
-        "seed": dm.seed,
-        "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "max_steps"} for s in dm.specs],
-    }
 
 
 def unreadable(path: Path, err: BaseException) -> str:
@@ -184,26 +222,3 @@ def unreadable(path: Path, err: BaseException) -> str:
         return f"not a crma_lightning checkpoint (it has no run state: {type(err).__name__}: {err})"
     text = str(err).strip().splitlines()
     return f"unreadable ({type(err).__name__}: {text[0][:200] if text else 'no message'})"
-
-
-class SingleFileCheckpoints:
-    """Strategy mixin: load the one-file adapter checkpoints of the adapter strategies on every rank.
-
-    Used by :class:`~crma_lightning.distributed.AdapterModelParallelStrategy` (FSDP2) and
-    :class:`~crma_lightning.fsdp1.AdapterFSDPStrategy` (FSDP1): their checkpoints hold the adapters
-    only, as full tensors, so every rank reads the whole file and takes what it holds. The strategy
-    loads the optimizer state itself in ``load_optimizer_state_dict``.
-    """
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(checkpoint_path))
-        if path.is_dir():
-            raise ValueError(
-                f"{path} is a sharded (distributed) checkpoint folder; {type(self).__name__} reads the "
-                "single-file adapter checkpoints it writes (or any single-process ContinualLM checkpoint)"
-            )
-        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-
-    @property
-    def lightning_restore_optimizer(self) -> bool:
-        return True  # Lightning calls load_optimizer_state_dict (the FSDP parents load it in load_checkpoint)

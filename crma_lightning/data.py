@@ -19,23 +19,40 @@ from datasets import Dataset, disable_progress_bars
 from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.domains import (
+    SCORED,
+    SCORED_COLUMN,
     DomainSpec,
     as_domain_spec,
     describe_row,
-    extract_text,
     load_raw,
-    tokenize,
     validate_domains,
 )
+from crma_lightning.rows import extract_text
 from crma_lightning.sampling import EvalShardSampler, GlobalBatchSampler, ResumableLoader, equalize_eval_batches
+from crma_lightning.tokenization import scored_targets, tokenize
 from crma_lightning.tokenizer import load_tokenizer
 
 EVAL_DOMAINS = ("seen", "all")
 DEFAULT_DOMAINS = ("prose", "code", "arithmetic", "unicode")
 
 
+# Fields added after checkpoints recorded sources: left out while at their defaults, so older runs resume.
+_LATER_FIELDS = {"prompt_field": None, "response_field": None, "messages_field": "messages"}
+
+
+def _source_identity(spec: DomainSpec) -> dict[str, Any]:
+    fields = asdict(spec)
+    return {k: v for k, v in fields.items() if k != "max_steps" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+
+
 class Collator:
-    """Pad a list of ``{"input_ids": [...]}`` rows; labels are the ids with padding set to -100."""
+    """Pad a list of rows into a batch; labels are the ids, with -100 wherever the loss must not look.
+
+    Rows are ``{"input_ids": [...]}``; rows of prompt/response and chat domains also carry
+    ``{"scored": [...]}``, one flag per token (see :func:`crma_lightning.tokenization.tokenize`). Labels are
+    -100 on padding and on unscored tokens (prompts, non-assistant turns). Training and validation
+    loaders use this same collator, so the held-out loss is masked exactly like the training loss.
+    """
 
     def __init__(self, pad_id: int, domain: str) -> None:
         self.pad_id = pad_id
@@ -45,11 +62,14 @@ class Collator:
         length = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
+        scored = torch.zeros((len(rows), length), dtype=torch.bool)
         for i, r in enumerate(rows):
             x = torch.as_tensor(r["input_ids"], dtype=torch.long)
             ids[i, : len(x)] = x
             mask[i, : len(x)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+            flags = r.get(SCORED_COLUMN)
+            scored[i, : len(x)] = True if flags is None else torch.as_tensor(flags, dtype=torch.bool)
+        labels = ids.masked_fill(~scored, -100)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "domain": self.domain}
 
 
@@ -64,6 +84,8 @@ class SequentialDomainDataModule(L.LightningDataModule):
             the model's tokenizer, handed over by the stage driver.
         max_length: Tokens per training row.
         packing: Join texts with EOS and cut full rows (no padding) instead of truncating each text.
+            Prompt/response and chat domains pack too: each token's scored flag travels with it, so a
+            packed row masks exactly the prompt tokens it holds.
         batch_size: Rows per batch *per process* (the global batch is ``batch_size × world size``).
         eval_batch_size: Rows per validation batch (default ``batch_size``).
         eval_domains: ``"seen"`` (domains trained so far, incl. the current one) or ``"all"`` (also the
@@ -129,6 +151,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         self.eval_sets: dict[str, Dataset] = {}
         self.holdout_tokens: dict[str, int] = {}
         self.dropped_rows: dict[str, dict[str, int]] = {}
+        self.row_formats: dict[str, dict[str, Any]] = {}
 
     # -------------------------------------------------------------- domains and stages
     @property
@@ -189,28 +212,34 @@ class SequentialDomainDataModule(L.LightningDataModule):
         eval_sets: dict[str, Dataset] = {}
         holdout_tokens: dict[str, int] = {}
         dropped: dict[str, dict[str, int]] = {}
+        formats: dict[str, dict[str, Any]] = {}
         for spec in self.specs:
             train_raw, holdout_raw = load_raw(spec, self.seed, self.max_chars_per_domain)
-            train_stats: dict[str, int] = {}
-            holdout_stats: dict[str, int] = {}
-            train_text = extract_text(spec, train_raw, "train", train_stats)
-            holdout_text = extract_text(spec, holdout_raw, "holdout", holdout_stats)
+            train_stats: dict[str, Any] = {}
+            holdout_stats: dict[str, Any] = {}
+            train_text = extract_text(spec, train_raw, "train", train_stats, self.tokenizer)
+            holdout_text = extract_text(spec, holdout_raw, "holdout", holdout_stats, self.tokenizer)
             train = tokenize(train_text, self.tokenizer, self.max_length, self.packing, True, self.cache_dir)
             held = tokenize(holdout_text, self.tokenizer, self.max_length, self.packing, False, self.cache_dir)
+            fmt = train_stats["rows"]
+            masked = fmt != "text"
             counts = {
                 "train_blank": train_stats.get("dropped", 0),
                 "holdout_blank": holdout_stats.get("dropped", 0),
             }
             if not self.packing:  # one row per text: texts of a single token have no next token to learn
-                counts["train_too_short"] = len(train_text) - len(train)
-                counts["holdout_too_short"] = len(holdout_text) - len(held)
-                short = counts["train_too_short"] + counts["holdout_too_short"]
+                # Masked rows also go when max_length leaves no scored token (a prompt that fills the row).
+                key = "no_scored_token" if masked else "too_short"
+                counts[f"train_{key}"] = len(train_text) - len(train)
+                counts[f"holdout_{key}"] = len(holdout_text) - len(held)
+                short = counts[f"train_{key}"] + counts[f"holdout_{key}"]
                 if short:
-                    warnings.warn(
-                        f"domain {spec.name!r} ({spec.source()}): dropped {short} texts shorter than 2 tokens "
-                        "after tokenisation",
-                        stacklevel=2,
+                    what = (
+                        f"rows with no scored token within max_length={self.max_length} (the prompt fills the row)"
+                        if masked
+                        else "texts shorter than 2 tokens after tokenisation"
                     )
+                    warnings.warn(f"domain {spec.name!r} ({spec.source()}): dropped {short} {what}", stacklevel=2)
             if any(counts.values()):
                 dropped[spec.name] = {k: v for k, v in counts.items() if v}
             if len(train) == 0:
@@ -226,8 +255,15 @@ class SequentialDomainDataModule(L.LightningDataModule):
             eval_sets[spec.name] = held
             # Counted once here (a pass over the token lists), not every time the report is rewritten.
             holdout_tokens[spec.name] = int(sum(len(x) for x in held["input_ids"]))
+            formats[spec.name] = {
+                "rows": fmt,
+                "scored": SCORED[fmt],
+                **({"chat_template": train_stats["chat_template"]} if fmt == "chat" else {}),
+                "train_scored_tokens": scored_targets(train),
+                "holdout_scored_tokens": scored_targets(held),
+            }
         self.train_sets, self.eval_sets, self.dropped_rows = train_sets, eval_sets, dropped
-        self.holdout_tokens = holdout_tokens
+        self.holdout_tokens, self.row_formats = holdout_tokens, formats
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare(self._model_tokenizer())
@@ -296,6 +332,22 @@ class SequentialDomainDataModule(L.LightningDataModule):
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
     # -------------------------------------------------------------- state and summary
+    def identity(self) -> dict[str, Any]:
+        """Settings that change what the loss matrix measures: a resumed run must keep them.
+
+        Left out on purpose: budgets (``max_steps``), batch sizes, workers and the cache directory, which
+        change how training proceeds or how fast, not which held-out text a loss is measured on.
+        """
+        return {
+            "max_length": self.max_length,
+            "packing": self.packing,
+            "max_chars_per_domain": self.max_chars_per_domain,
+            "max_eval_rows": self.max_eval_rows,
+            "eval_domains": self.eval_domains,
+            "seed": self.seed,
+            "sources": [_source_identity(s) for s in self.specs],
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "domains": self.domain_names}
 
@@ -307,14 +359,28 @@ class SequentialDomainDataModule(L.LightningDataModule):
         self.stage = int(state_dict["stage"])
 
     def summary(self) -> dict[str, Any]:
-        """Per-domain sizes and sources, for the run report."""
+        """Per-domain sizes and sources, for the run report.
+
+        After :meth:`prepare`, each domain also says which tokens the loss scores: ``rows`` (``text``,
+        ``prompt_response`` or ``chat``), ``scored`` (``all``, ``response`` or ``assistant``),
+        ``chat_template`` for chat rows (``tokenizer`` or ``fallback``), and ``train_scored_tokens`` /
+        ``holdout_scored_tokens``: the next-token targets that enter the loss (the held-out ones are
+        what each held-out loss averages over).
+        """
         out: dict[str, Any] = {}
         for spec in self.specs:
             entry = {k: v for k, v in asdict(spec).items() if v not in (None, "", [])}
+            formats = self.row_formats.get(spec.name, {})
+            # Defaults that mean nothing for the domain's row format would only mislead in the report.
+            if formats.get("rows") != "chat":
+                entry.pop("messages_field", None)
+            if formats.get("rows") in ("chat", "prompt_response"):
+                entry.pop("text_field", None)
             if spec.name in self.train_sets:
                 entry["train_rows"] = len(self.train_sets[spec.name])
                 entry["holdout_rows"] = len(self.eval_sets[spec.name])
                 entry["holdout_tokens"] = self.holdout_tokens[spec.name]
+                entry.update(formats)
             if spec.name in self.dropped_rows:
                 entry["dropped_rows"] = dict(self.dropped_rows[spec.name])
             out[spec.name] = entry
@@ -330,6 +396,7 @@ __all__ = [
     "describe_row",
     "extract_text",
     "load_raw",
+    "scored_targets",
     "tokenize",
     "validate_domains",
 ]

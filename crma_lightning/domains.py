@@ -2,31 +2,51 @@
 
 A domain is a name plus a source - a built-in demo domain, local files (jsonl/json/csv/parquet/txt,
 read by ``datasets``) or a dataset on the Hugging Face Hub - and a held-out split (an explicit file
-or split, or a fixed-seed fraction). Text comes from a field or a ``str.format`` template over the
-row; tokenisation and packing run through ``datasets.map`` (batched, cached when ``cache_dir`` is
-set). Problems are reported with the domain, file and row.
+or split, or a fixed-seed fraction). Tokenisation and packing run through ``datasets.map`` (batched,
+cached when ``cache_dir`` is set). Problems are reported with the domain, file and row.
+
+Rows come in three formats (see :func:`row_format`):
+
+* **text** - a field (``text_field``) or a ``str.format`` ``template`` over the row; every token is
+  scored by the loss.
+* **prompt/response** - ``response_field`` set: the prompt (``prompt_field``, or ``template``
+  rendered over the row) followed directly by the response; only the response and the EOS after
+  it are scored (labels -100 on the prompt).
+* **chat** - a list of ``{"role", "content"}`` messages in ``messages_field`` (default
+  ``"messages"``, picked up when the rows have no text field): rendered with the tokenizer's chat
+  template when it has one, else with :func:`fallback_chat_segments`; only the assistant turns are
+  scored.
+
+Masked rows (prompt/response and chat) are turned into *segments*, each scored or not. Each segment
+is tokenised on its own, so a token never straddles prompt and response: the mask is exact and a
+change in the prompt cannot change the response's tokens. With packing, the per-token mask travels
+with the tokens into the packed rows (a packed row may start in the middle of a response).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from datasets import Dataset, load_dataset
-from datasets.fingerprint import Hasher
-from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.builtin_domains import BUILTIN_DOMAINS, builtin_documents
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 ROW_COLUMN = "__crma_row__"
 """Column that carries each row's position in its source through the held-out split (for messages)."""
+SEGMENTS_COLUMN = "segments"
+"""Column of masked rows after :func:`extract_text`: the row's text as a list of segments."""
+SCORED_COLUMN = "scored"
+"""Column of masked rows: per segment after :func:`extract_text`, per token after :func:`tokenize`."""
+ROW_FORMATS = ("text", "prompt_response", "chat")
+"""Row formats; :func:`row_format` tells which one a domain's rows have."""
+SCORED = {"text": "all", "prompt_response": "response", "chat": "assistant"}
+"""Which tokens the loss scores, per row format (the report's ``scored`` entry)."""
 
 
 @dataclass
@@ -44,6 +64,15 @@ class DomainSpec:
         format: ``json``, ``csv``, ``parquet`` or ``text`` for local files with another extension.
         text_field: Column holding the text (ignored when ``template`` is set).
         template: ``str.format`` template over the row's columns, e.g. ``"Q: {question}\\nA: {answer}"``.
+            With ``response_field`` it renders the *prompt* only (e.g. ``"Q: {question}\\nA: "``).
+        prompt_field: Column holding the prompt of prompt/response rows (not scored). Needs ``response_field``.
+        response_field: Column holding the response: makes the domain a prompt/response domain whose
+            loss covers the response and its EOS only. The prompt is ``prompt_field``'s value or the
+            ``template`` rendered over the row (exactly one of the two), and the response follows it
+            directly, so put any separator (``"\\nAnswer: "``) at the end of the prompt.
+        messages_field: Column holding chat rows: a list of ``{"role": str, "content": str}`` messages.
+            Used when the rows have no ``text_field`` column (and neither ``template`` nor
+            ``response_field`` is set); only the assistant messages are scored.
         holdout_path: Local file(s) with the held-out rows.
         holdout_split: Split with the held-out rows (hub datasets, or local files with named splits).
         holdout_fraction: Otherwise, this fraction of the training rows is held out (fixed seed).
@@ -61,6 +90,9 @@ class DomainSpec:
     format: str | None = None
     text_field: str = "text"
     template: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    messages_field: str = "messages"
     holdout_path: str | list[str] | None = None
     holdout_split: str | None = None
     holdout_fraction: float = 0.1
@@ -124,6 +156,17 @@ def validate_domains(specs: Sequence[DomainSpec]) -> None:
             raise ValueError(
                 f"domain {spec.name!r}: holdout_fraction={spec.holdout_fraction!r} must be in (0, 1) "
                 "when no holdout_path/holdout_split is given"
+            )
+        if spec.prompt_field and not spec.response_field:
+            raise ValueError(
+                f"domain {spec.name!r}: prompt_field={spec.prompt_field!r} needs a response_field (the column "
+                "whose text is scored)"
+            )
+        if spec.response_field and bool(spec.prompt_field) == (spec.template is not None):
+            raise ValueError(
+                f"domain {spec.name!r}: response_field={spec.response_field!r} needs exactly one prompt source: "
+                "`prompt_field` (a column) or `template` (rendered over the row)"
+                + (", not both" if spec.prompt_field else "")
             )
         for key in ("max_examples", "max_steps"):
             value = getattr(spec, key)
@@ -251,110 +294,3 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
     if spec.max_examples is not None:
         train = train.select(range(min(spec.max_examples, len(train))))
     return train, holdout
-
-
-def extract_text(spec: DomainSpec, ds: Dataset, part: str, stats: dict[str, int] | None = None) -> Dataset:
-    """A dataset with a single ``text`` column (template applied).
-
-    Rows whose text is missing, null or blank are dropped: a warning names the domain, the file and
-    the first such rows, and ``stats["dropped"]`` (when ``stats`` is given) counts them. A text field
-    that holds something other than a string is an error naming its file and row, and so is a domain
-    with no text left at all.
-    """
-    numbered = ROW_COLUMN in ds.column_names
-    columns = [c for c in ds.column_names if c != ROW_COLUMN]
-    if spec.template is None and spec.text_field not in columns:
-        raise ValueError(
-            f"domain {spec.name!r} ({part}, {spec.source()}): no text field {spec.text_field!r}; "
-            f"the rows have fields {columns}. Set `text_field` or a `template`."
-        )
-    if spec.template is not None:
-        import string
-
-        needed = {f for _, f, _, _ in string.Formatter().parse(spec.template) if f}
-        missing = sorted(needed - set(columns))
-        if missing:
-            raise ValueError(
-                f"domain {spec.name!r} ({part}): template uses fields {missing} that the rows do not have; "
-                f"available fields: {columns}"
-            )
-
-    def to_text(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        texts = []
-        # Row numbers in source order: the held-out split shuffled the rows.
-        rows = batch[ROW_COLUMN] if numbered else indices
-        for i, row in enumerate(rows):
-            if spec.template is not None:
-                texts.append(spec.template.format(**{k: batch[k][i] for k in columns}))
-                continue
-            value = batch[spec.text_field][i]
-            if value is not None and not isinstance(value, str):
-                raise ValueError(
-                    f"domain {spec.name!r} ({part}): {describe_row(spec, part, row)}: field {spec.text_field!r} "
-                    f"is {type(value).__name__}, expected a string"
-                )
-            texts.append(value or "")
-        return {"text": texts}
-
-    total = len(ds)
-    ds = ds.map(to_text, batched=True, with_indices=True, remove_columns=columns, desc=f"{spec.name}: text")
-    blank = ds.filter(lambda batch: [not t.strip() for t in batch["text"]], batched=True)
-    ds = ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
-    if len(ds) == 0:
-        raise ValueError(
-            f"domain {spec.name!r} ({part}, {spec.source()}) has no non-empty text after filtering; "
-            f"check `text_field`={spec.text_field!r} / `template`"
-        )
-    if len(blank):
-        rows = blank[:3][ROW_COLUMN] if numbered else []
-        where = f" (e.g. {', '.join(describe_row(spec, part, r) for r in rows)})" if rows else ""
-        what = "template's text" if spec.template is not None else f"field {spec.text_field!r}"
-        warnings.warn(
-            f"domain {spec.name!r} ({part}): dropped {len(blank)} of {total} rows whose {what} is missing, "
-            f"null or blank{where}",
-            stacklevel=2,
-        )
-    if numbered:
-        ds = ds.remove_columns(ROW_COLUMN)
-    if stats is not None:
-        stats["dropped"] = len(blank)
-    return ds
-
-
-def tokenize(
-    ds: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    packing: bool,
-    drop_last: bool,
-    cache_dir: str | None = None,
-) -> Dataset:
-    """Token ids in rows of ``max_length``.
-
-    ``packing``: texts joined with EOS and cut into full rows (the last partial row is kept only if
-    ``not drop_last``); else each text is truncated to one row. Rows are padded later, in the collator.
-    """
-    eos = tokenizer.eos_token_id
-    fingerprint = Hasher.hash((ds._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length, packing, drop_last))
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        if not packing:
-            return {"input_ids": [[*x[: max_length - 1], eos] if eos is not None else x[:max_length] for x in ids]}
-        stream: list[int] = []
-        for x in ids:
-            stream.extend(x)
-            if eos is not None:
-                stream.append(eos)
-        n_full = len(stream) // max_length
-        rows = [stream[i * max_length : (i + 1) * max_length] for i in range(n_full)]
-        if not drop_last and len(stream) > n_full * max_length:
-            rows.append(stream[n_full * max_length :])
-        return {"input_ids": rows}
-
-    kwargs: dict[str, Any] = {"batched": True, "batch_size": 1000, "remove_columns": ds.column_names}
-    if cache_dir:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        kwargs["cache_file_name"] = str(Path(cache_dir) / f"tokens-{fingerprint}.arrow")
-    out = ds.map(encode, new_fingerprint=fingerprint, desc="tokenize", **kwargs)
-    return out.filter(lambda batch: [len(x) > 1 for x in batch["input_ids"]], batched=True)

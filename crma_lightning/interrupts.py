@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from crma_lightning import _compat
 from crma_lightning.checkpoints import CheckpointStore
 
 
@@ -78,9 +79,7 @@ class StopSignals:
         if self._handler is None or threading.current_thread() is not threading.main_thread():
             return
         signal.signal(signal.SIGTERM, self._handler)
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is not None and getattr(connector, "received_sigterm", False):
-            connector.received_sigterm = False
+        _compat.clear_received_sigterm(trainer)
 
 
 class StopAndSave(Callback):
@@ -107,7 +106,7 @@ class StopAndSave(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         # With gradient accumulation only a batch that ended with an optimizer step is a consistent point:
         # a checkpoint between micro-batches would drop the partial gradients (same rule as ModelCheckpoint).
-        if trainer.fit_loop.epoch_loop._should_accumulate():
+        if _compat.is_accumulating(trainer):
             return
         stop = self.signals.signum is not None
         if trainer.world_size > 1:

@@ -1,4 +1,4 @@
-"""Continual-learning metrics on a loss matrix (DESIGN §4): pure Python, no torch.
+"""Continual-learning metrics on a loss matrix (docs/metrics.md): pure Python, no torch.
 
 The loss matrix is a list of rows ``matrix[s][c]``: row ``s = 0`` is the base model before any
 training, row ``s = i`` is right after training stage ``i`` (1-based), so a finished run of ``T``
@@ -6,11 +6,11 @@ domains has rows ``0..T``; column ``c = 0..T-1`` is the ``c``-th domain in train
 An entry is the mean held-out token cross-entropy of that domain, evaluated with its own adapter.
 Entries that were not evaluated (future domains, a stage still running) are ``None`` or NaN.
 
-DESIGN §4 writes ``L[s][j]`` with 1-based domains ``j``; here ``L[s][j] = matrix[s][j - 1]``, so the
+docs/metrics.md writes ``L[s][j]`` with 1-based domains ``j``; here ``L[s][j] = matrix[s][j - 1]``, so the
 loss of domain ``c`` right after it was trained, ``L[j][j]``, is ``matrix[c + 1][c]``.
 
 Every function takes ``upto``: the number of completed stages to evaluate at (default: the number of
-rows minus one, i.e. the last row). ``upto`` plays the role of ``T`` in the DESIGN formulas, so the
+rows minus one, i.e. the last row). ``upto`` plays the role of ``T`` in the docs/metrics.md formulas, so the
 metrics of a run can be computed after each stage. Missing entries make a per-domain value ``None``,
 and means skip ``None`` values (a mean with nothing to average is ``None``).
 """
@@ -86,7 +86,7 @@ def _relative(new: float | None, ref: float | None) -> float | None:
 def drift(matrix: Matrix, upto: int | None = None) -> list[float | None]:
     """Loss-relative backward transfer per earlier domain, in percent.
 
-    ``drift_c = 100 · (M[upto][c] − M[c+1][c]) / M[c+1][c]`` for ``c < upto − 1`` (DESIGN:
+    ``drift_c = 100 · (M[upto][c] − M[c+1][c]) / M[c+1][c]`` for ``c < upto − 1`` (docs/metrics.md:
     ``100 · (L[T][j] − L[j][j]) / L[j][j]`` for ``j < T``). Positive means forgetting.
 
     Args:
@@ -112,7 +112,7 @@ def mean_drift(matrix: Matrix, upto: int | None = None) -> float | None:
 def base_relative_forgetting(matrix: Matrix, upto: int | None = None) -> list[float | None]:
     """Forgetting relative to the base model, in percent.
 
-    ``f_c = 100 · (M[upto][c] − M[0][c]) / M[0][c]`` for ``c < upto − 1`` (DESIGN:
+    ``f_c = 100 · (M[upto][c] − M[0][c]) / M[0][c]`` for ``c < upto − 1`` (docs/metrics.md:
     ``100 · (L[T][j] − L[0][j]) / L[0][j]``). Positive means worse than never training at all.
 
     Args:
@@ -137,7 +137,7 @@ def mean_base_relative_forgetting(matrix: Matrix, upto: int | None = None) -> fl
 def bwt(matrix: Matrix, upto: int | None = None) -> float | None:
     """Backward transfer in loss units.
 
-    ``BWT = mean over c < upto − 1 of (M[c+1][c] − M[upto][c])`` (DESIGN: mean over ``j < T`` of
+    ``BWT = mean over c < upto − 1 of (M[c+1][c] − M[upto][c])`` (docs/metrics.md: mean over ``j < T`` of
     ``L[j][j] − L[T][j]``). Negative means forgetting. Missing entries are skipped.
 
     Args:
@@ -162,7 +162,7 @@ def bwt(matrix: Matrix, upto: int | None = None) -> float | None:
 def fwt(matrix: Matrix, upto: int | None = None) -> float | None:
     """Forward transfer in loss units (needs future domains evaluated before they are trained).
 
-    ``FWT = mean over 1 ≤ c < upto of (M[0][c] − M[c][c])`` (DESIGN: mean over ``j > 1`` of
+    ``FWT = mean over 1 ≤ c < upto of (M[0][c] − M[c][c])`` (docs/metrics.md: mean over ``j > 1`` of
     ``L[0][j] − L[j−1][j]``): how much training the earlier domains already lowered domain ``c``'s loss.
     Positive means the earlier domains helped.
 
@@ -183,7 +183,7 @@ def fwt(matrix: Matrix, upto: int | None = None) -> float | None:
 
 
 def plasticity(matrix: Matrix, upto: int | None = None) -> list[float | None]:
-    """How well each domain was learned: ``M[c+1][c]`` for ``c < upto`` (DESIGN: ``L[j][j]``).
+    """How well each domain was learned: ``M[c+1][c]`` for ``c < upto`` (docs/metrics.md: ``L[j][j]``).
 
     Args:
         matrix: Loss matrix.

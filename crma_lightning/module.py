@@ -21,40 +21,24 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from crma_lightning.adapters import (
-    CRMAConfig,
-    LoRAConfig,
-    add_lora_adapter,
-    attach_adapters,
-    crma_adapters,
-    lora_adapter_names,
-    lora_layers,
-    set_active_adapter,
-    set_adapter_trainable,
-    set_crma_trainable,
-)
-from crma_lightning.adapters.lora import check_adapter_name
-from crma_lightning.distributed import AdapterFSDPStrategy, AdapterModelParallelStrategy
-from crma_lightning.models import build_model, load_model_tokenizer
-from crma_lightning.module_state import AdapterCheckpointMixin
+from crma_lightning.adapter_state import AdapterStateMixin
+from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
+from crma_lightning.base_model import build_model, load_model_tokenizer
+from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
+from crma_lightning.checkpoints import identity_differences
+from crma_lightning.generation import generate_text
 from crma_lightning.nonfinite import NonFiniteGuard
-from crma_lightning.sharding import (
-    apply_fsdp1,
-    apply_fsdp2,
-    data_parallel_mesh,
-    fsdp2_mixed_precision,
-)
-
-TASK_ADAPTER_MODES = ("shared", "per_task")
-SHARED_ADAPTER = "shared"
+from crma_lightning.optim import adapter_param_groups
+from crma_lightning.parallel.fsdp2 import fsdp2_mixed_precision
+from crma_lightning.parallel.plain import shard_under_plain_strategy
+from crma_lightning.rng import rng_state, set_rng_state
+from crma_lightning.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapters
 
 
-class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
+class ContinualLM(AdapterStateMixin, L.LightningModule):
     """A causal LM fine-tuned on a sequence of tasks with LoRA (``adapter="lora"``) or LoRA + CRMA.
 
     Args:
@@ -107,7 +91,7 @@ class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
         fsdp_activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if task_adapters not in TASK_ADAPTER_MODES:
+        if task_adapters not in TASK_ADAPTER_MODES:  # checked before the model is built
             raise ValueError(f"task_adapters={task_adapters!r} is invalid: expected one of {list(TASK_ADAPTER_MODES)}")
         lora, crma = _as_config(lora, LoRAConfig), _as_config(crma, CRMAConfig)
         self.save_hyperparameters(
@@ -141,7 +125,7 @@ class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
             torch.manual_seed(seed)
             self.model = build_model(model_name_or_path, model_config, self.tokenizer, dtype, trust_remote_code)
             # Validates everything (adapter type, targets, ranks, CRMA sizes) before touching the model.
-            self.attached = attach_adapters(
+            attach_adapters(
                 self.model, adapter, lora, crma, adapter_name=SHARED_ADAPTER if task_adapters == "shared" else None
             )
         if gradient_checkpointing:
@@ -149,34 +133,31 @@ class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
         # `from_pretrained` returns the model in eval mode and Lightning keeps submodules' modes: without this
         # the base model's dropout would be silently off in training (unlike a model built from a config).
         self.model.train()
-        self.tasks: list[str] = []
-        self.current_task: str | None = None
-        self._seed = seed
+        self.task_adapter_state = TaskAdapters(self.model, task_adapters, lora, seed)
 
     # ------------------------------------------------------------------ tasks
+    @property
+    def tasks(self) -> list[str]:
+        """The run's tasks (domains) in training order."""
+        return self.task_adapter_state.tasks
+
+    @property
+    def current_task(self) -> str | None:
+        """The task now training (``None`` before the first stage)."""
+        return self.task_adapter_state.current
+
     def adapter_for(self, task: str) -> str:
         """Name of the LoRA adapter that serves ``task``."""
-        return SHARED_ADAPTER if self.task_adapters == "shared" else task
+        return self.task_adapter_state.adapter_for(task)
 
     def prepare_tasks(self, tasks: list[str]) -> None:
         """Register the run's tasks up front and create their adapters (frozen, inactive).
 
         Creating every adapter before training keeps the parameter set fixed for the whole run, which
-        sharded (FSDP) and replicated (DDP) training need. Adapter ``i`` is initialised from
-        ``seed + i``, so it is the same whether it is created here or by :meth:`begin_task`.
+        sharded (FSDP) and replicated (DDP) training need.
         """
         for task in tasks:
-            self._ensure_task(task)
-
-    def _ensure_task(self, task: str) -> None:
-        check_adapter_name(task)
-        if task not in self.tasks:
-            self.tasks.append(task)
-        name = self.adapter_for(task)
-        if name not in lora_adapter_names(self.model):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self._seed + 1 + self.tasks.index(task))
-                add_lora_adapter(self.model, name, self.lora_config, trainable=False)
+            self.task_adapter_state.ensure(task)
 
     def begin_task(self, task: str, resumed: bool = False) -> None:
         """Start training ``task``: create/activate its adapter, freeze the other tasks' adapters.
@@ -190,70 +171,51 @@ class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
                 when the stage first began and is not called again (keep per-task state of a subclass in
                 ``on_save_checkpoint``/``on_load_checkpoint``, as ``examples/anchored_crma.py`` does).
         """
-        self._train_task(task)
+        self.task_adapter_state.train(task)
         if not resumed:
             self.on_task_start(task, self.tasks.index(task))
 
-    def _train_task(self, task: str) -> None:
-        self._ensure_task(task)
-        active = self.adapter_for(task)
-        for name in lora_adapter_names(self.model):
-            set_adapter_trainable(self.model, name, name == active)
-        set_crma_trainable(self.model, True)
-        set_active_adapter(self.model, active)
-        self.current_task = task
-
     def activate_task(self, task: str | None) -> None:
         """Make ``task``'s adapter the active one (evaluation); ``None``: LoRA off."""
-        name = None if task is None else self.adapter_for(task)
-        if name is not None and name not in lora_adapter_names(self.model):
-            raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}")
-        for _, layer in lora_layers(self.model):
-            if layer.active_adapter != name:
-                layer.set_adapter(name)
+        self.task_adapter_state.activate(task)
+
+    def end_task(self, task: str) -> None:
+        """The stage on ``task`` finished training (the driver calls it before evaluating): :meth:`on_task_end`."""
+        self.on_task_end(task, self.tasks.index(task))
 
     def on_task_start(self, task: str, index: int) -> None:
         """Hook: called by :meth:`begin_task` once the task's adapter is active and trainable."""
+
+    def on_task_end(self, task: str, index: int) -> None:
+        """Hook: called by :meth:`end_task` after the stage's last optimizer step, before its evaluation."""
 
     # ------------------------------------------------------------------ multi-device
     def configure_model(self) -> None:
         """Shard the model for FSDP; a no-op on one device and under DDP.
 
         Lightning calls this at the start of every ``fit``/``validate``, inside the strategy's contexts.
-
-        * ``ModelParallelStrategy`` / :class:`~crma_lightning.distributed.AdapterModelParallelStrategy`
-          (FSDP2, ``self.device_mesh`` is set): ``fully_shard`` on every decoder block - the
-          ``CRMABlock`` wrapper when CRMA is attached - then on the root
-          (:func:`~crma_lightning.sharding.apply_fsdp2`).
-        * :class:`~crma_lightning.distributed.AdapterFSDPStrategy` / ``FSDPStrategy`` (FSDP1): LoRA factors,
-          CRMA adapters, blocks and the root become FSDP units
-          (:func:`~crma_lightning.sharding.apply_fsdp1`).
-
-        Idempotent - the stage driver makes a new ``Trainer`` per stage, and what is already sharded is
-        skipped. All per-task adapters exist before the first ``fit`` (:meth:`prepare_tasks`), so the
+        A strategy that has ``shard_continual_model(module)`` - :mod:`crma_lightning.parallel`'s
+        ``AdapterModelParallelStrategy`` (FSDP2) and ``AdapterFSDPStrategy`` (FSDP1) - shards it; under
+        Lightning's plain ``ModelParallelStrategy`` / ``FSDPStrategy`` the same layout is applied with a
+        warning (their checkpoints gather the whole frozen base). Idempotent: what is already sharded
+        is skipped. All per-task adapters exist before the first ``fit`` (:meth:`prepare_tasks`), so the
         sharded parameter set never changes; only ``requires_grad`` flips between stages.
         """
-        if self._device_mesh is not None:
-            if not isinstance(self._trainer.strategy if self._trainer else None, AdapterModelParallelStrategy):
-                rank_zero_warn(
-                    "ContinualLM under a plain ModelParallelStrategy: its checkpoints gather the whole frozen base "
-                    "model, and uneven evaluation shards can hang. Use "
-                    "crma_lightning.distributed.AdapterModelParallelStrategy instead."
-                )
-            mesh = data_parallel_mesh(self._device_mesh)
-            apply_fsdp2(self.model, mesh, self.fsdp_mixed_precision, self.fsdp_activation_checkpointing)
-        elif self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
-            if not isinstance(self._trainer.strategy, AdapterFSDPStrategy):
-                rank_zero_warn(
-                    "ContinualLM under a plain FSDPStrategy: its checkpoints gather the whole frozen base model "
-                    "onto rank 0. Use crma_lightning.distributed.AdapterFSDPStrategy instead."
-                )
-            if "auto_wrap_policy" in self._trainer.strategy.kwargs:
-                raise ValueError(
-                    "FSDPStrategy(auto_wrap_policy=...) with ContinualLM: leave auto_wrap_policy unset, "
-                    "configure_model wraps adapters and blocks itself"
-                )
-            self.model = apply_fsdp1(self.model, self.fsdp_activation_checkpointing)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        shard = getattr(strategy, "shard_continual_model", None)
+        if shard is not None:
+            shard(self)
+        else:
+            shard_under_plain_strategy(self, strategy)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks the module brings to every trainer: the non-finite step guard and the adapter restore.
+
+        They live in callbacks (run after the trainer's own, e.g. ``GradientStability``) rather than in
+        module hooks, so a subclass overriding ``on_before_optimizer_step`` or ``on_validation_end``
+        without calling ``super()`` cannot drop them. Extend with ``[*super().configure_callbacks(), ...]``.
+        """
+        return [SkipNonFiniteSteps(), RestoreTrainingAdapter()]
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -264,35 +226,11 @@ class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
         """Hook: optimizer parameter groups, named ``lora``, ``crma``, ``crma_structural`` and ``other``.
 
         ``crma_structural`` (the mixing logits ``Λ``) gets ``crma_structural_lr`` when it is set; the
-        other groups use the optimizer's learning rate. Empty groups are left out.
+        other groups use the optimizer's learning rate. Empty groups are left out
+        (:func:`~crma_lightning.optim.adapter_param_groups`).
         """
-        structural = {id(m.mix_logits) for _, m in crma_adapters(self.model)}
-        crma = {id(p) for _, m in crma_adapters(self.model) for p in m.parameters()}
-        lora = {
-            id(p)
-            for _, layer in lora_layers(self.model)
-            for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())
-        }
-        groups: dict[str, list[nn.Parameter]] = {"lora": [], "crma": [], "crma_structural": [], "other": []}
-        for _, p in self.trainable_parameters():
-            key = (
-                "crma_structural"
-                if id(p) in structural
-                else "crma"
-                if id(p) in crma
-                else "lora"
-                if id(p) in lora
-                else "other"
-            )
-            groups[key].append(p)
-        out = []
-        for name, params in groups.items():
-            if params:
-                group: dict[str, Any] = {"params": params, "name": name}
-                if name == "crma_structural" and self.crma_structural_lr is not None:
-                    group["lr"] = self.crma_structural_lr
-                out.append(group)
-        return out
+        params = (p for _, p in self.trainable_parameters())
+        return adapter_param_groups(self.model, params, {"crma_structural": self.crma_structural_lr})
 
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()
@@ -345,35 +283,50 @@ class ContinualLM(AdapterCheckpointMixin, L.LightningModule):
         total, count = self.token_losses(logits, batch["labels"])
         return {"loss_sum": total.detach(), "tokens": count.detach(), "domain": domain}
 
-    def on_validation_end(self) -> None:
-        # Validation switched adapters per domain; training continues with the current task's.
-        if self.current_task is not None:
-            self.activate_task(self.current_task)
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["continual_model"] = {
+            "tasks": list(self.tasks),
+            "current_task": self.current_task,
+            "identity": self.identity(),
+            "nonfinite": self.nonfinite.state_dict(),
+            "rng": rng_state(),
+        }
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Non-finite loss or gradient: drop this step's gradients so the optimizer skips it.
-        self.nonfinite.check(optimizer, step=self.global_step)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("continual_model")
+        if state is None:
+            raise ValueError("not a crma_lightning checkpoint: it has no 'continual_model' entry")
+        problems = identity_differences(state["identity"], self.identity())
+        if problems:
+            raise ValueError("checkpoint was written by a different model setup; " + "; ".join(problems))
+        self.prepare_tasks(state["tasks"])  # adapters must exist before their weights load
+        if state["current_task"] is not None:
+            self.task_adapter_state.train(state["current_task"])
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        set_rng_state(state.get("rng"))
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters)."""
+        hp = self.hparams
+        return {
+            "model": hp["model_name_or_path"] or hp["model_config"],
+            "vocab_size": len(self.tokenizer),
+            "adapter": self.adapter,
+            "task_adapters": self.task_adapters,
+            "lora": {k: v for k, v in hp["lora"].items() if k != "dropout"},
+            "crma": hp["crma"] if self.adapter == "crma" else None,
+        }
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
     def generate(self, prompt: str | list[str], task: str | None = None, **generate_kwargs: Any) -> list[str]:
         """Continue ``prompt`` with ``task``'s adapter (default: the current task); returns the new text."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         previous = self.current_task
         self.activate_task(task if task is not None else previous)
-        was_training = self.model.training
-        self.model.eval()
         try:
-            side = self.tokenizer.padding_side
-            self.tokenizer.padding_side = "left"
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            self.tokenizer.padding_side = side
-            generate_kwargs.setdefault("max_new_tokens", 32)
-            generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-            out = self.model.generate(**enc, **generate_kwargs)
-            return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            return generate_text(self.model, self.tokenizer, prompts, self.device, **generate_kwargs)
         finally:
-            self.model.train(was_training)
             self.activate_task(previous)
 
 

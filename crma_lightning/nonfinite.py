@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from crma_lightning.grad_norms import group_grad_square_sums
+from crma_lightning.parallel.dist import distributed_ready
+
 
 class NonFiniteError(RuntimeError):
     """Raised after ``max_consecutive`` optimizer steps in a row had a non-finite loss or gradient."""
@@ -40,21 +43,29 @@ class NonFiniteGuard:
         self.per_stage: dict[str, int] = {}
         self.stage: str | None = None
 
-    def check(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
-        """Return ``True`` (and clear the gradients) if this step's gradients are not all finite."""
-        if self.max_consecutive == 0:
+    @property
+    def enabled(self) -> bool:
+        """``False`` with ``max_consecutive=0``: the check is off."""
+        return self.max_consecutive > 0
+
+    def check(self, optimizer: torch.optim.Optimizer, step: int, square_norm: torch.Tensor | None = None) -> bool:
+        """Return ``True`` (and clear the gradients) if this step's gradients are not all finite.
+
+        Args:
+            optimizer: The optimizer about to step.
+            step: The step number for messages (``trainer.global_step``).
+            square_norm: The step's squared global gradient norm, exact across ranks
+                (:func:`~crma_lightning.grad_norms.group_grad_square_sums`); computed here when ``None``.
+                A NaN/inf in any gradient makes it non-finite.
+        """
+        if not self.enabled:
             return False
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return False
-        # Sharded gradients (FSDP) are checked shard by shard, then the verdict is reduced over ranks.
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        norms = torch._foreach_norm(local)  # one fused kernel; a NaN/inf anywhere makes its norm non-finite
-        bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        finite = not bool(bad.item())
-        if finite:
+        if square_norm is None:
+            _, squares = group_grad_square_sums(optimizer)
+            square_norm = squares.sum()
+            if distributed_ready():  # plain local shards (FSDP1): a sum keeps any rank's NaN/inf
+                torch.distributed.all_reduce(square_norm)
+        if bool(torch.isfinite(square_norm).item()):
             self.consecutive = 0
             return False
         optimizer.zero_grad(set_to_none=True)

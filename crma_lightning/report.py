@@ -149,3 +149,24 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Pat
     markdown = render_markdown(report)
     atomic_write(md_path, lambda tmp: Path(tmp).write_text(markdown))
     return json_path, md_path
+
+
+def model_settings(model: Any) -> dict[str, Any]:
+    """The report's ``config.model``: base model, adapter settings, parameter counts (a ``ContinualLM``)."""
+    hp = model.hparams
+    base = hp["model_name_or_path"] or {k: v for k, v in (hp["model_config"] or {}).items()}
+    return {
+        "base": base,
+        "adapter": model.adapter,
+        "task_adapters": model.task_adapters,
+        "lora": hp["lora"],
+        "crma": hp["crma"] if model.adapter == "crma" else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def data_settings(dm: Any) -> dict[str, Any]:
+    """The report's ``config.data``: domains, batch size and the data identity (``SequentialDomainDataModule``)."""
+    identity = {k: v for k, v in dm.identity().items() if k != "sources"}
+    return {"domains": dm.domain_names, "batch_size": dm.batch_size, **identity}

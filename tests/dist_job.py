@@ -36,7 +36,7 @@ import lightning as L
 import torch
 from conftest import TINY_LLAMA_CONFIG
 
-from crma_lightning.continual import ContinualRunner
+from crma_lightning.runner import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
 
@@ -75,7 +75,7 @@ def make_data(world: int) -> SequentialDomainDataModule:
 
 def make_strategy(name: str):
     if name == "fsdp2":
-        from crma_lightning.distributed import AdapterModelParallelStrategy
+        from crma_lightning.parallel import AdapterModelParallelStrategy
 
         # A short collective timeout: a hang fails the job in seconds instead of 30 minutes.
         timeout = timedelta(seconds=90)
@@ -83,7 +83,7 @@ def make_strategy(name: str):
     if name in ("fsdp1", "fsdp1_bf16"):
         from torch.distributed.fsdp import MixedPrecision
 
-        from crma_lightning.distributed import AdapterFSDPStrategy
+        from crma_lightning.parallel import AdapterFSDPStrategy
 
         # fsdp1_bf16: a bf16 policy for the base's units; the adapters' units keep float32 (apply_fsdp1).
         policy = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if name != "fsdp1" else None

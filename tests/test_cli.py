@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import TINY_LLAMA_CONFIG
 
-from crma_lightning.cli import CRMALightningCLI
+from crma_lightning.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -58,7 +58,7 @@ def tiny_config(tmp_path: Path, run_dir: Path, steps: int = 3) -> Path:
 def print_config(*args: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        CRMALightningCLI(args=["fit", *args, "--print_config"])
+        main(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return out.getvalue()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_LLAMA_CONFIG
 
-from crma_lightning.continual import ContinualRunner
+from crma_lightning.runner import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
 

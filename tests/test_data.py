@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -44,6 +45,94 @@ def test_builtin_domains_are_deterministic_distinct_and_large_enough():
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             assert 0.5 * (hist[a] - hist[b]).abs().sum() > 0.15, (a, b)  # total variation distance
+
+
+# sha256 of the built-in domains' documents ("\x1e"-joined UTF-8), written down here independently of
+# the module's own FROZEN_SHA256: the frozen text must never change silently (the README's numbers
+# are measured on it). The 200k hashes are the demo's size (configs/demo.yaml), which CPython 3.11
+# produced from its stdlib before the text was frozen.
+FROZEN_ALL = {
+    "prose": "f8afa9f772a106f9028632ccc0bf7a986c616ad1c221b1f70153c09eda6c080b",
+    "code": "3dbf92f1de8987b794aba07673df8a237bfc112bc2f20eff014e36f1519efe34",
+    "arithmetic": "9fcafb03722410871c417d6fa7a809360c5c427452529c5b6fd54e4e49a2758e",
+    "unicode": "df4eebbd29e9fa4ce70c76499ff6cd4692544f2508bc56a005fac0dc6da3f55b",
+}
+FROZEN_DEMO_200K = {
+    "prose": "d0af088a021f58a356e1f172f49df65a8ca97b27ab75e694e829cfab7efe8804",
+    "code": "0f89104669d161281f47bf4822a827a3b867abe4340aaff438b7e9a7ecc5dc0b",
+    "arithmetic": "2f191b88d9cdac72c7496f20e3480d7538973c04bc2256fc5e97f95f9d83319b",
+    "unicode": "7c26dab63e41350e93f6f6e3317244f10193d6967114550328d06d0d03b35940",
+}
+
+
+def _sha(docs):
+    return hashlib.sha256("\x1e".join(docs).encode("utf-8")).hexdigest()
+
+
+def test_builtin_domains_are_the_frozen_text_on_every_python():
+    from crma_lightning import builtin_domains
+
+    assert sorted(BUILTIN_DOMAINS) == sorted(FROZEN_ALL)
+    texts = {}
+    for name in BUILTIN_DOMAINS:
+        everything = builtin_documents(name)
+        assert _sha(everything) == FROZEN_ALL[name] == builtin_domains.FROZEN_SHA256[name], name
+        assert _sha(builtin_documents(name, 200_000)) == FROZEN_DEMO_200K[name], name
+        # Every cap up to the frozen size is a prefix, as the stdlib generators gave it.
+        assert sum(map(len, everything)) >= builtin_domains.FROZEN_CHARS, name
+        assert builtin_documents(name, 400_000) == everything, name
+        assert builtin_documents(name, 10**9) == everything, name
+        assert all(d.strip() for d in everything), name
+        texts[name] = "".join(everything)
+    assert len(set(texts.values())) == len(texts)  # four different domains
+
+
+def test_builtin_domains_never_read_the_running_pythons_stdlib(monkeypatch):
+    from crma_lightning import builtin_domains
+
+    # If loading fell back to the generators (which read pydoc_data, unicodedata, ...), these would run.
+    def forbidden():
+        raise AssertionError("a stdlib generator ran")
+
+    monkeypatch.setattr(builtin_domains, "_GENERATORS", dict.fromkeys(builtin_domains._GENERATORS, forbidden))
+    builtin_domains._frozen.cache_clear()
+    try:
+        assert _sha(builtin_documents("unicode")) == FROZEN_ALL["unicode"]
+    finally:
+        builtin_domains._frozen.cache_clear()
+
+
+def test_corrupt_frozen_data_is_refused(monkeypatch):
+    from crma_lightning import builtin_domains
+
+    monkeypatch.setitem(builtin_domains.FROZEN_SHA256, "prose", "0" * 64)
+    builtin_domains._frozen.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="does not match its pinned sha256"):
+            builtin_documents("prose")
+    finally:
+        monkeypatch.undo()
+        builtin_domains._frozen.cache_clear()
+
+
+def test_frozen_files_are_package_data():
+    """Each frozen file is matched by pyproject's package-data, so wheels (not only editable installs) ship it."""
+    import fnmatch
+    from pathlib import Path
+
+    from crma_lightning import builtin_domains
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = Path(builtin_domains.__file__).parent
+    for name in BUILTIN_DOMAINS:
+        rel = "/".join((*builtin_domains.FROZEN_DIR, f"{name}.json.xz"))
+        assert (package / rel).is_file(), rel
+        assert any(fnmatch.fnmatch(rel, pat) for pat in patterns["crma_lightning"]), rel
+    total = sum(p.stat().st_size for p in package.joinpath(*builtin_domains.FROZEN_DIR).glob("*.json.xz"))
+    assert total < 400_000  # small: a few hundred KB in the repository
 
 
 def test_each_local_source_kind_loads(tmp_path):

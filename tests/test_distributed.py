@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from crma_lightning.adapters import read_adapter_metadata
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.data import Collator
-from crma_lightning.distributed import AdapterFSDPStrategy, AdapterModelParallelStrategy
+from crma_lightning.parallel import AdapterFSDPStrategy, AdapterModelParallelStrategy
 from crma_lightning.sampling import EvalShardSampler, PaddedEvalLoader, equalize_eval_batches, eval_batches_per_rank
 
 REPO = Path(__file__).resolve().parents[1]

@@ -254,7 +254,7 @@ class _SignalDuringValidation(L.Callback):
 def tiny_runner_parts(tmp_path: Path, domains=("prose", "code"), every=None, callbacks=None, **runner_kwargs):
     from functools import partial
 
-    from crma_lightning.continual import ContinualRunner
+    from crma_lightning.runner import ContinualRunner
     from crma_lightning.data import SequentialDomainDataModule
     from crma_lightning.module import ContinualLM
 
@@ -275,7 +275,7 @@ def tiny_runner_parts(tmp_path: Path, domains=("prose", "code"), every=None, cal
 
 def test_sigterm_during_evaluation_lets_the_stage_finish_and_save(tmp_path):
     """Lightning alone would raise SIGTERMException (SystemExit, exit code 0) mid-validation, unsaved."""
-    from crma_lightning.continual import RunInterrupted
+    from crma_lightning.interrupts import RunInterrupted
 
     callback = _SignalDuringValidation()
     runner, model, data = tiny_runner_parts(tmp_path, callbacks=[callback])
@@ -302,7 +302,7 @@ class _DoubleCtrlC(L.Callback):
 
 def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
     """Lightning turns the second Ctrl+C into ``exit(1)``; the driver still reports an interruption."""
-    from crma_lightning.continual import RunInterrupted
+    from crma_lightning.interrupts import RunInterrupted
 
     runner, model, data = tiny_runner_parts(tmp_path, callbacks=[_DoubleCtrlC()])
     handler_before = signal.getsignal(signal.SIGINT)
@@ -625,7 +625,7 @@ def test_trust_remote_code_is_off_unless_set_and_is_passed_through(monkeypatch):
 
     import transformers
 
-    from crma_lightning import models, tokenizer
+    from crma_lightning import base_model, tokenizer
     from crma_lightning.module import ContinualLM
     from crma_lightning.tokenizer import byte_tokenizer
 
@@ -642,7 +642,7 @@ def test_trust_remote_code_is_off_unless_set_and_is_passed_through(monkeypatch):
         return transformers.AutoModelForCausalLM.from_config(config)
 
     monkeypatch.setattr(tokenizer.AutoTokenizer, "from_pretrained", fake_tokenizer)
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(base_model.AutoModelForCausalLM, "from_pretrained", fake_model)
     ContinualLM(model_name_or_path="some/hub-model", adapter="lora")
     assert calls == [("tokenizer", False), ("model", False)]
     calls.clear()

@@ -197,7 +197,7 @@ def test_nonfinite_steps_are_skipped_then_stop():
 
 
 def test_warmup_cosine_schedule_and_its_validation():
-    from crma_lightning.schedules import WarmupCosine
+    from crma_lightning.optim import WarmupCosine
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = WarmupCosine(opt, warmup_steps=2, total_steps=10, min_ratio=0.1)

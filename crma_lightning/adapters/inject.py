@@ -265,6 +265,27 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         layer.set_adapter(name)
 
 
+def set_active_adapters(model: nn.Module, names: Sequence[str]) -> None:
+    """Activate every LoRA adapter in ``names`` at once in every LoRA layer; their updates are summed.
+
+    O-LoRA keeps all earlier task adapters active (and frozen) next to the new one. ``[]`` turns LoRA
+    off; one name is the same as :func:`set_active_adapter`.
+    """
+    existing = lora_adapter_names(model)
+    unknown = [n for n in names if n not in existing]
+    if unknown:
+        raise ValueError(f"unknown LoRA adapter(s) {unknown}; existing adapters: {existing}")
+    for _, layer in lora_layers(model):
+        layer.set_active_adapters(list(names))
+
+
+def active_adapter_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA adapters active in the model (taken from the first LoRA layer; all layers agree)."""
+    for _, layer in lora_layers(model):
+        return layer.active_adapters
+    return []
+
+
 def set_adapter_trainable(model: nn.Module, name: str, trainable: bool) -> None:
     """Freeze or unfreeze LoRA adapter ``name`` everywhere."""
     existing = lora_adapter_names(model)

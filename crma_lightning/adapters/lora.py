@@ -1,4 +1,4 @@
-"""LoRA: a linear wrapper holding a bank of named low-rank adapters (DESIGN §3.1).
+"""LoRA: a linear wrapper holding a bank of named low-rank adapters (docs/method.md).
 
 ``y = W x + b + s · B A dropout(x)`` with ``s = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA),
 ``A`` Kaiming-uniform and ``B`` zero, so a freshly added adapter leaves the output unchanged.
@@ -6,7 +6,9 @@
 The wrapped layer is kept as ``base_layer`` (PEFT's convention), so module names and the
 parameter names of the base model stay recognisable: ``...q_proj.base_layer.weight``,
 ``...q_proj.lora_A.<adapter>.weight``. Several adapters can live side by side (one per task);
-exactly one - or none - is active at a time. Pure PyTorch: no Lightning import here.
+usually exactly one - or none - is active at a time (:meth:`LoRALinear.set_adapter`). O-LoRA-style
+methods activate several at once (:meth:`LoRALinear.set_active_adapters`): their updates are summed.
+Pure PyTorch: no Lightning import here.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ class LoRALinear(nn.Module):
         lora_B: Adapter name -> ``nn.Linear(r, out_features, bias=False)``, zero init.
         lora_dropout: Adapter name -> dropout (``nn.Identity`` when p = 0).
         scaling: Adapter name -> the scalar ``s``.
-        active_adapter: Name of the adapter used in ``forward`` (``None``: base layer only).
+        active_adapter: Name of the adapter used in ``forward`` (``None``: base layer only). Reading it
+            while several adapters are active raises ``RuntimeError``: single-adapter code must not
+            silently see one of a stack; read :attr:`active_adapters` instead.
+        active_adapters: Names of all active adapters, in the order their updates are added.
         merged_adapter: Name of the adapter currently folded into ``base_layer.weight``, if any.
     """
 
@@ -107,8 +112,45 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.configs: dict[str, LoRAConfig] = {}
-        self.active_adapter: str | None = None
+        self._active: tuple[str, ...] = ()
         self.merged_adapter: str | None = None
+
+    # ------------------------------------------------------------------ active adapters
+    @property
+    def active_adapter(self) -> str | None:
+        if len(self._active) > 1:
+            raise RuntimeError(
+                f"several LoRA adapters are active {list(self._active)}; read `active_adapters` instead of "
+                "`active_adapter`, or activate one with set_adapter()"
+            )
+        return self._active[0] if self._active else None
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self._active = () if name is None else (name,)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the active adapters (empty: base layer only), in summation order."""
+        return list(self._active)
+
+    def set_active_adapters(self, names: list[str] | tuple[str, ...]) -> None:
+        """Activate every adapter in ``names`` at once: ``y = W x + b + Σ_i s_i B_i A_i x`` (O-LoRA).
+
+        An empty list turns LoRA off; a single name is the same as :meth:`set_adapter`.
+        """
+        names = tuple(names)
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown LoRA adapter(s) {unknown}; existing adapters: {list(self.lora_A)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"LoRA adapters {list(names)} are listed more than once; each may be active once")
+        if self.merged_adapter is not None and names != (self.merged_adapter,):
+            raise RuntimeError(
+                f"adapter {self.merged_adapter!r} is merged into the base weight; unmerge() before activating "
+                f"{list(names)}"
+            )
+        self._active = names
 
     # ------------------------------------------------------------------ bank management
     def add_adapter(self, name: str, config: LoRAConfig) -> None:
@@ -158,8 +200,8 @@ class LoRALinear(nn.Module):
             del bank[name]
         del self.scaling[name]
         del self.configs[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
+        # Deleting an active adapter deactivates it; the rest of a stack stays active.
+        self._active = tuple(n for n in self._active if n != name)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -192,16 +234,19 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        name = self.active_adapter
-        if name is None or self.merged_adapter is not None:
+        if not self._active or self.merged_adapter is not None:
             return result
-        lora_a = self.lora_A[name]
-        # Adapters stay float32 when the base runs in bf16/fp16; compute in their dtype, add in the base's.
-        h = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))  # (..., r)
-        return result + (self.lora_B[name](h) * self.scaling[name]).to(result.dtype)
+        # One adapter (the usual case) or a stack whose updates are summed in list order (O-LoRA).
+        for name in self._active:
+            lora_a = self.lora_A[name]
+            # Adapters stay float32 when the base runs in bf16/fp16; compute in their dtype, add in the base's.
+            h = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))  # (..., r)
+            result = result + (self.lora_B[name](h) * self.scaling[name]).to(result.dtype)
+        return result
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"adapters={list(self.lora_A)}, active={self.active_adapter!r}"
+            f"adapters={list(self.lora_A)}, "
+            f"active={self.active_adapters if len(self._active) > 1 else self.active_adapter!r}"
         )

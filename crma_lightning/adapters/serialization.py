@@ -60,7 +60,16 @@ def save_adapters(
     lora_adapters: Iterable[str] | None = None,
 ) -> Path:
     """Write the adapter tensors to a ``.safetensors`` file (atomically); ``metadata`` is stored as JSON."""
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, lora_adapters).items()}
+    return write_adapter_file(adapter_state_dict(model, lora_adapters), path, metadata)
+
+
+def write_adapter_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """The one writer of adapter files: ``tensors`` (full, by parameter name) as safetensors, atomically.
+
+    :func:`save_adapters` calls it with a model's adapters; sharded models gather first and call it too
+    (:func:`crma_lightning.parallel.export.export_adapters`), so every adapter file has one layout.
+    """
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", METADATA_KEY: json.dumps(metadata or {}, default=str)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return Path(path)

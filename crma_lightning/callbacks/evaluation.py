@@ -10,12 +10,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.aggregation import SumMetric
 
-from crma_lightning import metrics
+from crma_lightning import _compat, metrics
+from crma_lightning.parallel.dist import distributed_ready
 from crma_lightning.plotting import loss_matrix_image
 
 
 class DomainEvaluation(L.Callback):
-    """Token-weighted held-out loss per domain, and the run's loss matrix ``L[s][j]`` (DESIGN §4).
+    """Token-weighted held-out loss per domain, and the run's loss matrix ``L[s][j]`` (docs/metrics.md).
 
     Every validation pass (during ``fit`` or a standalone ``validate``) logs ``val/<domain>/loss``
     and ``val/<domain>/ppl``, aggregated with torchmetrics (synchronised across processes: each
@@ -52,7 +53,7 @@ class DomainEvaluation(L.Callback):
         return row < len(self.matrix) and any(v is not None for v in self.matrix[row])
 
     def summary(self, upto: int | None = None) -> dict[str, Any]:
-        """Every DESIGN §4 metric of the matrix so far (``upto``: completed stages)."""
+        """Every docs/metrics.md metric of the matrix so far (``upto``: completed stages)."""
         if not self.matrix:
             return {}
         upto = len(self.matrix) - 1 if upto is None else upto
@@ -104,7 +105,7 @@ class DomainEvaluation(L.Callback):
         losses: dict[str, float] = {}
         for domain in order:
             loss_sum, tokens = self._sums(domain, pl_module.device)
-            if loss_sum.update_count == 0 and not _distributed():
+            if loss_sum.update_count == 0 and not distributed_ready():
                 continue
             total, count = loss_sum.compute(), tokens.compute()  # summed over ranks by torchmetrics
             value = (total / count.clamp_min(1)).float()
@@ -124,7 +125,7 @@ class DomainEvaluation(L.Callback):
         self.matrix[row] = [losses.get(d, self.matrix[row][i]) for i, d in enumerate(self.domains)]
         if not trainer.is_global_zero:
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = _compat.logging_step(trainer)
         summary = self.summary(upto=row)
         scalars = {
             "cl/drift_mean": summary.get("drift_mean"),
@@ -161,7 +162,3 @@ class DomainEvaluation(L.Callback):
         self.domains = list(state_dict.get("domains", []))
         self.matrix = [list(r) for r in state_dict.get("matrix", [])]
         self.tokens = dict(state_dict.get("tokens", {}))
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -1,4 +1,4 @@
-"""``GradientStability``: per-step gradient norm, its variance and peak, and CRMA health (DESIGN §4).
+"""``GradientStability``: per-step gradient norm, its variance and peak, and CRMA health (docs/metrics.md).
 
 Nothing in the optimizer step waits for the device: the norms of each step are queued in a device
 buffer and copied to the host in one transfer per logging interval, where the statistics are updated
@@ -9,191 +9,26 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 
-from crma_lightning.adapters import CRMAAdapter, crma_adapters
-from crma_lightning.sharding import fsdp1_units
-
-try:  # public from torch 2.5; FSDP2 (fully_shard) gradients are DTensors
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch without distributed support, or older layout
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = None  # type: ignore[assignment,misc]
-
-HEALTH_KEYS = ("spectral_norm", "gate", "row_sum_error", "col_sum_error", "sinkhorn_residual")
-# Logged reductions of the per-adapter health values: (key, health field, reduction).
-HEALTH_METRICS = (
-    ("crma/spectral_norm_max", "spectral_norm", "max"),
-    ("crma/gate_mean", "gate", "mean"),
-    ("crma/gate_max", "gate", "max"),
-    ("crma/row_sum_error_max", "row_sum_error", "max"),
-    ("crma/col_sum_error_max", "col_sum_error", "max"),
-    ("crma/sinkhorn_residual_max", "sinkhorn_residual", "max"),
+from crma_lightning import _compat
+from crma_lightning.callbacks.health import (
+    HEALTH_METRICS,
+    crma_health_vector,
+    fsdp1_crma_health_vector,
+    has_sharded_crma,
 )
-_FALLBACK_INTERVAL = 50  # flush interval when the trainer logs never (log_every_n_steps=0)
-
-
-# ---------------------------------------------------------------------- gradient norms on device
-def group_grad_square_sums(
-    optimizer: torch.optim.Optimizer,
-    device: torch.device | str | None = None,
-    local_shards_group: Any = None,
-) -> tuple[list[str], torch.Tensor]:
-    """Sum of squared gradient entries per optimizer param group, over the whole (unsharded) model.
-
-    Runs entirely on the device: no host synchronisation. Squares are accumulated in float32 whatever
-    the gradient dtype. Sharded gradients are reduced so that every rank gets the single-process value:
-
-    * DTensor gradients (FSDP2 ``fully_shard``, tensor parallel): the local shards' sums are
-      all-reduced over the mesh dimensions the tensor is sharded on (replicated dimensions hold
-      copies and are not summed).
-    * Plain local-shard gradients (FSDP1, Lightning's ``FSDPStrategy``): pass the sharding process
-      group as ``local_shards_group`` and the sums are all-reduced over it.
-    * Replicated gradients (single device, DDP after its all-reduce): used as they are.
-
-    Every rank must call this together when a reduction is needed (it issues collectives).
-
-    Args:
-        optimizer: The optimizer about to step; gradients of its parameters (``None`` grads skipped).
-        device: Device of the result when there are no gradients at all.
-        local_shards_group: Process group over which plain-tensor gradients are shards (FSDP1), or
-            ``None`` when plain gradients are complete.
-
-    Returns:
-        Group names (the group's ``"name"`` key, else ``"group{i}"``) and a float32 tensor of their
-        squared-gradient sums, in ``optimizer.param_groups`` order.
-    """
-    groups = optimizer.param_groups
-    names = [str(g.get("name", f"group{i}")) for i, g in enumerate(groups)]
-    # Bucket the gradients by the process groups their squares must be summed over.
-    buckets: dict[tuple[Any, ...], list[list[torch.Tensor]]] = {}
-    for i, group in enumerate(groups):
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if DTensor is not None and isinstance(g, DTensor):
-                mesh = g.device_mesh
-                key = tuple(mesh.get_group(d) for d, pl in enumerate(g.placements) if pl.is_shard())
-                g = g.to_local()
-            else:
-                key = () if local_shards_group is None else (local_shards_group,)
-            buckets.setdefault(key, [[] for _ in groups])[i].append(g)
-    total: torch.Tensor | None = None
-    for key, per_group in buckets.items():
-        flat = [g for gs in per_group for g in gs]
-        # One fused kernel for all per-tensor norms, accumulated in float32.
-        squares = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).square()
-        sums = torch.stack([part.sum() for part in squares.split([len(gs) for gs in per_group])])
-        for process_group in key:
-            torch.distributed.all_reduce(sums, group=process_group)
-        total = sums if total is None else total + sums.to(total.device)
-    if total is None:
-        total = torch.zeros(len(groups), dtype=torch.float32, device=device)
-    return names, total
-
-
-def fsdp1_shard_group(trainer: L.Trainer) -> Any:
-    """The process group over which FSDP1 (``FSDPStrategy``) shards gradients; ``None`` otherwise."""
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    model = trainer.strategy.model
-    for module in model.modules() if model is not None else ():
-        if isinstance(module, FullyShardedDataParallel):
-            return module.process_group  # the sharding group (intra-node under HYBRID_SHARD)
-    return torch.distributed.group.WORLD
-
-
-def step_of(trainer: L.Trainer) -> int:
-    """The logging step of the current optimizer step (continuous across stages, see the stage driver)."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-
-
-def log_interval(trainer: L.Trainer, every: int | None) -> int:
-    """``every``, else the trainer's ``log_every_n_steps`` (a fallback of 50 when that is 0)."""
-    if every is not None:
-        return every
-    return int(trainer.log_every_n_steps) or _FALLBACK_INTERVAL
-
-
-def log_to_loggers(trainer: L.Trainer | None, entries: list[tuple[int, dict[str, float]]]) -> None:
-    """Log ``(step, metrics)`` entries with explicit steps to every logger, on global rank 0 only."""
-    if trainer is None or not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        for step, metrics in entries:
-            if metrics:
-                logger.log_metrics(metrics, step=step)
-
-
-# ---------------------------------------------------------------------- CRMA health
-class _GatheredCRMA:
-    """A CRMA adapter's tiny mixing/gate parameters gathered from their FSDP2 shards.
-
-    Reuses :class:`CRMAAdapter`'s own maths, so the health values are defined in one place.
-    """
-
-    mixing = CRMAAdapter.mixing
-    gate = CRMAAdapter.gate
-    health = CRMAAdapter.health
-
-    def __init__(self, adapter: CRMAAdapter) -> None:
-        self.config = adapter.config
-        self.mix_logits = _full(adapter.mix_logits)
-        self.gate_logit = _full(adapter.gate_logit)
-
-
-def _full(p: torch.Tensor) -> torch.Tensor:
-    return p.full_tensor() if DTensor is not None and isinstance(p, DTensor) else p
-
-
-def crma_health_vector(module: torch.nn.Module) -> torch.Tensor | None:
-    """The :data:`HEALTH_METRICS` reductions over every CRMA adapter of ``module``, as one device tensor.
-
-    ``None`` when ``module`` has no CRMA adapters. Sharded (FSDP2) adapters are gathered first, which is
-    a collective: call it on every rank then.
-    """
-    adapters = [a for _, a in crma_adapters(module)]
-    if not adapters:
-        return None
-    with torch.no_grad():
-        rows = []
-        for adapter in adapters:
-            sharded = DTensor is not None and isinstance(adapter.mix_logits, DTensor)
-            health = (_GatheredCRMA(adapter) if sharded else adapter).health()
-            rows.append(torch.stack([health[k].float().reshape(()) for k in HEALTH_KEYS]))
-        table = torch.stack(rows)  # (adapters, fields)
-        out = []
-        for _, field, reduction in HEALTH_METRICS:
-            column = table[:, HEALTH_KEYS.index(field)]
-            out.append(column.max() if reduction == "max" else column.mean())
-        return torch.stack(out)
-
-
-def fsdp1_crma_health_vector(module: torch.nn.Module, compute: bool) -> torch.Tensor | None:
-    """:func:`crma_health_vector` under FSDP1, where flattened shards do not hold whole matrices.
-
-    A collective: every rank unshards the CRMA adapters' own units (``apply_fsdp1`` gives each one),
-    onto rank 0 only; ranks with ``compute`` (rank 0) compute the vector, the others return ``None``.
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    crma_units = [u for u in fsdp1_units(module) if isinstance(u.module, CRMAAdapter)]
-    if not crma_units:
-        return None
-    with ExitStack() as stack:
-        for unit in crma_units:
-            stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True))
-        return crma_health_vector(module) if compute else None
+from crma_lightning.callbacks.stages import (
+    FALLBACK_INTERVAL,
+    StageTracker,
+    log_interval,
+    log_to_loggers,
+    step_grad_norms,
+)
+from crma_lightning.parallel.fsdp1 import shard_group
 
 
 # ---------------------------------------------------------------------- host-side statistics
@@ -309,40 +144,34 @@ class GradientStability(L.Callback):
         self.stages: dict[str, RunningStats] = {}
         self.run = RunningStats()
         self._stage: str | None = None  # key in self.stages
-        self._task: str | None = None  # pl_module.current_task of that stage
-        self._finished = True
-        self._restored = False
+        self._tracker = StageTracker()
         self._window: deque[float] = deque(maxlen=window)
         self._pending: list[torch.Tensor] = []
         self._pending_steps: list[int] = []
         self._pending_names: list[str] = []
         self._trainer: L.Trainer | None = None
         self._shard_group: Any = None
-        self._every = _FALLBACK_INTERVAL
+        self._every = FALLBACK_INTERVAL
 
     # ------------------------------------------------------------------ stage bookkeeping
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer = trainer
         self._every = log_interval(trainer, self.log_every_n_steps)
-        self._shard_group = fsdp1_shard_group(trainer)
+        self._shard_group = shard_group(pl_module)
         task = getattr(pl_module, "current_task", None)
-        task = None if task is None else str(task)
-        resumed = self._restored and not self._finished and self._stage is not None and task == self._task
-        if not resumed:
-            base = task if task is not None else f"stage{len(self.stages)}"
+        if self._tracker.start(pl_module) or self._stage is None:
+            base = str(task) if task is not None else f"stage{len(self.stages)}"
             key, k = base, 2
             while key in self.stages:  # the same task trained twice: keep both stages
                 key, k = f"{base}#{k}", k + 1
             self.stages[key] = RunningStats()
-            self._stage, self._task = key, task
+            self._stage = key
             self._window.clear()
-        self._finished = False
-        self._restored = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending:
             self._flush(health=True)
-        self._finished = True
+        self._tracker.end()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._pending:
@@ -355,12 +184,12 @@ class GradientStability(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        names, squares = group_grad_square_sums(optimizer, pl_module.device, self._shard_group)
+        names, squares = step_grad_norms(trainer, optimizer, pl_module.device, self._shard_group)
         if self._pending and names != self._pending_names:
             self._flush(health=False)  # a different optimizer layout: rows would not stack
         self._pending_names = names
         self._pending.append(torch.cat([squares.sum().sqrt().reshape(1), squares.sqrt()]))
-        self._pending_steps.append(step_of(trainer))
+        self._pending_steps.append(_compat.logging_step(trainer))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -379,10 +208,10 @@ class GradientStability(L.Callback):
         parts = [torch.stack(rows).flatten()]
         health_vec = None
         if health and self.log_health and trainer is not None and trainer.lightning_module is not None:
-            if isinstance(trainer.strategy, FSDPStrategy):
+            if self._shard_group is not None:  # FSDP1
                 health_vec = fsdp1_crma_health_vector(trainer.lightning_module, trainer.is_global_zero)
             # Rank 0 logs it; other ranks only join in when the adapters are sharded (a collective).
-            elif trainer.is_global_zero or _has_dtensor_params(trainer.lightning_module):
+            elif trainer.is_global_zero or has_sharded_crma(trainer.lightning_module):
                 health_vec = crma_health_vector(trainer.lightning_module)
         if health_vec is not None:
             parts.append(health_vec.to(parts[0].device))
@@ -427,8 +256,7 @@ class GradientStability(L.Callback):
             "stages": {k: v.state_dict() for k, v in self.stages.items()},
             "run": self.run.state_dict(),
             "stage": self._stage,
-            "task": self._task,
-            "finished": self._finished,
+            **self._tracker.state_dict(),
             "window": list(self._window),
         }
 
@@ -436,11 +264,6 @@ class GradientStability(L.Callback):
         self.stages = {k: RunningStats.from_state(v) for k, v in state_dict.get("stages", {}).items()}
         self.run = RunningStats.from_state(state_dict.get("run", {}))
         self._stage = state_dict.get("stage")
-        self._task = state_dict.get("task")
-        self._finished = bool(state_dict.get("finished", True))
+        self._tracker.load_state_dict(state_dict)
         self._window = deque((float(v) for v in state_dict.get("window", [])), maxlen=self.window)
-        self._restored = True
 
-
-def _has_dtensor_params(module: torch.nn.Module) -> bool:
-    return DTensor is not None and any(isinstance(a.mix_logits, DTensor) for _, a in crma_adapters(module))

@@ -10,15 +10,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from crma_lightning.callbacks.gradient import (
-    DTensor,
-    GradientStability,
-    fsdp1_shard_group,
-    group_grad_square_sums,
-    log_interval,
-    log_to_loggers,
-    step_of,
-)
+from crma_lightning import _compat
+from crma_lightning.callbacks.gradient import GradientStability
+from crma_lightning.callbacks.stages import StageTracker, log_interval, log_to_loggers, step_grad_norms
+from crma_lightning.parallel.dist import to_local
+from crma_lightning.parallel.fsdp1 import shard_group
 
 MODES = ("threshold", "adaptive")
 # Device-side state, in this order in checkpoints: warm-up Welford (n, mean, m2), the EMA (mean,
@@ -101,9 +97,7 @@ class ZClip(L.Callback):
         self.seen = 0  # steps since the statistics (re)started; host-side, so warm-up needs no sync
         self._values: dict[str, float] = dict.fromkeys(_STATE, 0.0)  # host copy until the first step
         self._t: dict[str, torch.Tensor] | None = None  # device state
-        self._task: str | None = None
-        self._finished = True
-        self._restored = False
+        self._tracker = StageTracker()
         self._trainer: L.Trainer | None = None
         self._shard_group: Any = None
         self._every = 50
@@ -123,20 +117,14 @@ class ZClip(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer = trainer
         self._every = log_interval(trainer, self.log_every_n_steps)
-        self._shard_group = fsdp1_shard_group(trainer)
-        task = getattr(pl_module, "current_task", None)
-        task = None if task is None else str(task)
-        resumed = self._restored and not self._finished and task == self._task
-        if not resumed and self.reset_each_stage:
+        self._shard_group = shard_group(pl_module)
+        if self._tracker.start(pl_module) and self.reset_each_stage:
             self.reset()
-        self._task = task
-        self._finished = False
-        self._restored = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._unlogged:
             self._flush()
-        self._finished = True
+        self._tracker.end()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = None
@@ -157,7 +145,7 @@ class ZClip(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        _, squares = group_grad_square_sums(optimizer, pl_module.device, self._shard_group)
+        _, squares = step_grad_norms(trainer, optimizer, pl_module.device, self._shard_group)
         norm = squares.sum().sqrt()
         s = self._state(norm.device)
         finite = torch.isfinite(norm)
@@ -181,7 +169,8 @@ class ZClip(L.Callback):
             clip = finite & (s["ready"] > 0) & (z > self.z_thresh)
             # When clip is true, norm > threshold > 0, so the division is safe where it is used.
             scale = torch.where(clip, threshold / norm.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
-            grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [to_local(p.grad) for p in params]
             if grads:
                 torch._foreach_mul_(grads, scale)
             clipped_norm = torch.where(clip, threshold, norm)
@@ -193,7 +182,7 @@ class ZClip(L.Callback):
             s["clipped_interval"].add_(clip.float())
             s["clipped_total"].add_(clip.float())
         self.seen += 1
-        self._last_step = step_of(trainer)
+        self._last_step = _compat.logging_step(trainer)
         self._unlogged = True
 
     def on_train_batch_end(
@@ -242,8 +231,7 @@ class ZClip(L.Callback):
             "version": 1,
             "seen": self.seen,
             "values": self._host_values(),
-            "task": self._task,
-            "finished": self._finished,
+            **self._tracker.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -251,11 +239,5 @@ class ZClip(L.Callback):
         values = state_dict.get("values", {})
         self._values = {k: float(values.get(k, 0.0)) for k in _STATE}
         self._t = None  # rebuilt on the gradients' device at the next step
-        self._task = state_dict.get("task")
-        self._finished = bool(state_dict.get("finished", True))
-        self._restored = True
+        self._tracker.load_state_dict(state_dict)
 
-
-def _local(grad: torch.Tensor) -> torch.Tensor:
-    # Scaling every shard by the same (replicated) factor scales the whole gradient.
-    return grad.to_local() if DTensor is not None and isinstance(grad, DTensor) else grad

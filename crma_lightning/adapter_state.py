@@ -1,7 +1,9 @@
-"""What a ``ContinualLM`` checkpoint holds: the adapters (never the frozen base) and the task state.
+"""Adapter-only ``state_dict``: what a checkpoint of a module wrapping a frozen model holds.
 
-A mixin of :class:`~crma_lightning.module.ContinualLM`, kept apart because it is one concept - the
-checkpoint contract - that strategies (DDP, FSDP, FSDP2) and the stage driver rely on.
+A mixin of :class:`~crma_lightning.module.ContinualLM` that needs one thing from its host: the
+wrapped model as ``self.model``. Checkpoints hold the adapters, anything trainable and the host's own
+state outside ``model`` - never the frozen base weights. The adapter strategies
+(:mod:`crma_lightning.parallel.strategies`) rely on it through the ``AdapterCheckpointing`` protocol.
 """
 
 from __future__ import annotations
@@ -9,18 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from crma_lightning.adapters import adapter_parameter_names
-from crma_lightning.rng import rng_state, set_rng_state
-from crma_lightning.sharding import clean_parameter_name
+from crma_lightning.parallel.gather import clean_parameter_name
 
 
-class AdapterCheckpointMixin:
-    """``state_dict``/``load_state_dict`` limited to what trains, plus the continual state and identity.
+class AdapterStateMixin:
+    """``state_dict``/``load_state_dict`` limited to the adapters, trainable parameters and the host's own state.
 
-    Expects the host class to provide ``model``, ``tasks``, ``current_task``, ``nonfinite``,
-    ``tokenizer``, ``adapter``, ``task_adapters``, ``hparams``, ``prepare_tasks`` and ``_train_task``.
+    The host (an ``nn.Module``) provides ``model``: the wrapped model whose frozen weights are left out.
     """
+
+    model: nn.Module
 
     def checkpoint_parameter_names(self) -> list[str]:
         """Names (in ``state_dict`` form) of what a checkpoint holds: adapters + anything trainable."""
@@ -98,42 +101,3 @@ class AdapterCheckpointMixin:
         return {f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_parameters()} | {
             f"model.{clean_parameter_name(n)}" for n, _ in self.model.named_buffers()
         }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["continual_model"] = {
-            "tasks": list(self.tasks),
-            "current_task": self.current_task,
-            "identity": self.identity(),
-            "nonfinite": self.nonfinite.state_dict(),
-            "rng": rng_state(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("continual_model")
-        if state is None:
-            raise ValueError("not a crma_lightning checkpoint: it has no 'continual_model' entry")
-        self.check_identity(state["identity"])
-        self.prepare_tasks(state["tasks"])  # adapters must exist before their weights load
-        if state["current_task"] is not None:
-            self._train_task(state["current_task"])
-        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
-        set_rng_state(state.get("rng"))
-
-    def identity(self) -> dict[str, Any]:
-        """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters)."""
-        hp = self.hparams
-        return {
-            "model": hp["model_name_or_path"] or hp["model_config"],
-            "vocab_size": len(self.tokenizer),
-            "adapter": self.adapter,
-            "task_adapters": self.task_adapters,
-            "lora": {k: v for k, v in hp["lora"].items() if k != "dropout"},
-            "crma": hp["crma"] if self.adapter == "crma" else None,
-        }
-
-    def check_identity(self, saved: dict[str, Any]) -> None:
-        """Raise ``ValueError`` naming every setting where a checkpoint and this model differ."""
-        mine = self.identity()
-        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
-        if diffs:
-            raise ValueError("checkpoint was written by a different model setup; " + "; ".join(diffs))

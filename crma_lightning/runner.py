@@ -7,13 +7,8 @@ per stage has neither problem. What must stay continuous is shared explicitly: t
 state is the run's state), the loggers (one TensorBoard run), and the logging step, which starts each
 stage where the previous one ended.
 
-Run directory layout::
-
-    <run_dir>/report.json, report.md       rewritten after every stage
-    <run_dir>/tensorboard/                  one continuous TensorBoard run
-    <run_dir>/checkpoints/stage-01-<domain>.ckpt   after each stage (adapters, optimizer, run state)
-    <run_dir>/checkpoints/last.ckpt         mid-stage (periodic or on SIGINT/SIGTERM)
-    <run_dir>/adapters/stage-01-<domain>.safetensors   all adapters after each stage
+Run directory: ``report.json``/``report.md`` (rewritten after every stage), ``config.yaml``,
+``tensorboard/`` (one continuous run), and the files of :mod:`crma_lightning.checkpoints`.
 """
 
 from __future__ import annotations
@@ -28,42 +23,19 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from crma_lightning import _compat
+from crma_lightning.adapters.serialization import atomic_write
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
-from crma_lightning.checkpoints import RESUME_MODES, STAGE_PREFIX, CheckpointStore, data_identity
+from crma_lightning.checkpoints import RESUME_MODES, CheckpointStore, RunState
 from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.distributed import export_adapters
 from crma_lightning.interrupts import RunInterrupted, StopAndSave, StopSignals
 from crma_lightning.module import ContinualLM
-from crma_lightning.report import build_report, write_report
-from crma_lightning.utils import is_global_zero
+from crma_lightning.parallel.dist import is_global_zero
+from crma_lightning.parallel.export import export_adapters
+from crma_lightning.report import build_report, data_settings, model_settings, write_report
 
-
-class _RunState(Callback):
-    """The driver's own state, stored in every checkpoint (``callbacks`` entry ``_RunState``)."""
-
-    def __init__(self) -> None:
-        self.domains: list[str] = []
-        self.completed = 0  # finished stages
-        self.step_offset = 0  # logging step at the start of the current stage
-        self.timings: dict[str, dict[str, float]] = {}
-        self.identity: dict[str, Any] = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "domains": list(self.domains),
-            "completed": self.completed,
-            "step_offset": self.step_offset,
-            "timings": copy.deepcopy(self.timings),
-            "identity": copy.deepcopy(self.identity),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.domains = list(state_dict["domains"])
-        self.completed = int(state_dict["completed"])
-        self.step_offset = int(state_dict["step_offset"])
-        self.timings = dict(state_dict.get("timings", {}))
-        self.identity = dict(state_dict.get("identity", {}))
+__all__ = ["ContinualRunner", "RunInterrupted"]
 
 
 class ContinualRunner:
@@ -85,6 +57,8 @@ class ContinualRunner:
             the work lost to a hard kill). Signals always write it.
         save_stage_adapters: Write all adapters as safetensors after every stage.
         config: The run's configuration, copied into the report (the CLI passes the parsed YAML).
+        config_text: The resolved configuration as YAML, written to ``run_dir/config.yaml`` once every
+            up-front check has passed (the CLI passes it; ``None``: no file).
     """
 
     def __init__(
@@ -97,6 +71,7 @@ class ContinualRunner:
         checkpoint_every_n_steps: int | None = None,
         save_stage_adapters: bool = True,
         config: dict[str, Any] | None = None,
+        config_text: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.checkpoints = CheckpointStore(self.run_dir)
@@ -109,11 +84,12 @@ class ContinualRunner:
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.save_stage_adapters = save_stage_adapters
         self.config = config or {}
-        self.state = _RunState()
+        self.config_text = config_text
+        self.started = False  # every up-front check passed and the run directory is being written
+        self.state = RunState()
         self.signals = StopSignals()
         self._purge_step = 0
         self.loggers: list[Logger] = []
-        self._handler: Any = None  # the SIGINT/SIGTERM handler while a run is in progress
         # (path, checkpoint) that `preflight` chose to resume from; None until it has looked.
         self._resume_choice: tuple[Path | None, dict[str, Any] | None] | None = None
         _check_budget(self.trainer_kwargs, required=False)  # a missing budget may come from every domain
@@ -135,36 +111,42 @@ class ContinualRunner:
         return [*self.callbacks, self.state]
 
     # ------------------------------------------------------------------ the run
-    def preflight(
-        self, model: ContinualLM, datamodule: SequentialDomainDataModule, world_size: int | None = None
-    ) -> None:
-        """Every check that needs no training, done before anything is written to ``run_dir``.
+    def preflight(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> None:
+        """Every check that needs no training and no trainer, done before anything is written to ``run_dir``.
 
-        Loads, checks and tokenises every domain; checks each stage's budget, that every domain fills
-        one global batch (when ``world_size`` is given; :meth:`run` checks it again once its trainer
-        knows the world size) and, when resuming, that the checkpoint to continue from is readable and
-        belongs to this configuration (model, adapters, domains and their held-out data). :meth:`run`
-        calls it too; call it first to fail before writing anything else (the CLI does, before it
-        saves ``config.yaml``).
+        Loads, checks and tokenises every domain; checks each stage's budget and, when resuming, that
+        the checkpoint to continue from is readable and belongs to this configuration (model, adapters,
+        domains and their held-out data). :meth:`run` calls it first; calling it earlier yourself is
+        harmless (its work is not repeated).
 
         Raises:
             ValueError: Naming the domain, file, setting or checkpoint at fault.
         """
+        if self._resume_choice is not None:
+            return  # already done
         datamodule.prepare(model.tokenizer)
-        domains = datamodule.domain_names
         for spec in datamodule.specs:
             _check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name)
-        if world_size is not None:
-            datamodule.check_batches(world_size)
-        self.state.domains = domains
-        self.state.identity = {"model": model.identity(), "domains": domains, "data": data_identity(datamodule)}
-        if self._resume_choice is None:
-            self._resume_choice = self.checkpoints.find_resume(self.resume, self.state.identity)
+        self.state.domains = datamodule.domain_names
+        self.state.identity = {
+            "model": model.identity(),
+            "domains": datamodule.domain_names,
+            "data": datamodule.identity(),
+        }
+        self._resume_choice = self.checkpoints.find_resume(self.resume, self.state.identity)
 
     def run(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
-        """Run every remaining stage; returns the final report (also written to ``run_dir``)."""
-        self.preflight(model, datamodule)  # every domain loaded and checked before any training
+        """Run every remaining stage; returns the final report (also written to ``run_dir``).
+
+        Nothing is written before every up-front check passed: data, budgets, the checkpoint to resume,
+        and that every domain fills one global batch at this trainer's world size.
+        """
+        self.preflight(model, datamodule)
         domains = datamodule.domain_names
+        first = self._make_trainer(self.state.completed if self.state.completed < len(domains) else 0, datamodule)
+        datamodule.check_batches(first.world_size)
+        self.started = True
+        self._write_config()
         model.prepare_tasks(domains)
         self.checkpoints.remove_stale_temp_files()
         resume_from, resume_stage_done = self._restore(model, datamodule)
@@ -185,6 +167,10 @@ class ContinualRunner:
                     raise RunInterrupted(self.signals.signum, str(newest) if newest else None) from err
                 raise
         return self._write_report(model, datamodule, "complete")
+
+    def _write_config(self) -> None:
+        if self.config_text is not None and is_global_zero():
+            atomic_write(self.run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(self.config_text))
 
     def _run_stages(
         self, model: ContinualLM, dm: SequentialDomainDataModule, resume_from: Path | None, stage_done: bool
@@ -211,6 +197,7 @@ class ContinualRunner:
             t0 = time.perf_counter()
             trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if mid_stage else None, weights_only=True)
             resume_from = None  # only the first stage after a restart resumes mid-stage
+            model.end_task(domain)
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             self._evaluate(trainer, model, dm, row=stage + 1)
@@ -222,7 +209,7 @@ class ContinualRunner:
             }
             self.state.completed = stage + 1
             # The next stage logs from the step after this stage's evaluation: no two events share a step.
-            self.state.step_offset = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+            self.state.step_offset = _compat.logging_step(trainer) + 1
             try:
                 self.checkpoints.save(trainer, self.checkpoints.stage(stage, domain))
             except BaseException:
@@ -276,14 +263,13 @@ class ContinualRunner:
         kwargs["logger"] = self.loggers or False
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         trainer = L.Trainer(**kwargs)
-        dm.check_batches(trainer.world_size)  # before the first stage trains, now that the world size is known
         # Continue the logging step where the previous stage ended: one continuous TensorBoard run.
-        trainer.fit_loop.epoch_loop._batches_that_stepped = self.state.step_offset
+        _compat.set_logging_step(trainer, self.state.step_offset)
         return trainer
 
     # ------------------------------------------------------------------ checkpoints
     def _export_adapters(self, trainer: L.Trainer, model: ContinualLM, stage: int, domain: str) -> None:
-        path = self.run_dir / "adapters" / f"{STAGE_PREFIX}{stage + 1:02d}-{domain}.safetensors"
+        path = self.checkpoints.stage_adapters(stage, domain)
         # Every rank joins: sharded (FSDP) adapters are gathered collectively; rank 0 writes the file.
         metadata = {"stage": stage + 1, "domain": domain, **model.identity()}
         export_adapters(model.model, path, metadata=metadata, write=trainer.is_global_zero)
@@ -298,8 +284,7 @@ class ContinualRunner:
         complete = CheckpointStore.is_stage_checkpoint(path)
         # TensorBoard drops events at and after `purge_step`: what the killed run logged past the checkpoint.
         # A stage checkpoint is followed by the next stage's first step; a mid-stage one by its next step.
-        loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-        self._purge_step = self.state.step_offset if complete else int(loop["_batches_that_stepped"]) + 1
+        self._purge_step = self.state.step_offset if complete else _compat.saved_logging_step(ckpt) + 1
         return path, complete
 
     def _load_states(self, ckpt: dict[str, Any], model: ContinualLM, dm: SequentialDomainDataModule) -> None:
@@ -323,7 +308,7 @@ class ContinualRunner:
             status=status,
             metrics=evaluation.summary(upto=self.state.completed) if evaluation.matrix else {},
             gradients=self.gradient_stats.summary(),
-            config={"model": _model_summary(model), "data": _data_settings(dm), **self.config},
+            config={"model": model_settings(model), "data": data_settings(dm), **self.config},
             data=dm.summary(),
             timings={
                 "stages": self.state.timings,
@@ -363,31 +348,6 @@ def _check_budget(
             f"no per-stage budget{where}: set trainer max_steps (optimizer steps per stage) or max_epochs, "
             "or max_steps on the domain"
         )
-
-
-def _model_summary(model: ContinualLM) -> dict[str, Any]:
-    hp = model.hparams
-    base = hp["model_name_or_path"] or {k: v for k, v in (hp["model_config"] or {}).items()}
-    return {
-        "base": base,
-        "adapter": model.adapter,
-        "task_adapters": model.task_adapters,
-        "lora": hp["lora"],
-        "crma": hp["crma"] if model.adapter == "crma" else None,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total_parameters": sum(p.numel() for p in model.parameters()),
-    }
-
-
-def _data_settings(dm: SequentialDomainDataModule) -> dict[str, Any]:
-    return {
-        "domains": dm.domain_names,
-        "max_length": dm.max_length,
-        "packing": dm.packing,
-        "batch_size": dm.batch_size,
-        "eval_domains": dm.eval_domains,
-        "seed": dm.seed,
-    }
 
 
 def _print(trainer: L.Trainer, message: str) -> None:

@@ -1,162 +1,24 @@
-"""Sharding a ``ContinualLM``'s model: FSDP2 (``fully_shard``) and FSDP1 (``wrap``) unit layouts.
+"""FSDP1 (``FullyShardedDataParallel``) for a ``ContinualLM``'s model: units, gathering, optimizer state.
 
-Called from ``ContinualLM.configure_model``; the strategy side (adapter-only sharded checkpoints,
-padded evaluation) is in :mod:`crma_lightning.distributed`.
+Called by :class:`~crma_lightning.parallel.strategies.AdapterFSDPStrategy` (and, with a warning,
+under Lightning's plain ``FSDPStrategy``) from ``ContinualLM.configure_model``. Every function that
+unshards is a collective: every rank calls it with the same arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from crma_lightning.adapters import CRMABlock, find_decoder_layers, lora_layers
-
-# fp16 is left out on purpose: FSDP2's policy has no loss scaling, and fp16 gradients underflow without it.
-MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-# ---------------------------------------------------------------------- FSDP2 (fully_shard)
-def fsdp2_mixed_precision(name: str | None) -> Any:
-    """``MixedPrecisionPolicy`` for ``name`` (``"bf16"``; ``None``: no policy).
-
-    Parameters are all-gathered and computed in the low-precision dtype; gradients are reduced in
-    float32, and the sharded parameters (hence the optimizer) stay in their own dtype - float32 for
-    the adapters.
-    """
-    if name is None:
-        return None
-    if name not in MIXED_PRECISION_DTYPES:
-        raise ValueError(
-            f"fsdp_mixed_precision={name!r} is invalid: expected one of {sorted(MIXED_PRECISION_DTYPES)} or None"
-        )
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=MIXED_PRECISION_DTYPES[name], reduce_dtype=torch.float32)
+from crma_lightning.adapters import CRMAAdapter, CRMABlock, find_decoder_layers, lora_layers
+from crma_lightning.parallel.dist import global_rank
+from crma_lightning.parallel.gather import check_optimizer_layout, clean_parameter_name
 
 
-def _float32_policy() -> Any:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
-
-
-def is_fsdp2_module(module: nn.Module) -> bool:
-    """Whether ``fully_shard`` was already applied to ``module``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
-def apply_fsdp2(
-    model: nn.Module, mesh: Any, mixed_precision: str | None = None, activation_checkpointing: bool = False
-) -> int:
-    """``fully_shard`` every decoder block, then the root; returns how many modules were newly sharded.
-
-    A block is the :class:`CRMABlock` wrapper when CRMA is attached, so each CRMA adapter is sharded
-    (and all-gathered) together with its block - except under mixed precision, where the adapter gets a
-    float32 unit of its own inside the block. LoRA factors live inside the block's linears and are
-    sharded with it.
-    Idempotent: the stage driver builds a new ``Trainer`` per stage and Lightning calls
-    ``configure_model`` for every ``fit``/``validate``, so modules already sharded are skipped.
-
-    Frozen base weights and trainable adapters share an FSDP2 unit without cost: FSDP2 keeps one
-    ``DTensor`` per parameter and only allocates and reduce-scatters gradients of parameters that
-    require them, re-reading ``requires_grad`` at every all-gather - so flipping it between stages
-    (stage 2 trains adapter ``b`` while ``a`` is frozen) needs no re-wrapping. The one thing FSDP2
-    fixes at the first forward, each unit's gradient dtypes, is refreshed on every call (see
-    :func:`refresh_fsdp2_gradient_dtypes`).
-
-    Args:
-        model: The Hugging Face model (``ContinualLM.model``).
-        mesh: A 1-D device mesh over the data-parallel ranks.
-        mixed_precision: See :func:`fsdp2_mixed_precision`.
-        activation_checkpointing: Recompute each block's activations in the backward pass (torch's
-            composable ``checkpoint``, which keeps parameter names unchanged - checkpoints stay
-            interchangeable with unsharded runs).
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    kwargs: dict[str, Any] = {"mesh": mesh}
-    policy = fsdp2_mixed_precision(mixed_precision)
-    if policy is not None:
-        kwargs["mp_policy"] = policy
-    _, layers = find_decoder_layers(model)
-    count = 0
-    for block in layers:
-        if is_fsdp2_module(block):
-            continue
-        if policy is not None and isinstance(block, CRMABlock):
-            # CRMA keeps float32 parameters under mixed precision: its Sinkhorn and norm constraints run in
-            # float32 by design (the structural bound needs exact unit row/column sums), and its mixing
-            # product needs one dtype. Its own unit (one small extra all-gather per block) keeps it so;
-            # inputs stay in the compute dtype, and so does its output.
-            fully_shard(block.crma, mesh=mesh, mp_policy=_float32_policy())
-            count += 1
-        if activation_checkpointing:
-            from torch.distributed._composable import checkpoint
-
-            checkpoint(block)
-        fully_shard(block, **kwargs)
-        count += 1
-    if not is_fsdp2_module(model):
-        fully_shard(model, **kwargs)
-        count += 1
-    refresh_fsdp2_gradient_dtypes(model, required=policy is not None)
-    return count
-
-
-def refresh_fsdp2_gradient_dtypes(model: nn.Module, required: bool = True) -> None:
-    """Make FSDP2 re-derive each unit's gradient dtypes from the parameters that train *now*.
-
-    Why: FSDP2 fixes a unit's original/reduce dtypes once, at its first forward, from the parameters
-    that require grad at that moment (``FSDPParamGroup._init_mp_dtypes``, called from ``lazy_init``).
-    In a continual run the first forward is the base-model evaluation, when most adapters are
-    frozen; a unit with no trainable parameter then gets ``None`` for both, and under a mixed
-    precision policy its gradients would later be reduced in bf16 and assigned to float32 parameters
-    (``RuntimeError: attempting to assign a gradient with dtype BFloat16 ...``). Re-running that
-    initialisation after ``requires_grad`` changed (every ``fit``, via ``configure_model``) fixes it.
-    Without a mixed precision policy gradients already have the parameters' dtype and nothing changes.
-
-    Uses FSDP2 internals (torch >= 2.6); with ``required`` a missing internal raises instead of
-    failing later with the error above.
-    """
-    for module in model.modules():
-        if not is_fsdp2_module(module):
-            continue
-        state = module._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None and hasattr(state, "_fsdp_param_group"):
-            groups = [state._fsdp_param_group] if state._fsdp_param_group is not None else []
-        if groups is None or not all(hasattr(g, "_init_mp_dtypes") for g in groups):
-            if required:
-                raise RuntimeError(
-                    "this torch version's FSDP2 internals changed: cannot refresh gradient dtypes after "
-                    "requires_grad changes; run without fsdp_mixed_precision"
-                )
-            return
-        for group in groups:
-            group._init_mp_dtypes()
-
-
-def data_parallel_mesh(mesh: Any) -> Any:
-    """The data-parallel sub-mesh of Lightning's 2-D ``(data_parallel, tensor_parallel)`` mesh.
-
-    Raises:
-        ValueError: Tensor parallelism was requested; ``ContinualLM`` has no tensor-parallel plan.
-    """
-    names = mesh.mesh_dim_names or ()
-    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
-            f"tensor_parallel_size={mesh['tensor_parallel'].size()} is not supported: ContinualLM shards "
-            "with FSDP2 over the data-parallel dimension only; use tensor_parallel_size=1"
-        )
-    return mesh["data_parallel"] if "data_parallel" in names else mesh
-
-
-# ---------------------------------------------------------------------- FSDP1 (FSDPStrategy)
 def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
     """Wrap adapters, blocks and the root as FSDP1 units; returns the wrapped root.
 
@@ -172,7 +34,7 @@ def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.
     every forward.
 
     Do not also set the strategy's ``auto_wrap_policy`` (the wrapping is done here). Use it with
-    :class:`~crma_lightning.fsdp1.AdapterFSDPStrategy`, whose checkpoints gather only the
+    :class:`~crma_lightning.parallel.strategies.AdapterFSDPStrategy`, whose checkpoints gather only the
     adapter units (:func:`fsdp1_gather_params`).
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -198,20 +60,6 @@ def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.
             checkpoint(block)
         layers[i] = wrap(block)
     return wrap(model)
-
-
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def clean_parameter_name(name: str) -> str:
-    """``name`` without the segments FSDP1 / activation-checkpoint wrappers insert.
-
-    FSDP1's ``named_parameters`` keeps them (outside ``summon_full_params``) while its state dict keys
-    do not; stripping them makes both agree with the unwrapped model (and with checkpoints of it).
-    """
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def has_fsdp1_modules(module: nn.Module) -> bool:
@@ -252,8 +100,8 @@ def fsdp1_units_holding(model: nn.Module, names: Iterable[str]) -> list[tuple[nn
     return list(units.values())
 
 
-def fsdp1_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP1 units of ``model`` (which must contain the root), in module order, root lazily initialised.
+def init_fsdp1_root(model: nn.Module) -> list[nn.Module]:
+    """Lazily initialise the FSDP1 root of ``model``; returns its units in module order.
 
     Call before unsharding inner units: ``summon_full_params`` on a unit lazily initialises it as a
     root if the real root has not been initialised yet (no forward has run).
@@ -266,10 +114,39 @@ def fsdp1_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def _fsdp1_units(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Module, str, list[str]]]:
+def _units_for(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Module, str, list[str]]]:
     holding = fsdp1_units_holding(model, names)  # raises for unknown names before any collective
-    fsdp1_units(model)
+    init_fsdp1_root(model)
     return holding
+
+
+def shard_group(model: Any) -> Any:
+    """The process group over which FSDP1 shards ``model``'s gradients; ``None`` if it is not FSDP1.
+
+    The group of the first unit: the whole world, or the intra-node group under ``HYBRID_SHARD``.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for module in model.modules() if isinstance(model, nn.Module) else ():
+        if isinstance(module, FullyShardedDataParallel):
+            return module.process_group
+    return None
+
+
+@contextmanager
+def crma_units_unsharded(model: nn.Module) -> Iterator[bool]:
+    """Unshard the CRMA adapters' own units onto rank 0 for reading (a collective); yields whether any exist.
+
+    FSDP1 flattens a unit's parameters, so a shard does not hold whole matrices; the CRMA health needs
+    them. :func:`apply_fsdp1` gives every adapter a unit of its own, so this gathers a few tiny tensors.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = [u for u in init_fsdp1_root(model) if isinstance(u.module, CRMAAdapter)]
+    with ExitStack() as stack:
+        for unit in units:
+            stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True))
+        yield bool(units)
 
 
 def fsdp1_gather_params(model: nn.Module, names: Iterable[str], rank0_only: bool = True) -> dict[str, torch.Tensor]:
@@ -285,9 +162,8 @@ def fsdp1_gather_params(model: nn.Module, names: Iterable[str], rank0_only: bool
 
     names = list(names)
     gathered: dict[str, torch.Tensor] = {}
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    keep = rank == 0 or not rank0_only
-    for unit, path, unit_names in _fsdp1_units(model, names):
+    keep = global_rank() == 0 or not rank0_only
+    for unit, path, unit_names in _units_for(model, names):
         on_cpu = all(p.device.type == "cpu" for p in unit.parameters())
         # offload_to_cpu only from an accelerator: with CPU parameters torch's offload path crashes.
         with FullyShardedDataParallel.summon_full_params(
@@ -309,7 +185,7 @@ def fsdp1_load_params(model: nn.Module, values: dict[str, torch.Tensor]) -> None
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    for unit, path, unit_names in _fsdp1_units(model, values):
+    for unit, path, unit_names in _units_for(model, values):
         with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True), torch.no_grad():
             params = _full_names(unit, path)
             for name in unit_names:
@@ -376,11 +252,7 @@ def fsdp1_load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Op
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     names = _optimizer_parameter_names(module, optimizer)
-    saved = sum(len(g["params"]) for g in state["param_groups"])
-    if saved != len(names):
-        raise ValueError(
-            f"optimizer state does not match: the checkpoint has {saved} parameters, the optimizer {len(names)}"
-        )
+    check_optimizer_layout(state["param_groups"], len(names))
     by_name = {
         "state": {names[int(i)]: s for i, s in state["state"].items()},
         "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]],

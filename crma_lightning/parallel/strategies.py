@@ -1,8 +1,20 @@
-"""FSDP1 for a ``ContinualLM``: Lightning's ``FSDPStrategy`` with adapter-only checkpoints.
+"""The Lightning strategies that shard a ``ContinualLM`` and keep its checkpoints adapter-only.
 
-Re-exported by :mod:`crma_lightning.distributed`, next to the FSDP2 strategy. The unit layout is
-:func:`~crma_lightning.sharding.apply_fsdp1` (called from ``ContinualLM.configure_model``); the
-gathering of the adapters' units is in :mod:`crma_lightning.sharding`.
+* :class:`AdapterModelParallelStrategy` (FSDP2, recommended): Lightning's ``ModelParallelStrategy``;
+  ``fully_shard`` on every decoder block and the root (:mod:`crma_lightning.parallel.fsdp2`).
+* :class:`AdapterFSDPStrategy` (FSDP1): Lightning's ``FSDPStrategy``; every LoRA factor, CRMA
+  adapter, block and the root is a unit (:mod:`crma_lightning.parallel.fsdp1`); also runs on CPU.
+* ``strategy="ddp"``: nothing to wrap; ``ContinualLM.state_dict`` already holds only the adapters.
+
+Why subclasses: Lightning's strategies collect checkpoints by gathering the whole model (frozen base
+included) and load with their own logic, bypassing ``ContinualLM.load_state_dict``. Both strategies
+here write one file of full adapter tensors in the single-process layout, so any checkpoint loads
+under any strategy and world size.
+
+The module and the strategies meet through two duck-typed contracts, neither importing the other:
+a strategy that has ``shard_continual_model(module)`` shards the module's model itself (called from
+``ContinualLM.configure_model``), and a module that satisfies :class:`AdapterCheckpointing` tells
+the strategies which parameters a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -10,33 +22,157 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import FSDPPrecision, Precision
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from crma_lightning.checkpoints import SingleFileCheckpoints
-from crma_lightning.module_state import AdapterCheckpointMixin
-from crma_lightning.sampling import equalize_eval_batches
-from crma_lightning.sharding import (
+from crma_lightning import _compat
+from crma_lightning.parallel.fsdp1 import (
+    apply_fsdp1,
     fsdp1_full_optimizer_state,
     fsdp1_gather_params,
     fsdp1_load_full_optimizer_state,
     fsdp1_load_params,
 )
+from crma_lightning.parallel.fsdp2 import apply_fsdp2, data_parallel_mesh
+from crma_lightning.parallel.gather import (
+    full_optimizer_state,
+    gather_full_state,
+    load_full_optimizer_state,
+    load_full_state,
+)
+from crma_lightning.sampling import equalize_eval_batches
 
 try:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
 except ImportError:  # pragma: no cover - torch without distributed support
     DeviceMesh = CPUOffload = MixedPrecision = ShardingStrategy = None  # type: ignore[assignment,misc]
+
+
+@runtime_checkable
+class AdapterCheckpointing(Protocol):
+    """What the adapter strategies need from a module (``ContinualLM`` satisfies it)."""
+
+    model: nn.Module
+
+    def checkpoint_parameter_names(self) -> list[str]:
+        """``state_dict`` keys of what a checkpoint holds (adapters and trainable parameters)."""
+
+    def check_checkpoint_keys(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` has exactly the module's checkpoint keys."""
+
+    def own_state_dict(self) -> dict[str, Any]:
+        """State outside ``model`` (a subclass's own parameters and buffers)."""
+
+    def load_own_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load what :meth:`own_state_dict` returned."""
+
+
+class _SingleFileCheckpoints:
+    """Strategy mixin: every rank reads the one-file adapter checkpoint and takes what it holds.
+
+    The strategy loads the optimizer state itself in ``load_optimizer_state_dict``.
+    """
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise ValueError(
+                f"{path} is a sharded (distributed) checkpoint folder; {type(self).__name__} reads the "
+                "single-file adapter checkpoints it writes (or any single-process ContinualLM checkpoint)"
+            )
+        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True  # Lightning calls load_optimizer_state_dict (the FSDP parents load it in load_checkpoint)
+
+
+class AdapterModelParallelStrategy(_SingleFileCheckpoints, ModelParallelStrategy):
+    """FSDP2 data parallelism for :class:`~crma_lightning.ContinualLM` with adapter-only checkpoints.
+
+    Lightning's ``ModelParallelStrategy`` with three changes:
+
+    * Checkpoints hold what ``lightning_module.state_dict()`` holds (for ``ContinualLM``: adapters and
+      trainable parameters, never the frozen base), gathered to full tensors, plus the optimizer state
+      in the single-process layout; rank 0 writes one file. A checkpoint from N processes therefore
+      loads on M processes or on one, and a single-process checkpoint loads here.
+    * Loading goes through the module's own ``load_state_dict`` (key checks included), with each
+      rank taking its shard of the full tensors locally.
+    * Evaluation loaders over :class:`EvalShardSampler` shards are padded to the same number of
+      batches on every rank (see :class:`PaddedEvalLoader`).
+
+    Args:
+        data_parallel_size: Ranks that shard the model; ``"auto"``: all of them (devices × nodes).
+        tensor_parallel_size: Must be 1 (``ContinualLM`` has no tensor-parallel plan).
+        process_group_backend: ``"nccl"``, ``"gloo"``, ... (default: the device's).
+        timeout: Timeout of collective operations.
+    """
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: Literal["auto"] | int = 1,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if tensor_parallel_size not in (1, "auto"):
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size!r} is not supported: ContinualLM shards with "
+                "FSDP2 over the data-parallel dimension only; use 1"
+            )
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=False,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup_environment(self) -> None:
+        _compat.resolve_auto_data_parallel_size(self)
+        super().setup_environment()
+
+    def shard_continual_model(self, module: Any) -> None:
+        """``fully_shard`` every decoder block, then the root (:func:`~crma_lightning.parallel.fsdp2.apply_fsdp2`)."""
+        apply_fsdp2(
+            module.model,
+            data_parallel_mesh(self.device_mesh),
+            module.fsdp_mixed_precision,
+            module.fsdp_activation_checkpointing,
+        )
+
+    # ------------------------------------------------------------------ saving
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        state = gather_full_state(self.lightning_module.state_dict())  # collective: every rank
+        return state if self.is_global_zero else {}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        state = full_optimizer_state(_compat.unwrap_optimizer(optimizer))  # collective: every rank
+        return state if self.is_global_zero else {}
+
+    # ------------------------------------------------------------------ loading
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        load_full_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            load_full_optimizer_state(_compat.unwrap_optimizer(optimizer), state)
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        return equalize_eval_batches(super().process_dataloader(dataloader))
 
 
 class KeepDtypesFSDPPrecision(FSDPPrecision):
@@ -57,23 +193,19 @@ class KeepDtypesFSDPPrecision(FSDPPrecision):
         return None if self.precision == "32-true" else super().mixed_precision_config
 
 
-class AdapterFSDPStrategy(SingleFileCheckpoints, FSDPStrategy):
+class AdapterFSDPStrategy(_SingleFileCheckpoints, FSDPStrategy):
     """FSDP1 (Lightning's ``FSDPStrategy``) for :class:`~crma_lightning.ContinualLM`, adapter-only checkpoints.
 
     ``ContinualLM.configure_model`` makes every LoRA factor, every CRMA adapter, every decoder block
-    and the root an FSDP unit (:func:`~crma_lightning.sharding.apply_fsdp1`). The changes to
+    and the root an FSDP unit (:func:`~crma_lightning.parallel.fsdp1.apply_fsdp1`). The changes to
     ``FSDPStrategy``:
 
-    * Checkpoints hold what ``ContinualLM.state_dict()`` holds (adapters and trainable parameters,
-      never the frozen base) as full tensors, plus the optimizer state in the single-process layout;
-      rank 0 writes one file. Only the units owning those parameters are all-gathered, where
-      ``FSDPStrategy``'s full state dict gathers every unit (the whole base, onto rank 0's CPU).
-      Files are interchangeable with single-process and FSDP2 checkpoints.
-    * Loading goes through the module's own ``load_state_dict`` (key checks included), writing the
-      full tensors back into the shards of the adapters' units.
+    * Checkpoints as for :class:`AdapterModelParallelStrategy`, gathering only the units that own
+      adapter parameters (``FSDPStrategy``'s full state dict gathers the whole base onto rank 0's CPU);
+      loading writes the full tensors back into those units' shards.
     * On CPU the units get ``device_id=cpu`` (torch's FSDP1 then runs on gloo), so this path is
       tested without a GPU; Lightning's ``FSDPStrategy`` itself refuses the CPU accelerator.
-    * Evaluation loaders over uneven shards are padded (see :class:`~crma_lightning.sampling.PaddedEvalLoader`).
+    * Evaluation loaders over uneven shards are padded, as under FSDP2.
 
     The wrapping is ``configure_model``'s, so ``auto_wrap_policy`` and ``activation_checkpointing*``
     are refused (use ``ContinualLM(fsdp_activation_checkpointing=True)``), as are
@@ -84,13 +216,11 @@ class AdapterFSDPStrategy(SingleFileCheckpoints, FSDPStrategy):
     base stays bf16 (stored, gathered and computed), adapters stay float32 - as on one device and
     under FSDP2 (:class:`KeepDtypesFSDPPrecision`; Lightning's ``FSDPStrategy`` would cast the whole
     model to float32). A ``mixed_precision`` policy applies to the base's units only: the adapters'
-    units keep float32 (:func:`~crma_lightning.sharding.apply_fsdp1`).
+    units keep float32 (:func:`~crma_lightning.parallel.fsdp1.apply_fsdp1`).
 
     Args:
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: As for
-            every Lightning strategy (the ``Trainer`` sets them).
-        process_group_backend: ``"nccl"``, ``"gloo"``, ... (default: the device's).
-        timeout: Timeout of collective operations.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+            process_group_backend, timeout: As for :class:`AdapterModelParallelStrategy` / any strategy.
         cpu_offload: Keep sharded parameters (and gradients) in CPU memory (FSDP1's ``CPUOffload``).
         mixed_precision: FSDP1 ``MixedPrecision`` policy for the base's units (default: none).
         sharding_strategy: ``"FULL_SHARD"``, ``"SHARD_GRAD_OP"``, ``"NO_SHARD"`` or ``"HYBRID_SHARD"``
@@ -155,7 +285,8 @@ class AdapterFSDPStrategy(SingleFileCheckpoints, FSDPStrategy):
     def precision_plugin(self) -> FSDPPrecision:
         plugin = FSDPStrategy.precision_plugin.fget(self)
         if type(plugin) is FSDPPrecision and plugin.precision == "32-true":
-            plugin = self._precision_plugin = KeepDtypesFSDPPrecision("32-true")
+            plugin = KeepDtypesFSDPPrecision("32-true")
+            FSDPStrategy.precision_plugin.fset(self, plugin)
         return plugin
 
     @precision_plugin.setter
@@ -163,12 +294,16 @@ class AdapterFSDPStrategy(SingleFileCheckpoints, FSDPStrategy):
         FSDPStrategy.precision_plugin.fset(self, plugin)
 
     def setup(self, trainer: L.Trainer) -> None:
-        if not isinstance(self.lightning_module, AdapterCheckpointMixin):
+        if not isinstance(self.lightning_module, AdapterCheckpointing):
             raise TypeError(
                 f"AdapterFSDPStrategy trains crma_lightning.ContinualLM (or a subclass), got "
                 f"{type(self.lightning_module).__name__}; use Lightning's FSDPStrategy for other modules"
             )
         super().setup(trainer)
+
+    def shard_continual_model(self, module: Any) -> None:
+        """Wrap adapters, blocks and the root as FSDP1 units (:func:`~crma_lightning.parallel.fsdp1.apply_fsdp1`)."""
+        module.model = apply_fsdp1(module.model, module.fsdp_activation_checkpointing)
 
     @contextmanager
     def model_sharded_context(self) -> Iterator[None]:
@@ -200,9 +335,7 @@ class AdapterFSDPStrategy(SingleFileCheckpoints, FSDPStrategy):
         return state
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        state = fsdp1_full_optimizer_state(self.lightning_module, optimizer)  # collective
+        state = fsdp1_full_optimizer_state(self.lightning_module, _compat.unwrap_optimizer(optimizer))  # collective
         return state if self.is_global_zero else {}
 
     # ------------------------------------------------------------------ loading
@@ -222,13 +355,11 @@ class AdapterFSDPStrategy(SingleFileCheckpoints, FSDPStrategy):
         if len(states) != len(self.optimizers):
             raise ValueError(f"the checkpoint has {len(states)} optimizer states, the module {len(self.optimizers)}")
         for optimizer, state in zip(self.optimizers, states):
-            if isinstance(optimizer, LightningOptimizer):
-                optimizer = optimizer._optimizer
-            fsdp1_load_full_optimizer_state(self.lightning_module, optimizer, state)  # collective
+            fsdp1_load_full_optimizer_state(self.lightning_module, _compat.unwrap_optimizer(optimizer), state)
 
     # ------------------------------------------------------------------ data
     def process_dataloader(self, dataloader: object) -> object:
         return equalize_eval_batches(super().process_dataloader(dataloader))
 
 
-__all__ = ["AdapterFSDPStrategy", "KeepDtypesFSDPPrecision"]
+__all__ = ["AdapterCheckpointing", "AdapterFSDPStrategy", "AdapterModelParallelStrategy", "KeepDtypesFSDPPrecision"]

@@ -1,0 +1,107 @@
+"""The ``crma-lightning`` command: one entry point, one subcommand per file of this package.
+
+``crma-lightning fit --config configs/demo.yaml`` trains a continual sequence (:mod:`.fit`). To add a
+subcommand, write ``cli/<name>.py`` with a ``run_<name>(args)`` function and register it in
+:data:`COMMANDS`; errors are turned into exit codes here, the same way for every subcommand.
+
+Exit codes: 0 done, 1 the run failed, 2 bad configuration or input (one line, no traceback; set
+``CRMA_DEBUG=1`` for the traceback), 128 + signal when interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from crma_lightning import __version__
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("crma_lightning.cli.fit:run_fit", "train on every domain in turn, evaluating all domains after each stage"),
+}
+"""Subcommand name -> (``module:function`` taking the remaining arguments, one-line description)."""
+
+HELP = f"""usage: crma-lightning [--help] [--version] COMMAND [ARGS]
+
+crma-lightning {__version__}: continual parameter-efficient fine-tuning of Hugging Face causal LMs
+with LoRA or CRMA adapters on PyTorch Lightning. Trains one stage per domain, evaluates every domain
+after every stage, and reports forgetting (drift, BWT), gradient stability and CRMA health.
+
+commands:
+{{commands}}
+
+Run `crma-lightning COMMAND --help` for a command's options, e.g.
+  crma-lightning fit --config configs/demo.yaml
+  crma-lightning fit --config configs/demo.yaml --print_config
+"""
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: dispatch to a subcommand and turn its errors into exit codes."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(len(n) for n in COMMANDS)
+        listing = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
+        print(HELP.format(commands=listing))
+        sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        print(f"crma-lightning {__version__}")
+        sys.exit(0)
+    if argv[0] not in COMMANDS:
+        _fail(f"unknown command {argv[0]!r}: expected one of {sorted(COMMANDS)} (see crma-lightning --help)")
+    run_with_exit_codes(_command(argv[0]), argv[1:])
+
+
+def _command(name: str) -> Callable[[list[str]], Any]:
+    module, function = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_with_exit_codes(command: Callable[[list[str]], Any], args: list[str]) -> None:
+    """Run ``command(args)``; map interrupts, non-finite stops and bad input to exit codes and one line."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from crma_lightning.interrupts import RunInterrupted
+    from crma_lightning.nonfinite import NonFiniteError
+
+    try:
+        command(args)
+    except RunInterrupted as err:
+        print(f"\n[crma_lightning] {err}. Run the same command again to resume.", file=sys.stderr)
+        sys.exit(128 + int(err.signum))
+    except NonFiniteError as err:
+        print(f"\n[crma_lightning] stopped: {err}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, MisconfigurationException) as err:  # bad configuration or data, caught before training
+        if os.environ.get("CRMA_DEBUG"):
+            raise
+        _fail(root_message(err))
+
+
+def _fail(message: str) -> None:
+    print(f"\n[crma_lightning] error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def root_message(err: BaseException) -> str:
+    """The message of the error our code raised, not jsonargparse's wrapper around it.
+
+    A ``ValueError`` raised while a ``class_path`` class is built reaches us wrapped ("Does not validate
+    against any of the Union subtypes ..." followed by a dump of every init argument), with the original
+    as its cause; that original names the setting at fault.
+    """
+    while err.__cause__ is not None and _raised_in_jsonargparse(err):
+        err = err.__cause__
+    return str(err)
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "jsonargparse" in tb.tb_frame.f_code.co_filename
+
+
+__all__ = ["COMMANDS", "main", "root_message", "run_with_exit_codes"]

@@ -1,0 +1,128 @@
+"""``crma-lightning fit``: a LightningCLI that parses the YAML and hands one run plan to the runner.
+
+The YAML is parsed by ``LightningCLI`` (omegaconf interpolation on), so ``--print_config``,
+``--model.init_args.adapter=lora`` overrides and ``class_path`` subclasses work as in any
+LightningCLI program, and an unknown or mistyped key fails before anything is built. The CLI builds
+no ``Trainer``: it instantiates the model and the datamodule, collects the trainer settings,
+callbacks and run settings into a :class:`~crma_lightning.runner.ContinualRunner`, and calls its
+``run`` once. The runner does everything else exactly once (checks, config file, stages, report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from crma_lightning.callbacks.evaluation import DomainEvaluation
+from crma_lightning.callbacks.gradient import GradientStability
+from crma_lightning.data import SequentialDomainDataModule
+from crma_lightning.module import ContinualLM
+from crma_lightning.parallel.dist import is_global_zero
+from crma_lightning.runner import ContinualRunner
+
+
+class RunFailed(RuntimeError):
+    """An error during training or evaluation (after every up-front check passed): exit code 1."""
+
+
+@dataclass
+class RunConfig:
+    """Settings of the continual run itself (the ``run:`` section of the YAML).
+
+    Attributes:
+        dir: Run directory: checkpoints, adapters, TensorBoard logs, ``report.json``/``report.md``.
+        resume: ``auto`` (continue from the newest valid checkpoint in ``dir``), ``never`` (refuse a
+            ``dir`` that holds checkpoints) or the path of a checkpoint.
+        checkpoint_every_n_steps: Also write a mid-stage checkpoint every n optimizer steps.
+        save_stage_adapters: Write all adapters (safetensors) after every stage.
+    """
+
+    dir: str = "runs/crma"
+    resume: str = "auto"
+    checkpoint_every_n_steps: int | None = None
+    save_stage_adapters: bool = True
+
+
+class CRMALightningCLI(LightningCLI):
+    """LightningCLI (without subcommands: ``crma-lightning fit`` dispatches here) that builds a run plan.
+
+    After construction, :attr:`runner` holds the plan and :attr:`model` / :attr:`datamodule` the
+    instantiated classes; :func:`run_fit` runs it.
+    """
+
+    def __init__(self, args: Any = None, **kwargs: Any) -> None:
+        parser_kwargs = {"parser_mode": "omegaconf", "prog": "crma-lightning fit", **kwargs.pop("parser_kwargs", {})}
+        self.runner: ContinualRunner | None = None
+        super().__init__(
+            ContinualLM,
+            SequentialDomainDataModule,
+            subclass_mode_model=True,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            parser_kwargs=parser_kwargs,
+            args=args,
+            run=False,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunConfig, "run")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Resume from this checkpoint: the same as --run.resume PATH (same checks, same errors).",
+        )
+        parser.add_lightning_class_args(GradientStability, "gradient_stability")
+        parser.add_lightning_class_args(DomainEvaluation, "evaluation")
+        parser.set_defaults({"model": {"class_path": "crma_lightning.module.ContinualLM"}})
+
+    def instantiate_classes(self) -> None:
+        """Build the model, the datamodule and the run plan; no ``Trainer`` (each stage makes its own)."""
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.model = self.config_init["model"]
+        self.datamodule = self.config_init["data"]
+        self.trainer = None
+        trainer_kwargs = dict(self.config_init["trainer"])
+        callbacks = [self.config_init[key] for key in self.parser.callback_keys]
+        callbacks += list(trainer_kwargs.pop("callbacks", None) or [])
+        text = self.parser.dump(self.config, skip_none=False, skip_check=True)
+        run = self.config["run"]
+        ckpt_path = self.config.get("ckpt_path")
+        seed = self.config["seed_everything"]
+        self.runner = ContinualRunner(
+            run_dir=run["dir"],
+            trainer_kwargs=trainer_kwargs,
+            callbacks=callbacks,
+            seed=int(seed) if not isinstance(seed, bool) else 0,
+            resume=run["resume"] if ckpt_path in (None, "last") else ckpt_path,  # Lightning's flag, our resume
+            checkpoint_every_n_steps=run["checkpoint_every_n_steps"],
+            save_stage_adapters=run["save_stage_adapters"],
+            config={"cli": yaml.safe_load(text)},
+            config_text=text,
+        )
+
+
+def run_fit(args: list[str]) -> None:
+    """Parse ``args`` (what follows ``fit``), run every stage, print the report (rank 0)."""
+    cli = CRMALightningCLI(args=args)
+    runner = cli.runner
+    assert runner is not None
+    try:
+        runner.run(cli.model, cli.datamodule)
+    except (ValueError, MisconfigurationException) as err:
+        if runner.state.completed == 0 and not runner.started:
+            raise  # an up-front check: a bad setting, exit 2
+        # Once training began, a ValueError is a failure of the run (a hook, a library), not a bad setting:
+        # keep its traceback and exit 1 instead of being reported as a configuration error (exit 2).
+        raise RunFailed(f"the run failed: {type(err).__name__}: {err}") from err
+    if not is_global_zero():
+        return  # every process runs this; one report on the console is enough
+    if runner.loggers and getattr(runner.loggers[0], "log_dir", None):
+        print(f"\nTensorBoard: tensorboard --logdir {runner.loggers[0].log_dir}")
+    print("\n" + (Path(runner.run_dir) / "report.md").read_text())

@@ -1,0 +1,120 @@
+"""O-LoRA: orthogonal subspaces for per-task LoRAs (Wang et al., 2023; docs/method.md).
+
+Paper: "Orthogonal Subspace Learning for Language Model Continual Learning" (EMNLP Findings 2023).
+
+Each task gets its own LoRA (``task_adapters: per_task``). While task ``t`` trains, every *earlier* task's
+LoRA stays active - frozen - next to it, and their updates are summed (``LoRALinear.set_active_adapters``);
+evaluation activates the same stack for every domain, so no task identity is needed. The new LoRA's
+down-projection is pushed orthogonal to the earlier ones' by
+
+    penalty = λ · Σ_layers Σ_{i<t} ‖A_i A_tᵀ‖_F²
+
+Convention: here ``A`` is the ``lora_A`` weight of shape ``(r, in)`` (rows span the input subspace the
+adapter reads), so ``A_i A_tᵀ`` is ``(r_i, r_t)``; the paper writes ``A`` as ``(in, r)`` and the same
+quantity as ``A_iᵀ A_t``. ``‖·‖_F²`` is the sum of squared entries, as in the paper's ``Σ_{j,k} |O_{i,t}[j,k]|²``.
+The paper's second regulariser (an L2 on the new LoRA) is not included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from crma_lightning.adapters.inject import lora_adapter_names, lora_layers, set_active_adapters, set_adapter_trainable
+from crma_lightning.methods.base import Batch, ContinualMethod, adapter_name, check_number, inner_model
+
+
+def orthogonality_penalty(earlier: Sequence[torch.Tensor], current: torch.Tensor) -> torch.Tensor:
+    """``Σ_i ‖A_i A_tᵀ‖_F²`` for ``A_i`` ``(r_i, in)`` and ``A_t`` ``(r_t, in)``, in float32."""
+    a_t = current.float()
+    total = a_t.new_zeros(())
+    for a_i in earlier:
+        total = total + (a_i.detach().float() @ a_t.T).pow(2).sum()  # (r_i, r_t); A_i is frozen anyway
+    return total
+
+
+class OLoRA(ContinualMethod):
+    """O-LoRA with penalty strength ``lam`` (the paper's λ₁; its experiments use 0.5).
+
+    Needs ``task_adapters: per_task``. The method tracks which tasks finished (``trained``) and which
+    one trains now (``current``); both are in :meth:`state_dict`.
+    """
+
+    name = "olora"
+
+    def __init__(self, lam: float = 0.5) -> None:
+        check_number("olora lam", lam, 0.0)
+        self.lam = float(lam)
+        self.trained: list[str] = []  # tasks whose stage has ended, in order
+        self.current: str | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {"lam": self.lam}
+
+    def setup(self, module: nn.Module) -> None:
+        mode = getattr(module, "task_adapters", "per_task")
+        if mode != "per_task":
+            raise ValueError(f"method olora needs task_adapters='per_task' (one LoRA per task), got {mode!r}")
+        if not any(True for _ in lora_layers(inner_model(module))):
+            raise ValueError("method olora needs LoRA layers; the model has none")
+
+    def _stack(self, module: nn.Module, include_current: bool) -> list[str]:
+        tasks = list(self.trained)
+        if include_current and self.current is not None and self.current not in tasks:
+            tasks.append(self.current)
+        return [adapter_name(module, t) for t in tasks]
+
+    def on_task_start(self, module: nn.Module, task: str, index: int) -> None:
+        """Activate earlier adapters + ``task``'s; only ``task``'s trains. Idempotent (also run on resume)."""
+        self.current = task
+        model = inner_model(module)
+        names = self._stack(module, include_current=True)
+        new = adapter_name(module, task)
+        for name in lora_adapter_names(model):
+            set_adapter_trainable(model, name, name == new)
+        set_active_adapters(model, names)
+
+    def active_adapters(self, module: nn.Module, task: str | None) -> list[str] | None:
+        """Every domain, during training and evaluation: the stack of trained adapters (+ the training one)."""
+        return self._stack(module, include_current=True)
+
+    def penalty(self, module: nn.Module) -> torch.Tensor | None:
+        """``λ Σ_layers Σ_{i<t} ‖A_i A_tᵀ‖_F²``; ``None`` while no earlier adapter exists."""
+        if self.current is None:
+            return None
+        new = adapter_name(module, self.current)
+        earlier = [n for n in self._stack(module, include_current=False) if n != new]
+        if not earlier:
+            return None
+        total: torch.Tensor | None = None
+        for _, layer in lora_layers(inner_model(module)):
+            term = orthogonality_penalty([layer.lora_A[n].weight for n in earlier], layer.lora_A[new].weight)
+            total = term if total is None else total + term
+        return None if total is None else self.lam * total
+
+    def on_task_end(
+        self,
+        module: nn.Module,
+        task: str,
+        index: int,
+        train_batches: Iterable[Batch],
+        train_rows: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Freeze ``task``'s adapter; it stays in the active stack for every later stage and evaluation."""
+        if task not in self.trained:
+            self.trained.append(task)
+        set_adapter_trainable(inner_model(module), adapter_name(module, task), False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config(), "trained": list(self.trained), "current": self.current}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._check_config(state)
+        self.trained = list(state["trained"])
+        self.current = state["current"]
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "stacked_adapters": list(self.trained)}

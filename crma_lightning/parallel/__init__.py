@@ -1,0 +1,27 @@
+"""Multi-device training: FSDP2/FSDP1 layouts, gathering, and the Lightning strategies that use them.
+
+``dist``, ``gather``, ``fsdp1``, ``fsdp2`` and ``export`` are pure torch; ``strategies`` holds the
+Lightning strategies (imported lazily, so that the pure helpers do not pull in Lightning). In YAML:
+``trainer.strategy.class_path: crma_lightning.parallel.AdapterModelParallelStrategy``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "AdapterModelParallelStrategy": "crma_lightning.parallel.strategies",
+    "AdapterFSDPStrategy": "crma_lightning.parallel.strategies",
+    "KeepDtypesFSDPPrecision": "crma_lightning.parallel.strategies",
+    "AdapterCheckpointing": "crma_lightning.parallel.strategies",
+    "export_adapters": "crma_lightning.parallel.export",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'crma_lightning.parallel' has no attribute {name!r}")
