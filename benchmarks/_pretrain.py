@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from crma_lightning.data import DomainSpec, extract_text, load_raw, tokenize
 from crma_lightning.base_model import build_model
+from crma_lightning.data import DomainSpec, extract_text, load_raw, tokenize
 from crma_lightning.tokenizer import byte_tokenizer
 
 FORMAT_VERSION = 1  # bump when the recipe changes, so that old cached bases are not reused

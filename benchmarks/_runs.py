@@ -29,9 +29,9 @@ import torch
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, crma_adapters
 from crma_lightning.callbacks.gradient import GradientStability
-from crma_lightning.runner import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
+from crma_lightning.runner import ContinualRunner
 
 MODES: dict[str, dict[str, str]] = {
     "NAIVE": {"adapter": "lora", "task_adapters": "shared"},

@@ -20,7 +20,7 @@ pretrained briefly on an equal mix of the domains' training text and cached (see
 Examples::
 
     python benchmarks/continual.py --out runs/bench/builtin                 # built-in domains, 3 seeds
-    python benchmarks/continual.py --data-dir /work/shared/data/domains \\
+    python benchmarks/continual.py --data-dir ../shared/data/domains \\
         --domains medical legal finance science --out runs/bench/real
     python benchmarks/continual.py --quick --out /tmp/bench-quick           # a few minutes on CPU
     python benchmarks/continual.py --model /models/llama-1b --device cuda --precision bf16-mixed \\

@@ -6,9 +6,14 @@ interleaved A, B, C, A, B, C, ... after a warm-up, all in one process, so that d
 every variant alike. Reported: the median step time per variant and the ratios CRMA/LoRA and ours/PEFT
 (ratio of medians, and the median of the per-round paired ratios).
 
+``--widths 256,512,1024`` repeats the measurement per hidden size (FFN width scaled with it, 688/256) and
+ends with a table of how CRMA/LoRA moves with width. ``--crma-form``/``--crma-norm``/``--crma-iters`` pick
+the CRMA variant; ``--no-peft`` drops the PEFT variant (a third faster).
+
 Example::
 
     python benchmarks/overhead.py                     # CPU defaults, ~1-3 min on 2 cores
+    python benchmarks/overhead.py --widths 256,512,1024 --no-peft --steps 20
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --seq 1024 --batch 16 --json overhead.json
 """
 
@@ -25,6 +30,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
+from crma_lightning.adapters.crma import FORMS, NORMS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rotate the order every round (A,B,C; B,C,A; ...) to cancel any position-in-round bias",
     )
     p.add_argument("--profile", action="store_true", help="print the top ops of one profiled step per variant")
+    p.add_argument("--crma-form", default="write", choices=FORMS)
+    p.add_argument("--crma-norm", default="spectral", choices=NORMS)
+    p.add_argument("--crma-iters", type=int, default=CRMAConfig.sinkhorn_iters, help="Sinkhorn iterations")
+    p.add_argument("--no-peft", action="store_true", help="time only our LoRA and LoRA+CRMA")
+    p.add_argument(
+        "--widths",
+        default=None,
+        help="comma-separated hidden sizes (e.g. 256,512,1024): one measurement per width, FFN scaled 688/256",
+    )
     return p.parse_args(argv)
 
 
@@ -86,10 +101,12 @@ def build_variants(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     ours_lora = build_base(args)
     attach_adapters(ours_lora, "lora", lora)
     ours_crma = build_base(args)
-    attach_adapters(ours_crma, "crma", LoRAConfig(**vars(lora)), CRMAConfig())
-    peft_cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets_of(args))
-    peft_lora = get_peft_model(build_base(args), peft_cfg)
-    variants = {"lora": ours_lora, "crma": ours_crma, "peft_lora": peft_lora}
+    crma = CRMAConfig(form=args.crma_form, norm=args.crma_norm, sinkhorn_iters=args.crma_iters)
+    attach_adapters(ours_crma, "crma", LoRAConfig(**vars(lora)), crma)
+    variants = {"lora": ours_lora, "crma": ours_crma}
+    if not args.no_peft:
+        peft_cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets_of(args))
+        variants["peft_lora"] = get_peft_model(build_base(args), peft_cfg)
     for model in variants.values():
         model.to(args.device).train()
     return variants
@@ -116,6 +133,36 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, lr: float):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.widths:
+        return sweep(args)
+    return measure(args)
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    """:func:`measure` once per width in ``args.widths``, then a summary table (and one JSON for all)."""
+    results = {}
+    for width in [int(w) for w in args.widths.split(",") if w]:
+        run = argparse.Namespace(**{**vars(args), "widths": None, "json": None})
+        run.hidden, run.intermediate = width, 8 * round(width * 688 / 256 / 8)
+        print(f"\n=== hidden {width} ===")
+        results[width] = measure(run)
+    print(f"\nCRMA ({args.crma_form}, {args.crma_norm}) / LoRA by width, {args.dtype} on {args.device}:")
+    print("| hidden | LoRA median ms | LoRA+CRMA median ms | CRMA/LoRA (ratio of medians) | (median paired) |")
+    print("|---:|---:|---:|---:|---:|")
+    for width, r in results.items():
+        print(
+            f"| {width} | {r['median_ms']['lora']:.1f} | {r['median_ms']['crma']:.1f} | "
+            f"{r['ratio_of_medians']['crma_over_lora']:.3f} | {r['median_paired_ratio']['crma_over_lora']:.3f} |"
+        )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({str(w): r for w, r in results.items()}, indent=2))
+        print(f"wrote {args.json}")
+    return results
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Time the variants side by side for one model size; print the table and return the numbers."""
     torch.manual_seed(args.seed)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     variants = build_variants(args)
@@ -136,11 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
                 times[name].append((time.perf_counter() - start) * 1e3)
 
     median = {name: statistics.median(t) for name, t in times.items()}
-    paired = {
-        "crma_over_lora": statistics.median(c / a for a, c in zip(times["lora"], times["crma"])),
-        "ours_over_peft": statistics.median(a / p for a, p in zip(times["lora"], times["peft_lora"])),
-    }
-    ratios = {"crma_over_lora": median["crma"] / median["lora"], "ours_over_peft": median["lora"] / median["peft_lora"]}
+    paired = {"crma_over_lora": statistics.median(c / a for a, c in zip(times["lora"], times["crma"]))}
+    ratios = {"crma_over_lora": median["crma"] / median["lora"]}
+    if "peft_lora" in times:
+        paired["ours_over_peft"] = statistics.median(a / p for a, p in zip(times["lora"], times["peft_lora"]))
+        ratios["ours_over_peft"] = median["lora"] / median["peft_lora"]
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {
@@ -161,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Llama {args.layers}x{args.hidden} (ffn {args.intermediate}, {args.heads} heads, vocab {args.vocab}), "
         f"batch {args.batch} x seq {args.seq}, {args.dtype} on {args.device} ({torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; LoRA r={args.rank} on {args.targets}; "
+        f"CRMA form={args.crma_form} norm={args.crma_norm} sinkhorn_iters={args.crma_iters}; "
         f"{args.warmup} warm-up + {args.steps} timed steps each, interleaved{' (rotated)' if args.rotate else ''}"
     )
     print(f"| {'variant':<22} | {'trainable params':>16} | {'median ms':>10} | {'min ms':>9} |")
@@ -171,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {labels[name]:<22} | {trainable[name]:>16,} | {median[name]:>10.1f} | {result['min_ms'][name]:>9.1f} |"
         )
     for key, label in [("crma_over_lora", "CRMA / LoRA"), ("ours_over_peft", "ours / PEFT")]:
+        if key not in ratios:
+            continue
         target = result["targets"][key]
         verdict = "meets" if ratios[key] <= target else "MISSES"
         print(

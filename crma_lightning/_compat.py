@@ -10,6 +10,10 @@ Checked against: lightning 2.6.6, torch 2.13.0, datasets 4.x (the versions ``.ci
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,6 +62,40 @@ def clear_received_sigterm(trainer: Any) -> None:
     connector = getattr(trainer, "_signal_connector", None)
     if connector is not None and getattr(connector, "received_sigterm", False):
         connector.received_sigterm = False
+
+
+@contextmanager
+def quiet_lightning_info(quiet: bool = True) -> Iterator[None]:
+    """Hide Lightning's info-level banners ("GPU available", tips) while a trainer is built.
+
+    They go to the ``lightning.pytorch.utilities.rank_zero`` and ``lightning.fabric.utilities.rank_zero``
+    loggers (lightning 2.0-2.6); the stage driver builds one trainer per stage and shows them once.
+    """
+    if not quiet:
+        yield
+        return
+    loggers = [
+        logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def silence_known_library_warnings() -> None:
+    """Filter warnings that Lightning raises about itself and a user cannot act on.
+
+    lightning 2.6 with torch 2.13: ``_pytree.py`` warns that ``isinstance(treespec, LeafSpec)`` is
+    deprecated at every ``fit``; LightningCLI warns that ``args`` is meant for Python use when our
+    dispatcher hands it the command line after the subcommand.
+    """
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from crma_lightning.hub import load_pretrained
 from crma_lightning.tokenizer import BYTE_TOKENIZER, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -26,7 +27,9 @@ def load_model_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The tokenizer named by ``tokenizer``, else the model's own, else (model from config) the byte one."""
     if tokenizer is None:
-        tokenizer = model_name_or_path if model_name_or_path is not None else BYTE_TOKENIZER
+        if model_name_or_path is not None:
+            return load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code, what="model_name_or_path")
+        tokenizer = BYTE_TOKENIZER
     return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
 
 
@@ -46,8 +49,12 @@ def build_model(
     if (model_name_or_path is None) == (model_config is None):
         raise ValueError("give exactly one of `model_name_or_path` and `model_config`")
     if model_name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code, **{_DTYPE_KWARG: torch_dtype}
+        model = load_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            model_name_or_path,
+            "model_name_or_path",
+            trust_remote_code=trust_remote_code,
+            **{_DTYPE_KWARG: torch_dtype},
         )
     else:
         cfg = dict(model_config)

@@ -3,10 +3,12 @@
     <run_dir>/checkpoints/stage-01-<domain>.ckpt        after each stage (adapters, optimizer, run state)
     <run_dir>/checkpoints/last.ckpt                     mid-stage (periodic or on SIGINT/SIGTERM)
     <run_dir>/adapters/stage-01-<domain>.safetensors    all adapters after each stage
+    <run_dir>/checkpoints/manifest.json                 size and sha256 of each of these files
 
 Every file is written to a temporary name and renamed into place, so a reader (or a resume after
-a crash) never sees half a checkpoint. Checkpoints are read with ``torch.load(weights_only=True)``:
-no pickled objects, so a checkpoint file cannot execute code.
+a crash) never sees half a checkpoint. Each file's sha256 is recorded in the manifest once it is in
+place and checked before the file is used (:mod:`crma_lightning.manifest`). Checkpoints are read with
+``torch.load(weights_only=True)``: no pickled objects, so a checkpoint file cannot execute code.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from crma_lightning.adapters.inject import adapter_parameter_names
+from crma_lightning.adapters.serialization import write_adapter_file
+from crma_lightning.manifest import DamagedFile, Manifest
 from crma_lightning.parallel.dist import is_global_zero
+from crma_lightning.parallel.gather import clean_parameter_name
+from crma_lightning.resume_settings import OptimizerSettings, record_stage_configs
 
 RESUME_MODES = ("auto", "never")
 STAGE_PREFIX = "stage-"
@@ -38,6 +45,12 @@ class RunState(Callback):
         step_offset: Logging step at the start of the current stage.
         timings: Per-domain ``train_s``, ``eval_s``, ``steps``.
         identity: What a checkpoint must agree on to be resumed (see :func:`check_compatible`).
+        stage_configs: Domain -> the resolved configuration (YAML text) its stage was trained with
+            (the CLI's; empty when the runner was given no ``config_text``).
+        config_changes: One entry per resume whose configuration differed from the one before it.
+
+    On a mid-stage resume it also applies the optimizer settings of the current configuration to the
+    restored optimizer (:class:`~crma_lightning.resume_settings.OptimizerSettings`).
     """
 
     KEY = "_RunState"
@@ -49,6 +62,16 @@ class RunState(Callback):
         self.step_offset = 0
         self.timings: dict[str, dict[str, float]] = {}
         self.identity: dict[str, Any] = {}
+        self.stage_configs: dict[str, str] = {}
+        self.config_changes: list[dict[str, Any]] = []
+        self.optimizer_settings = OptimizerSettings()
+        # (config text, mid_stage, step) of this invocation: re-recorded whenever a checkpoint is loaded.
+        self.current_config: tuple[str, bool, int] | None = None
+
+    def use_config(self, text: str, mid_stage: bool, step: int) -> None:
+        """Record ``text`` for every stage from ``completed`` on (:func:`record_stage_configs`)."""
+        self.current_config = (text, mid_stage, step)
+        record_stage_configs(self, text, mid_stage, step)
 
     @property
     def state_key(self) -> str:
@@ -61,6 +84,8 @@ class RunState(Callback):
             "step_offset": self.step_offset,
             "timings": copy.deepcopy(self.timings),
             "identity": copy.deepcopy(self.identity),
+            "stage_configs": dict(self.stage_configs),
+            "config_changes": copy.deepcopy(self.config_changes),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -69,6 +94,28 @@ class RunState(Callback):
         self.step_offset = int(state_dict["step_offset"])
         self.timings = dict(state_dict.get("timings", {}))
         self.identity = dict(state_dict.get("identity", {}))
+        self.stage_configs = dict(state_dict.get("stage_configs", {}))
+        self.config_changes = list(state_dict.get("config_changes", []))
+        if self.current_config is not None:  # Lightning reloads the checkpoint on a mid-stage resume
+            record_stage_configs(self, *self.current_config)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The optimizers now hold this configuration's settings; a mid-stage resume restores them next.
+        self.optimizer_settings.remember(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            return
+        applied = self.optimizer_settings.apply(trainer)
+        if applied:
+            if self.config_changes and self.config_changes[-1].get("mid_stage"):
+                self.config_changes[-1]["applied_to_optimizer"] = applied
+            if trainer.is_global_zero:
+                print(
+                    f"[crma_lightning] resumed mid-stage at step {trainer.global_step} with changed optimizer "
+                    f"settings, applied to the restored optimizer: {'; '.join(applied)}",
+                    flush=True,
+                )
 
 
 class CheckpointStore:
@@ -82,6 +129,7 @@ class CheckpointStore:
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "checkpoints"
         self.last = self.dir / "last.ckpt"
+        self.manifest = Manifest(self.run_dir)
 
     def stage(self, stage: int, domain: str) -> Path:
         """Path of the checkpoint written after (0-based) ``stage`` on ``domain``."""
@@ -90,6 +138,20 @@ class CheckpointStore:
     def stage_adapters(self, stage: int, domain: str) -> Path:
         """Path of the adapter file (safetensors) written after (0-based) ``stage`` on ``domain``."""
         return self.run_dir / "adapters" / f"{_stage_name(stage, domain)}.safetensors"
+
+    def check_writable(self) -> None:
+        """``ValueError`` naming the path when the run directory cannot be created or written."""
+        probe = self.run_dir
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ValueError(f"run directory {self.run_dir} cannot be created: {probe} is a file, not a directory")
+        for folder in (probe, self.dir, self.run_dir / "adapters"):
+            if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(
+                    f"run directory {self.run_dir} is not writable: no write permission on {folder} "
+                    "(or a read-only file system)"
+                )
 
     @staticmethod
     def is_stage_checkpoint(path: Path) -> bool:
@@ -109,6 +171,7 @@ class CheckpointStore:
             raise
         if trainer.is_global_zero:
             os.replace(tmp, path)
+            self.manifest.record(path)
         trainer.strategy.barrier("crma_lightning.save_checkpoint")
         return path
 
@@ -144,6 +207,7 @@ class CheckpointStore:
         candidates = [Path(resume)] if explicit else self.candidates()
         for path in candidates:
             try:
+                self.manifest.check(path)  # size and sha256 as written: damage that torch.load accepts
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
                 state = ckpt["callbacks"][RunState.KEY]
             except Exception as err:  # corrupt, truncated or foreign file
@@ -159,6 +223,72 @@ class CheckpointStore:
         if candidates:
             warnings.warn(f"no readable checkpoint in {self.dir}: starting from the beginning", stacklevel=3)
         return None, None
+
+    def repair_stage_adapters(self, model: Any, domains: list[str], completed: int) -> list[Path]:
+        """Rewrite each finished stage's adapter file that is missing or damaged, from its stage checkpoint.
+
+        A file with a manifest entry must match it; one without (an older run) must open as safetensors.
+        Rank 0 only. Returns the rewritten files; each is named in a warning, as is a file that cannot
+        be rebuilt because its stage checkpoint is gone or damaged too.
+
+        Args:
+            model: The ``ContinualLM`` (its adapters' names and its identity, stored in the files).
+            domains: The run's domains in order.
+            completed: Finished stages.
+        """
+        repaired: list[Path] = []
+        if not is_global_zero():
+            return repaired
+        names = {clean_parameter_name(n) for n in adapter_parameter_names(model.model)}
+        metadata = model.identity()
+        for stage, domain in enumerate(domains[:completed]):
+            path = self.stage_adapters(stage, domain)
+            why = self._adapter_problem(path)
+            if why is None:
+                continue
+            source = self.stage(stage, domain)
+            try:
+                self.manifest.check(source)
+                state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+                tensors = {k[len("model.") :]: v for k, v in state.items() if k[len("model.") :] in names}
+                if not tensors:
+                    raise ValueError("it holds no adapter tensors")
+            except Exception as err:
+                warnings.warn(f"adapter file {path}: {why}, and {source} cannot rebuild it ({err})", stacklevel=2)
+                continue
+            write_adapter_file(tensors, path, metadata={"stage": stage + 1, "domain": domain, **metadata})
+            self.manifest.record(path)
+            warnings.warn(f"adapter file {path}: {why}; rewritten from {source}", stacklevel=2)
+            repaired.append(path)
+        return repaired
+
+    def _adapter_problem(self, path: Path) -> str | None:
+        if not path.is_file():
+            return "the file is missing"
+        if self.manifest.is_recorded(path):
+            return self.manifest.problem(path)
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:  # checks the header against the file's length
+                f.keys()
+        except Exception as err:
+            return f"not a readable safetensors file ({type(err).__name__}: {str(err)[:200]})"
+        self.manifest.record(path)  # readable: from now on its hash is checked
+        return None
+
+    def record_adapters(self, domains: list[str], completed: int) -> None:
+        """Record the newest finished stage's adapter file, if written after its stage checkpoint (rank 0)."""
+        if completed < 1 or not is_global_zero():
+            return
+        path = self.stage_adapters(completed - 1, domains[completed - 1])
+        ckpt = self.stage(completed - 1, domains[completed - 1])
+        if not (path.is_file() and ckpt.is_file()) or (
+            self.manifest.is_recorded(path) and self.manifest.problem(path) is None
+        ):
+            return
+        if path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:  # exported after the checkpoint: this stage's
+            self.manifest.record(path)
 
     def remove_stale_temp_files(self) -> None:
         """Delete temp files that a process killed mid-write (SIGKILL, power loss) left behind."""
@@ -210,6 +340,8 @@ def check_compatible(saved: dict[str, Any], identity: dict[str, Any], path: Path
 
 def unreadable(path: Path, err: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` (or finding the run state in it) failed, in one line."""
+    if isinstance(err, DamagedFile):
+        return str(err)
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the very end
         return "not a complete PyTorch checkpoint (no zip archive: truncated, corrupt, or another kind of file)"
     if isinstance(err, pickle.UnpicklingError):

@@ -68,9 +68,15 @@ class Collator:
             ids[i, : len(x)] = x
             mask[i, : len(x)] = 1
             flags = r.get(SCORED_COLUMN)
+            if flags is None and r.get("labels") is not None:  # a replayed row: its scored tokens as labels
+                flags = [t != -100 for t in r["labels"]]
             scored[i, : len(x)] = True if flags is None else torch.as_tensor(flags, dtype=torch.bool)
         labels = ids.masked_fill(~scored, -100)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "domain": self.domain}
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 # ---------------------------------------------------------------------- the DataModule
@@ -296,11 +302,18 @@ class SequentialDomainDataModule(L.LightningDataModule):
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> ResumableLoader:
+        """The stage's rows in seeded global batches; the module's ``method`` may replace them (replay)."""
         world, rank = self._world()
         self.check_batches(world)
         name = self.current_domain
         ds = self.train_sets[name]
-        sampler = GlobalBatchSampler(ds, self.batch_size, world, rank, seed=self.seed + self.stage)
+        seed = self.seed + self.stage
+        method = getattr(self.trainer.lightning_module, "method", None) if self._has_trainer() else None
+        mixed = None if method is None else method.train_data(self.stage, name, ds, self.batch_size, world, rank, seed)
+        if mixed is not None:
+            ds, sampler = mixed
+        else:
+            sampler = GlobalBatchSampler(ds, self.batch_size, world, rank, seed=seed)
         return ResumableLoader(
             ds,
             batch_size=self.batch_size,
@@ -310,6 +323,28 @@ class SequentialDomainDataModule(L.LightningDataModule):
             drop_last=True,
             progress=self._progress,
         )
+
+    def _has_trainer(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def fisher_batches(
+        self, stage: int, max_batches: int | None = None, device: torch.device | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Collated training batches of ``stage``'s domain in a fixed order, the same on every rank (lazy).
+
+        For a method's end-of-stage estimate (EWC's Fisher): batches of ``batch_size x world size`` rows
+        (the global batch, so a run on N processes estimates what one process does), in a permutation
+        seeded by ``(seed, stage)`` alone - independent of how far training got or of a resume.
+        """
+        world, _ = self._world()
+        name = self.domain_names[stage]
+        rows, size = self.train_sets[name], self.batch_size * world
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + 7919 * (stage + 1)))
+        collate = Collator(self._pad_id(), name)
+        count = len(rows) // size if max_batches is None else min(max_batches, len(rows) // size)
+        for b in range(count):
+            batch = collate([rows[i] for i in order[b * size : (b + 1) * size].tolist()])
+            yield batch if device is None else {k: _to(v, device) for k, v in batch.items()}
 
     def val_dataloader(self) -> list[Any]:
         """One loader per evaluated domain; every rank gets as many batches (padding adds zero tokens)."""

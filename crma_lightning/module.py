@@ -7,6 +7,8 @@ Research code subclasses it and overrides small hooks:
 * :meth:`ContinualLM.trainable_parameters` / :meth:`ContinualLM.param_groups` - what trains, and how
   parameters are grouped for the optimizer.
 
+A continual-learning ``method`` (replay, EWC, O-LoRA) is called from here: :mod:`crma_lightning.method_hooks`.
+
 Checkpoints hold only what trains - every LoRA adapter, the CRMA backbone, any parameter a subclass
 unfreezes - plus the continual state; never the frozen base weights.
 """
@@ -24,12 +26,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from crma_lightning import method_hooks
 from crma_lightning.adapter_state import AdapterStateMixin
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.base_model import build_model, load_model_tokenizer
 from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
 from crma_lightning.checkpoints import identity_differences
 from crma_lightning.generation import generate_text
+from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
 from crma_lightning.optim import adapter_param_groups
 from crma_lightning.parallel.fsdp2 import fsdp2_mixed_precision
@@ -68,6 +72,8 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
             FSDP1 use the strategy's ``mixed_precision``/the trainer's ``precision`` instead.
         fsdp_activation_checkpointing: FSDP1/FSDP2 only: recompute each decoder block's activations in
             the backward pass (per block, CRMA included; parameter names are unchanged).
+        method: A continual-learning method (``class_path: crma_lightning.methods.Replay`` / ``EWC`` /
+            ``OLoRA`` + ``init_args``); ``None``: plain sequential fine-tuning.
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         max_nonfinite_steps: int = 10,
         fsdp_mixed_precision: str | None = None,
         fsdp_activation_checkpointing: bool = False,
+        method: ContinualMethod | None = None,
     ) -> None:
         super().__init__()
         if task_adapters not in TASK_ADAPTER_MODES:  # checked before the model is built
@@ -119,6 +126,7 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         fsdp2_mixed_precision(fsdp_mixed_precision)  # validate now, not when the strategy shards
         self.fsdp_mixed_precision = fsdp_mixed_precision
         self.fsdp_activation_checkpointing = fsdp_activation_checkpointing
+        self.method = method_hooks.check_method(method, task_adapters)
 
         self.tokenizer: PreTrainedTokenizerBase = load_model_tokenizer(model_name_or_path, tokenizer, trust_remote_code)
         with torch.random.fork_rng(devices=[]):
@@ -146,6 +154,10 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         """The task now training (``None`` before the first stage)."""
         return self.task_adapter_state.current
 
+    @current_task.setter
+    def current_task(self, task: str | None) -> None:
+        self.task_adapter_state.current = task
+
     def adapter_for(self, task: str) -> str:
         """Name of the LoRA adapter that serves ``task``."""
         return self.task_adapter_state.adapter_for(task)
@@ -158,6 +170,7 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         """
         for task in tasks:
             self.task_adapter_state.ensure(task)
+        method_hooks.setup(self)
 
     def begin_task(self, task: str, resumed: bool = False) -> None:
         """Start training ``task``: create/activate its adapter, freeze the other tasks' adapters.
@@ -174,14 +187,17 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         self.task_adapter_state.train(task)
         if not resumed:
             self.on_task_start(task, self.tasks.index(task))
+        method_hooks.start_task(self)
 
     def activate_task(self, task: str | None) -> None:
-        """Make ``task``'s adapter the active one (evaluation); ``None``: LoRA off."""
-        self.task_adapter_state.activate(task)
+        """Activate ``task``'s adapter(s) (the method's choice, else the task's own); ``None``: LoRA off."""
+        self.task_adapter_state.activate(task, method_hooks.active_adapters(self, task))
 
-    def end_task(self, task: str) -> None:
-        """The stage on ``task`` finished training (the driver calls it before evaluating): :meth:`on_task_end`."""
-        self.on_task_end(task, self.tasks.index(task))
+    def end_task(self, task: str, train_batches: Any = None, train_rows: Any = None) -> None:
+        """Stage ``task`` finished training: :meth:`on_task_end`, then the method's (batches in a fixed order, rows)."""
+        index = self.tasks.index(task)
+        self.on_task_end(task, index)
+        method_hooks.end_task(self, task, index, train_batches, train_rows)
 
     def on_task_start(self, task: str, index: int) -> None:
         """Hook: called by :meth:`begin_task` once the task's adapter is active and trainable."""
@@ -215,6 +231,8 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         module hooks, so a subclass overriding ``on_before_optimizer_step`` or ``on_validation_end``
         without calling ``super()`` cannot drop them. Extend with ``[*super().configure_callbacks(), ...]``.
         """
+        if self._trainer is not None and any(isinstance(cb, SkipNonFiniteSteps) for cb in self._trainer.callbacks):
+            return []  # already attached to this trainer (a validate after its fit): nothing to replace
         return [SkipNonFiniteSteps(), RestoreTrainingAdapter()]
 
     # ------------------------------------------------------------------ parameters
@@ -268,6 +286,7 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         loss = self.compute_loss(batch, logits)
+        loss = method_hooks.add_penalty(self, loss, batch_size=batch["input_ids"].size(0))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
@@ -292,6 +311,7 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
             "nonfinite": self.nonfinite.state_dict(),
             "rng": rng_state(),
         }
+        checkpoint[method_hooks.CHECKPOINT_KEY] = method_hooks.save_state(self.method)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("continual_model")
@@ -303,6 +323,8 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         self.prepare_tasks(state["tasks"])  # adapters must exist before their weights load
         if state["current_task"] is not None:
             self.task_adapter_state.train(state["current_task"])
+        method_hooks.load_state(self.method, checkpoint.get(method_hooks.CHECKPOINT_KEY))
+        method_hooks.start_task(self)
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         set_rng_state(state.get("rng"))
 
@@ -316,7 +338,12 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
             "task_adapters": self.task_adapters,
             "lora": {k: v for k, v in hp["lora"].items() if k != "dropout"},
             "crma": hp["crma"] if self.adapter == "crma" else None,
+            "method": method_hooks.identity(self.method),
         }
+
+    def method_summary(self) -> dict[str, Any] | None:
+        """The method's report entry (hyper-parameters, what it holds, ``state_bytes``); ``None``: no method."""
+        return method_hooks.summary(self.method)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: str | list[str], task: str | None = None, **generate_kwargs: Any) -> list[str]:

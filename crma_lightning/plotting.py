@@ -61,3 +61,34 @@ def _numpy_image(values: np.ndarray, cell: int = 24) -> np.ndarray:
     rgb[..., 1] = np.where(ok, 64, 128)
     rgb[..., 2] = np.where(ok, 255 * (1 - np.nan_to_num(scale)), 128)  # blue = low loss
     return np.kron(rgb, np.ones((cell, cell, 1), dtype=np.uint8))
+
+
+def save_comparison_chart(path: str, runs: list[str], panels: dict[str, list[float | None]]) -> None:
+    """A PNG of one bar chart per metric (``panels``: title -> one value per run, ``None`` = missing).
+
+    Each metric gets its own axis (drift in %, plasticity in loss units and gradient variance differ by
+    orders of magnitude). Needs matplotlib (``ImportError`` without it).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * len(runs)) * len(panels) * 0.8, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (title, values) in enumerate(panels.items(), 1):
+        ax = fig.add_subplot(1, len(panels), i)
+        heights = [0.0 if v is None or not math.isfinite(v) else float(v) for v in values]
+        bars = ax.bar(range(len(runs)), heights, color=[f"C{k % 10}" for k in range(len(runs))])
+        for bar, value in zip(bars, values):
+            missing = value is None or not math.isfinite(value)
+            ax.annotate(
+                "n/a" if missing else f"{value:.3g}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+        ax.set_xticks(range(len(runs)), runs, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.axhline(0.0, color="black", linewidth=0.5)
+    fig.tight_layout()
+    fig.savefig(path, format="png")

@@ -2,6 +2,12 @@
 
 Both are rewritten atomically after every stage, so a crash or an interrupt never loses a finished
 stage's numbers, and a reader never sees a half-written file.
+
+Non-finite numbers: JSON has no NaN, and ``null`` already means "not evaluated". A loss or metric
+that is NaN or infinite is written as the string ``"nan"``, ``"inf"`` or ``"-inf"`` (and shown so in
+``report.md``); every metric computed from a non-finite loss is ``"nan"``; ``nonfinite_evaluations``
+lists each non-finite loss-matrix entry, and the status of a finished run says so
+(:func:`final_status`).
 """
 
 from __future__ import annotations
@@ -11,20 +17,97 @@ import math
 from pathlib import Path
 from typing import Any
 
+from crma_lightning import metrics
 from crma_lightning.adapters.serialization import atomic_write
 
 REPORT_VERSION = 1
+NONFINITE_MARKERS = ("nan", "inf", "-inf")
+"""How ``report.json`` writes a non-finite number (``null`` means "not evaluated")."""
+
+
+class NonFiniteResults(Exception):
+    """Every stage ran, but some held-out losses are not finite (the CLI exits with code 3)."""
+
+
+def _marker(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf become ``None`` (JSON has no NaN), tuples become lists."""
+    """JSON-safe copy: NaN/inf become ``"nan"``/``"inf"``/``"-inf"`` (JSON has no NaN), tuples become lists."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return value if math.isfinite(value) else _marker(value)
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+def summarize_losses(matrix: list[list[float | None]], domains: list[str], upto: int) -> dict[str, Any]:
+    """:func:`metrics.summarize`, except that a non-finite loss is a diverged evaluation, not a missing one.
+
+    ``loss_matrix`` keeps the NaN/inf entries, and every metric whose formula reads one is NaN.
+    """
+    return _mark_nonfinite(metrics.summarize(matrix, domains, upto=upto), matrix, list(domains), upto)
+
+
+def _mark_nonfinite(summary: dict[str, Any], matrix: list[list[Any]], names: list[str], upto: int) -> dict[str, Any]:
+    """NaN for every metric of ``summary`` whose formula reads a non-finite entry of ``matrix``."""
+    raw = [[None if v is None else float(v) for v in row] for row in matrix]
+    bad = {(s, c) for s, row in enumerate(raw) for c, v in enumerate(row) if v is not None and not math.isfinite(v)}
+    if not bad:
+        return summary
+    nan = float("nan")
+
+    def hit(*cells: tuple[int, int]) -> bool:
+        return any(cell in bad for cell in cells)
+
+    for c in range(upto - 1):
+        if hit((upto, c), (c + 1, c)):
+            summary["drift"][names[c]] = nan
+        if hit((upto, c), (0, c)):
+            summary["base_relative_forgetting"][names[c]] = nan
+    for c in range(upto):
+        if hit((c + 1, c)):
+            summary["plasticity"][names[c]] = nan
+    for mean, per_domain in (
+        ("drift_mean", "drift"),
+        ("base_relative_forgetting_mean", "base_relative_forgetting"),
+        ("plasticity_mean", "plasticity"),
+    ):
+        if any(v is not None and math.isnan(v) for v in summary[per_domain].values()):
+            summary[mean] = nan
+    if any(hit((c + 1, c), (upto, c)) for c in range(upto - 1)):
+        summary["bwt"] = nan
+    if any(hit((0, c), (c, c)) for c in range(1, upto)):
+        summary["fwt"] = nan
+    summary["loss_matrix"] = [
+        [raw[s][c] if (s, c) in bad else v for c, v in enumerate(row)] for s, row in enumerate(summary["loss_matrix"])
+    ]
+    return summary
+
+
+def nonfinite_evaluations(matrix: list[list[Any]], domains: list[str]) -> list[dict[str, Any]]:
+    """One entry per non-finite loss-matrix value: ``domain``, ``row`` (0 = base), ``after`` and ``value``."""
+    found = []
+    for s, row in enumerate(matrix):
+        for c, value in enumerate(row):
+            if isinstance(value, str) or (isinstance(value, float) and not math.isfinite(value)):
+                after = "base model" if s == 0 else f"stage {s} ({domains[s - 1]})"
+                marker = value if isinstance(value, str) else _marker(value)
+                found.append({"domain": domains[c], "row": s, "after": after, "value": marker})
+    return found
+
+
+def final_status(report: dict[str, Any]) -> str:
+    """``complete``, or ``complete (non-finite evaluation: prose after stage 2 (code) = nan; ...)``."""
+    found = report.get("nonfinite_evaluations") or []
+    if not found:
+        return "complete"
+    listed = "; ".join(f"{e['domain']} after {e['after']} = {e['value']}" for e in found[:3])
+    more = f"; and {len(found) - 3} more" if len(found) > 3 else ""
+    return f"complete (non-finite evaluation: {listed}{more})"
 
 
 def build_report(
@@ -39,9 +122,18 @@ def build_report(
     data: dict[str, Any],
     timings: dict[str, Any],
     nonfinite: dict[str, Any],
+    config_changes: list[dict[str, Any]] | None = None,
+    method: dict[str, Any] | None = None,
+    routing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the report dictionary (see ``docs/metrics.md`` for every field)."""
-    return _clean(
+    """Assemble the report dictionary (see ``docs/metrics.md`` for every field).
+
+    ``method``: the continual method's summary (``None``: plain fine-tuning); ``routing``: the routed
+    evaluation's summary (``None``: no routing callback, i.e. oracle task identity only).
+
+    ``status="complete"`` becomes :func:`final_status` when a loss is not finite.
+    """
+    report = _clean(
         {
             "report_version": REPORT_VERSION,
             "status": status,
@@ -57,17 +149,28 @@ def build_report(
             },
             "metrics": metrics,
             "gradients": gradients,
+            "nonfinite_evaluations": nonfinite_evaluations(matrix, domains),
             "nonfinite_steps": nonfinite,
             "timings": timings,
             "data": data,
             "config": config,
+            "config_changes": list(config_changes or []),
+            "method": method,
+            "routing": routing or {"mode": "oracle"},
         }
     )
+    if status == "complete":
+        report["status"] = final_status(report)
+    return report
 
 
 def _fmt(value: Any, digits: int = 4, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
+    if value is None:
+        return "—"  # not evaluated / undefined
+    if isinstance(value, float) and not math.isfinite(value):
+        return _marker(value)
+    if value in NONFINITE_MARKERS:
+        return value
     if isinstance(value, float):
         return f"{value:+.{digits}f}{suffix}" if suffix == "%" else f"{value:.{digits}f}{suffix}"
     return f"{value}{suffix}"
@@ -84,6 +187,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- status: **{report['status']}** ({report['completed_stages']}/{report['total_stages']} stages)",
         f"- adapter: `{model.get('adapter')}`, task adapters: `{model.get('task_adapters')}`",
         f"- base model: `{model.get('base')}`",
+        f"- method: {_method_line(report.get('method'))}; evaluation: {_routing_line(report.get('routing'))}",
+        *(
+            f"- **non-finite evaluation**: {e['domain']} after {e['after']} = {e['value']}"
+            for e in report.get("nonfinite_evaluations", [])
+        ),
+        *(
+            f"- configuration changed from stage {c['stage']} ({c['domain']})"
+            + (f", mid-stage at step {c.get('at_step')}" if c.get("mid_stage") else "")
+            + ": "
+            + ", ".join(f"`{k}` {v[0]!r} -> {v[1]!r}" for k, v in c.get("changes", {}).items())
+            for c in report.get("config_changes", [])
+        ),
         "",
         "## Held-out loss `L[s][j]`",
         "",
@@ -134,10 +249,57 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| **run** | {run.get('steps')} | {_fmt(run.get('mean'))} | {_fmt(run.get('var'), 6)} | "
                 f"{_fmt(run.get('peak'))} |"
             )
+    lines += _routing_lines(report)
     skipped = report.get("nonfinite_steps", {}).get("skipped", 0)
     timings = report.get("timings", {})
     lines += ["", f"Non-finite steps skipped: {skipped}. Wall-clock: {_fmt(timings.get('total_s'), 1)} s."]
     return "\n".join(lines) + "\n"
+
+
+def _method_line(method: dict[str, Any] | None) -> str:
+    if not method:
+        return "`none` (sequential fine-tuning)"
+    settings = ", ".join(
+        f"{k}={v}" for k, v in method.items() if k not in ("method", "state_bytes") and not isinstance(v, dict | list)
+    )
+    return f"`{method.get('method')}` ({settings}; state {method.get('state_bytes', 0) / 1e6:.2f} MB)"
+
+
+def _routing_line(routing: dict[str, Any] | None) -> str:
+    mode = (routing or {}).get("mode", "oracle")
+    if mode == "oracle":
+        return "oracle task identity (each domain scored with its own adapter)"
+    if mode == "none":
+        return "no task identity needed (every task activates the same adapters)"
+    return f"routed by perplexity on the first {routing.get('prefix_tokens')} tokens, and oracle"
+
+
+def _routing_lines(report: dict[str, Any]) -> list[str]:
+    """The routed loss matrix, routing accuracy and routed forgetting (``routing: perplexity`` only)."""
+    routing = report.get("routing") or {}
+    values = routing.get("loss_matrix_routed")
+    if not values:
+        return []
+    domains = report["domains"]
+    lines = [
+        "",
+        f"## Task-agnostic evaluation (routing on the first {routing['prefix_tokens']} tokens)",
+        "",
+        "Routed loss `L~[s][j]` on the tokens after the prefix, and the routing accuracy (share of domain *j*'s "
+        "sequences routed to *j*'s adapter).",
+        "",
+        "| after stage | " + " | ".join(domains) + " |",
+        "|---" * (len(domains) + 1) + "|",
+    ]
+    accuracy = routing.get("routing_accuracy", [])
+    for r, row in enumerate(values):
+        label = "base" if r == 0 else f"{r}: {domains[r - 1]}"
+        acc = accuracy[r] if r < len(accuracy) else [None] * len(row)
+        cells = [_fmt(v) + ("" if a is None else f" ({100 * a:.0f}%)") for v, a in zip(row, acc, strict=True)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    m = routing.get("metrics_routed", {})
+    lines += ["", f"- routed mean drift: **{_fmt(m.get('drift_mean'), 2, '%')}**; routed BWT: {_fmt(m.get('bwt'))}"]
+    return lines
 
 
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:

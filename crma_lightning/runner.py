@@ -14,6 +14,7 @@ Run directory: ``report.json``/``report.md`` (rewritten after every stage), ``co
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,19 +24,24 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
-from crma_lightning import _compat
+from crma_lightning import _compat, resume_settings
 from crma_lightning.adapters.serialization import atomic_write
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
+from crma_lightning.callbacks.progress import stage_progress_bar
+from crma_lightning.callbacks.routing import RoutedEvaluation
 from crma_lightning.checkpoints import RESUME_MODES, CheckpointStore, RunState
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.interrupts import RunInterrupted, StopAndSave, StopSignals
 from crma_lightning.module import ContinualLM
 from crma_lightning.parallel.dist import is_global_zero
 from crma_lightning.parallel.export import export_adapters
-from crma_lightning.report import build_report, data_settings, model_settings, write_report
+from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses, write_report
+from crma_lightning.resume_settings import refuse_optimizer_class_change, write_stage_configs
 
 __all__ = ["ContinualRunner", "RunInterrupted"]
+
+log = logging.getLogger("crma_lightning")
 
 
 class ContinualRunner:
@@ -86,12 +92,15 @@ class ContinualRunner:
         self.config = config or {}
         self.config_text = config_text
         self.started = False  # every up-front check passed and the run directory is being written
+        self._trainers_made = 0
+        self._summary_shown = False
         self.state = RunState()
         self.signals = StopSignals()
         self._purge_step = 0
         self.loggers: list[Logger] = []
         # (path, checkpoint) that `preflight` chose to resume from; None until it has looked.
         self._resume_choice: tuple[Path | None, dict[str, Any] | None] | None = None
+        self._resume_step = 0
         _check_budget(self.trainer_kwargs, required=False)  # a missing budget may come from every domain
         if resume not in RESUME_MODES and not Path(resume).is_file():
             raise ValueError(f"resume={resume!r} is invalid: expected one of {list(RESUME_MODES)} or an existing file")
@@ -106,6 +115,10 @@ class ContinualRunner:
     @property
     def gradient_stats(self) -> GradientStability:
         return next(cb for cb in self.callbacks if isinstance(cb, GradientStability))
+
+    @property
+    def routing(self) -> RoutedEvaluation | None:
+        return next((cb for cb in self.callbacks if isinstance(cb, RoutedEvaluation)), None)
 
     def _stateful_callbacks(self) -> list[Callback]:
         return [*self.callbacks, self.state]
@@ -124,7 +137,11 @@ class ContinualRunner:
         """
         if self._resume_choice is not None:
             return  # already done
-        datamodule.prepare(model.tokenizer)
+        self.checkpoints.check_writable()
+        try:
+            datamodule.prepare(model.tokenizer)
+        except ValueError as err:
+            raise ValueError(resume_settings.name_the_domain(str(err), datamodule.specs)) from err
         for spec in datamodule.specs:
             _check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name)
         self.state.domains = datamodule.domain_names
@@ -134,6 +151,9 @@ class ContinualRunner:
             "data": datamodule.identity(),
         }
         self._resume_choice = self.checkpoints.find_resume(self.resume, self.state.identity)
+        path, ckpt = self._resume_choice
+        if path is not None and ckpt is not None and not CheckpointStore.is_stage_checkpoint(path):
+            refuse_optimizer_class_change(path, ckpt, self.config_text, datamodule.domain_names)
 
     def run(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
         """Run every remaining stage; returns the final report (also written to ``run_dir``).
@@ -146,10 +166,12 @@ class ContinualRunner:
         first = self._make_trainer(self.state.completed if self.state.completed < len(domains) else 0, datamodule)
         datamodule.check_batches(first.world_size)
         self.started = True
-        self._write_config()
         model.prepare_tasks(domains)
-        self.checkpoints.remove_stale_temp_files()
         resume_from, resume_stage_done = self._restore(model, datamodule)
+        self._write_config(mid_stage=resume_from is not None and not resume_stage_done)
+        self.checkpoints.remove_stale_temp_files()
+        if self.save_stage_adapters:  # a finished stage's adapter file that is missing or damaged
+            self.checkpoints.repair_stage_adapters(model, domains, self.state.completed)
         self.evaluation.start_run(domains)
         self._setup_loggers(purge_step=self._purge_step if resume_from else None)
         self._t0 = time.perf_counter()
@@ -168,8 +190,12 @@ class ContinualRunner:
                 raise
         return self._write_report(model, datamodule, "complete")
 
-    def _write_config(self) -> None:
-        if self.config_text is not None and is_global_zero():
+    def _write_config(self, mid_stage: bool) -> None:
+        """``config.yaml`` (this invocation's), and this configuration recorded for every stage it will train."""
+        if self.config_text is None:
+            return
+        self.state.use_config(self.config_text, mid_stage, self._resume_step)
+        if is_global_zero():
             atomic_write(self.run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(self.config_text))
 
     def _run_stages(
@@ -192,12 +218,14 @@ class ContinualRunner:
                 L.seed_everything(self.seed + stage, workers=True, verbose=False)
             model.begin_task(domain, resumed=mid_stage)
             model.nonfinite.stage = domain  # skipped steps are counted, and reported, per stage
-            trainer = self._make_trainer(stage, dm)
-            _print(trainer, f"stage {stage + 1}/{dm.num_stages}: {domain}")
+            trainer = self._make_trainer(stage, dm, for_fit=True)
+            if trainer.is_global_zero:
+                log.info("stage %d/%d: %s", stage + 1, dm.num_stages, domain)
             t0 = time.perf_counter()
             trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if mid_stage else None, weights_only=True)
             resume_from = None  # only the first stage after a restart resumes mid-stage
-            model.end_task(domain)
+            # Before the stage checkpoint: what the method consolidates here (replay buffer, EWC's Fisher) is in it.
+            model.end_task(domain, train_batches=dm.fisher_batches(stage), train_rows=dm.train_sets[domain])
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             self._evaluate(trainer, model, dm, row=stage + 1)
@@ -243,7 +271,12 @@ class ContinualRunner:
         else:
             self.loggers = list(arg) if isinstance(arg, (list, tuple)) else [arg]
 
-    def _make_trainer(self, stage: int, dm: SequentialDomainDataModule) -> L.Trainer:
+    def _make_trainer(self, stage: int, dm: SequentialDomainDataModule, for_fit: bool = False) -> L.Trainer:
+        """A fresh trainer for ``stage`` (or the base evaluation), sharing the run's callbacks and loggers.
+
+        Lightning's per-trainer banners (device info, tips) are shown for the first trainer only, the
+        model summary for the first trained stage only, and the progress bar names the stage.
+        """
         kwargs = copy.copy(self.trainer_kwargs)
         for key in ("strategy", "plugins"):  # stateful objects: a pristine copy per stage
             if key in kwargs and not isinstance(kwargs[key], str):
@@ -253,16 +286,24 @@ class ContinualRunner:
             kwargs["max_steps"] = spec.max_steps
         if kwargs.get("num_sanity_val_steps") is None:  # every stage is evaluated in full afterwards
             kwargs["num_sanity_val_steps"] = 0
+        if not for_fit or self._summary_shown:
+            kwargs["enable_model_summary"] = False  # the model does not change between stages
+        self._summary_shown |= for_fit
         user_checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in self.callbacks)
         kwargs["enable_checkpointing"] = user_checkpointing
+        label = f"stage {stage + 1}/{dm.num_stages}: {dm.domain_names[stage]}"
+        bar = stage_progress_bar(self.callbacks, kwargs.get("enable_progress_bar"), label)
         kwargs["callbacks"] = [
             *self.callbacks,
+            *([bar] if bar is not None else []),
             self.state,
             StopAndSave(self.signals, self.checkpoints, self.checkpoint_every_n_steps),
         ]
         kwargs["logger"] = self.loggers or False
         kwargs.setdefault("default_root_dir", str(self.run_dir))
-        trainer = L.Trainer(**kwargs)
+        with _compat.quiet_lightning_info(self._trainers_made > 0):
+            trainer = L.Trainer(**kwargs)
+        self._trainers_made += 1
         # Continue the logging step where the previous stage ended: one continuous TensorBoard run.
         _compat.set_logging_step(trainer, self.state.step_offset)
         return trainer
@@ -280,6 +321,7 @@ class ContinualRunner:
         self._resume_choice = None  # consumed: the checkpoint's tensors need not stay in memory
         if path is None or ckpt is None:
             return None, False
+        self._resume_step = int(ckpt.get("global_step", 0))
         self._load_states(ckpt, model, dm)
         complete = CheckpointStore.is_stage_checkpoint(path)
         # TensorBoard drops events at and after `purge_step`: what the killed run logged past the checkpoint.
@@ -300,13 +342,13 @@ class ContinualRunner:
 
     # ------------------------------------------------------------------ signals and report
     def _write_report(self, model: ContinualLM, dm: SequentialDomainDataModule, status: str) -> dict[str, Any]:
-        evaluation = self.evaluation
+        evaluation, domains = self.evaluation, dm.domain_names
         report = build_report(
-            domains=dm.domain_names,
+            domains=domains,
             matrix=evaluation.matrix,
             completed_stages=self.state.completed,
             status=status,
-            metrics=evaluation.summary(upto=self.state.completed) if evaluation.matrix else {},
+            metrics=summarize_losses(evaluation.matrix, domains, self.state.completed) if evaluation.matrix else {},
             gradients=self.gradient_stats.summary(),
             config={"model": model_settings(model), "data": data_settings(dm), **self.config},
             data=dm.summary(),
@@ -315,9 +357,15 @@ class ContinualRunner:
                 "total_s": time.perf_counter() - getattr(self, "_t0", time.perf_counter()),
             },
             nonfinite=model.nonfinite.state_dict(),
+            config_changes=self.state.config_changes,
+            method=model.method_summary(),
+            routing=None if self.routing is None else self.routing.summary(),
         )
         if is_global_zero():
             write_report(self.run_dir, report)
+            write_stage_configs(self.run_dir, self.state, domains)
+            if status in ("running", "complete"):  # right after a stage's adapters were exported
+                self.checkpoints.record_adapters(domains, self.state.completed)
         return report
 
 
@@ -348,8 +396,3 @@ def _check_budget(
             f"no per-stage budget{where}: set trainer max_steps (optimizer steps per stage) or max_epochs, "
             "or max_steps on the domain"
         )
-
-
-def _print(trainer: L.Trainer, message: str) -> None:
-    if trainer.is_global_zero:
-        print(f"[crma_lightning] {message}", flush=True)

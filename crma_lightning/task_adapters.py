@@ -75,11 +75,16 @@ class TaskAdapters:
         set_active_adapter(self.model, active)
         self.current = task
 
-    def activate(self, task: str | None) -> None:
-        """Make ``task``'s adapter the active one (evaluation); ``None``: LoRA off."""
-        name = None if task is None else self.adapter_for(task)
-        if name is not None and name not in lora_adapter_names(self.model):
-            raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}")
+    def activate(self, task: str | None, adapters: list[str] | None = None) -> None:
+        """Make ``task``'s adapter the active one (evaluation); ``None``: LoRA off.
+
+        ``adapters``: activate these instead, summed (a method's choice, e.g. O-LoRA's stack).
+        """
+        if adapters is None:
+            name = None if task is None else self.adapter_for(task)
+            if name is not None and name not in lora_adapter_names(self.model):
+                raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}")
+            adapters = [] if name is None else [name]
         for _, layer in lora_layers(self.model):
-            if layer.active_adapter != name:
-                layer.set_adapter(name)
+            if layer.active_adapters != adapters:  # a list: `active_adapter` raises when several are active
+                layer.set_active_adapters(adapters)

@@ -6,6 +6,8 @@ from functools import lru_cache
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from crma_lightning.hub import load_pretrained
+
 BYTE_TOKENIZER = "byte"
 """Name that selects :func:`byte_tokenizer` wherever a tokenizer path is accepted."""
 
@@ -45,15 +47,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, what: str = "tokenizer"
+) -> PreTrainedTokenizerBase:
     """``"byte"`` gives :func:`byte_tokenizer`; anything else goes to ``AutoTokenizer.from_pretrained``.
 
     A tokenizer without a pad token gets its EOS token as pad (the usual causal-LM convention); the
-    padding positions are masked out of the loss anyway.
+    padding positions are masked out of the loss anyway. A missing directory or an unreachable Hub is
+    a one-line ``ValueError`` naming ``what`` (the setting) and the path (:mod:`crma_lightning.hub`).
     """
     if name_or_path == BYTE_TOKENIZER:
         return byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, what, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(

@@ -21,6 +21,7 @@ Scenarios (``fsdp2`` all; ``fsdp1`` all but ``lora_bf16``; ``ddp`` the first onl
   on both ranks (each rank writes ``nan-rank<r>.json``).
 * ``bf16``: FSDP2 with ``fsdp_mixed_precision="bf16"``, FSDP1 with a bf16 ``MixedPrecision`` policy;
   ``lora_bf16``: FSDP2 bf16 with LoRA only.
+* ``replay``, ``ewc`` (``fsdp2`` and ``ddp``): the continual methods (:data:`METHODS`) on a shared LoRA.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ import lightning as L
 import torch
 from conftest import TINY_LLAMA_CONFIG
 
-from crma_lightning.runner import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
+from crma_lightning.methods import build_method
 from crma_lightning.module import ContinualLM
+from crma_lightning.runner import ContinualRunner
 
 TINY = TINY_LLAMA_CONFIG
 DOMAINS = ["prose", "code"]
@@ -48,14 +50,24 @@ WORLD = 2
 # 5 held-out rows in batches of 2: 2 ranks get 3 and 2 rows, i.e. 2 and 1 batches - uneven on purpose.
 EVAL_ROWS = 5
 EVAL_BATCH = 2
+# Replay: 1 buffer row of 2 per process = 2 of 4 in one process (the same global batches). EWC: a large
+# lambda, so that the penalty (and its gradient on the shards) visibly changes stage 2's results.
+METHODS = {
+    "replay": ("replay", {"buffer_size": 8, "ratio": 0.5}),
+    "ewc": ("ewc", {"lam": 1.0e5, "fisher_samples": 2}),
+}
 
 
-def make_model(mixed_precision: str | None = None, adapter: str = "crma", dtype: str = "float32") -> ContinualLM:
+def make_model(
+    mixed_precision: str | None = None, adapter: str = "crma", dtype: str = "float32", method: str | None = None
+) -> ContinualLM:
+    name, kwargs = METHODS[method] if method else (None, {})
     return ContinualLM(
         dtype=dtype,
         model_config=TINY,
-        adapter=adapter,
-        task_adapters="per_task",
+        adapter="lora" if method else adapter,
+        task_adapters="shared" if method else "per_task",
+        method=build_method(name, **kwargs) if name else None,
         optimizer=partial(torch.optim.AdamW, lr=0.01),
         fsdp_mixed_precision=mixed_precision,
         fsdp_activation_checkpointing=True,  # used by FSDP1/FSDP2 only; numerically a no-op
@@ -137,13 +149,22 @@ class NaNGradient(L.Callback):
                     return
 
 
-def run(run_dir: Path, strategy: str, callbacks=None, mixed_precision=None, adapter="crma", dtype="float32", **kwargs):
-    """One continual run; returns the final report and the model."""
+def run(
+    run_dir: Path,
+    strategy: str,
+    callbacks=None,
+    mixed_precision=None,
+    adapter="crma",
+    dtype="float32",
+    method=None,
+    **kwargs,
+):
+    """One continual run (``method``: a key of :data:`METHODS`); returns the final report and the model."""
     world = 1 if strategy == "single" else WORLD
     runner = ContinualRunner(
         run_dir=run_dir, trainer_kwargs=trainer_kwargs(strategy), callbacks=callbacks, seed=0, **kwargs
     )
-    model = make_model(mixed_precision, adapter, dtype)
+    model = make_model(mixed_precision, adapter, dtype, method)
     return runner.run(model, make_data(world)), model
 
 
@@ -241,6 +262,10 @@ def main(strategy: str, out: Path) -> None:
         report, lora_model = run(out / "lora_bf16", strategy, mixed_precision="bf16", adapter="lora")
         result["lora_bf16"] = report["loss_matrix"]["values"]
         result["lora_sharding"] = sharding_facts(lora_model)
+    if strategy in ("fsdp2", "ddp"):
+        for method in METHODS:
+            report, _ = run(out / method, strategy, method=method)
+            result[method] = {"matrix": report["loss_matrix"]["values"]}
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))
 

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 OVERLAYS = {"naive.yaml", "frozen.yaml", "modular.yaml", "crma-shared.yaml"}
+OVERLAYS |= {"replay.yaml", "ewc.yaml", "olora.yaml", "routing.yaml"}  # continual methods, routing
 
 
 def tiny_config(tmp_path: Path, run_dir: Path, steps: int = 3) -> Path:
@@ -107,7 +108,7 @@ def test_overlays_change_only_the_mode():
         before, after = base["model"]["init_args"], cfg["model"]["init_args"]
         differences = {f"model.{k}" for k in before if before[k] != after[k]}
         differences |= {f"run.{k}" for k in base["run"] if base["run"][k] != cfg["run"][k]}
-        assert differences <= {"model.adapter", "model.task_adapters", "run.dir"}, (name, differences)
+        assert differences <= {"model.adapter", "model.task_adapters", "model.method", "run.dir"}, (name, differences)
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -157,7 +158,7 @@ def test_configuration_doc_lists_every_option():
         else:
             keys.append(prefix)
 
-    for section in ("run", "data", "gradient_stability", "evaluation"):
+    for section in ("run", "data", "gradient_stability", "evaluation", "routing"):
         walk(section, cfg[section])
     walk("model", cfg["model"]["init_args"])
     keys = [k for k in keys if not k.startswith(("model.optimizer.", "model.model_config."))]

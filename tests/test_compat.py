@@ -56,7 +56,7 @@ def test_is_accumulating_follows_accumulate_grad_batches(tmp_path):
 
 def test_clear_received_sigterm_resets_lightnings_flag(tmp_path):
     trainer = _trainer(tmp_path)
-    connector = trainer._signal_connector  # noqa: SLF001 - the attribute under test
+    connector = trainer._signal_connector
     connector.received_sigterm = True
     _compat.clear_received_sigterm(trainer)
     assert connector.received_sigterm is False
@@ -77,7 +77,7 @@ def test_resolve_auto_data_parallel_size_means_every_rank():
     strategy.num_nodes = 2
     strategy.parallel_devices = [torch.device("cpu")] * 3
     _compat.resolve_auto_data_parallel_size(strategy)
-    assert strategy._data_parallel_size == 6  # noqa: SLF001 - the attribute under test
+    assert strategy._data_parallel_size == 6
 
 
 def test_foreach_norm_matches_per_tensor_norms():

@@ -174,21 +174,22 @@ def _per_token_ratio_excess(adapter: CRMAAdapter, h: torch.Tensor) -> torch.Tens
     return delta - adapter.config.g_max * h.norm(dim=-1) * (1 + TOL)
 
 
+@pytest.mark.parametrize("norm", ["spectral", "frobenius"])
 @pytest.mark.parametrize("g_max", [0.01, 0.1, 0.5, 1.0, 4.0])
 @pytest.mark.parametrize(
     "read_std,write_std,mix,gate",
     [
         (10.0, 10.0, "randn", 20.0),
         (1.0, 10.0, "pm50", 20.0),
-        (0.01, 0.01, "randn", 3.0),  # Frobenius norms < 1: no normalisation kicks in
+        (0.01, 0.01, "randn", 3.0),  # norms < 1: no normalisation kicks in
         (10.0, 0.05, "triu", -2.0),
     ],
 )
-def test_crma_bound_random_parameters(g_max, read_std, write_std, mix, gate):
+def test_crma_bound_random_parameters(norm, g_max, read_std, write_std, mix, gate):
     d = 32
     gen = torch.Generator().manual_seed(int(g_max * 100) + int(read_std))
     for n, k in [(4, 4), (4, 8), (2, 3)]:  # (4, 8): n·k == d, the largest allowed
-        adapter = CRMAAdapter(d, CRMAConfig(n_streams=n, stream_rank=k, g_max=g_max))
+        adapter = CRMAAdapter(d, CRMAConfig(n_streams=n, stream_rank=k, g_max=g_max, norm=norm))
         _randomize(adapter, gen, read_std, write_std, mix, gate)
         # Tokens of wildly different norms, including one exact zero token.
         scales = 10 ** (torch.rand(4, 16, 1, generator=gen) * 6 - 3)
@@ -204,7 +205,7 @@ def test_crma_bound_is_tight_for_aligned_parameters():
     adapter = CRMAAdapter(d, CRMAConfig(n_streams=2, stream_rank=2, g_max=g_max))
     with torch.no_grad():
         adapter.read_weight.zero_()
-        adapter.read_weight[0, 0] = 5.0  # ||R~||_F = 5 -> R = e0 e0^T
+        adapter.read_weight[0, 0] = 5.0  # ||R~||_F = σ_max(R~) = 5 -> R = e0 e0^T
         adapter.write_weight.zero_()
         adapter.write_weight[0, 0] = 1.0
         adapter.mix_logits.copy_(torch.eye(2) * 100 - 50)
@@ -219,7 +220,7 @@ def test_crma_bound_holds_while_optimising_against_it():
     """Gradient ascent on ||h' - h|| / ||h|| cannot push past g_max: the bound is structural, not a penalty."""
     torch.manual_seed(0)
     d, g_max = 32, 0.2
-    adapter = CRMAAdapter(d, CRMAConfig(g_max=g_max))
+    adapter = CRMAAdapter(d, CRMAConfig(g_max=g_max))  # spectral normalisation (the default)
     with torch.no_grad():
         adapter.write_weight.normal_()
     opt = torch.optim.Adam(adapter.parameters(), lr=0.5)
@@ -235,17 +236,23 @@ def test_crma_bound_holds_while_optimising_against_it():
     assert best > 0.3 * g_max  # the optimiser did make progress towards the bound
 
 
-def test_crma_forward_matches_definition():
+def _sigma(x: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm(x.double(), ord=2).item()
+
+
+@pytest.mark.parametrize("norm", ["frobenius", "spectral"])
+def test_crma_forward_matches_definition(norm):
     """The folded two-matmul forward equals h + g · W vec(M s), s = reshape(R h, (n, k)), token by token."""
     d, n, k = 24, 3, 4
     gen = torch.Generator().manual_seed(3)
-    adapter = CRMAAdapter(d, CRMAConfig(n_streams=n, stream_rank=k, g_max=0.7))
+    adapter = CRMAAdapter(d, CRMAConfig(n_streams=n, stream_rank=k, g_max=0.7, norm=norm))
     _randomize(adapter, gen, read_std=1.0, write_std=1.0, mix="randn", gate=0.5)
     h = torch.randn(2, 5, d, generator=gen)
+    size = (lambda x: x.norm().item()) if norm == "frobenius" else _sigma
     with torch.no_grad():
-        r = adapter.read_weight / max(1.0, adapter.read_weight.norm().item())
-        w = adapter.write_weight / max(1.0, adapter.write_weight.norm().item())
-        m = sinkhorn(adapter.mix_logits)
+        r = adapter.read_weight / max(1.0, size(adapter.read_weight))
+        w = adapter.write_weight / max(1.0, size(adapter.write_weight))
+        m = adapter.mixing()
         g = 0.7 * torch.sigmoid(adapter.gate_logit)
         expected = torch.empty_like(h)
         for idx in [(b, t) for b in range(2) for t in range(5)]:

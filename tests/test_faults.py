@@ -254,9 +254,9 @@ class _SignalDuringValidation(L.Callback):
 def tiny_runner_parts(tmp_path: Path, domains=("prose", "code"), every=None, callbacks=None, **runner_kwargs):
     from functools import partial
 
-    from crma_lightning.runner import ContinualRunner
     from crma_lightning.data import SequentialDomainDataModule
     from crma_lightning.module import ContinualLM
+    from crma_lightning.runner import ContinualRunner
 
     trainer = {"accelerator": "cpu", "max_steps": 3, "enable_progress_bar": False, "enable_model_summary": False}
     runner = ContinualRunner(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 
 import lightning as L
 import numpy as np
@@ -329,3 +330,20 @@ def test_sharded_gradients_give_single_process_norms(tmp_path):
         assert r["zclip"][0] == pytest.approx(r["zclip"][1], rel=1e-4)
         assert r["fsdp1"][0] == pytest.approx(r["fsdp1"][1], rel=1e-6)
         np.testing.assert_allclose(*r["health"], rtol=1e-6, atol=1e-7)
+
+
+def test_scale_free_statistics_ignore_a_rescaling_that_changes_the_variance():
+    norms = [1.0, 1.4, 0.8, 3.0, 1.1, 0.9]
+    a, b = RunningStats(), RunningStats()
+    for x in norms:
+        a.add(x)
+        b.add(0.5 * x)  # what a contracting adapter would do to the same gradients
+    sa, sb = a.summary(), b.summary()
+    assert sb["var"] == pytest.approx(0.25 * sa["var"])
+    assert sb["cv"] == pytest.approx(sa["cv"]) and sa["cv"] == pytest.approx(
+        statistics.pstdev(norms) / statistics.mean(norms)
+    )
+    assert sa["median"] == pytest.approx(statistics.median(norms))
+    assert sb["peak_over_median"] == pytest.approx(sa["peak_over_median"]) == pytest.approx(3.0 / 1.05)
+    restored = RunningStats.from_state(a.state_dict())
+    assert restored.summary() == sa

@@ -59,7 +59,7 @@ def test_routes_separable_domains_and_scores_only_the_rest():
     rows = [_sequence("a", 0, 20), _sequence("b", 4, 20), _sequence("a", 2, 11), _sequence("b", 6, 5)]
     batch = _batch(rows)
     model = ToyModel()
-    choices, loss_sum, tokens, prefix_losses = route_batch(model, batch, ["a", "b"], 8, model.activate)
+    choices, loss_sum, tokens, prefix_losses, scored_sums = route_batch(model, batch, ["a", "b"], 8, model.activate)
     assert choices == ["a", "b", "a", "b"]
     assert prefix_losses.shape == (4, 2)
     # Scored targets: positions 8.. of each row (padding excluded); a 5-token row has none.
@@ -73,6 +73,9 @@ def test_routes_separable_domains_and_scores_only_the_rest():
         )
         expected += sums[idx].sum().item()
     assert loss_sum.item() == pytest.approx(expected, rel=1e-6)
+    # Column k of scored_sums: every row's scored loss under adapter k (the oracle pass of that adapter).
+    chosen = scored_sums.gather(1, torch.tensor([[0], [1], [0], [1]])).sum()
+    assert chosen.item() == pytest.approx(loss_sum.item(), rel=1e-6) and scored_sums.shape == (4, 2)
     # One prefix-only forward (length P) and one full forward per adapter, whatever the choices.
     assert sorted(model.calls[:4]) == [("a", 8), ("a", 20), ("b", 8), ("b", 20)]
     assert routing_accuracy(choices[:1], "a") == 1.0 and routing_accuracy(choices, "a") == 0.5

@@ -1,36 +1,62 @@
-"""CRMA: Constrained Residual Mixing Adapter (DESIGN §3.2).
+"""CRMA: Constrained Residual Mixing Adapter (DESIGN §3.2, v2).
 
 One ``CRMAAdapter`` sits on the residual stream after each decoder layer::
 
-    R  = R~ / max(1, ||R~||_F)        read projection   (n·k, d)
-    W  = W~ / max(1, ||W~||_F)        write projection  (d, n·k), W~ = 0 at init
+    R  = R~ / max(1, σ_max(R~))       read projection   (n·k, d)          norm "spectral" (default)
+    W  = W~ / max(1, σ_max(W~))       write projection  (d, n·k), W~ = 0 at init
     M  = Sinkhorn(Λ)                  (n, n) doubly stochastic, Λ with a dominant diagonal at init
     g  = g_max · sigmoid(γ)           scalar gate
     s  = reshape(R h, (n, k))         n streams of rank k
-    h' = h + g · W vec(M s)
 
-Since ``||M||_2 <= 1`` (Birkhoff), ``||R||_2 <= 1`` and ``||W||_2 <= 1``, every input satisfies
-``||h' - h|| <= g_max · ||h||`` - by construction, with no penalty term.
+    form "write":  h' = h + g · W vec(M s)               ||h' - h|| <= g_max ||h||
+    form "mix":    h' = h + g · Rᵀ vec((M - I) s)         R with orthonormal rows, g_max <= 1: ||h'|| <= ||h||
 
-Sinkhorn note. Twenty log-space iterations (mHC's default) do *not* reach double stochasticity
-for every logit matrix: with random ±50 logits most 4x4 draws miss 1e-5 even after 2,000 iterations,
-and N(0, 1) logits miss it in a few tenths of a percent of draws (benchmarks/sinkhorn_convergence.py). The bound
-above relies on exact double stochasticity, so after the iterations we apply the rounding step of
-Altschuler, Weed & Rigollet (NeurIPS 2017, Alg. 2): shrink over-full rows/columns, then add the
-rank-one correction ``err_r err_c^T / ||err_r||_1``. It keeps every entry non-negative, makes all
-row and column sums exactly 1 (to float rounding) for any logits, and changes nothing measurable
-when the iterations have converged. ``exact=False`` turns it off for ablations.
+``norm="frobenius"`` (v1) divides by ``max(1, ||·||_F)`` instead: the same bound, but the unit norm is
+spread over the n·k singular values, so ``||R||_2, ||W||_2`` stay well below 1 (kept for ablations).
 
-Pure PyTorch: no Lightning import here.
+Write form. ``||M||_2 <= 1`` (Birkhoff), ``||R||_2 <= 1`` and ``||W||_2 <= 1`` give
+``||h' - h|| <= g_max · ||h||`` for every input - by construction, with no penalty term.
+
+Mix form. ``R = Qᵀ`` from a reduced QR of ``R~ᵀ`` (signs fixed so that the map is continuous), so
+``R Rᵀ = I`` and ``P = RᵀR`` projects onto an n·k-dimensional subspace. On that subspace the map is
+``(1 - g) I + g (M ⊗ I_k)``, a convex combination of doubly-stochastic matrices (spectral norm <= 1 for
+``g <= 1``); off it, the identity. Hence ``||h'|| <= ||h||`` and the Jacobian ``I + g Rᵀ((M - I) ⊗ I_k) R``
+has spectral norm <= 1. Near-identity start: with ``Λ = λ0 I`` the map moves ``h`` by at most
+``g_max · sigmoid(γ0) · n / (exp(λ0) + n - 1) · ||h||`` (0.35 % for the defaults g_max 0.1, λ0 4, n 4).
+
+Sinkhorn. The iterations run without autograd (log-space potentials, no graph) and the backward is the
+implicit gradient of the Sinkhorn limit (one tiny ``n × n`` linear solve) instead of back-propagating
+through every iteration: ~10x cheaper per block and step. Twenty log-space iterations do *not* reach
+double stochasticity for every logit matrix (benchmarks/sinkhorn_convergence.py), and the bounds above rely
+on exact double stochasticity, so the rounding step of Altschuler, Weed & Rigollet (NeurIPS 2017, Alg. 2)
+follows (with autograd): shrink over-full rows/columns, then add ``err_r err_c^T / ||err_r||_1``. Every
+entry stays >= 0 and every row and column sums to 1 (to float rounding) for any finite logits.
+``exact=False`` turns the rounding off for ablations.
+
+Pure PyTorch: no Lightning import here. All parameters are plain ``nn.Parameter`` s (no parametrize
+modules), so FSDP1/FSDP2 shard them like any other weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+NORMS = ("spectral", "frobenius")
+FORMS = ("write", "mix")
+INITS = ("random", "pissa")
+SINKHORN_BACKWARDS = ("implicit", "unrolled")
+# What a file written before v2 (no `norm`/`form` in its metadata) was computed with.
+V1_SETTINGS = {"norm": "frobenius", "form": "write"}
+# The settings that define the function computed from the adapter tensors: loading checks these.
+IDENTITY_FIELDS = ("form", "norm", "n_streams", "stream_rank", "g_max")
 
 
 @dataclass
@@ -40,20 +66,35 @@ class CRMAConfig:
     Attributes:
         n_streams: Number of streams ``n`` mixed by the doubly-stochastic matrix.
         stream_rank: Rank ``k`` of each stream; ``n · k`` must not exceed the hidden size.
-        g_max: Upper bound of the gate, hence of ``||h' - h|| / ||h||``.
+        g_max: Upper bound of the gate (write form: of ``||h' - h|| / ||h||``); at most 1 for ``form="mix"``.
         sinkhorn_iters: Log-space Sinkhorn iterations per forward (on an ``n × n`` matrix, not per token).
         exact_sinkhorn: Apply the exact rounding step after the iterations (see module docstring).
+        newton_steps: Newton steps on the Sinkhorn potentials after the iterations (0: v1's plain Sinkhorn, which
+            used 20 iterations). 5 iterations + 3 Newton steps reach ~1e-7 where 20 iterations leave ~1e-2 near
+            the init (benchmarks/sinkhorn_convergence.py).
+        sinkhorn_backward: ``"implicit"`` (gradient of the Sinkhorn limit, one small solve) or ``"unrolled"``
+            (back-propagate through every iteration and Newton step, v1).
         mix_init_diag: Initial value of the diagonal of ``Λ`` (off-diagonal 0): ``M`` starts close to ``I``.
         gate_init: Initial gate logit ``γ``; 0 gives ``g = g_max / 2``.
+        norm: How the write form bounds ``R`` and ``W``: ``"spectral"`` (divide by ``max(1, σ_max)``) or
+            ``"frobenius"`` (v1: divide by ``max(1, ||·||_F)``). Unused by the mix form (``R`` is orthonormal).
+        form: ``"write"`` (``h + g W vec(M s)``) or ``"mix"`` (``h + g Rᵀ vec((M - I) s)``).
+        init: ``"random"`` (Gaussian ``R~``) or ``"pissa"`` (rows of ``R~``: the top singular directions of the
+            block's output projection; set by :func:`~crma_lightning.adapters.attach_adapters`).
     """
 
     n_streams: int = 4
     stream_rank: int = 4
     g_max: float = 0.1
-    sinkhorn_iters: int = 20
+    sinkhorn_iters: int = 5
     exact_sinkhorn: bool = True
+    newton_steps: int = 3
+    sinkhorn_backward: str = "implicit"
     mix_init_diag: float = 4.0
     gate_init: float = 0.0
+    norm: str = "spectral"
+    form: str = "write"
+    init: str = "random"
 
     def validate(self, hidden_size: int | None = None) -> None:
         """Raise ``ValueError`` naming the first bad field (``hidden_size``: the model's, if known)."""
@@ -61,8 +102,24 @@ class CRMAConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CRMA {field}={value!r} is invalid: expected an integer >= 1")
+        if isinstance(self.newton_steps, bool) or not isinstance(self.newton_steps, int) or self.newton_steps < 0:
+            raise ValueError(f"CRMA newton_steps={self.newton_steps!r} is invalid: expected an integer >= 0")
+        choices = (("norm", NORMS), ("form", FORMS), ("init", INITS), ("sinkhorn_backward", SINKHORN_BACKWARDS))
+        for field, allowed in choices:
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"CRMA {field}={value!r} is invalid: expected one of {list(allowed)}")
         if not self.g_max > 0:
             raise ValueError(f"CRMA g_max={self.g_max!r} is invalid: expected a number > 0")
+        if self.form == "mix" and not self.g_max <= 1:
+            raise ValueError(
+                f"CRMA g_max={self.g_max!r} is invalid for form='mix': expected 0 < g_max <= 1 "
+                "(the mixed residual is non-expansive only for gates up to 1)"
+            )
+        for field in ("mix_init_diag", "gate_init"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"CRMA {field}={value!r} is invalid: expected a finite number")
         if hidden_size is not None and self.n_streams * self.stream_rank > hidden_size:
             raise ValueError(
                 f"CRMA n_streams * stream_rank = {self.n_streams} * {self.stream_rank} = "
@@ -70,46 +127,238 @@ class CRMAConfig:
                 f"expected n_streams * stream_rank <= {hidden_size}"
             )
 
+    def identity(self) -> dict[str, Any]:
+        """The settings an adapter file must agree on to be loaded (:data:`IDENTITY_FIELDS`)."""
+        return {field: getattr(self, field) for field in IDENTITY_FIELDS}
 
-def sinkhorn(logits: torch.Tensor, n_iters: int = 20, exact: bool = True) -> torch.Tensor:
+    @classmethod
+    def from_saved(cls, data: Mapping[str, Any]) -> CRMAConfig:
+        """A config from saved settings (file metadata, checkpoint hyper-parameters), v1 included.
+
+        Settings saved before v2 have no ``norm``/``form``: they take their v1 meaning
+        (:data:`V1_SETTINGS`: Frobenius normalisation, write form), not today's defaults. Unknown keys
+        (e.g. a format version) are ignored.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {**V1_SETTINGS, **{k: v for k, v in data.items() if k in names}}
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------- largest singular value
+def _top_eigenpair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest eigenvalue and its eigenvector of the small Gram matrix of ``x`` (no autograd, never raises).
+
+    Args:
+        x: ``(..., a, b)``; the Gram matrix is ``x xᵀ`` (``a × a``) if ``a <= b``, else ``xᵀ x`` (``b × b``).
+
+    Returns:
+        ``σ_max(x)²`` of shape ``(...)`` and the unit vector ``v`` of shape ``(..., min(a, b))`` with
+        ``||vᵀ x|| = σ_max`` (``a <= b``) or ``||x v|| = σ_max`` (otherwise), both float32. The Gram matrix
+        is formed in float64, where squares of float32 values can neither overflow nor underflow, and passed
+        through ``nan_to_num`` because ``eigh`` raises on NaN; a non-finite ``x`` shows up through ``x`` itself.
+    """
+    with torch.no_grad():
+        xd = x.detach().double()
+        gram = xd @ xd.mT if x.shape[-2] <= x.shape[-1] else xd.mT @ xd  # (..., min(a, b), min(a, b))
+        evals, evecs = torch.linalg.eigh(torch.nan_to_num(gram))  # ascending
+        return evals[..., -1].float(), evecs[..., :, -1].float()
+
+
+def sigma_max(x: torch.Tensor) -> torch.Tensor:
+    """Exact largest singular value of ``(..., a, b)`` matrices, without autograd; NaN where ``x`` is not finite.
+
+    Unlike ``torch.linalg.matrix_norm(x, ord=2)`` it cannot raise on NaN or inf.
+    """
+    sq, _ = _top_eigenpair(x)
+    finite = torch.isfinite(x.detach()).flatten(-2).all(-1)
+    return torch.where(finite, sq.clamp_min(0).sqrt(), torch.full_like(sq, float("nan")))
+
+
+def spectral_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(1, σ_max(x))`` for ``(..., a, b)`` matrices, in float32, differentiable.
+
+    ``σ_max`` is exact: the top eigenpair ``(λ, v)`` of the small Gram matrix (``min(a, b)`` square) is
+    found without autograd, and ``σ² = ||vᵀ x||²`` is recomputed with autograd. Since ``v`` maximises
+    ``||vᵀ x||`` over unit vectors, the gradient of that expression at fixed ``v`` *is* the gradient of
+    ``σ_max²`` (envelope theorem): one small matmul instead of differentiating through ``eigh``. The value
+    is lifted to ``max(||vᵀ x||², λ)`` (no gradient through the lift) so float error in ``v`` can never
+    under-estimate ``σ_max``. A non-finite ``x`` gives a non-finite result, never an exception.
+    """
+    xf = x.float()
+    lam, v = _top_eigenpair(xf)
+    y = v.unsqueeze(-2) @ xf if x.shape[-2] <= x.shape[-1] else xf @ v.unsqueeze(-1)  # (..., 1, b) or (..., a, 1)
+    sq = y.square().sum((-2, -1))  # σ_max² (no sqrt: finite gradient at x = 0)
+    sq = sq + (lam - sq).detach().clamp_min(0.0)
+    return xf * sq.clamp_min(1.0).rsqrt()[..., None, None]
+
+
+def frobenius_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(1, ||x||_F)`` for ``(..., a, b)`` matrices, in float32 (the v1 normalisation)."""
+    xf = x.float()
+    return xf * xf.square().sum((-2, -1), keepdim=True).clamp_min(1.0).rsqrt()
+
+
+def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(a, b)`` with ``a <= b`` -> the matrix with orthonormal rows spanning the same row space, float32.
+
+    ``Qᵀ`` from a reduced QR of ``xᵀ``, with column signs fixed so that the triangular factor has a
+    non-negative diagonal: this makes the map unique and continuous (it equals the Gram-Schmidt of the
+    rows of ``x``), and the identity on matrices that already have orthonormal rows. QR does not raise on
+    NaN; the NaN propagates.
+    """
+    q, r = torch.linalg.qr(x.float().mT)  # (b, a), (a, a)
+    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0)  # (a,); a zero diagonal keeps +1
+    return (q * sign).mT
+
+
+# ---------------------------------------------------------------------- Sinkhorn
+def _log_potentials(lam: torch.Tensor, n_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Potentials ``(f, g)``, ``(..., n, 1)`` and ``(..., 1, n)``, after ``n_iters`` log-space Sinkhorn rounds.
+
+    ``exp(lam - f - g)`` is the matrix after ``n_iters`` rounds of (column, row) normalisation of
+    ``exp(lam)``: the same rounds as normalising the full matrix, with two ops per half-round instead of three.
+    """
+    f = lam.new_zeros((*lam.shape[:-1], 1))  # (..., n, 1)
+    g = lam.new_zeros((*lam.shape[:-2], 1, lam.shape[-1]))  # (..., 1, n)
+    for _ in range(n_iters):
+        g = torch.logsumexp(lam - f, dim=-2, keepdim=True)  # columns
+        f = torch.logsumexp(lam - g, dim=-1, keepdim=True)  # rows
+    return f, g
+
+
+def _marginal_error(p: torch.Tensor) -> torch.Tensor:
+    """``max |row sum - 1|, |column sum - 1|`` per matrix, ``(...)``."""
+    return torch.maximum((p.sum(-1) - 1).abs().amax(-1), (p.sum(-2) - 1).abs().amax(-1))
+
+
+def _newton_polish(lam: torch.Tensor, f: torch.Tensor, g: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` Newton steps on the potentials (float64), kept per matrix only where they reduce the error.
+
+    Sinkhorn converges linearly, slowest near a permutation matrix (where CRMA starts: ``Λ = λ0 I``); Newton's
+    method on the marginal equations ``rowsum(P) = 1``, ``colsum(P) = 1`` converges quadratically from the
+    Sinkhorn warm start. Its Jacobian ``[[diag(rowsum), P], [Pᵀ, diag(colsum)]]`` is singular along
+    ``(1, -1)`` (the potentials' gauge); the residual has no component there and a tiny ridge fixes the gauge.
+    Logits without a doubly-stochastic scaling (zeros forced by ±50 patterns) make Newton diverge: the
+    per-matrix check then keeps the Sinkhorn result, and the rounding step still makes it exact.
+    """
+    n = lam.shape[-1]
+    lam64, f64, g64 = lam.double(), f.double(), g.double()
+    start = (lam64 - f64 - g64).exp()
+    ridge = 1e-12 * torch.eye(2 * n, dtype=torch.float64, device=lam.device)
+    p = start
+    for _ in range(steps):
+        rs, cs = p.sum(-1), p.sum(-2)  # (..., n)
+        top = torch.cat([torch.diag_embed(rs), p], dim=-1)  # (..., n, 2n)
+        bottom = torch.cat([p.mT, torch.diag_embed(cs)], dim=-1)
+        jac = torch.cat([top, bottom], dim=-2) + ridge  # (..., 2n, 2n)
+        step = torch.linalg.solve_ex(jac, torch.cat([rs - 1, cs - 1], dim=-1).unsqueeze(-1))[0]  # no sync
+        f64 = f64 + step[..., :n, :]
+        g64 = g64 + step[..., n:, :].mT
+        p = (lam64 - f64 - g64).exp()
+    better = (_marginal_error(p) < _marginal_error(start))[..., None, None]  # False on NaN: keep Sinkhorn's
+    return torch.where(better, p, start).float()
+
+
+def _sinkhorn_plain(logits: torch.Tensor, n_iters: int, newton_steps: int = 0) -> torch.Tensor:
+    """``exp(logits)`` scaled towards unit marginals: ``n_iters`` log-space Sinkhorn rounds, then Newton steps."""
+    lam = logits.float()
+    f, g = _log_potentials(lam, n_iters)
+    if newton_steps > 0:
+        return _newton_polish(lam, f, g, newton_steps)
+    return (lam - f - g).exp()
+
+
+class _ImplicitSinkhorn(torch.autograd.Function):
+    """Plain Sinkhorn forward without a graph; backward: the implicit gradient of the Sinkhorn limit.
+
+    For the limit ``P = diag(e^f) exp(Λ) diag(e^g)`` with unit row and column sums, a change ``dΛ``
+    gives ``dP = P ⊙ (dΛ + df 1ᵀ + 1 dgᵀ)`` with ``df, dg`` restoring the sums. Its adjoint is
+    ``dL/dΛ = P ⊙ (G - α 1ᵀ - 1 βᵀ)`` with ``G = dL/dP`` and ``(α, β)`` solving
+    ``α + P β = rowsum(P ⊙ G)``, ``Pᵀ α + β = colsum(P ⊙ G)``. Eliminating ``α``:
+    ``(I - PᵀP) β = colsum(P ⊙ G) - Pᵀ rowsum(P ⊙ G)``. ``I - PᵀP`` is singular along ``1`` (and along
+    more directions when ``P`` saturates to a permutation); the right-hand side has no component there, and
+    a tiny ridge in float64 picks a bounded solution. Only ``α_i + β_j`` enters the gradient, which does not
+    depend on that choice.
+    """
+
+    @staticmethod
+    def forward(logits: torch.Tensor, n_iters: int, newton_steps: int) -> torch.Tensor:
+        return _sinkhorn_plain(logits, n_iters, newton_steps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # separate from forward: torch.func transforms need it
+        ctx.save_for_backward(output)
+        ctx.logits_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (p,) = ctx.saved_tensors
+        p64, g64 = p.double(), grad.double()
+        pg = p64 * g64
+        r, c = pg.sum(-1), pg.sum(-2)  # (..., n)
+        eye = torch.eye(p.shape[-1], dtype=torch.float64, device=p.device)
+        lhs = eye - p64.mT @ p64 + 1e-10 * eye  # (..., n, n)
+        rhs = c - (p64.mT @ r.unsqueeze(-1)).squeeze(-1)
+        beta = torch.linalg.solve_ex(lhs, rhs.unsqueeze(-1))[0].squeeze(-1)  # _ex: no error check, no sync
+        alpha = r - (p64 @ beta.unsqueeze(-1)).squeeze(-1)
+        grad_logits = p64 * (g64 - alpha.unsqueeze(-1) - beta.unsqueeze(-2))
+        return grad_logits.to(ctx.logits_dtype), None, None
+
+
+def _round_to_doubly_stochastic(m: torch.Tensor) -> torch.Tensor:
+    """Altschuler, Weed & Rigollet (2017), Alg. 2, with unit marginals: exact row/column sums for any ``m >= 0``."""
+    m = m / m.sum(dim=-1, keepdim=True).clamp_min(1.0)  # shrink rows summing above 1
+    m = m / m.sum(dim=-2, keepdim=True).clamp_min(1.0)  # shrink columns summing above 1
+    # err_r, err_c are >= 0 in exact arithmetic, but float rounding of the sums can leave them at -1 ulp;
+    # unclamped, a total <= 0 next to a non-zero error made the correction ~1e23 (and entries negative).
+    err_r = (1.0 - m.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (..., n, 1)
+    err_c = (1.0 - m.sum(dim=-2, keepdim=True)).clamp_min(0.0)  # (..., 1, n), same total as err_r
+    # total >= every err_r entry, so err_r / total is in [0, 1]. Where total is 0, so is err_r; dividing by 1
+    # there (not by a clamped tiny total) also keeps the gradient w.r.t. err_r (= err_c / total) finite.
+    total = err_r.sum(dim=-2, keepdim=True)
+    return m + err_r * err_c / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def sinkhorn(
+    logits: torch.Tensor, n_iters: int = 20, exact: bool = True, implicit: bool = True, newton_steps: int = 0
+) -> torch.Tensor:
     """Doubly-stochastic matrix from ``exp(logits)`` by log-space Sinkhorn normalisation.
 
-    Columns then rows are normalised with ``logsumexp`` ``n_iters`` times, in float32 whatever the
-    input dtype; ``exact`` then applies the Altschuler-Weed-Rigollet rounding step so that every row
-    and column sums to 1 and every entry is >= 0 for any finite logits.
+    Columns then rows are normalised ``n_iters`` times, in float32 whatever the input dtype, optionally
+    followed by ``newton_steps`` Newton steps on the potentials; ``exact`` then applies the
+    Altschuler-Weed-Rigollet rounding step so that every row and column sums to 1 and every entry is >= 0
+    for any finite logits.
 
     Args:
         logits: ``(..., n, n)`` real matrix ``Λ``.
         n_iters: Number of (column, row) normalisation rounds.
         exact: Apply the rounding step after the iterations.
+        implicit: Differentiate the scaling implicitly (gradient of the Sinkhorn limit, one small solve)
+            instead of back-propagating through each iteration (``False``, the v1 scheme). The implicit
+            gradient is only as good as the forward's convergence: pair it with Newton steps (CRMA does).
+        newton_steps: Newton steps after the iterations (see :func:`_newton_polish`); 0: plain Sinkhorn.
 
     Returns:
         ``(..., n, n)`` float32 matrix ``M`` with unit row and column sums.
     """
-    log_p = logits.float()
-    for _ in range(n_iters):
-        log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)  # columns
-        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)  # rows
-    m = log_p.exp()
-    if not exact:
-        return m
-    # Altschuler, Weed & Rigollet (2017), Alg. 2, with unit marginals.
-    m = m * torch.clamp(1.0 / m.sum(dim=-1, keepdim=True), max=1.0)  # shrink rows summing above 1
-    m = m * torch.clamp(1.0 / m.sum(dim=-2, keepdim=True), max=1.0)  # shrink columns summing above 1
-    # err_r, err_c are >= 0 in exact arithmetic, but float rounding of the sums can leave them at -1 ulp;
-    # unclamped, a total <= 0 next to a non-zero error made the correction ~1e23 (and entries negative).
-    err_r = (1.0 - m.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (..., n, 1)
-    err_c = (1.0 - m.sum(dim=-2, keepdim=True)).clamp_min(0.0)  # (..., 1, n), same total as err_r
-    total = err_r.sum(dim=-2, keepdim=True)  # >= every err_r entry, so err_r / total is in [0, 1]
-    return m + err_r * err_c / torch.where(total > 0, total, torch.ones_like(total))
+    if implicit and torch.is_grad_enabled() and logits.requires_grad:
+        m = _ImplicitSinkhorn.apply(logits, n_iters, newton_steps)
+    elif implicit:
+        with torch.no_grad():
+            m = _sinkhorn_plain(logits, n_iters, newton_steps)
+    else:
+        m = _sinkhorn_plain(logits, n_iters, newton_steps)
+    return _round_to_doubly_stochastic(m) if exact else m
 
 
+# ---------------------------------------------------------------------- the adapter
 class CRMAAdapter(nn.Module):
-    """The CRMA residual adapter for one block: ``h -> h + g · W vec(M s)``.
+    """The CRMA residual adapter for one block (write or mix form, see the module docstring).
 
     Attributes:
-        read_weight: ``R~``, ``(n·k, d)``, Gaussian init then used Frobenius-normalised.
-        write_weight: ``W~``, ``(d, n·k)``, zero init: the adapter is the identity at step 0.
+        read_weight: ``R~``, ``(n·k, d)``, Gaussian init (or PiSSA, see :meth:`init_read_from`).
+        write_weight: ``W~``, ``(d, n·k)``, zero init: the write form is the identity at step 0. Registered
+            for ``form="write"`` only (the mix form writes back through ``Rᵀ``).
         mix_logits: ``Λ``, ``(n, n)``, dominant diagonal at init (``M ≈ I``). The "structural" parameter.
         gate_logit: ``γ``, shape ``(1,)`` (FSDP2 cannot shard 0-d parameters); ``g = g_max · sigmoid(γ)``.
     """
@@ -123,71 +372,125 @@ class CRMAAdapter(nn.Module):
         n, k = config.n_streams, config.stream_rank
         kw = {"device": device, "dtype": torch.float32}
         self.read_weight = nn.Parameter(torch.empty(n * k, hidden_size, **kw))
-        self.write_weight = nn.Parameter(torch.zeros(hidden_size, n * k, **kw))
+        if config.form == "write":
+            self.write_weight = nn.Parameter(torch.zeros(hidden_size, n * k, **kw))
         self.mix_logits = nn.Parameter(torch.empty(n, n, **kw))
         self.gate_logit = nn.Parameter(torch.empty(1, **kw))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Identity start: ``W~ = 0``, ``Λ = mix_init_diag · I``, ``γ = gate_init``."""
+        """(Near-)identity start: ``W~ = 0``, ``Λ = mix_init_diag · I``, ``γ = gate_init``, Gaussian ``R~``."""
         if self.read_weight.device.type == "meta":
             return
         nn.init.normal_(self.read_weight, std=self.hidden_size**-0.5)
-        self.write_weight.zero_()
+        if self.config.form == "write":
+            self.write_weight.zero_()
         self.mix_logits.copy_(torch.eye(self.config.n_streams) * self.config.mix_init_diag)
         self.gate_logit.fill_(self.config.gate_init)
 
+    @torch.no_grad()
+    def init_read_from(self, weight: torch.Tensor) -> None:
+        """PiSSA-style start: rows of ``R~`` = the top ``n·k`` left singular vectors of ``weight``.
+
+        Args:
+            weight: ``(d, d_in)`` matrix whose output space is the residual stream (e.g. the block's output
+                projection, as ``nn.Linear.weight``). The directions it writes most strongly are read first.
+                Exact SVD for small weights, a randomised SVD (``O(d · d_in · n·k)``) for large ones.
+        """
+        nk = self.read_weight.shape[0]
+        if weight.ndim != 2 or weight.shape[0] != self.hidden_size:
+            raise ValueError(f"CRMA PiSSA init needs a ({self.hidden_size}, d_in) weight, got {tuple(weight.shape)}")
+        w = weight.detach().float()
+        if w.numel() <= 1 << 22 or min(w.shape) <= 4 * nk:  # exact SVD while it is cheap (up to ~1024 x 4096)
+            u = torch.linalg.svd(w, full_matrices=False)[0][:, :nk]
+        else:  # randomised, with oversampling and power iterations: close to exact for the top directions
+            u = torch.svd_lowrank(w, q=min(min(w.shape), 2 * nk + 8), niter=8)[0][:, :nk]
+        if u.shape[1] < nk:  # d_in < n·k: the remaining rows start random, as with init="random"
+            extra = torch.randn(self.hidden_size, nk - u.shape[1], device=u.device) * self.hidden_size**-0.5
+            u = torch.cat([u, extra], dim=1)
+        self.read_weight.copy_(u.mT.to(self.read_weight))  # orthonormal rows: σ_max(R~) = 1
+
     # ------------------------------------------------------------------ constrained factors
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return spectral_normalize(x) if self.config.norm == "spectral" else frobenius_normalize(x)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, W)``, ``(n·k, d)`` and ``(d, n·k)``, float32, computed together.
+
+        Write form: ``R~`` and ``W~ᵀ`` have the same shape, so both are normalised in one batched call (one
+        ``eigh`` on a pair of ``n·k × n·k`` Gram matrices). Mix form: ``R`` has orthonormal rows and ``W = Rᵀ``.
+        """
+        if self.config.form == "mix":
+            read = orthonormal_rows(self.read_weight)
+            return read, read.mT
+        both = self._normalize(torch.stack([self.read_weight, self.write_weight.mT]))  # (2, n·k, d)
+        return both[0], both[1].mT
+
     def read(self) -> torch.Tensor:
-        """``R = R~ / max(1, ||R~||_F)``, ``(n·k, d)``."""
-        return self.read_weight / self.read_weight.norm().clamp_min(1.0)
+        """``R``, ``(n·k, d)`` float32: normalised ``R~`` (write form) or its orthonormal-row version (mix form)."""
+        if self.config.form == "mix":
+            return orthonormal_rows(self.read_weight)
+        return self._normalize(self.read_weight)
 
     def write(self) -> torch.Tensor:
-        """``W = W~ / max(1, ||W~||_F)``, ``(d, n·k)``."""
-        return self.write_weight / self.write_weight.norm().clamp_min(1.0)
+        """``W``, ``(d, n·k)`` float32: normalised ``W~`` (write form) or ``Rᵀ`` (mix form)."""
+        if self.config.form == "mix":
+            return self.read().mT
+        return self._normalize(self.write_weight)
 
     def mixing(self) -> torch.Tensor:
         """``M = Sinkhorn(Λ)``, ``(n, n)``."""
-        return sinkhorn(self.mix_logits, self.config.sinkhorn_iters, self.config.exact_sinkhorn)
+        c = self.config
+        return sinkhorn(
+            self.mix_logits, c.sinkhorn_iters, c.exact_sinkhorn, c.sinkhorn_backward == "implicit", c.newton_steps
+        )
 
     def gate(self) -> torch.Tensor:
         """``g = g_max · sigmoid(γ)``, a 0-d tensor."""
         return self.config.g_max * torch.sigmoid(self.gate_logit[0])
 
-    def effective_write(self, m: torch.Tensor | None = None) -> torch.Tensor:
-        """``g · W (M ⊗ I_k)``, ``(d, n·k)``: folds mixing and gate into the write so a forward is two thin matmuls.
+    def effective_write(self, m: torch.Tensor | None = None, write: torch.Tensor | None = None) -> torch.Tensor:
+        """``g · W (M ⊗ I_k)`` (write form) or ``g · Rᵀ ((M - I) ⊗ I_k)`` (mix form), ``(d, n·k)`` float32.
 
-        ``vec(M s)`` with ``s`` of shape ``(n, k)`` flattened row-major equals ``(M ⊗ I_k) vec(s)``, so
-        ``W vec(M s) = W (M ⊗ I_k) vec(s)``; computing the ``(d, n·k)`` product once per forward costs
-        ``O(d·n²·k)``, independent of the number of tokens.
+        Folding mixing and gate into the write makes a forward two thin matmuls. ``vec(M s)`` with ``s`` of
+        shape ``(n, k)`` flattened row-major equals ``(M ⊗ I_k) vec(s)``, so ``W vec(M s) = W (M ⊗ I_k) vec(s)``;
+        the ``(d, n·k)`` product costs ``O(d·n²·k)`` once per forward, independent of the number of tokens.
         """
         n, k = self.config.n_streams, self.config.stream_rank
-        m = self.mixing() if m is None else m
+        m = (self.mixing() if m is None else m).float()
+        if self.config.form == "mix":
+            m = m - torch.eye(n, device=m.device)
         # The small factors are combined in float32 whatever the parameters' dtype (bf16 under
         # `precision: bf16-true` or FSDP mixed precision); the forward casts the result to h's dtype.
-        w = self.write().float().view(self.hidden_size, n, k)  # W[d, (i, c)]
+        w = (self.write() if write is None else write).float().view(self.hidden_size, n, k)  # W[d, (i, c)]
         # (W (M ⊗ I))[d, (j, c)] = sum_i W[d, (i, c)] · M[i, j]
-        return self.gate().float() * torch.einsum("dic,ij->djc", w, m.float()).reshape(self.hidden_size, n * k)
+        return self.gate().float() * torch.einsum("dic,ij->djc", w, m).reshape(self.hidden_size, n * k)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Apply the adapter to hidden states ``h`` of shape ``(..., d)``; returns the same shape and dtype."""
-        read = self.read().to(h.dtype)  # (n·k, d)
-        write = self.effective_write().to(h.dtype)  # (d, n·k)
-        return h + F.linear(F.linear(h, read), write)  # (..., d)
+        read, write = self.factors()  # (n·k, d), (d, n·k)
+        effective = self.effective_write(write=write).to(h.dtype)  # (d, n·k)
+        flat = h.reshape(-1, self.hidden_size)  # (tokens, d), a view for contiguous h
+        # addmm folds the residual add into the write matmul: h + s Eᵀ in one pass over h.
+        return torch.addmm(flat, F.linear(flat, read.to(h.dtype)), effective.mT).view(h.shape)
 
     # ------------------------------------------------------------------ health
     @torch.no_grad()
     def health(self) -> dict[str, torch.Tensor]:
         """Device tensors (no host sync): spectral norm of ``M``, gate ``g``, max row/column-sum error.
 
-        ``sinkhorn_residual`` is the column-sum error the plain iterations left before the rounding step:
-        how far the logits are from what 20 iterations can handle on their own.
+        Uses only ``mix_logits``, ``gate_logit`` and ``config`` (so the FSDP proxies in the gradient callback
+        can reuse it), and never raises: non-finite parameters give NaN values. ``sinkhorn_residual`` is the
+        column-sum error the plain iterations left before the rounding step: how far the logits are from what
+        the configured iterations can handle on their own.
         """
         m = self.mixing()
-        plain = sinkhorn(self.mix_logits, self.config.sinkhorn_iters, exact=False)
+        plain = sinkhorn(
+            self.mix_logits, self.config.sinkhorn_iters, exact=False, newton_steps=self.config.newton_steps
+        )
         return {
-            "spectral_norm": torch.linalg.matrix_norm(m, ord=2),
+            "spectral_norm": sigma_max(m),
             "gate": self.gate().detach(),
             "row_sum_error": (m.sum(-1) - 1).abs().max(),
             "col_sum_error": (m.sum(-2) - 1).abs().max(),
@@ -196,7 +499,10 @@ class CRMAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"d={self.hidden_size}, n_streams={c.n_streams}, stream_rank={c.stream_rank}, g_max={c.g_max}"
+        return (
+            f"d={self.hidden_size}, n_streams={c.n_streams}, stream_rank={c.stream_rank}, g_max={c.g_max}, "
+            f"form={c.form}, norm={c.norm}"
+        )
 
 
 class CRMABlock(nn.Module):

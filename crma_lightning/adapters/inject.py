@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from crma_lightning.adapters.crma import CRMAAdapter, CRMABlock, CRMAConfig
@@ -129,6 +130,39 @@ def hidden_size_of(model: nn.Module) -> int:
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: no config.hidden_size or embeddings")
 
 
+def output_projection_weight(block: nn.Module, hidden_size: int) -> torch.Tensor:
+    """The ``(hidden_size, d_in)`` weight of ``block``'s output projection, for CRMA's PiSSA-style init.
+
+    The output projection is the last linear layer of the block (in module order) whose output is the
+    residual stream: ``mlp.down_proj`` (Llama, Mistral, Qwen2), ``mlp.c_proj`` (GPT-2), ``mlp.dense_4h_to_h``
+    (NeoX). A LoRA-wrapped layer counts with its base weight; LoRA factors never do.
+
+    Raises:
+        ValueError: No such layer, or its weight is not materialised (meta device).
+    """
+    found: nn.Module | None = None
+    stack = [block]
+    while stack:  # pre-order, so the last match is the last layer in module order
+        module = stack.pop(0)
+        if isinstance(module, LoRALinear):
+            module = module.base_layer
+        if isinstance(module, LINEAR_TYPES):
+            out_features = module.weight.shape[0 if isinstance(module, nn.Linear) else 1]
+            if out_features == hidden_size:
+                found = module
+            continue
+        stack[:0] = list(module.children())
+    if found is None:
+        raise ValueError(
+            f"CRMA init='pissa' needs an output projection in every block: {type(block).__name__} has no linear "
+            f"layer with {hidden_size} outputs; use init='random'"
+        )
+    if found.weight.device.type == "meta":
+        raise ValueError("CRMA init='pissa' needs materialised base weights (not on the meta device)")
+    weight = found.weight.detach()
+    return weight if isinstance(found, nn.Linear) else weight.mT  # Conv1D stores (in, out)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """``(name, module)`` for every :class:`LoRALinear` in ``model``."""
     for name, module in model.named_modules():
@@ -196,6 +230,8 @@ def attach_adapters(
         result.layers_path, layers = find_decoder_layers(model)
         blocks = list(enumerate(layers))
         result.crma_blocks = [f"{result.layers_path}.{i}" for i, _ in blocks]
+        if crma.init == "pissa":
+            pissa_weights = [output_projection_weight(layer, hidden_size_of(model)) for _, layer in blocks]
 
     # Everything is validated; from here on only construction, which cannot fail on user input.
     originals = {name: model.get_submodule(name) for name in targets}
@@ -212,7 +248,10 @@ def attach_adapters(
             hidden = hidden_size_of(model)
             for i, layer in blocks:
                 device = next(layer.parameters()).device
-                layers[i] = CRMABlock(layer, CRMAAdapter(hidden, crma, device=device))
+                crma_adapter = CRMAAdapter(hidden, crma, device=device)
+                if crma.init == "pissa":
+                    crma_adapter.init_read_from(pissa_weights[i])
+                layers[i] = CRMABlock(layer, crma_adapter)
     except BaseException:
         for name, module in originals.items():
             _set_submodule(model, name, module)

@@ -6,6 +6,7 @@ safetensors (no pickle), so loading an adapter file cannot execute code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,10 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from crma_lightning.adapters.crma import CRMABlock
-from crma_lightning.adapters.inject import adapter_parameter_names, lora_adapter_names, lora_layers
+from crma_lightning.adapters.crma import V1_SETTINGS, CRMABlock, CRMAConfig
+from crma_lightning.adapters.inject import adapter_parameter_names, crma_adapters, lora_adapter_names, lora_layers
 
 METADATA_KEY = "crma_lightning"
+# The CRMA settings of the file (JSON of the CRMAConfig fields plus "version"), next to the user metadata.
+CRMA_METADATA_KEY = "crma_lightning.crma"
+CRMA_SETTINGS_VERSION = 2
 
 
 def adapter_state_dict(model: nn.Module, lora_adapters: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -41,16 +45,27 @@ def adapter_state_dict(model: nn.Module, lora_adapters: Iterable[str] | None = N
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file.
+
+    The file gets the usual mode of a new file (``0o666`` minus the umask: ``0644`` with umask 022), like
+    the checkpoints; some writers (safetensors) would otherwise leave ``0600``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_adapters(
@@ -59,20 +74,93 @@ def save_adapters(
     metadata: dict | None = None,
     lora_adapters: Iterable[str] | None = None,
 ) -> Path:
-    """Write the adapter tensors to a ``.safetensors`` file (atomically); ``metadata`` is stored as JSON."""
-    return write_adapter_file(adapter_state_dict(model, lora_adapters), path, metadata)
+    """Write the adapter tensors to a ``.safetensors`` file (atomically); ``metadata`` is stored as JSON.
+
+    The model's CRMA settings (form, norm, ...) are recorded as well, for :func:`load_adapters` to check.
+    """
+    return write_adapter_file(adapter_state_dict(model, lora_adapters), path, metadata, crma=crma_config_of(model))
 
 
-def write_adapter_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
+def write_adapter_file(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+    crma: CRMAConfig | None = None,
+) -> Path:
     """The one writer of adapter files: ``tensors`` (full, by parameter name) as safetensors, atomically.
 
     :func:`save_adapters` calls it with a model's adapters; sharded models gather first and call it too
     (:func:`crma_lightning.parallel.export.export_adapters`), so every adapter file has one layout.
+
+    Args:
+        tensors: Adapter tensors by parameter name.
+        path: Destination ``.safetensors`` file.
+        metadata: User metadata, stored as JSON under :data:`METADATA_KEY`.
+        crma: The CRMA config the tensors were trained with (:func:`crma_config_of`), stored as JSON under
+            :data:`CRMA_METADATA_KEY`; pass it whenever the tensors include CRMA adapters.
     """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", METADATA_KEY: json.dumps(metadata or {}, default=str)}
+    if crma is not None:
+        meta[CRMA_METADATA_KEY] = json.dumps({"version": CRMA_SETTINGS_VERSION, **dataclasses.asdict(crma)})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return Path(path)
+
+
+def crma_config_of(model: nn.Module) -> CRMAConfig | None:
+    """The CRMA config of ``model``'s adapters (all blocks share one), or ``None`` without CRMA."""
+    for _, adapter in crma_adapters(model):
+        return adapter.config
+    return None
+
+
+def read_crma_settings(path: str | os.PathLike) -> dict | None:
+    """The CRMA settings a file was written with; v1 files (before ``norm``/``form`` existed) included.
+
+    Looked up in order: the :data:`CRMA_METADATA_KEY` entry (v2 writers); the ``"crma"`` dict of the user
+    metadata (what training runs store there: their CRMA hyper-parameters); else, for a file holding CRMA
+    tensors, nothing is known but its era. Missing ``norm``/``form`` take their v1 values (frobenius, write):
+    every writer since they exist records them. ``None`` for a file without CRMA tensors.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+        has_crma = any(".crma." in key for key in f.keys())  # noqa: SIM118 - safe_open is not a dict
+    if CRMA_METADATA_KEY in raw:
+        return json.loads(raw[CRMA_METADATA_KEY])
+    if not has_crma:
+        return None
+    user = json.loads(raw.get(METADATA_KEY, "{}"))
+    saved = user.get("crma") if isinstance(user.get("crma"), dict) else {}
+    return {**V1_SETTINGS, **saved}
+
+
+def crma_settings_mismatch(model: nn.Module, saved: dict | None, source: str = "adapter file") -> str | None:
+    """What differs between the CRMA settings ``saved`` with a file and ``model``'s, or ``None``.
+
+    Only the settings that define what the tensors compute are compared (``CRMAConfig.identity``: form,
+    norm, n_streams, stream_rank, g_max), and only those that ``saved`` records.
+    """
+    config = crma_config_of(model)
+    if saved is None or config is None:
+        return None
+    mine = config.identity()
+    diffs = [f"{k}: file {saved[k]!r} vs model {v!r}" for k, v in mine.items() if k in saved and saved[k] != v]
+    if not diffs:
+        return None
+    era = "" if "version" in saved else " (a file without CRMA settings is read as v1: norm frobenius, form write)"
+    return (
+        f"CRMA settings of {source} differ from the model's: {'; '.join(diffs)}{era}. Attach CRMA with the "
+        "file's settings to load it."
+    )
+
+
+def check_crma_settings(model: nn.Module, saved: dict | None, source: str = "adapter file") -> None:
+    """Raise ``ValueError`` with :func:`crma_settings_mismatch`'s message if the settings differ."""
+    message = crma_settings_mismatch(model, saved, source)
+    if message:
+        raise ValueError(message)
 
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict:
@@ -96,8 +184,9 @@ def load_adapters(model: nn.Module, path_or_state: str | os.PathLike | dict, str
         The names that were loaded.
 
     Raises:
-        ValueError: Unknown keys, missing keys (when ``strict``) or mismatched shapes - all reported
-            before anything is copied.
+        ValueError: Unknown keys, missing keys (when ``strict``), mismatched shapes, or (files only) CRMA
+            settings that differ from the model's (see :func:`read_crma_settings`; v1 files are read as
+            ``norm="frobenius"``, ``form="write"``) - all reported before anything is copied.
     """
     state = load_file(str(path_or_state)) if not isinstance(path_or_state, dict) else path_or_state
     params = dict(model.named_parameters())
@@ -109,11 +198,17 @@ def load_adapters(model: nn.Module, path_or_state: str | os.PathLike | dict, str
         for k in state
         if k in expected and tuple(state[k].shape) != tuple(params[k].shape)
     ]
+    settings_error = None
+    if not isinstance(path_or_state, dict) and any(".crma." in k for k in state):
+        settings_error = crma_settings_mismatch(model, read_crma_settings(path_or_state), str(path_or_state))
     if unexpected or missing or bad_shapes:
         raise ValueError(
             f"adapter weights do not match the model: unexpected keys {unexpected[:5]}, missing keys "
             f"{missing[:5]}, shape mismatches {bad_shapes[:5]} (source: {_describe(path_or_state)})"
+            + (f". Also: {settings_error}" if settings_error else "")
         )
+    if settings_error:
+        raise ValueError(settings_error)
     for key, value in state.items():
         params[key].copy_(value.to(params[key].dtype))
     return sorted(state)

@@ -8,11 +8,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import SumMetric
 
 from crma_lightning import _compat, metrics
 from crma_lightning.parallel.dist import distributed_ready
 from crma_lightning.plotting import loss_matrix_image
+from crma_lightning.report import summarize_losses
 
 
 class DomainEvaluation(L.Callback):
@@ -125,8 +127,17 @@ class DomainEvaluation(L.Callback):
         self.matrix[row] = [losses.get(d, self.matrix[row][i]) for i, d in enumerate(self.domains)]
         if not trainer.is_global_zero:
             return
+        after = "the base model" if row == 0 else f"stage {row} ({self.domains[row - 1]})"
+        for domain, value in losses.items():
+            if not math.isfinite(value):
+                rank_zero_warn(
+                    f"evaluation after {after}: domain {domain!r} has a non-finite held-out loss ({value}); "
+                    "its adapters diverged. The report marks it, and every metric computed from it, as non-finite",
+                    category=UserWarning,
+                )
         step = _compat.logging_step(trainer)
-        summary = self.summary(upto=row)
+        # A non-finite loss makes the metrics read from it NaN - logged as NaN, never left out silently.
+        summary = summarize_losses(self.matrix, self.domains, upto=row)
         scalars = {
             "cl/drift_mean": summary.get("drift_mean"),
             "cl/bwt": summary.get("bwt"),
@@ -134,7 +145,7 @@ class DomainEvaluation(L.Callback):
             "cl/base_forgetting_mean": summary.get("base_relative_forgetting_mean"),
             "cl/plasticity_mean": summary.get("plasticity_mean"),
         }
-        scalars = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(v)}
+        scalars = {k: float(v) for k, v in scalars.items() if v is not None}
         for logger in trainer.loggers:
             if scalars:
                 logger.log_metrics(scalars, step=step)
@@ -144,13 +155,16 @@ class DomainEvaluation(L.Callback):
                 logger.experiment.add_text("cl/loss_matrix_table", self.markdown_table(), global_step=step)
 
     def markdown_table(self) -> str:
-        """The matrix so far as a Markdown table (rows: base, after stage i; columns: domains)."""
+        """The matrix so far as a Markdown table (rows: base, after stage i; columns: domains).
+
+        ``—``: not evaluated yet; ``nan``/``inf``: evaluated, and not finite.
+        """
         head = "| after stage | " + " | ".join(self.domains) + " |"
         sep = "|---" * (len(self.domains) + 1) + "|"
         lines = [head, sep]
         for r, row in enumerate(self.matrix):
             label = "base" if r == 0 else f"{r}: {self.domains[r - 1]}"
-            cells = ["—" if v is None else f"{v:.4f}" for v in row]
+            cells = ["—" if v is None else (f"{v:.4f}" if math.isfinite(v) else str(v)) for v in row]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 

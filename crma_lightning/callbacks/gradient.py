@@ -8,6 +8,7 @@ and the per-step values logged with their own step numbers.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from typing import Any
 
@@ -33,10 +34,13 @@ from crma_lightning.parallel.fsdp1 import shard_group
 
 # ---------------------------------------------------------------------- host-side statistics
 class RunningStats:
-    """Welford mean and population variance (``ddof=0``) and the peak of the gradient norm.
+    """Welford mean and population variance (``ddof=0``), peak and median of the gradient norm.
 
     The first ``warmup`` steps (decided by the caller) and non-finite norms are counted but left out
-    of the statistics.
+    of the statistics. Scale-free summaries sit next to the raw variance, because a method that only
+    rescales gradients (CRMA's contracting ``mix`` form does) lowers the variance without being any
+    steadier: the coefficient of variation ``cv = std / mean`` and ``peak / median`` do not move
+    under rescaling (docs/metrics.md).
     """
 
     def __init__(self) -> None:
@@ -47,6 +51,7 @@ class RunningStats:
         self.mean = 0.0
         self.m2 = 0.0
         self.peak: float | None = None
+        self.values: list[float] = []  # the norms kept for the median (one float per step)
 
     def add(self, x: float, warmup: bool = False) -> None:
         """Record one step's norm."""
@@ -62,10 +67,19 @@ class RunningStats:
         self.mean += delta / self.n
         self.m2 += delta * (x - self.mean)
         self.peak = x if self.peak is None else max(self.peak, x)
+        self.values.append(x)
+
+    @property
+    def cv(self) -> float | None:
+        """Coefficient of variation ``std / mean`` (``None`` before two values or with mean 0)."""
+        if self.n < 2 or self.mean == 0:
+            return None
+        return math.sqrt(self.m2 / self.n) / self.mean
 
     def summary(self) -> dict[str, Any]:
-        """``steps`` (all), ``warmup_steps``, ``nonfinite_steps``, then mean/var/std/peak of the rest."""
+        """``steps``, ``warmup_steps``, ``nonfinite_steps``, then mean/var/std/peak/cv/median/peak_over_median."""
         var = self.m2 / self.n if self.n else None
+        median = statistics.median(self.values) if self.values else None
         return {
             "steps": self.steps,
             "warmup_steps": self.warmup_steps,
@@ -74,10 +88,13 @@ class RunningStats:
             "var": var,
             "std": math.sqrt(var) if var is not None else None,
             "peak": self.peak,
+            "cv": self.cv,
+            "median": median,
+            "peak_over_median": self.peak / median if median and self.peak is not None else None,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return {**vars(self), "values": list(self.values)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> RunningStats:
@@ -233,6 +250,8 @@ class GradientStability(L.Callback):
                 metrics["grad/var"] = window_var
             if stage.peak is not None:
                 metrics["grad/peak"] = stage.peak
+            if stage.cv is not None:
+                metrics["grad/cv"] = stage.cv
             metrics.update({f"grad/norm_{name}": v for name, v in zip(names, row[1:])})
             entries.append((step, metrics))
         if health_vec is not None and entries:
@@ -266,4 +285,3 @@ class GradientStability(L.Callback):
         self._stage = state_dict.get("stage")
         self._tracker.load_state_dict(state_dict)
         self._window = deque((float(v) for v in state_dict.get("window", [])), maxlen=self.window)
-

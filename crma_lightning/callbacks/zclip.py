@@ -240,4 +240,3 @@ class ZClip(L.Callback):
         self._values = {k: float(values.get(k, 0.0)) for k in _STATE}
         self._t = None  # rebuilt on the gradients' device at the next step
         self._tracker.load_state_dict(state_dict)
-

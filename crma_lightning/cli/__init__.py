@@ -4,22 +4,30 @@
 subcommand, write ``cli/<name>.py`` with a ``run_<name>(args)`` function and register it in
 :data:`COMMANDS`; errors are turned into exit codes here, the same way for every subcommand.
 
-Exit codes: 0 done, 1 the run failed, 2 bad configuration or input (one line, no traceback; set
-``CRMA_DEBUG=1`` for the traceback), 128 + signal when interrupted (resumable).
+Exit codes: 0 done, 1 the run failed, 2 bad configuration or input, or an environment problem (full
+disk, unwritable directory, missing model, offline hub): one line naming the key or path, no traceback
+(set ``CRMA_DEBUG=1`` for the traceback); 3 every stage ran but a held-out loss is NaN/inf; 128 +
+signal when interrupted (resumable).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from crma_lightning import __version__
+from crma_lightning import __version__, _compat
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("crma_lightning.cli.fit:run_fit", "train on every domain in turn, evaluating all domains after each stage"),
+    "evaluate": ("crma_lightning.cli.evaluate:run_evaluate", "re-evaluate a run: loss matrix, forgetting metrics"),
+    "generate": ("crma_lightning.cli.generate:run_generate", "text from a run with one task's adapter"),
+    "export": ("crma_lightning.cli.export:run_export", "a task's adapter as PEFT or a merged HF model"),
+    "compare": ("crma_lightning.cli.compare:run_compare", "one table across runs, and their settings"),
 }
 """Subcommand name -> (``module:function`` taking the remaining arguments, one-line description)."""
 
@@ -65,7 +73,10 @@ def run_with_exit_codes(command: Callable[[list[str]], Any], args: list[str]) ->
 
     from crma_lightning.interrupts import RunInterrupted
     from crma_lightning.nonfinite import NonFiniteError
+    from crma_lightning.report import NonFiniteResults
 
+    _compat.silence_known_library_warnings()
+    _log_to_stdout()
     try:
         command(args)
     except RunInterrupted as err:
@@ -74,10 +85,46 @@ def run_with_exit_codes(command: Callable[[list[str]], Any], args: list[str]) ->
     except NonFiniteError as err:
         print(f"\n[crma_lightning] stopped: {err}", file=sys.stderr)
         sys.exit(1)
+    except NonFiniteResults as err:
+        print(f"\n[crma_lightning] finished with non-finite results: {err}", file=sys.stderr)
+        sys.exit(3)
     except (ValueError, MisconfigurationException) as err:  # bad configuration or data, caught before training
         if os.environ.get("CRMA_DEBUG"):
             raise
         _fail(root_message(err))
+    except OSError as err:  # the environment: a full disk, a read-only or missing directory
+        if os.environ.get("CRMA_DEBUG") or err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is now (a later ``main`` in the same process may have replaced it)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _log_to_stdout() -> None:
+    """Show the library's own messages (``logging.getLogger("crma_lightning")``, INFO) on stdout, once."""
+    log = logging.getLogger("crma_lightning")
+    if not log.handlers:
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("[crma_lightning] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EIO}
+)
+"""``OSError`` numbers that the user fixes outside the program: one line naming the path, exit 2."""
 
 
 def _fail(message: str) -> None:

@@ -10,6 +10,7 @@ callbacks and run settings into a :class:`~crma_lightning.runner.ContinualRunner
 
 from __future__ import annotations
 
+from argparse import ArgumentError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
+from crma_lightning.callbacks.routing import RoutedEvaluation
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
 from crma_lightning.parallel.dist import is_global_zero
+from crma_lightning.report import NonFiniteResults
 from crma_lightning.runner import ContinualRunner
 
 
@@ -56,7 +59,12 @@ class CRMALightningCLI(LightningCLI):
     """
 
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
-        parser_kwargs = {"parser_mode": "omegaconf", "prog": "crma-lightning fit", **kwargs.pop("parser_kwargs", {})}
+        parser_kwargs = {
+            "parser_mode": "omegaconf",
+            "prog": "crma-lightning fit",
+            "exit_on_error": False,  # a bad key raises: run_fit prints the error alone, not 60 lines of usage
+            **kwargs.pop("parser_kwargs", {}),
+        }
         self.runner: ContinualRunner | None = None
         super().__init__(
             ContinualLM,
@@ -80,6 +88,7 @@ class CRMALightningCLI(LightningCLI):
         )
         parser.add_lightning_class_args(GradientStability, "gradient_stability")
         parser.add_lightning_class_args(DomainEvaluation, "evaluation")
+        parser.add_lightning_class_args(RoutedEvaluation, "routing")
         parser.set_defaults({"model": {"class_path": "crma_lightning.module.ContinualLM"}})
 
     def instantiate_classes(self) -> None:
@@ -109,20 +118,46 @@ class CRMALightningCLI(LightningCLI):
 
 
 def run_fit(args: list[str]) -> None:
-    """Parse ``args`` (what follows ``fit``), run every stage, print the report (rank 0)."""
-    cli = CRMALightningCLI(args=args)
+    """Parse ``args`` (what follows ``fit``), run every stage, print the report (rank 0).
+
+    Raises:
+        ValueError: A bad key, value, data file or checkpoint (exit 2).
+        NonFiniteResults: Every stage ran but a held-out loss is NaN/inf (exit 3, after the report).
+    """
+    try:
+        cli = CRMALightningCLI(args=args)
+    except ArgumentError as err:
+        raise ValueError(parser_message(str(err))) from err
     runner = cli.runner
     assert runner is not None
     try:
-        runner.run(cli.model, cli.datamodule)
+        report = runner.run(cli.model, cli.datamodule)
     except (ValueError, MisconfigurationException) as err:
         if runner.state.completed == 0 and not runner.started:
             raise  # an up-front check: a bad setting, exit 2
         # Once training began, a ValueError is a failure of the run (a hook, a library), not a bad setting:
         # keep its traceback and exit 1 instead of being reported as a configuration error (exit 2).
         raise RunFailed(f"the run failed: {type(err).__name__}: {err}") from err
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(runner.run_dir)  # name the path the message is about
+        raise
     if not is_global_zero():
         return  # every process runs this; one report on the console is enough
     if runner.loggers and getattr(runner.loggers[0], "log_dir", None):
         print(f"\nTensorBoard: tensorboard --logdir {runner.loggers[0].log_dir}")
     print("\n" + (Path(runner.run_dir) / "report.md").read_text())
+    if report.get("nonfinite_evaluations"):
+        raise NonFiniteResults(f"{report['status']}; see {Path(runner.run_dir) / 'report.md'}")
+
+
+def parser_message(message: str) -> str:
+    """The parser's error on one line, without its dump: for a ``class_path`` key, the subtype's own complaint."""
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value")
+    lines = [line.strip().lstrip("- ") for line in message.strip().splitlines()]
+    lines = [
+        line
+        for line in lines
+        if line and not line.startswith(noise) and not line.startswith("Expected a <class 'NoneType'>")
+    ]
+    return " ".join(lines) + " (see crma-lightning fit --help)"

@@ -32,6 +32,7 @@ from crma_lightning.methods.base import (
     named_parameters,
     trainable_named_parameters,
 )
+from crma_lightning.parallel.dist import distribute_tensor, full_tensor, is_dtensor
 
 
 def fisher_diagonal(
@@ -44,6 +45,9 @@ def fisher_diagonal(
 
     Gradients are taken with ``torch.autograd.grad``, so the parameters' ``.grad`` are left untouched.
     Batches with a non-finite loss or gradient are skipped (a single NaN would poison every later step).
+    FSDP2-sharded parameters (``DTensor``) get their gradients only from FSDP's reduce-scatter, so for
+    them ``loss.backward()`` is used and ``.grad`` (the mean over ranks, equal when every rank reads the
+    same batch) is read and cleared; the Fisher then has the parameters' sharding.
 
     Returns:
         ``{name: F}`` in float32, each shaped like its parameter.
@@ -55,6 +59,7 @@ def fisher_diagonal(
     tensors = [params[n] for n in names]
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     used = 0
+    sharded = any(is_dtensor(t) for t in tensors)
     with torch.enable_grad():
         for batch in batches:
             if used >= max_batches:
@@ -62,8 +67,8 @@ def fisher_diagonal(
             loss = loss_fn(batch)
             if not torch.isfinite(loss):
                 continue
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            if any(g is not None and not torch.isfinite(g).all() for g in grads):
+            grads = _backward_grads(loss, tensors) if sharded else torch.autograd.grad(loss, tensors, allow_unused=True)
+            if any(g is not None and not torch.isfinite(_local(g)).all() for g in grads):
                 continue
             for name, grad in zip(names, grads, strict=True):
                 if grad is not None:  # unused in this loss: its Fisher is zero
@@ -72,6 +77,21 @@ def fisher_diagonal(
     if used == 0:
         raise ValueError("EWC: no batch (with a finite loss and gradient) to estimate the Fisher from")
     return {n: s / used for n, s in sums.items()}
+
+
+def _backward_grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    saved = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    loss.backward()
+    grads = [t.grad for t in tensors]
+    for t, g in zip(tensors, saved, strict=True):
+        t.grad = g
+    return grads
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    return value.to_local() if is_dtensor(value) else value
 
 
 class EWC(ContinualMethod):
@@ -146,16 +166,19 @@ class EWC(ContinualMethod):
                 if name not in params:
                     raise KeyError(f"EWC: parameter {name!r} of the Fisher is not in the model any more")
                 p = params[name]
-                if f.device != p.device:  # once after a checkpoint load (tensors come back on the CPU)
-                    fisher[name] = f = f.to(p.device)
-                    anchor[name] = anchor[name].to(p.device)
+                if f.device != p.device or is_dtensor(p) != is_dtensor(f):  # once after a checkpoint load
+                    fisher[name] = f = _like(f, p)
+                    anchor[name] = _like(anchor[name], p)
                 term = (f * (p.float() - anchor[name]) ** 2).sum()
                 total = term if total is None else total + term
         assert total is not None
-        return 0.5 * self.lam * total
+        return 0.5 * self.lam * full_tensor(total)  # sharded: the sum over every rank's shard (differentiable)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config(), "tasks": list(self.tasks), "fisher": self.fisher, "anchors": self.anchors}
+        """Fisher and anchors as whole tensors (sharded ones are gathered: every rank must call it)."""
+        fisher = [{n: full_tensor(t) for n, t in entry.items()} for entry in self.fisher]
+        anchors = [{n: full_tensor(t) for n, t in entry.items()} for entry in self.anchors]
+        return {"config": self.config(), "tasks": list(self.tasks), "fisher": fisher, "anchors": anchors}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._check_config(state)
@@ -166,3 +189,10 @@ class EWC(ContinualMethod):
     def summary(self) -> dict[str, Any]:
         floats = sum(t.numel() for entry in (*self.fisher, *self.anchors) for t in entry.values())
         return {**super().summary(), "consolidated": list(self.tasks), "stored_floats": floats, "bytes": 4 * floats}
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` on ``param``'s device, sharded like ``param`` when that is a ``DTensor`` (a checkpoint's tensors)."""
+    if is_dtensor(param) and not is_dtensor(value):
+        return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements)
+    return value.to(param.device)

@@ -291,7 +291,10 @@ class Replay(ContinualMethod):
 def _as_row(row: Mapping[str, Any]) -> Row:
     """Keep a row's token ids (and labels, if any) as plain int lists: small, picklable, checkpointable."""
     out: Row = {"input_ids": [int(t) for t in row["input_ids"]]}
-    if row.get("labels") is not None:
+    flags = row.get("scored")  # prompt/response and chat rows: which tokens the loss scores (data.Collator)
+    if row.get("labels") is None and flags is not None and not all(flags):
+        out["labels"] = [t if f else -100 for t, f in zip(out["input_ids"], flags, strict=True)]
+    elif row.get("labels") is not None:
         if len(row["labels"]) != len(out["input_ids"]):
             raise ValueError(
                 f"replay row has {len(row['labels'])} labels for {len(out['input_ids'])} input_ids; expected equal"

@@ -36,19 +36,22 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (input_
 
 
 class RoutedBatch(NamedTuple):
-    """What :func:`route_batch` returns (a tuple: ``choices, loss_sum, tokens = route_batch(...)``).
+    """What :func:`route_batch` returns (a named tuple: ``routed.choices``, ``routed.loss_sum``, ...).
 
     Attributes:
         choices: The chosen adapter of each row, ``len == B``.
         loss_sum: Summed cross-entropy of the scored targets (positions ``≥ P``) under each row's choice.
         tokens: Number of scored targets (prefix and padding excluded).
         prefix_losses: ``(B, K)`` mean prefix loss of each row under each of the ``K`` adapters.
+        scored_sums: ``(B, K)`` summed loss of each row's scored targets under each adapter (column ``k``
+            summed: the oracle loss on the same targets when adapter ``k`` is the rows' own).
     """
 
     choices: list[str]
     loss_sum: torch.Tensor
     tokens: torch.Tensor
     prefix_losses: torch.Tensor
+    scored_sums: torch.Tensor | None = None
 
 
 def validate_routing(mode: str, prefix_tokens: int = DEFAULT_PREFIX_TOKENS) -> None:
@@ -118,7 +121,7 @@ def route_batch(
     sums = torch.stack([s for s, _ in row_sums], dim=1)  # (B, K)
     counts = row_sums[0][1]  # (B,) the same targets under every adapter
     chosen_sum = sums.gather(1, choice[:, None].to(sums.device)).sum()
-    return RoutedBatch([adapters[i] for i in choice.tolist()], chosen_sum, counts.sum(), losses)
+    return RoutedBatch([adapters[i] for i in choice.tolist()], chosen_sum, counts.sum(), losses, sums)
 
 
 def routing_accuracy(choices: Sequence[str], expected: str) -> float:

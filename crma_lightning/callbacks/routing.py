@@ -1,0 +1,201 @@
+"""``RoutedEvaluation``: task-agnostic evaluation next to the oracle one (docs/method.md, docs/metrics.md).
+
+The oracle evaluation (:class:`~crma_lightning.callbacks.evaluation.DomainEvaluation`) scores domain ``j``
+with domain ``j``'s adapter: it is told each example's task. With ``mode: perplexity`` this callback
+also routes every held-out sequence of the evaluations that fill the loss matrix: the first ``P``
+tokens (``prefix_tokens``) are scored under each adapter trained so far, the lowest loss picks the
+adapter, and the rest of the sequence is scored with it (:func:`crma_lightning.methods.route_batch`).
+It runs after the module's ``validation_step`` on the same batch, so the oracle numbers are untouched.
+
+Per matrix row ``s`` and domain ``j`` it records the routed loss ``L~[s][j]``, the oracle loss on the
+same targets (positions ``>= P``, the domain's own adapter) and the routing accuracy (fraction of
+``j``'s sequences routed to ``j``'s adapter). Tasks whose adapters are the same (``shared``, O-LoRA's
+stack) are one candidate, so routing among them is never counted as an error. ``mode: none`` asserts
+that the evaluation needs no task identity (every task activates the same adapters) and adds nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from crma_lightning import _compat, metrics
+from crma_lightning.callbacks.stages import log_to_loggers
+from crma_lightning.methods.routing import (
+    DEFAULT_PREFIX_TOKENS,
+    NONE,
+    ORACLE,
+    route_batch,
+    validate_routing,
+)
+
+BASE = "<base>"  # the candidate of row 0: no task trained yet, LoRA off
+_FIELDS = 5  # per domain: routed loss sum, oracle (same targets) loss sum, scored tokens, correct rows, routed rows
+
+
+class RoutedEvaluation(L.Callback):
+    """Routed loss matrix, routing accuracy and routed drift (``routing:`` section of the YAML).
+
+    Args:
+        mode: ``oracle`` (task identity given: nothing extra, the default), ``perplexity`` (route each
+            held-out sequence on its first ``prefix_tokens`` tokens) or ``none`` (the method needs no
+            routing: checked, nothing extra).
+        prefix_tokens: ``P``: tokens read to choose an adapter; only targets at positions ``>= P`` are scored.
+
+    Attributes:
+        matrix: Routed loss matrix ``L~[s][j]`` (row 0: base model), ``None`` where not evaluated.
+        oracle_matrix: The oracle loss on the routed targets (positions ``>= P``), same layout.
+        accuracy: Routing accuracy per row and domain; ``None`` for the base row and untrained domains.
+    """
+
+    def __init__(self, mode: str = ORACLE, prefix_tokens: int = DEFAULT_PREFIX_TOKENS) -> None:
+        validate_routing(mode, prefix_tokens)
+        self.mode, self.prefix_tokens = mode, prefix_tokens
+        self.domains: list[str] = []
+        self.matrix: list[list[float | None]] = []
+        self.oracle_matrix: list[list[float | None]] = []
+        self.accuracy: list[list[float | None]] = []
+        self._row: int | None = None
+        self._candidates: dict[str, str | None] = {}  # candidate label -> a task that activates it
+        self._own: dict[str, str] = {}  # domain -> the label of its own adapter(s)
+        self._sums: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ which adapters
+    @staticmethod
+    def adapter_key(pl_module: L.LightningModule, task: str) -> tuple[str, ...]:
+        """The adapters ``task`` activates: the method's choice, else the task's own adapter."""
+        method = getattr(pl_module, "method", None)
+        names = None if method is None else method.active_adapters(pl_module, task)
+        return tuple(names) if names is not None else (pl_module.adapter_for(task),)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._row = None
+        if self.mode == ORACLE or trainer.sanity_checking or trainer.state.fn != "validate":
+            return  # only the evaluations that fill the loss matrix are routed
+        tasks = list(pl_module.tasks)
+        keys = {t: self.adapter_key(pl_module, t) for t in tasks}
+        if self.mode == NONE:
+            if len(set(keys.values())) > 1:
+                raise ValueError(
+                    "routing mode 'none' needs an evaluation without task identity, but the tasks activate "
+                    f"different adapters {sorted(set(keys.values()))}; use routing mode 'perplexity' or 'oracle'"
+                )
+            return
+        current = pl_module.current_task
+        self._row = 0 if current is None else tasks.index(current) + 1
+        self.domains = list(getattr(trainer.datamodule, "domain_names", tasks))
+        self._candidates, self._own = ({BASE: None}, {}) if self._row == 0 else ({}, {})
+        for task in tasks[: self._row]:  # one candidate per distinct adapter set, in training order
+            label = "+".join(keys[task])
+            self._candidates.setdefault(label, task)
+            self._own[task] = label
+        self._sums = {}
+
+    # ------------------------------------------------------------------ accumulation
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._row is None:
+            return
+        labels = list(self._candidates)
+        # Every rank runs 2 forwards per candidate on every batch (padding batches included): equal counts.
+        routed = route_batch(
+            lambda ids, mask: pl_module(ids, mask),
+            batch,
+            labels,
+            self.prefix_tokens,
+            lambda label: pl_module.activate_task(self._candidates[label]),
+        )
+        domain = batch["domain"]
+        own = BASE if self._row == 0 else self._own.get(domain)  # None: a domain not trained yet
+        real = (batch["labels"][:, 1 : self.prefix_tokens] != -100).any(dim=1).tolist()  # not padding rows
+        correct = sum(r and c == own for r, c in zip(real, routed.choices, strict=True))
+        oracle = routed.scored_sums[:, labels.index(own)].sum() if own is not None else routed.loss_sum.new_zeros(())
+        values = [routed.loss_sum, oracle, routed.tokens, correct, sum(real)]
+        row = torch.tensor([float(v) for v in values], dtype=torch.float64, device=pl_module.device)
+        self._sums[domain] = self._sums.get(domain, torch.zeros_like(row)) + row
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._row is None:
+            return
+        order = list(trainer.datamodule.eval_domain_names())  # the same on every rank
+        zeros = torch.zeros(_FIELDS, dtype=torch.float64, device=pl_module.device)
+        local = torch.stack([self._sums.get(d, zeros) for d in order])  # (D, 5)
+        total = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
+        self._record(trainer, self._row, dict(zip(order, total, strict=True)))
+        self._row = None
+
+    def _record(self, trainer: L.Trainer, row: int, sums: dict[str, list[float]]) -> None:
+        for table in (self.matrix, self.oracle_matrix, self.accuracy):
+            while len(table) <= row:
+                table.append([None] * len(self.domains))
+        for domain, (routed, oracle, tokens, correct, rows) in sums.items():
+            j, trained = self.domains.index(domain), domain in self._own
+            self.matrix[row][j] = routed / max(tokens, 1.0)
+            self.oracle_matrix[row][j] = oracle / max(tokens, 1.0) if trained or row == 0 else None
+            self.accuracy[row][j] = correct / rows if trained and rows else None
+        scalars: dict[str, float] = {}
+        for domain in sums:
+            j = self.domains.index(domain)
+            scalars[f"val/{domain}/loss_routed"] = self.matrix[row][j]
+            if self.accuracy[row][j] is not None:
+                scalars[f"val/{domain}/routing_accuracy"] = self.accuracy[row][j]
+        drift = self.summary_metrics(upto=row).get("drift_mean")
+        if drift is not None and math.isfinite(drift):
+            scalars["cl/drift_mean_routed"] = float(drift)
+        log_to_loggers(trainer, [(_compat.logging_step(trainer), scalars)])
+
+    # ------------------------------------------------------------------ report and state
+    def summary_metrics(self, upto: int | None = None) -> dict[str, Any]:
+        """``metrics.summarize`` of the routed matrix (drift, BWT, ... of task-agnostic evaluation)."""
+        if not self.matrix:
+            return {}
+        return metrics.summarize(self.matrix, self.domains, upto=len(self.matrix) - 1 if upto is None else upto)
+
+    def summary(self, upto: int | None = None) -> dict[str, Any]:
+        """The report entry: the mode, ``P``, and (``perplexity``) the routed matrices, accuracy and metrics."""
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.mode == ORACLE:
+            return out
+        out["prefix_tokens"] = self.prefix_tokens
+        if self.mode == NONE or not self.matrix:
+            return out
+        rows = len(self.matrix) if upto is None else upto + 1
+        out["loss_matrix_routed"] = [list(r) for r in self.matrix[:rows]]
+        out["loss_matrix_oracle_same_targets"] = [list(r) for r in self.oracle_matrix[:rows]]
+        out["routing_accuracy"] = [list(r) for r in self.accuracy[:rows]]
+        last = self.accuracy[rows - 1] if rows else []
+        out["routing_accuracy_final"] = dict(zip(self.domains, last, strict=True))
+        out["metrics_routed"] = self.summary_metrics(upto=rows - 1)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "prefix_tokens": self.prefix_tokens,
+            "domains": list(self.domains),
+            "matrix": [list(r) for r in self.matrix],
+            "oracle_matrix": [list(r) for r in self.oracle_matrix],
+            "accuracy": [list(r) for r in self.accuracy],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict.get("mode"), state_dict.get("prefix_tokens"))
+        if state_dict.get("matrix") and saved != (self.mode, self.prefix_tokens):
+            raise ValueError(
+                f"checkpoint was evaluated with routing mode={saved[0]!r}, prefix_tokens={saved[1]!r}; this run has "
+                f"mode={self.mode!r}, prefix_tokens={self.prefix_tokens!r} (use the original settings or a new run dir)"
+            )
+        self.domains = list(state_dict.get("domains", []))
+        self.matrix = [list(r) for r in state_dict.get("matrix", [])]
+        self.oracle_matrix = [list(r) for r in state_dict.get("oracle_matrix", [])]
+        self.accuracy = [list(r) for r in state_dict.get("accuracy", [])]

@@ -1,0 +1,262 @@
+"""``crma-lightning evaluate``: the loss matrix and forgetting metrics of a finished or partial run, again.
+
+Row 0 is the freshly built model (the same seeded base and adapter initialisation as before stage 1),
+row ``i`` the model after stage ``i`` (``checkpoints/stage-0i-<domain>.ckpt``). Each row is a
+``Trainer.validate`` with :class:`~crma_lightning.callbacks.evaluation.DomainEvaluation`, the same
+callback, datamodule and per-domain adapter choice as ``fit`` (domain ``j`` with its own task adapter),
+and the metrics come from the runner's own :func:`crma_lightning.report.summarize_losses`, so the numbers
+are the run's own.
+
+``--data`` evaluates other held-out files: a list of domains with the fields of ``data.domains``. A
+domain named like one of the run's tasks is evaluated with that task's adapter; any other domain with
+LoRA off (the base model, plus CRMA in a CRMA run); a ``task:`` key on an entry chooses the adapter
+(``task: null`` for LoRA off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crma_lightning.run_dir import CommandParser, RunDirectory, writable_dir
+
+NO_TASK = "\x00no-task"
+"""A domain name that is no task: ``validation_step`` evaluates it with LoRA off."""
+
+
+def build_parser() -> CommandParser:
+    """The ``evaluate`` options."""
+    parser = CommandParser(
+        prog="crma-lightning evaluate",
+        description="Re-evaluate a run: the loss matrix (base row and one row per stage checkpoint) and the "
+        "forgetting metrics, computed as fit computes them. Writes report.json and report.md to --out.",
+    )
+    parser.add_argument("--run", required=True, help="run directory (run.dir of the fit run)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--stage", type=int, help="evaluate only the model after this stage (0: the base model)")
+    which.add_argument("--ckpt", help="evaluate only this checkpoint of the run (e.g. checkpoints/last.ckpt)")
+    parser.add_argument(
+        "--data",
+        help="other held-out data: a YAML/JSON list of domains (data.domains fields, plus an optional "
+        "`task:` naming the adapter to use), or a YAML file holding that list",
+    )
+    parser.add_argument("--out", help="output directory (default: RUN/evaluation)")
+    parser.add_argument("--accelerator", help="Lightning accelerator (default: the run's trainer.accelerator)")
+    return parser
+
+
+def run_evaluate(args: list[str]) -> None:
+    """Parse ``args`` (what follows ``evaluate``), evaluate, write and print the report."""
+    opts = build_parser().parse_args(args)
+    run = RunDirectory(opts.run)
+    specs, routes = parse_data(opts.data) if opts.data else (None, {})
+    model, dm = run.build(data_domains=specs, prog="crma-lightning evaluate")
+    for task in routes.values():
+        if task is not None:
+            run.check_task(task)
+    plan = _plan(run, opts)
+    out = writable_dir(opts.out or run.path / "evaluation")  # after the checks, before the evaluation
+    t0 = time.perf_counter()
+    matrix, sources, completed = evaluate_rows(run, model, dm, plan, routes, opts.accelerator)
+    report = _report(run, model, dm, matrix, sources, completed, time.perf_counter() - t0)
+    report["evaluation"]["routes"] = {d: t for d, t in routes.items()}
+    markdown = _markdown(report, run)
+    from crma_lightning.adapters.serialization import atomic_write
+
+    text = json.dumps(report, indent=2, allow_nan=False)
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(markdown))
+    print(markdown)
+    print(f"Written: {out / 'report.json'}, {out / 'report.md'}")
+
+
+def parse_data(value: str) -> tuple[list[Any], dict[str, str | None]]:
+    """``--data``: the domains (``DomainSpec``s) and the adapter chosen per domain by a ``task:`` key.
+
+    A domain with only ``holdout_path`` reads its training rows from the same file (they are not used).
+    """
+    from crma_lightning.domains import as_domain_spec, validate_domains
+
+    path = Path(value)
+    try:
+        text = path.read_text() if len(value) < 4096 and path.is_file() else value
+        data = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"--data {value!r} is neither a readable file nor a YAML list of domains: {err}") from err
+    if isinstance(data, dict):  # a file holding `domains:` or a whole `data:` section
+        data = (data.get("data") or data).get("domains")
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"--data {value!r}: expected a non-empty list of domains (the fields of data.domains)")
+    specs, routes = [], {}
+    for entry in data:
+        if isinstance(entry, dict) and "task" in entry:
+            entry = dict(entry)
+            task = entry.pop("task")
+            routes[str(entry.get("name"))] = None if task is None else str(task)
+        spec = as_domain_spec(entry)
+        if spec.path is None and spec.holdout_path is not None and spec.builtin is None and spec.hub is None:
+            spec = dataclasses.replace(spec, path=spec.holdout_path)
+        specs.append(spec)
+    validate_domains(specs)
+    return specs, routes
+
+
+def _plan(run: RunDirectory, opts: Any) -> list[tuple[int, Path | None]]:
+    """``(row, checkpoint)`` to evaluate in order; ``None``: the freshly built model (row 0)."""
+    if opts.ckpt is not None:
+        return [(-1, Path(opts.ckpt))]  # its row comes from the checkpoint itself
+    if opts.stage is not None:
+        if opts.stage == 0:
+            return [(0, None)]
+        return [(opts.stage, run.stage_checkpoint(opts.stage).path)]
+    return [(0, None)] + [(c.stage, c.path) for c in run.stage_checkpoints()]
+
+
+def evaluate_rows(
+    run: RunDirectory,
+    model: Any,
+    dm: Any,
+    plan: list[tuple[int, Path | None]],
+    routes: dict[str, str | None],
+    accelerator: str | None = None,
+) -> tuple[list[list[float | None]], dict[str, str], int]:
+    """Evaluate the rows of ``plan``; returns the loss matrix, the source of each row, and the last row.
+
+    With the run's own domains the matrix is ``DomainEvaluation``'s, filled row by row as in ``fit``;
+    with other domains (``--data``) it has one column per given domain, every one evaluated in every row.
+    """
+    import lightning as L
+
+    from crma_lightning.callbacks.evaluation import DomainEvaluation
+
+    dm.prepare(model.tokenizer)
+    model.prepare_tasks(run.domains)
+    evaluation = DomainEvaluation(log_heatmap=False)
+    evaluation.start_run(dm.domain_names)
+    kwargs = run.trainer_kwargs
+    trainer = L.Trainer(
+        accelerator=accelerator or kwargs.get("accelerator") or "auto",
+        devices=1,
+        precision=kwargs.get("precision"),
+        limit_val_batches=kwargs.get("limit_val_batches"),
+        inference_mode=kwargs.get("inference_mode", True),
+        callbacks=[evaluation],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(run.path),
+    )
+    same_domains = dm.domain_names == run.domains
+    rows: dict[int, list[float | None]] = {}
+    sources: dict[str, str] = {}
+    last = 0
+    with _routed(model, routes):
+        for row, path in plan:
+            if path is not None:
+                ckpt = run.read_checkpoint(path)
+                row = run.load_into(model, ckpt, path)
+                del ckpt
+            model.activate_task(None)
+            if same_domains:
+                evaluation.expect_row(row)
+            if same_domains and row > 0:
+                dm.set_stage(row - 1)  # fit's rows: the domains seen so far (or all, per eval_domains)
+                trainer.validate(model, datamodule=dm, verbose=False)
+            else:
+                with dm.evaluating_all_domains():
+                    trainer.validate(model, datamodule=dm, verbose=False)
+            rows[row] = [evaluation.last_losses.get(d) for d in dm.domain_names]
+            sources[str(row)] = str(path) if path is not None else f"freshly built model (seed {run.seed})"
+            last = max(last, row)
+    if same_domains:
+        return [list(r) for r in evaluation.matrix], sources, last
+    return [rows.get(r, [None] * len(dm.domain_names)) for r in range(last + 1)], sources, last
+
+
+@contextmanager
+def _routed(model: Any, routes: dict[str, str | None]):
+    """Evaluate the domains in ``routes`` with the adapter of the task they map to (``None``: LoRA off)."""
+    if not routes:
+        yield
+        return
+    original = model.validation_step
+
+    def validation_step(batch: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        domain = batch["domain"]
+        if domain not in routes:
+            return original(batch, *args, **kwargs)
+        task = routes[domain]
+        out = original({**batch, "domain": NO_TASK if task is None else task}, *args, **kwargs)
+        return {**out, "domain": domain}
+
+    model.validation_step = validation_step
+    try:
+        yield
+    finally:
+        del model.validation_step
+
+
+def _report(run, model, dm, matrix, sources, completed, seconds) -> dict[str, Any]:
+    from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses
+
+    comparable = dm.domain_names == run.domains
+    summary = summarize_losses(matrix, dm.domain_names, completed) if comparable and matrix else {}
+    report = build_report(
+        domains=dm.domain_names,
+        matrix=matrix,
+        completed_stages=completed,
+        status="evaluated",
+        metrics=summary,
+        gradients={},
+        config={"model": model_settings(model), "data": data_settings(dm)},
+        data=dm.summary(),
+        timings={"total_s": seconds},
+        nonfinite={},
+    )
+    report["total_stages"] = len(run.domains)
+    report["loss_matrix"]["rows"] = ["base"] + [f"after_stage_{i}_{d}" for i, d in enumerate(run.domains, 1)]
+    report["loss_matrix"]["rows"] = report["loss_matrix"]["rows"][: len(matrix)]
+    report["evaluation"] = {"run": str(run.path), "rows": sources, "run_domains": run.domains}
+    if not comparable:
+        report["evaluation"]["note"] = (
+            "--data domains differ from the run's: every row evaluates every given domain; forgetting "
+            "metrics need the run's own domains and are left out"
+        )
+        warnings.warn(report["evaluation"]["note"], stacklevel=2)
+    return report
+
+
+def _markdown(report: dict[str, Any], run: RunDirectory) -> str:
+    from crma_lightning.report import render_markdown
+
+    title = f"# crma_lightning evaluation of {run.path}"
+    if report["domains"] == run.domains:
+        body = render_markdown(report).split("\n", 1)[1]
+        return f"{title}\n{body}"
+    domains = report["domains"]
+    lines = [title, "", "Held-out loss of the --data domains (mean token cross-entropy, lower is better).", ""]
+    lines += ["| after stage | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    for r, row in enumerate(report["loss_matrix"]["values"]):
+        label = "base" if r == 0 else f"{r}: {run.domains[r - 1]}"
+        lines.append(f"| {label} | " + " | ".join(_loss(v) for v in row) + " |")
+    routes = report["evaluation"].get("routes") or {}
+    lines += ["", "Adapters: " + ", ".join(_adapter_text(d, run.domains, routes) for d in domains) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _loss(value: Any) -> str:
+    """A loss cell: ``—`` not evaluated, ``nan``/``inf`` (the report's markers) diverged."""
+    return "—" if value is None else value if isinstance(value, str) else f"{value:.4f}"
+
+
+def _adapter_text(domain: str, tasks: list[str], routes: dict[str, str | None]) -> str:
+    task = routes.get(domain, domain if domain in tasks else None)
+    return f"{domain}: " + (f"task {task!r}" if task is not None else "LoRA off")

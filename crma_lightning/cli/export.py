@@ -1,0 +1,120 @@
+"""``crma-lightning export``: one task's adapter as a PEFT adapter directory or a merged HF model.
+
+* ``--format peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` for
+  ``peft.PeftModel.from_pretrained(base, OUT)``. A run whose base model was built from ``model_config``
+  has no hub id to name, so its (seeded, randomly initialised) base is saved next to it in
+  ``OUT/base_model`` and named in ``adapter_config.json``.
+* ``--format merged``: a ``save_pretrained`` directory (model and tokenizer) that
+  ``AutoModelForCausalLM.from_pretrained(OUT)`` loads alone, with the task's LoRA folded into the base
+  weights.
+
+CRMA adapters sit on the residual stream after every decoder block: no PEFT adapter type and no
+standard Hugging Face architecture has a place for them. Both formats therefore refuse a CRMA run
+unless ``--drop_crma`` is given, which exports the LoRA part only - its outputs differ from the run's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crma_lightning.run_dir import CommandParser, RunDirectory, writable_dir
+
+INFO_FILE = "crma_lightning_export.json"
+"""Provenance written into every export: run, stage, task, format, whether CRMA was dropped."""
+
+
+def build_parser() -> CommandParser:
+    """The ``export`` options."""
+    parser = CommandParser(
+        prog="crma-lightning export",
+        description="Export one task's LoRA adapter of a run as a PEFT adapter or a merged model directory.",
+    )
+    parser.add_argument("--run", required=True, help="run directory (run.dir of the fit run)")
+    parser.add_argument("--task", required=True, help="the domain whose adapter is exported")
+    parser.add_argument("--format", required=True, choices=["peft", "merged"], help="peft or merged")
+    parser.add_argument("--stage", type=int, help="use the model after this stage (default: the newest checkpoint)")
+    parser.add_argument(
+        "--drop_crma",
+        action="store_true",
+        help="CRMA runs: export the LoRA part only (the exported model's outputs differ from the run's)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT directory")
+    parser.add_argument("out", help="output directory")
+    return parser
+
+
+def run_export(args: list[str]) -> None:
+    """Parse ``args`` (what follows ``export``) and write the export."""
+    opts = build_parser().parse_args(args)
+    run = RunDirectory(opts.run)
+    out = Path(opts.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not opts.overwrite:
+        raise ValueError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
+    model, _ = run.build(prog="crma-lightning export")
+    run.check_task(opts.task)
+    if model.adapter == "crma" and not opts.drop_crma:
+        raise ValueError(
+            f"the run at {run.path} uses CRMA adapters, which a {opts.format} export cannot hold (CRMA mixes the "
+            "residual stream after every block; no PEFT type or HF architecture has it); pass --drop_crma to "
+            "export the LoRA part only, whose outputs differ from the run's model"
+        )
+    ckpt_info = run.stage_checkpoint(opts.stage)
+    run.check_task(opts.task, ckpt_info.stage)
+    writable_dir(out)  # after every check: a refused export leaves no empty OUT behind
+    run.load_into(model, run.read_checkpoint(ckpt_info.path), ckpt_info.path)
+    model.eval()
+    info = {
+        "run": str(run.path.resolve()),
+        "checkpoint": str(ckpt_info.path),
+        "stage": ckpt_info.stage,
+        "task": opts.task,
+        "adapter": model.adapter_for(opts.task),
+        "format": opts.format,
+        "crma_dropped": model.adapter == "crma",
+    }
+    if opts.format == "peft":
+        export_peft(model, opts.task, out, info)
+    else:
+        export_merged(model, opts.task, out)
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+    print(f"Exported task {opts.task!r} (stage {ckpt_info.stage}, {opts.format}) to {out}")
+    if info["crma_dropped"]:
+        print("Note: CRMA was dropped (--drop_crma): the exported model's outputs differ from the run's.")
+
+
+def export_peft(model: Any, task: str, out: Path, info: dict[str, Any]) -> None:
+    """``task``'s LoRA as a PEFT adapter; a config-built base is saved to ``out/base_model``."""
+    from crma_lightning.adapters import detach_adapters
+    from crma_lightning.adapters.serialization import export_peft_adapter
+
+    base = model.hparams["model_name_or_path"]
+    base_dir = out / "base_model"
+    export_peft_adapter(model.model, model.adapter_for(task), out, base or str(base_dir.resolve()))
+    if base is None:
+        detach_adapters(model.model)  # the base as the run had it (seeded from model_config)
+        _save_model(model, base_dir)
+        info["base_model"] = str(base_dir)
+
+
+def export_merged(model: Any, task: str, out: Path) -> None:
+    """``task``'s LoRA folded into the base weights, every adapter removed, saved with ``save_pretrained``."""
+    from crma_lightning.adapters import detach_adapters, lora_layers, merge_lora
+
+    merge_lora(model.model, model.adapter_for(task))
+    merged = [(layer.base_layer, layer.base_layer.weight.detach().clone()) for _, layer in lora_layers(model.model)]
+    detach_adapters(model.model)  # puts the original layers back (and unmerges): copy the merged weights in again
+    with torch.no_grad():
+        for module, weight in merged:
+            module.weight.copy_(weight)
+    _save_model(model, out)
+
+
+def _save_model(model: Any, out: Path) -> None:
+    hf_model = model.model
+    hf_model.config.use_cache = True  # the run turns the KV cache off for training; generation wants it
+    hf_model.save_pretrained(out, safe_serialization=True)
+    model.tokenizer.save_pretrained(out)

@@ -1,0 +1,82 @@
+"""``crma-lightning generate``: text from a trained run with a chosen task's adapter.
+
+The model is rebuilt from the run's ``config.yaml`` and a stage checkpoint is loaded (default: the
+newest), then ``ContinualLM.generate`` continues each prompt with the task's LoRA adapter active
+(CRMA, in a CRMA run, is always on). Sampling options are passed to ``transformers``' ``generate``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from crma_lightning.run_dir import CommandParser, RunDirectory
+
+SAMPLING_OPTIONS = {
+    "max_new_tokens": int,
+    "min_new_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "num_beams": int,
+    "repetition_penalty": float,
+}
+"""Options passed on to ``transformers``' ``generate`` when given (``--do_sample`` is a flag)."""
+
+
+def build_parser() -> CommandParser:
+    """The ``generate`` options."""
+    parser = CommandParser(
+        prog="crma-lightning generate",
+        description="Continue PROMPT(s) with a trained run's model and one task's adapter.",
+    )
+    parser.add_argument("--run", required=True, help="run directory (run.dir of the fit run)")
+    pick = parser.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--task", help="the domain whose adapter generates (one of the run's domains)")
+    # Routing (choosing the task per prompt) plugs in here once crma_lightning.methods.routing is wired
+    # into ContinualLM; the flag exists so that scripts can be written against the final interface.
+    pick.add_argument("--routing", action="store_true", help="choose the task per prompt (not available yet)")
+    parser.add_argument("--stage", type=int, help="use the model after this stage (default: the newest checkpoint)")
+    for name, kind in SAMPLING_OPTIONS.items():
+        parser.add_argument(f"--{name}", type=kind, help=f"transformers generate({name}=...)")
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of {prompt, text} instead")
+    parser.add_argument("prompt", nargs="+", help="prompt text; several prompts are generated as one batch")
+    return parser
+
+
+def run_generate(args: list[str]) -> None:
+    """Parse ``args`` (what follows ``generate``), generate, print."""
+    import torch
+
+    opts = build_parser().parse_args(args)
+    if opts.routing:
+        raise ValueError("--routing is not available yet: choose the adapter with --task DOMAIN")
+    run = RunDirectory(opts.run)
+    model, _ = run.build(prog="crma-lightning generate")
+    run.check_task(opts.task)
+    ckpt_info = run.stage_checkpoint(opts.stage)
+    run.check_task(opts.task, ckpt_info.stage)
+    run.load_into(model, run.read_checkpoint(ckpt_info.path), ckpt_info.path)
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"--device {device!r} is not usable: {err}") from err
+    kwargs: dict[str, Any] = {k: getattr(opts, k) for k in SAMPLING_OPTIONS if getattr(opts, k) is not None}
+    if opts.do_sample:
+        kwargs["do_sample"] = True
+    torch.manual_seed(opts.seed)
+    try:
+        texts = model.generate(opts.prompt, task=opts.task, **kwargs)
+    except (TypeError, ValueError) as err:  # transformers' own check of the generation options
+        raise ValueError(f"generation options {kwargs} are invalid: {err}") from err
+    if opts.json:
+        print(json.dumps([{"prompt": p, "text": t} for p, t in zip(opts.prompt, texts)], ensure_ascii=False))
+        return
+    for i, (prompt, text) in enumerate(zip(opts.prompt, texts)):
+        if len(texts) > 1:
+            print(f"--- [{i + 1}/{len(texts)}] task {opts.task}, stage {ckpt_info.stage}")
+        print(prompt + text)
