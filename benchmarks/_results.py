@@ -14,8 +14,22 @@ from typing import Any
 
 from crma_lightning import metrics
 
-LORA_PAIRS = {"CRMA-shared": "NAIVE", "MODULAR": "FROZEN"}
-"""Each CRMA setting and the LoRA setting it is compared with (same task-adapter sharing)."""
+LORA_PAIRS = {
+    "CRMA-shared": "NAIVE",
+    "MODULAR": "FROZEN",
+    "REPLAY": "NAIVE",
+    "EWC": "NAIVE",
+    "O-LORA": "FROZEN",
+    "CRMA-shared-v1": "NAIVE",
+    "MODULAR-v1": "FROZEN",
+    "CRMA-shared-mix": "NAIVE",
+    "MODULAR-mix": "FROZEN",
+}
+"""Each CRMA or method setting and the plain-LoRA setting it is compared with (same task-adapter sharing).
+A pair is computed only when both of its settings ran."""
+
+CRMA_PAIRS = ("CRMA-shared", "MODULAR")
+"""The pairs the product targets (issue #7) are stated for."""
 
 TARGETS = {
     "modular_abs_drift_pct_max": 0.5,
@@ -92,8 +106,70 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
         k: _or_null(effect.get(k), "no CRMA adapter in this setting")
         for k in ("rel_update_mean", "rel_update_max", "gate_mean", "operator_bound_mean", "g_max")
     }
+    out["method"] = _method_numbers(report.get("method"))
+    out["routing"] = _routing_numbers(report.get("routing"), domains, out)
     out["timings"] = report["timings"]
     out["wall_s"] = raw["wall_s"]
+    return out
+
+
+def _method_numbers(method: dict[str, Any] | None) -> dict[str, Any]:
+    """The method's report entry, with ``state_bytes`` (the memory its state holds) up front."""
+    if not method:
+        return {"name": "none", "state_bytes": Null("plain fine-tuning: no method"), "summary": Null("no method")}
+    return {
+        "name": method.get("method"),
+        "state_bytes": _or_null(method.get("state_bytes"), "the method's summary has no state_bytes"),
+        "summary": {k: v for k, v in method.items() if v is not None},  # unset options (replay fraction) left out
+    }
+
+
+NO_ROUTING = "routing not needed: every task activates the same adapters (routed = oracle)"
+
+
+def _routing_numbers(routing: dict[str, Any] | None, domains: list[str], run: dict[str, Any]) -> dict[str, Any]:
+    """Task-agnostic (routed) evaluation of one run, next to the oracle numbers on the same targets.
+
+    ``perplexity``: routed mean drift / base-relative forgetting / plasticity (targets at positions >= P),
+    the oracle drift on those same targets, and the routing accuracy (final row, mean over domains).
+    ``none``: the evaluation needs no task identity, so routed = oracle and the oracle numbers are copied.
+    ``oracle``: not evaluated routed (each number is a ``Null`` saying so).
+    """
+    routing = routing or {"mode": "oracle"}
+    mode = routing.get("mode", "oracle")
+    out: dict[str, Any] = {"mode": mode, "prefix_tokens": routing.get("prefix_tokens", Null("no routed evaluation"))}
+    keys = ("drift_mean_routed", "base_relative_forgetting_mean_routed", "plasticity_mean_routed")
+    if mode == "none":
+        out.update(
+            drift_mean_routed=run["drift_mean"],
+            base_relative_forgetting_mean_routed=run["base_relative_forgetting_mean"],
+            plasticity_mean_routed=run["plasticity_mean"],
+            drift_mean_oracle_same_targets=run["drift_mean"],
+            routing_accuracy_mean=Null(NO_ROUTING),
+            routing_accuracy_final=Null(NO_ROUTING),
+            loss_matrix_routed=Null(NO_ROUTING),
+        )
+        return out
+    matrix = routing.get("loss_matrix_routed")
+    if mode != "perplexity" or not matrix:
+        why = "not evaluated routed (routing mode 'oracle' for this setting)"
+        for key in (*keys, "drift_mean_oracle_same_targets", "routing_accuracy_mean", "routing_accuracy_final"):
+            out[key] = Null(why)
+        out["loss_matrix_routed"] = Null(why)
+        return out
+    routed = routing.get("metrics_routed") or metrics.summarize(matrix, domains)
+    same = metrics.summarize(routing["loss_matrix_oracle_same_targets"], domains)
+    out["drift_mean_routed"] = _or_null(routed.get("drift_mean"), "fewer than two stages")
+    out["base_relative_forgetting_mean_routed"] = _or_null(
+        routed.get("base_relative_forgetting_mean"), "fewer than two stages"
+    )
+    out["plasticity_mean_routed"] = _or_null(routed.get("plasticity_mean"), "missing")
+    out["drift_mean_oracle_same_targets"] = _or_null(same.get("drift_mean"), "fewer than two stages")
+    final = routing.get("routing_accuracy_final") or {}
+    accs = [v for v in final.values() if _num(v)]
+    out["routing_accuracy_final"] = {d: _or_null(v, "domain not trained") for d, v in final.items()}
+    out["routing_accuracy_mean"] = _or_null(statistics.fmean(accs) if accs else None, "no trained domain routed")
+    out["loss_matrix_routed"] = [[_or_null(v, "not evaluated (future domain)") for v in row] for row in matrix]
     return out
 
 
@@ -120,6 +196,8 @@ def pair_numbers(runs: dict[str, dict[str, Any]], raws: dict[str, dict[str, Any]
     """CRMA setting vs its LoRA pair, for one seed (see :data:`LORA_PAIRS`)."""
     out: dict[str, Any] = {}
     for x, ref in LORA_PAIRS.items():
+        if x not in runs or ref not in runs:
+            continue
         rx, rr = runs[x], runs[ref]
         why = f"{x} or {ref} did not complete"
         if rx.get("status") != "complete" or rr.get("status") != "complete":
@@ -178,6 +256,12 @@ RUN_FIELDS = {
     "crma_rel_update_mean": ("crma_effect", "rel_update_mean"),
     "crma_rel_update_max": ("crma_effect", "rel_update_max"),
     "crma_operator_bound_mean": ("crma_effect", "operator_bound_mean"),
+    "drift_mean_routed_pct": ("routing", "drift_mean_routed"),
+    "drift_mean_oracle_same_targets_pct": ("routing", "drift_mean_oracle_same_targets"),
+    "base_relative_forgetting_mean_routed_pct": ("routing", "base_relative_forgetting_mean_routed"),
+    "plasticity_mean_routed": ("routing", "plasticity_mean_routed"),
+    "routing_accuracy_mean": ("routing", "routing_accuracy_mean"),
+    "method_state_bytes": ("method", "state_bytes"),
 }
 PAIR_FIELDS = (
     "heldout_improvement_pct",
@@ -234,6 +318,8 @@ def verdicts(agg: dict[str, Any]) -> dict[str, Any]:
     }
     for pair in LORA_PAIRS.items():
         key = f"{pair[0]}_vs_{pair[1]}"
+        if key not in agg["pairs"] or not (pair[0] in CRMA_PAIRS or pair[0].startswith(CRMA_PAIRS)):
+            continue  # the targets are stated for CRMA (and its ablation variants) against their LoRA pair
         gain, plast = mean("pairs", key, "stability_gain"), mean("pairs", key, "plasticity_rel_diff_pct")
         over = mean("pairs", key, "overhead")
         out[f"stability_gain_{key}"] = check(

@@ -29,17 +29,86 @@ import torch
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, crma_adapters
 from crma_lightning.callbacks.gradient import GradientStability
+from crma_lightning.callbacks.routing import RoutedEvaluation
 from crma_lightning.data import SequentialDomainDataModule
+from crma_lightning.methods import EWC, ContinualMethod, OLoRA, Replay
 from crma_lightning.module import ContinualLM
 from crma_lightning.runner import ContinualRunner
 
-MODES: dict[str, dict[str, str]] = {
-    "NAIVE": {"adapter": "lora", "task_adapters": "shared"},
-    "FROZEN": {"adapter": "lora", "task_adapters": "per_task"},
-    "MODULAR": {"adapter": "crma", "task_adapters": "per_task"},
-    "CRMA-shared": {"adapter": "crma", "task_adapters": "shared"},
+SETTINGS: dict[str, dict[str, Any]] = {
+    # The four adapter arrangements of docs/method.md.
+    "NAIVE": {"adapter": "lora", "task_adapters": "shared", "routing": "none"},
+    "FROZEN": {"adapter": "lora", "task_adapters": "per_task", "routing": "perplexity"},
+    "MODULAR": {"adapter": "crma", "task_adapters": "per_task", "routing": "perplexity"},
+    "CRMA-shared": {"adapter": "crma", "task_adapters": "shared", "routing": "none"},
+    # The continual-learning methods (crma_lightning.methods), each on plain LoRA.
+    "REPLAY": {"adapter": "lora", "task_adapters": "shared", "method": "replay", "routing": "none"},
+    "EWC": {"adapter": "lora", "task_adapters": "shared", "method": "ewc", "routing": "none"},
+    "O-LORA": {"adapter": "lora", "task_adapters": "per_task", "method": "olora", "routing": "none"},
+    # CRMA v2 ablation (issue 15): MODULAR / CRMA-shared above are v2's defaults (write form, spectral norm,
+    # g_max 0.1); "-v1" is the write form with v1's Frobenius norm; "-mix" is the mix form (g_max = --mix-g-max;
+    # the mix form ignores ``norm``: its R has orthonormal rows, so there is no frobenius/spectral mix pair).
+    "MODULAR-v1": {"adapter": "crma", "task_adapters": "per_task", "crma": {"norm": "frobenius"}, "routing": "oracle"},
+    "MODULAR-mix": {"adapter": "crma", "task_adapters": "per_task", "crma": {"form": "mix"}, "routing": "oracle"},
+    "CRMA-shared-v1": {"adapter": "crma", "task_adapters": "shared", "crma": {"norm": "frobenius"}, "routing": "none"},
+    "CRMA-shared-mix": {"adapter": "crma", "task_adapters": "shared", "crma": {"form": "mix"}, "routing": "none"},
 }
-"""The four settings (docs/method.md), in table order."""
+"""Every setting the benchmark can run, in table order. ``routing``: the run's ``RoutedEvaluation`` mode -
+``perplexity`` for settings whose evaluation needs task identity (per-task adapters; also evaluated routed,
+next to the oracle numbers), ``none`` for settings that need none (one shared adapter, or O-LoRA's stack:
+the callback checks it, and routed = oracle), ``oracle`` for the per-task ablation variants (routing is not
+what they are compared on; it would double their evaluation cost)."""
+
+MODES = SETTINGS  # the name of earlier versions
+
+DEFAULT_SETTINGS = ["NAIVE", "FROZEN", "MODULAR", "CRMA-shared", "REPLAY", "EWC", "O-LORA"]
+"""What ``continual.py`` runs without ``--settings``."""
+
+ABLATION_SETTINGS = ["NAIVE", "FROZEN", "CRMA-shared-v1", "MODULAR-v1", "CRMA-shared-mix", "MODULAR-mix"]
+"""``--settings ablation``: the CRMA variants that are not in the default set, with their LoRA references."""
+
+
+def crma_config(mode: str, cfg: dict[str, Any]) -> CRMAConfig:
+    """The CRMA configuration of ``mode``: library defaults, then the setting's overrides."""
+    fields = dict(SETTINGS[mode].get("crma", {}))
+    if fields.get("form") == "mix":
+        fields.setdefault("g_max", cfg.get("mix_g_max", 0.5))
+    return CRMAConfig(**fields)
+
+
+def build_method(mode: str, seed: int, cfg: dict[str, Any]) -> ContinualMethod | None:
+    """A fresh method object for one run of ``mode`` (``None``: plain fine-tuning)."""
+    name = SETTINGS[mode].get("method")
+    if name == "replay":
+        return Replay(buffer_size=cfg["replay_buffer"], ratio=cfg["replay_ratio"], seed=seed)
+    if name == "ewc":
+        return EWC(lam=cfg["ewc_lam"], fisher_samples=cfg["ewc_fisher_samples"])
+    if name == "olora":
+        return OLoRA(lam=cfg["olora_lam"])
+    return None
+
+
+def routing_mode(mode: str, cfg: dict[str, Any]) -> str:
+    """``RoutedEvaluation`` mode of ``mode``'s runs (``cfg["routing"] = False``: perplexity becomes oracle)."""
+    wanted = SETTINGS[mode]["routing"]
+    return "oracle" if wanted == "perplexity" and not cfg.get("routing", True) else wanted
+
+
+def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What ``mode`` is, for ``results.json``: adapter, sharing, CRMA fields that differ, method, routing."""
+    spec = SETTINGS[mode]
+    out: dict[str, Any] = {"adapter": spec["adapter"], "task_adapters": spec["task_adapters"]}
+    if spec["adapter"] == "crma":
+        c = crma_config(mode, cfg)
+        out["crma"] = {"form": c.form, "norm": c.norm if c.form == "write" else "(unused by mix)", "g_max": c.g_max}
+    method = build_method(mode, 0, cfg)
+    config = {k: v for k, v in (method.config() if method is not None else {}).items() if v is not None}
+    out["method"] = {"name": method.name, **config} if method is not None else "none"
+    if method is not None and "seed" in getattr(method, "__dict__", {}):
+        out["method"]["seed"] = "the run's seed"
+    mode_ = routing_mode(mode, cfg)
+    out["routing"] = {"mode": mode_, **({"prefix_tokens": cfg["prefix_tokens"]} if mode_ == "perplexity" else {})}
+    return out
 
 
 class Baton:
@@ -121,7 +190,7 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
     """Model, datamodule and runner of one setting, exactly as a user would build them.
 
     Args:
-        mode: One of :data:`MODES`.
+        mode: One of :data:`SETTINGS`.
         seed: The run's seed (model adapters, data order, stage seeds).
         run_dir: The run's directory.
         cfg: Benchmark settings (see ``continual.run_config``).
@@ -136,10 +205,12 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
         tokenizer=cfg["tokenizer"],
         dtype=cfg["dtype"],
         lora=lora,
-        crma=CRMAConfig(),
+        crma=crma_config(mode, cfg),
         optimizer=partial(torch.optim.AdamW, lr=cfg["lr"], weight_decay=0.0),
         seed=seed,
-        **MODES[mode],
+        adapter=SETTINGS[mode]["adapter"],
+        task_adapters=SETTINGS[mode]["task_adapters"],
+        method=build_method(mode, seed, cfg),
     )
     dm = SequentialDomainDataModule(
         domains=cfg["domains"],
@@ -161,7 +232,8 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
         "enable_progress_bar": False,
         "enable_model_summary": False,
     }
-    callbacks = [GradientStability(warmup_steps=cfg["grad_warmup"]), timer]
+    routing = RoutedEvaluation(routing_mode(mode, cfg), cfg["prefix_tokens"])
+    callbacks = [GradientStability(warmup_steps=cfg["grad_warmup"]), routing, timer]
     runner = ContinualRunner(
         run_dir=run_dir,
         trainer_kwargs=trainer_kwargs,
@@ -179,7 +251,8 @@ def crma_effect(model: ContinualLM, dm: SequentialDomainDataModule, device: str,
 
     For every CRMA block, ``||h' - h|| / ||h||`` per token on up to ``rows`` full held-out rows of each
     domain (with that domain's adapter active), next to the structural bound ``g_max`` and the
-    operator bound ``g · ||W||_2 · ||M||_2 · ||R||_2`` of the trained parameters.
+    operator bound ``||E||_2 · ||R||_2`` of the trained parameters (``E = effective_write()``: ``g W (M ⊗ I)``
+    in the write form, ``g Rᵀ ((M - I) ⊗ I)`` in the mix form).
 
     Args:
         model: The trained model (after the last stage).
@@ -211,11 +284,11 @@ def crma_effect(model: ContinualLM, dm: SequentialDomainDataModule, device: str,
     finally:
         for handle in handles:
             handle.remove()
+    # h' - h = E (R h) with E = effective_write() (g W (M ⊗ I) for the write form, g Rᵀ ((M - I) ⊗ I) for mix).
     bounds = [
-        float(a.gate() * torch.linalg.matrix_norm(a.write(), 2) * torch.linalg.matrix_norm(a.mixing(), 2)
-              * torch.linalg.matrix_norm(a.read(), 2))
+        float(torch.linalg.matrix_norm(a.effective_write(), 2) * torch.linalg.matrix_norm(a.read(), 2))
         for a in adapters
-    ]  # fmt: skip
+    ]
     if not ratios:
         return {}
     every = torch.cat(ratios)

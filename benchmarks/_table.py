@@ -1,4 +1,4 @@
-"""The benchmark's Markdown: one table of the four settings, then the pair comparisons and targets."""
+"""The benchmark's Markdown: one table of the settings (with routing and method cost), then pairs and targets."""
 
 from __future__ import annotations
 
@@ -26,39 +26,88 @@ def _ms(s: dict[str, Any], spec: str, with_range: bool = False) -> str:
     return text
 
 
+def _what(cfg: dict[str, Any]) -> str:
+    """``lora, shared`` / ``crma (mix, g_max 0.5), per_task`` / ``lora, shared + replay``."""
+    adapter = cfg["adapter"]
+    crma = cfg.get("crma")
+    if crma:
+        norm = "" if crma["form"] == "mix" else f" {crma['norm']}"
+        adapter += f" ({crma['form']}{norm}, g_max {crma['g_max']:g})"
+    method = cfg.get("method")
+    extra = f" + {method['name']}" if isinstance(method, dict) else ""
+    return f"{adapter}, {cfg['task_adapters']}{extra}"
+
+
+def _bytes(s: dict[str, Any]) -> str:
+    if s["n"] == 0 or isinstance(s["mean"], Null):
+        return "—"
+    value = s["mean"]
+    return "0" if value == 0 else f"{value / 1e6:.2f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
+
+
 def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]) -> str:
     """``results.md``: setup line, the table, the pair definitions and the targets."""
     setup = results["setup"]
-    pair_of = {ref: x for x, ref in LORA_PAIRS.items()}
+    refs: dict[str, list[str]] = {}
+    for x, ref in LORA_PAIRS.items():
+        if x in agg["modes"]:
+            refs.setdefault(ref, []).append(x)
     lines = [
         f"Domains (training order): {', '.join(setup['domains'])}. Base: {setup['base_model']['description']}. "
         f"{setup['steps']} steps/stage, batch {setup['batch_size']} x {setup['max_length']} tokens, "
         f"LoRA r={setup['lora_r']} on {setup['lora_targets']}, AdamW lr {setup['lr']}; seeds {setup['seeds']}; "
         f"{setup['machine']}; step interleaving: {setup['interleave']}; wall {results['wall_s'] / 60:.1f} min.",
         "",
-        "| setting | adapter, task adapters | mean drift % (mean ± std [min, max]) | base-rel. forgetting % "
-        "| plasticity (mean L[j][j]) | final held-out gain vs LoRA pair % | grad-norm var (stage mean) "
-        "| grad-norm peak | stability gain vs LoRA pair | median step ms | overhead vs LoRA pair |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | adapter, task adapters (+ method) | mean drift % oracle (mean ± std [min, max]) "
+        "| mean drift % routed | routing accuracy | base-rel. forgetting % | plasticity (mean L[j][j]) "
+        "| final held-out gain vs LoRA pair % | grad-norm var (stage mean) | stability gain vs LoRA pair "
+        "| median step ms | step time vs LoRA pair | method state |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, row in agg["modes"].items():
         cfg = setup["modes"][mode]
-        if mode in LORA_PAIRS:
-            pair = agg["pairs"][f"{mode}_vs_{LORA_PAIRS[mode]}"]
+        pair = agg["pairs"].get(f"{mode}_vs_{LORA_PAIRS.get(mode)}")
+        if pair is not None:
             gain, heldout, over = (
                 _ms(pair["stability_gain"], "+.3f"),
                 _ms(pair["heldout_improvement_pct"], "+.3f"),
                 _ms(pair["overhead"], ".3f"),
             )
+        elif mode in refs:
+            gain = heldout = over = f"(LoRA ref. of {', '.join(refs[mode])})"
         else:
-            gain = heldout = over = f"(LoRA ref. of {pair_of[mode]})"
+            gain = heldout = over = "—"
+        routing = cfg["routing"]["mode"]
+        if routing == "perplexity":
+            routed = _ms(row["drift_mean_routed_pct"], "+.3f")
+            acc = _ms(row["routing_accuracy_mean"], ".3f")
+        elif routing == "none":
+            routed, acc = "= oracle (no routing needed)", "n/a"
+        else:
+            routed = acc = "not run"
         lines.append(
-            f"| {mode} | {cfg['adapter']}, {cfg['task_adapters']} | {_ms(row['drift_mean_pct'], '+.3f', True)} "
+            f"| {mode} | {_what(cfg)} | {_ms(row['drift_mean_pct'], '+.3f', True)} | {routed} | {acc} "
             f"| {_ms(row['base_relative_forgetting_mean_pct'], '+.2f')} | {_ms(row['plasticity_mean'], '.4f')} "
-            f"| {heldout} | {_ms(row['grad_var'], '.3g')} | {_ms(row['grad_peak'], '.3g')} | {gain} "
-            f"| {_ms(row['step_median_ms'], '.1f')} | {over} |"
+            f"| {heldout} | {_ms(row['grad_var'], '.3g')} | {gain} "
+            f"| {_ms(row['step_median_ms'], '.1f')} | {over} | {_bytes(row['method_state_bytes'])} |"
         )
-    lines += ["", "Pairs (CRMA setting vs the LoRA setting with the same task-adapter sharing), mean ± std over seeds:"]
+    routed_modes = [m for m in agg["modes"] if setup["modes"][m]["routing"]["mode"] == "perplexity"]
+    if routed_modes:
+        lines += ["", f"Routed evaluation (perplexity routing on the first {setup['routing']['prefix_tokens']} "
+                  "tokens; routed and oracle drift on the same targets, positions >= P):"]  # fmt: skip
+        for mode in routed_modes:
+            row = agg["modes"][mode]
+            lines.append(
+                f"- {mode}: routed drift {_ms(row['drift_mean_routed_pct'], '+.3f')} %, oracle drift on the same "
+                f"targets {_ms(row['drift_mean_oracle_same_targets_pct'], '+.3f')} %, routed base-rel. forgetting "
+                f"{_ms(row['base_relative_forgetting_mean_routed_pct'], '+.2f')} %, routed plasticity "
+                f"{_ms(row['plasticity_mean_routed'], '.4f')}, routing accuracy (final row, mean over domains) "
+                f"{_ms(row['routing_accuracy_mean'], '.3f')}"
+            )
+    lines += [
+        "",
+        "Pairs (setting vs the plain-LoRA setting with the same task-adapter sharing), mean ± std over seeds:",
+    ]
     for key, p in agg["pairs"].items():
         lines.append(
             f"- {key.replace('_vs_', ' vs ')}: final held-out gain {_ms(p['heldout_improvement_pct'], '+.3f')} %, "
@@ -67,12 +116,14 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
             f"peak ratio {_ms(p['peak_ratio'], '.3f')}, overhead {_ms(p['overhead'], '.3f')} "
             f"(median of per-round paired ratios: {_ms(p['overhead_paired'], '.3f')})"
         )
-    for mode in LORA_PAIRS:
-        row = agg["modes"][mode]
+    for mode, row in agg["modes"].items():
+        crma = setup["modes"][mode].get("crma")
+        if not crma:
+            continue
         lines.append(
             f"- CRMA effect in {mode} (held-out rows, all blocks): ||h' - h|| / ||h|| = "
             f"{_ms(row['crma_rel_update_mean'], '.2e')} mean, {_ms(row['crma_rel_update_max'], '.2e')} max; "
-            f"operator bound g·||W||·||M||·||R|| = {_ms(row['crma_operator_bound_mean'], '.2e')} (g_max 0.1)"
+            f"operator bound ||E||·||R|| = {_ms(row['crma_operator_bound_mean'], '.2e')} (g_max {crma['g_max']:g})"
         )
     lines += ["", "Targets (seed means):"]
     for key, v in verdict.items():

@@ -1,16 +1,26 @@
-"""Continual-learning benchmark: forgetting, stability and cost of NAIVE, FROZEN, MODULAR and CRMA-shared.
+"""Continual-learning benchmark: forgetting, stability and cost of the adapter settings and CL methods.
 
-The four settings of docs/method.md run on the same base model, domains, budgets and seeds, each through
-the code path users run (``ContinualLM`` + ``SequentialDomainDataModule`` + ``ContinualRunner``), each
-in its own run directory ``<out>/seed<s>/<MODE>``:
+The settings run on the same base model, domains, budgets and seeds, each through the code path users
+run (``ContinualLM`` + ``SequentialDomainDataModule`` + ``ContinualRunner``), each in its own run
+directory ``<out>/seed<s>/<SETTING>``; ``--settings`` picks them (default: the first seven):
 
-    NAIVE        lora + shared      one LoRA keeps training through every stage
-    FROZEN       lora + per_task    a fresh LoRA per stage, earlier ones frozen
-    MODULAR      crma + per_task    FROZEN + the shared CRMA backbone (trains in every stage)
-    CRMA-shared  crma + shared      NAIVE + CRMA
+    NAIVE            lora + shared      one LoRA keeps training through every stage
+    FROZEN           lora + per_task    a fresh LoRA per stage, earlier ones frozen      (+ routed evaluation)
+    MODULAR          crma + per_task    FROZEN + the shared CRMA backbone                (+ routed evaluation)
+    CRMA-shared      crma + shared      NAIVE + CRMA
+    REPLAY           lora + shared      NAIVE + Replay(buffer_size=--replay-buffer, ratio=--replay-ratio)
+    EWC              lora + shared      NAIVE + EWC(lam=--ewc-lam, fisher_samples=--ewc-fisher-samples)
+    O-LORA           lora + per_task    OLoRA(lam=--olora-lam): earlier LoRAs stay active, frozen
+    MODULAR-v1, CRMA-shared-v1          CRMA write form with v1's Frobenius norm (ablation)
+    MODULAR-mix, CRMA-shared-mix        CRMA mix form, g_max = --mix-g-max (ablation)
 
-Within each seed the four runs take turns one optimizer step at a time (``--interleave step``), so the
-step times of all modes see the same machine load. Writes ``results.json`` (every per-seed number and
+``--settings ablation`` is NAIVE, FROZEN and the four ablation variants; ``--settings all`` is every one.
+FROZEN and MODULAR are also evaluated task-agnostically (``RoutedEvaluation(mode="perplexity")``, routing
+on the first ``--prefix-tokens`` tokens of each held-out row); the shared settings and O-LORA need no
+routing (checked with ``mode="none"``): their routed numbers are the oracle ones.
+
+Within each seed the runs take turns one optimizer step at a time (``--interleave step``), so the
+step times of all settings see the same machine load. Writes ``results.json`` (every per-seed number and
 the aggregates; a ``null`` always has its reason under ``null_reasons``) and ``results.md`` (the table)
 into ``--out``, and prints the table.
 
@@ -23,6 +33,7 @@ Examples::
     python benchmarks/continual.py --data-dir ../shared/data/domains \\
         --domains medical legal finance science --out runs/bench/real
     python benchmarks/continual.py --quick --out /tmp/bench-quick           # a few minutes on CPU
+    python benchmarks/continual.py --settings ablation --seeds 1 --out runs/bench/ablation
     python benchmarks/continual.py --model /models/llama-1b --device cuda --precision bf16-mixed \\
         --steps 500 --batch-size 16 --max-length 1024 --lr 2e-4 --interleave run --out runs/bench/1b
 """
@@ -46,7 +57,7 @@ import torch
 from _bench_data import domain_specs, fingerprint, resolve_domains
 from _pretrain import PretrainSettings, pretrained_base
 from _results import aggregate, pair_numbers, run_numbers, to_json, verdicts
-from _runs import MODES, run_seed
+from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, describe, run_seed
 from _table import render
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,18 +66,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "max_length": 128, "batch_size": 8,
         "eval_batch_size": 32, "steps": 150, "seeds": 3, "lr": 2e-3, "max_eval_rows": 128,
         "max_chars": 200_000, "pretrain_steps": 400, "pretrain_batch_size": 16, "pretrain_lr": 2e-3,
+        "prefix_tokens": 32, "replay_buffer": 256, "ewc_fisher_samples": 32,
     },
     # ≤ 3 min (about 1-1.5 on a shared 2-core CPU): a 2-layer model, 50 steps per stage, two seeds.
     "quick": {
         "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "max_length": 128, "batch_size": 8,
         "eval_batch_size": 32, "steps": 50, "seeds": 2, "lr": 2e-3, "max_eval_rows": 32,
         "max_chars": 60_000, "pretrain_steps": 150, "pretrain_batch_size": 16, "pretrain_lr": 2e-3,
+        "prefix_tokens": 32, "replay_buffer": 128, "ewc_fisher_samples": 16,
     },
     # Seconds: the test suite's smoke run (numbers mean nothing).
     "tiny": {
         "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "max_length": 32, "batch_size": 4,
         "eval_batch_size": 8, "steps": 4, "seeds": 2, "lr": 1e-2, "max_eval_rows": 8,
         "max_chars": 6_000, "pretrain_steps": 8, "pretrain_batch_size": 4, "pretrain_lr": 1e-2,
+        "prefix_tokens": 8, "replay_buffer": 16, "ewc_fisher_samples": 2,
     },
 }  # fmt: skip
 
@@ -85,6 +99,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-train-rows", type=int, help="keep at most this many training records per domain")
     g.add_argument("--max-eval-rows", type=int, help="held-out rows (of --max-length tokens) per domain")
     g.add_argument("--eval-domains", choices=("seen", "all"), default="seen", help="'all' also gives FWT")
+    g = p.add_argument_group("settings, methods and routing")
+    g.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help=f"settings to run, in table order (default: {' '.join(DEFAULT_SETTINGS)}); 'ablation' = "
+        f"{' '.join(ABLATION_SETTINGS)}; 'all' = every one: {' '.join(SETTINGS)}",
+    )
+    g.add_argument("--replay-buffer", type=int, help="REPLAY: buffer rows (default 256; tiny 16, quick 128)")
+    g.add_argument("--replay-ratio", type=float, default=0.25, help="REPLAY: buffer rows per batch, as a fraction")
+    g.add_argument("--ewc-lam", type=float, default=1000.0, help="EWC: lambda (default: the library's, 1000)")
+    g.add_argument("--ewc-fisher-samples", type=int, help="EWC: batches for the Fisher (default 32, the library's)")
+    g.add_argument("--olora-lam", type=float, default=0.5, help="O-LORA: lambda (default: the paper's, 0.5)")
+    g.add_argument("--mix-g-max", type=float, default=0.5, help="the -mix ablation settings: CRMA g_max")
+    g.add_argument("--prefix-tokens", type=int, help="routed evaluation: prefix tokens P (default 32; tiny 8)")
+    g.add_argument("--no-routing", action="store_true", help="skip the routed evaluation of FROZEN and MODULAR")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local Hugging Face model path (default: the built-in pretrained tiny Llama)")
     g.add_argument("--tokenizer", help="tokenizer path (default: the model's own)")
@@ -121,9 +151,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: expected a number of seeds >= 1")
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
+    args.settings = _settings(p, args.settings)
     if args.domains and len(args.domains) == 1 and "," in args.domains[0]:
         args.domains = [d for d in args.domains[0].split(",") if d]
     return args
+
+
+def _settings(p: argparse.ArgumentParser, names: list[str] | None) -> list[str]:
+    """``--settings`` expanded (``ablation``, ``all``, commas) and put in table order, without repeats."""
+    if not names:
+        return list(DEFAULT_SETTINGS)
+    wanted: list[str] = []
+    for name in (n for item in names for n in item.split(",") if n):
+        group = {"ablation": ABLATION_SETTINGS, "all": list(SETTINGS), "default": DEFAULT_SETTINGS}.get(name, [name])
+        for setting in group:
+            if setting not in SETTINGS:
+                p.error(f"--settings {setting}: unknown; expected some of {list(SETTINGS)}, 'ablation' or 'all'")
+            wanted.append(setting)
+    return [s for s in SETTINGS if s in wanted]
 
 
 def _device(name: str) -> tuple[str, str]:
@@ -227,9 +272,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size, "eval_domains": args.eval_domains,
         "max_eval_rows": args.max_eval_rows, "token_cache": str(args.cache_dir / "tokens"),
         "accelerator": accelerator, "device": device, "precision": args.precision, "steps": args.steps,
-        "log_every_n_steps": 10, "grad_warmup": args.grad_warmup,
+        "log_every_n_steps": 10, "grad_warmup": args.grad_warmup, "prefix_tokens": args.prefix_tokens,
+        "routing": not args.no_routing, "replay_buffer": args.replay_buffer, "replay_ratio": args.replay_ratio,
+        "ewc_lam": args.ewc_lam, "ewc_fisher_samples": args.ewc_fisher_samples, "olora_lam": args.olora_lam,
+        "mix_g_max": args.mix_g_max,
     }  # fmt: skip
-    modes = list(MODES)
+    modes = list(args.settings)
     per_seed: dict[str, Any] = {}
     for i, seed in enumerate(args.seed_list):
         order = modes[i % len(modes) :] + modes[: i % len(modes)]  # rotate: no mode always goes first
@@ -242,16 +290,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup = {
         "command": "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "domains": names, "domain_files": specs, "base_model": base,
-        "modes": MODES, "seeds": args.seed_list, "steps": args.steps, "batch_size": args.batch_size,
+        "modes": {m: describe(m, cfg) for m in modes}, "settings": modes,
+        "seeds": args.seed_list, "steps": args.steps, "batch_size": args.batch_size,
         "max_length": args.max_length, "lr": args.lr, "lora_r": args.lora_r, "lora_targets": args.lora_targets,
-        "lora_alpha": 2.0 * args.lora_r, "crma": "CRMAConfig() defaults (n=4, k=4, g_max=0.1, 20 Sinkhorn iters)",
+        "lora_alpha": 2.0 * args.lora_r,
+        "crma": "CRMAConfig() defaults (write form, spectral norm, n=4, k=4, g_max=0.1, 5 Sinkhorn iterations + 3 "
+        "Newton steps, implicit backward) unless the setting says otherwise (setup.modes)",
+        "methods": {"replay_buffer": args.replay_buffer, "replay_ratio": args.replay_ratio, "ewc_lam": args.ewc_lam,
+                    "ewc_fisher_samples": args.ewc_fisher_samples, "olora_lam": args.olora_lam,
+                    "mix_g_max": args.mix_g_max},
+        "routing": {"prefix_tokens": args.prefix_tokens, "enabled": not args.no_routing},
         "max_eval_rows": args.max_eval_rows, "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
         "time_skip": args.time_skip, "interleave": args.interleave, "device": device, "precision": args.precision,
         "git": {"at_start": git_start, "at_end": _git_state()}, "machine": _machine(device),
         "python": platform.python_version(), "threads": torch.get_num_threads(),
     }  # fmt: skip
     results: dict[str, Any] = {
-        "benchmark": "crma_lightning continual (issue #7)",
+        "benchmark": "crma_lightning continual (issue #7; methods, routing and the CRMA v2 ablation)",
         "setup": setup,
         "per_seed": per_seed,
         "aggregates": agg,

@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crma-norm", default="spectral", choices=NORMS)
     p.add_argument("--crma-iters", type=int, default=CRMAConfig.sinkhorn_iters, help="Sinkhorn iterations")
     p.add_argument("--no-peft", action="store_true", help="time only our LoRA and LoRA+CRMA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument(
         "--widths",
         default=None,
@@ -133,6 +134,8 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, lr: float):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.widths:
         return sweep(args)
     return measure(args)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from crma_lightning.adapters.crma import sinkhorn
+from crma_lightning.adapters.sinkhorn import sinkhorn
 
 
 def column_errors(logits: torch.Tensor, iters: int, exact: bool) -> torch.Tensor:

@@ -20,7 +20,6 @@ from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.domains import (
     SCORED,
-    SCORED_COLUMN,
     DomainSpec,
     as_domain_spec,
     describe_row,
@@ -28,7 +27,13 @@ from crma_lightning.domains import (
     validate_domains,
 )
 from crma_lightning.rows import extract_text
-from crma_lightning.sampling import EvalShardSampler, GlobalBatchSampler, ResumableLoader, equalize_eval_batches
+from crma_lightning.sampling import (
+    Collator,
+    EvalShardSampler,
+    GlobalBatchSampler,
+    ResumableLoader,
+    equalize_eval_batches,
+)
 from crma_lightning.tokenization import scored_targets, tokenize
 from crma_lightning.tokenizer import load_tokenizer
 
@@ -43,36 +48,6 @@ _LATER_FIELDS = {"prompt_field": None, "response_field": None, "messages_field":
 def _source_identity(spec: DomainSpec) -> dict[str, Any]:
     fields = asdict(spec)
     return {k: v for k, v in fields.items() if k != "max_steps" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
-
-
-class Collator:
-    """Pad a list of rows into a batch; labels are the ids, with -100 wherever the loss must not look.
-
-    Rows are ``{"input_ids": [...]}``; rows of prompt/response and chat domains also carry
-    ``{"scored": [...]}``, one flag per token (see :func:`crma_lightning.tokenization.tokenize`). Labels are
-    -100 on padding and on unscored tokens (prompts, non-assistant turns). Training and validation
-    loaders use this same collator, so the held-out loss is masked exactly like the training loss.
-    """
-
-    def __init__(self, pad_id: int, domain: str) -> None:
-        self.pad_id = pad_id
-        self.domain = domain
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        length = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        scored = torch.zeros((len(rows), length), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            x = torch.as_tensor(r["input_ids"], dtype=torch.long)
-            ids[i, : len(x)] = x
-            mask[i, : len(x)] = 1
-            flags = r.get(SCORED_COLUMN)
-            if flags is None and r.get("labels") is not None:  # a replayed row: its scored tokens as labels
-                flags = [t != -100 for t in r["labels"]]
-            scored[i, : len(x)] = True if flags is None else torch.as_tensor(flags, dtype=torch.bool)
-        labels = ids.masked_fill(~scored, -100)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "domain": self.domain}
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+
+from crma_lightning.methods.routing import row_token_losses
 
 
 @torch.no_grad()
@@ -36,3 +39,33 @@ def generate_text(
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
+
+
+@torch.no_grad()
+def route_prompt(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    device: torch.device,
+    candidates: dict[str, Callable[[], None]],
+) -> tuple[str, dict[str, float]]:
+    """The candidate under which ``prompt`` has the lowest mean next-token loss, and every candidate's loss.
+
+    The routing of ``routing: perplexity`` applied to a prompt: the whole prompt is the prefix (there is
+    no scored part). ``candidates`` maps a name to a function that activates its adapter(s). The model's
+    train/eval mode is restored.
+    """
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    if ids.shape[1] < 2:
+        raise ValueError(f"routing needs a prompt of at least 2 tokens to score, got {prompt!r}")
+    was_training = model.training
+    model.eval()
+    losses: dict[str, float] = {}
+    try:
+        for name, activate in candidates.items():
+            activate()
+            total, count = row_token_losses(model(input_ids=ids).logits, ids)
+            losses[name] = float(total[0] / count[0])
+    finally:
+        model.train(was_training)
+    return min(losses, key=losses.__getitem__), losses

@@ -16,6 +16,7 @@ unfreezes - plus the continual state; never the frozen base weights.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,13 +27,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from crma_lightning import method_hooks
+from crma_lightning import hparams, method_hooks
 from crma_lightning.adapter_state import AdapterStateMixin
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.base_model import build_model, load_model_tokenizer
 from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
 from crma_lightning.checkpoints import identity_differences
-from crma_lightning.generation import generate_text
+from crma_lightning.generation import generate_text, route_prompt
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
 from crma_lightning.optim import adapter_param_groups
@@ -62,6 +63,8 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         optimizer: Optimizer class path + init args (LightningCLI style); called with the parameter groups.
         lr_scheduler: Optional LR scheduler class path + init args; stepped every optimizer step.
         crma_structural_lr: Learning rate of the CRMA mixing logits ``Λ`` (default: the optimizer's).
+        crma_gate_lr: Learning rate of the CRMA gate logits ``γ`` (default: the optimizer's).
+        crma_projection_lr: Learning rate of the CRMA projections ``R~``/``W~`` (default: the optimizer's).
         seed: Seed for building the model from a config and for the adapters' initialisation.
         gradient_checkpointing: Recompute activations in the backward pass (less memory, more time).
         max_nonfinite_steps: Stop with an error after this many consecutive steps with a non-finite
@@ -90,6 +93,8 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         crma_structural_lr: float | None = None,
+        crma_gate_lr: float | None = None,
+        crma_projection_lr: float | None = None,
         seed: int = 0,
         gradient_checkpointing: bool = False,
         max_nonfinite_steps: int = 10,
@@ -101,27 +106,20 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         if task_adapters not in TASK_ADAPTER_MODES:  # checked before the model is built
             raise ValueError(f"task_adapters={task_adapters!r} is invalid: expected one of {list(TASK_ADAPTER_MODES)}")
         lora, crma = _as_config(lora, LoRAConfig), _as_config(crma, CRMAConfig)
-        self.save_hyperparameters(
-            {
-                "model_name_or_path": model_name_or_path,
-                "model_config": model_config,
-                "tokenizer": tokenizer,
-                "dtype": dtype,
-                "adapter": adapter,
-                "task_adapters": task_adapters,
-                "lora": dataclasses.asdict(lora),
-                "crma": dataclasses.asdict(crma),
-                "crma_structural_lr": crma_structural_lr,
-                "seed": seed,
-            }
-        )
+        # Every init argument of the class chain (a subclass's own too), as plain values (hparams.py).
+        recorded = hparams.init_arguments(inspect.currentframe(), ContinualLM)
+        self.save_hyperparameters(hparams.plain({**recorded, "lora": lora, "crma": crma, "method": method}))
         self.adapter = adapter
         self.task_adapters = task_adapters
         self.lora_config = lora
         self.crma_config = crma
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.crma_structural_lr = crma_structural_lr
+        self.crma_lrs = {
+            "crma_structural": crma_structural_lr,
+            "crma_gate": crma_gate_lr,
+            "crma": crma_projection_lr,
+        }
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         fsdp2_mixed_precision(fsdp_mixed_precision)  # validate now, not when the strategy shards
         self.fsdp_mixed_precision = fsdp_mixed_precision
@@ -241,14 +239,15 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Hook: optimizer parameter groups, named ``lora``, ``crma``, ``crma_structural`` and ``other``.
+        """Hook: optimizer parameter groups ``lora``, ``crma``, ``crma_structural``, ``crma_gate``, ``other``.
 
-        ``crma_structural`` (the mixing logits ``Λ``) gets ``crma_structural_lr`` when it is set; the
-        other groups use the optimizer's learning rate. Empty groups are left out
+        ``crma`` holds the projections ``R~``, ``W~``, ``crma_structural`` the logits ``Λ``, ``crma_gate``
+        ``γ``. A CRMA group gets its own learning rate when ``crma_projection_lr`` / ``crma_structural_lr`` /
+        ``crma_gate_lr`` is set; the rest use the optimizer's. Empty groups are left out
         (:func:`~crma_lightning.optim.adapter_param_groups`).
         """
         params = (p for _, p in self.trainable_parameters())
-        return adapter_param_groups(self.model, params, {"crma_structural": self.crma_structural_lr})
+        return adapter_param_groups(self.model, params, self.crma_lrs)
 
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()
@@ -353,6 +352,19 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
         self.activate_task(task if task is not None else previous)
         try:
             return generate_text(self.model, self.tokenizer, prompts, self.device, **generate_kwargs)
+        finally:
+            self.activate_task(previous)
+
+    def route(self, prompt: str, tasks: list[str] | None = None) -> tuple[str, dict[str, float]]:
+        """The task whose adapter gives ``prompt`` the lowest mean loss (perplexity routing), and each task's loss.
+
+        ``tasks``: the candidates (default: every task up to the current one). The active adapter is restored.
+        """
+        tasks = list(tasks) if tasks is not None else self.tasks[: self.tasks.index(self.current_task) + 1]
+        previous = self.current_task
+        try:
+            candidates = {t: (lambda t=t: self.activate_task(t)) for t in tasks}
+            return route_prompt(self.model, self.tokenizer, prompt, self.device, candidates)
         finally:
             self.activate_task(previous)
 

@@ -15,33 +15,34 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from crma_lightning.adapters import crma_adapters, lora_layers
 
-GROUP_NAMES = ("lora", "crma", "crma_structural", "other")
+GROUP_NAMES = ("lora", "crma", "crma_structural", "crma_gate", "other")
 
 
 def adapter_param_groups(
     model: nn.Module, params: Iterable[nn.Parameter], lrs: dict[str, float | None] | None = None
 ) -> list[dict[str, Any]]:
-    """Split ``params`` into optimizer groups named ``lora``, ``crma``, ``crma_structural`` and ``other``.
+    """Split ``params`` into optimizer groups ``lora``, ``crma``, ``crma_structural``, ``crma_gate``, ``other``.
 
-    ``crma_structural`` holds the CRMA mixing logits ``Λ``, ``crma`` the other CRMA parameters, ``lora``
+    ``crma_structural`` holds the CRMA mixing logits ``Λ``, ``crma_gate`` the gate logits ``γ``, ``crma``
+    the other CRMA parameters (the projections ``R~``, ``W~``), ``lora``
     the LoRA factors, ``other`` anything else (a subclass's own parameters). Groups keep that order;
     empty ones are left out. ``lrs`` maps a group name to its own learning rate (``None``: the
     optimizer's).
     """
     structural = {id(m.mix_logits) for _, m in crma_adapters(model)}
+    gates = {id(m.gate_logit) for _, m in crma_adapters(model)}
     crma = {id(p) for _, m in crma_adapters(model) for p in m.parameters()}
     lora = {id(p) for _, layer in lora_layers(model) for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())}
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
     for p in params:
-        key = (
-            "crma_structural"
-            if id(p) in structural
-            else "crma"
-            if id(p) in crma
-            else "lora"
-            if id(p) in lora
-            else "other"
-        )
+        if id(p) in structural:
+            key = "crma_structural"
+        elif id(p) in gates:
+            key = "crma_gate"
+        elif id(p) in crma:
+            key = "crma"
+        else:
+            key = "lora" if id(p) in lora else "other"
         groups[key].append(p)
     out = []
     for name, members in groups.items():

@@ -24,7 +24,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
-from crma_lightning import _compat, resume_settings
+from crma_lightning import _compat, hparams, resume_settings
 from crma_lightning.adapters.serialization import atomic_write
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
@@ -188,7 +188,11 @@ class ContinualRunner:
                     newest = self.checkpoints.newest()
                     raise RunInterrupted(self.signals.signum, str(newest) if newest else None) from err
                 raise
-        return self._write_report(model, datamodule, "complete")
+        report = self._write_report(model, datamodule, "complete")
+        if is_global_zero():  # TensorBoard's HParams tab: the settings with the run's final numbers
+            data = {"domains": ",".join(datamodule.domain_names), "batch_size": datamodule.batch_size}
+            hparams.log_final_hparams(self.loggers, {**model.hparams, "data": data, "run_seed": self.seed}, report)
+        return report
 
     def _write_config(self, mid_stage: bool) -> None:
         """``config.yaml`` (this invocation's), and this configuration recorded for every stage it will train."""

@@ -1,4 +1,4 @@
-"""Deterministic, resumable, rank-aware sampling for the training and evaluation loaders.
+"""Deterministic, resumable, rank-aware sampling for the training and evaluation loaders, and the collator.
 
 Why not Lightning's automatic ``DistributedSampler``: (1) a run resumed mid-stage must see exactly
 the batches an uninterrupted run would have seen, and (2) a run on N processes must train on the
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from crma_lightning.domains import SCORED_COLUMN
 
 
 class GlobalBatchSampler(DistributedSampler):
@@ -173,3 +175,33 @@ class ResumableLoader(DataLoader):
         batches = rows // sampler.global_batch
         # A checkpoint written on an epoch's last batch resumes at the start of the next epoch.
         sampler.skip_batches(batches if batches < sampler.batches_per_epoch else 0)
+
+
+class Collator:
+    """Pad a list of rows into a batch; labels are the ids, with -100 wherever the loss must not look.
+
+    Rows are ``{"input_ids": [...]}``; rows of prompt/response and chat domains also carry
+    ``{"scored": [...]}``, one flag per token (see :func:`crma_lightning.tokenization.tokenize`). Labels are
+    -100 on padding and on unscored tokens (prompts, non-assistant turns). Training and validation
+    loaders use this same collator, so the held-out loss is masked exactly like the training loss.
+    """
+
+    def __init__(self, pad_id: int, domain: str) -> None:
+        self.pad_id = pad_id
+        self.domain = domain
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        scored = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            x = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+            flags = r.get(SCORED_COLUMN)
+            if flags is None and r.get("labels") is not None:  # a replayed row: its scored tokens as labels
+                flags = [t != -100 for t in r["labels"]]
+            scored[i, : len(x)] = True if flags is None else torch.as_tensor(flags, dtype=torch.bool)
+        labels = ids.masked_fill(~scored, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "domain": self.domain}

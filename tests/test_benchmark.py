@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-MODES = ["NAIVE", "FROZEN", "MODULAR", "CRMA-shared"]
+MODES = ["NAIVE", "FROZEN", "MODULAR", "CRMA-shared", "REPLAY", "EWC", "O-LORA"]  # the default settings
+ROUTED = ["FROZEN", "MODULAR"]  # evaluated task-agnostically too (perplexity routing)
+SEQUENTIAL = ["NAIVE", "MODULAR", "REPLAY", "EWC"]  # the interleaving check: adapters, CRMA, a sampler, a Fisher
 
 
 def _load_benchmark():
@@ -85,7 +87,7 @@ def test_aggregates_pairs_and_targets_are_present(tiny_results):
             entry = agg["modes"][mode][key]
             assert entry["n"] == 2 and math.isfinite(entry["mean"]) and math.isfinite(entry["std"]), (mode, key)
         assert agg["modes"][mode]["step_median_ms"]["mean"] > 0
-    for pair in ("CRMA-shared_vs_NAIVE", "MODULAR_vs_FROZEN"):
+    for pair in ("CRMA-shared_vs_NAIVE", "MODULAR_vs_FROZEN", "REPLAY_vs_NAIVE", "EWC_vs_NAIVE", "O-LORA_vs_FROZEN"):
         for key in ("heldout_improvement_pct", "stability_gain", "plasticity_rel_diff_pct", "overhead"):
             assert math.isfinite(agg["pairs"][pair][key]["mean"]), (pair, key)
     # FROZEN trains each domain's own LoRA once and never touches it again: zero drift by construction.
@@ -95,13 +97,59 @@ def test_aggregates_pairs_and_targets_are_present(tiny_results):
     assert all(f"| {mode} |" in table for mode in MODES)
 
 
+def test_methods_and_routing_are_reported(tiny_results):
+    _, root, _, payload = tiny_results
+    agg, runs = payload["aggregates"], payload["per_seed"]["0"]["runs"]
+    for mode in ROUTED:  # per-task adapters: routed numbers next to the oracle ones
+        routing = runs[mode]["routing"]
+        assert routing["mode"] == "perplexity" and routing["prefix_tokens"] == 8
+        assert 0.0 <= routing["routing_accuracy_mean"] <= 1.0
+        assert math.isfinite(routing["drift_mean_routed"]) and math.isfinite(routing["drift_mean_oracle_same_targets"])
+        assert len(routing["loss_matrix_routed"]) == 3
+        assert agg["modes"][mode]["routing_accuracy_mean"]["n"] == 2
+    for mode in ("NAIVE", "CRMA-shared", "REPLAY", "EWC", "O-LORA"):  # no task identity needed: routed = oracle
+        routing = runs[mode]["routing"]
+        assert routing["mode"] == "none" and routing["drift_mean_routed"] == runs[mode]["drift_mean"]
+        assert routing["routing_accuracy_mean"] is None
+    # Method state: the replay buffer and EWC's Fisher + anchors take memory; plain LoRA has no method.
+    assert runs["REPLAY"]["method"]["name"] == "replay" and runs["REPLAY"]["method"]["state_bytes"] > 0
+    assert runs["EWC"]["method"]["name"] == "ewc" and runs["EWC"]["method"]["state_bytes"] > 0
+    assert runs["O-LORA"]["method"]["name"] == "olora"
+    assert runs["NAIVE"]["method"]["state_bytes"] is None
+    assert "no method" in payload["null_reasons"]["/per_seed/0/runs/NAIVE/method/state_bytes"]
+    # Each method has its cost against its plain-LoRA counterpart.
+    for pair in ("REPLAY_vs_NAIVE", "EWC_vs_NAIVE", "O-LORA_vs_FROZEN"):
+        assert math.isfinite(agg["pairs"][pair]["overhead"]["mean"]), pair
+    setup = payload["setup"]["modes"]
+    assert setup["REPLAY"]["method"]["buffer_size"] == 16 and setup["EWC"]["method"]["lam"] == 1000.0
+    assert setup["MODULAR"]["crma"] == {"form": "write", "norm": "spectral", "g_max": 0.1}
+    table = (root / "out" / "results.md").read_text()
+    assert "= oracle (no routing needed)" in table and "Routed evaluation" in table
+
+
+def test_settings_are_selectable(tiny_results):
+    bench = tiny_results[0]
+    base = ["--tiny", "--out", "unused"]
+    assert bench.parse_args(base).settings == MODES
+    assert bench.parse_args([*base, "--settings", "MODULAR,NAIVE", "EWC"]).settings == ["NAIVE", "MODULAR", "EWC"]
+    ablation = bench.parse_args([*base, "--settings", "ablation"]).settings
+    assert ablation == ["NAIVE", "FROZEN", "MODULAR-v1", "MODULAR-mix", "CRMA-shared-v1", "CRMA-shared-mix"]
+    with pytest.raises(SystemExit):
+        bench.parse_args([*base, "--settings", "NOPE"])
+    import _runs  # the helpers the benchmark imported (on sys.path)
+
+    cfg = {"mix_g_max": 0.5}
+    mix, v1 = _runs.crma_config("MODULAR-mix", cfg), _runs.crma_config("CRMA-shared-v1", cfg)
+    assert (mix.form, mix.g_max) == ("mix", 0.5) and (v1.form, v1.norm, v1.g_max) == ("write", "frobenius", 0.1)
+
+
 def test_step_interleaving_does_not_change_the_numbers(tiny_results):
     """Round-robin threads give the same losses as one run after another (nothing global leaks)."""
     bench, root, argv, payload = tiny_results
-    sequential = bench.main([*argv[:-4], "--seeds", "1", "--interleave", "run", "--out", str(root / "seq"),
-                             "--cache-dir", str(root / "cache")])  # fmt: skip
+    sequential = bench.main([*argv[:-4], "--seeds", "1", "--interleave", "run", "--settings", *SEQUENTIAL,
+                             "--out", str(root / "seq"), "--cache-dir", str(root / "cache")])  # fmt: skip
     assert sequential["setup"]["base_model"]["pretrain"]["cached"] is True
-    for mode in MODES:
+    for mode in SEQUENTIAL:
         a = payload["per_seed"]["0"]["runs"][mode]
         b = sequential["per_seed"]["0"]["runs"][mode]
         assert a["loss_matrix"] == b["loss_matrix"], mode

@@ -88,6 +88,19 @@ def test_cli_end_to_end(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "grad/norm", "val/prose/loss", "cl/drift_mean", "crma/spectral_norm_max"} <= tags
     assert "cl/loss_matrix" in events.Tags()["images"]
+    # HParams tab: the settings with the run's final numbers, once per run.
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    plugin = events.PluginTagToContent("hparams")
+    starts = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in plugin.values()]
+    session = [d.session_start_info for d in starts if d.HasField("session_start_info")]
+    assert len(session) == 1
+    hp = session[0].hparams
+    assert hp["adapter"].string_value == "crma" and hp["lora/r"].number_value == 8
+    assert hp["data/domains"].string_value == "prose,arithmetic"
+    final = [e.value for e in events.Scalars("hp/drift_mean")]
+    assert final == [pytest.approx(report["metrics"]["drift_mean"], rel=1e-5)]
+    assert "hp/plasticity_mean" in set(events.Tags()["scalars"])
 
 
 def test_print_config_round_trip(tmp_path):

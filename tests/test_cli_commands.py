@@ -167,9 +167,28 @@ def test_generate(runs):
     assert_one_line_error(proc, "unknown task 'medical'")
 
 
+def test_generate_with_routing_picks_the_task_with_the_lowest_prompt_loss(runs, capsys):
+    prompts = ["12 + 7 = 19\n40 - 8 = 32\n", "The old house stood at the end of the lane."]
+    main(["generate", "--run", str(runs["lora"]), "--routing", "--max_new_tokens", "3", "--json", *prompts])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [o["prompt"] for o in out] == prompts
+    for o in out:
+        losses = o["prompt_losses"]
+        assert set(losses) == {"prose", "arithmetic"}  # both trained tasks were candidates
+        assert o["task"] == min(losses, key=losses.get)
+    # The prompt losses are the model's own: the chosen adapter's loss, computed directly, agrees.
+    from crma_lightning.run_dir import RunDirectory
+
+    run = RunDirectory(runs["lora"])
+    model, _ = run.build()
+    run.load_into(model, run.read_checkpoint(run.stage_checkpoint(None).path), run.stage_checkpoint(None).path)
+    task, losses = model.route(prompts[0], ["prose", "arithmetic"])
+    assert losses == pytest.approx(out[0]["prompt_losses"], rel=1e-5) and task == out[0]["task"]
+
+
 def test_generate_bad_input(runs, capsys, tmp_path):
     lora = str(runs["lora"])
-    assert "not available yet" in fails(capsys, "generate", "--run", lora, "--routing", "hi")
+    assert "at least 2 tokens" in fails(capsys, "generate", "--run", lora, "--routing", "h")
     assert "trained in stage 2" in fails(capsys, "generate", "--run", lora, "--task", "arithmetic", "--stage", "1", "x")
     assert "no checkpoint for stage 7" in fails(
         capsys, "generate", "--run", lora, "--task", "prose", "--stage", "7", "x"

@@ -188,3 +188,20 @@ def test_methods_that_do_not_suit_the_setup_fail_before_any_work(tmp_path):
     cfg["model"]["init_args"]["task_adapters"] = "shared"
     assert fit(tmp_path / "bad.yaml", cfg) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_lists_the_method_and_the_routed_numbers(runs, capsys):
+    main(["compare", str(runs["replay"]), str(runs["ewc"])])
+    markdown = capsys.readouterr().out
+    from crma_lightning.cli.compare import compare
+
+    names = ["replay", "ewc"]
+    result = compare(names, [report_of(runs[n]) for n in names])
+    replay, ewc = result["runs"]
+    assert (replay["method"], ewc["method"]) == ("replay", "ewc")
+    assert replay["drift_mean_routed"] is None  # routing: none - oracle only
+    routed = report_of(runs["ewc"])["routing"]
+    assert ewc["drift_mean_routed"] == routed["metrics_routed"]["drift_mean"]
+    final = list(routed["routing_accuracy_final"].values())
+    assert ewc["routing_accuracy_mean"] == pytest.approx(sum(final) / len(final))
+    assert "| method | mean drift % | routed mean drift % | routing accuracy |" in markdown

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_LLAMA_CONFIG
 from torch.utils.data import DataLoader
 
-from crma_lightning.adapters import adapter_parameter_names, lora_adapter_names
+from crma_lightning.adapters import adapter_parameter_names, crma_adapters, lora_adapter_names
 from crma_lightning.module import ContinualLM
 
 TINY = TINY_LLAMA_CONFIG
@@ -114,15 +114,40 @@ def test_state_dict_holds_adapters_only_and_round_trips():
         fresh.load_state_dict({k: v for k, v in list(sd.items())[1:]})
 
 
-def test_param_groups_and_structural_lr():
-    m = make(adapter="crma", crma_structural_lr=0.05)
+def test_param_groups_give_lambda_gate_and_projections_their_own_learning_rates():
+    m = make(adapter="crma", crma_structural_lr=0.05, crma_gate_lr=0.2, crma_projection_lr=0.003)
     m.begin_task("a")
     groups = {g["name"]: g for g in m.param_groups()}
-    assert set(groups) == {"lora", "crma", "crma_structural"}
-    assert groups["crma_structural"]["lr"] == 0.05
-    assert all(p.shape == (4, 4) for p in groups["crma_structural"]["params"])
+    assert set(groups) == {"lora", "crma", "crma_structural", "crma_gate"}
+    assert (groups["crma_structural"]["lr"], groups["crma_gate"]["lr"], groups["crma"]["lr"]) == (0.05, 0.2, 0.003)
+    assert "lr" not in groups["lora"]  # the optimizer's own
+    blocks = len(list(crma_adapters(m.model)))
+    assert [p.shape for p in groups["crma_structural"]["params"]] == [(4, 4)] * blocks
+    assert [p.shape for p in groups["crma_gate"]["params"]] == [(1,)] * blocks
+    assert len(groups["crma"]["params"]) == 2 * blocks  # R~ and W~ of every block
     opt = m.configure_optimizers()
-    assert {g["name"] for g in opt.param_groups} == {"lora", "crma", "crma_structural"}
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["crma_gate"] == 0.2 and lrs["crma"] == 0.003 and lrs["lora"] == opt.defaults["lr"]
+    # Unset: every group uses the optimizer's learning rate.
+    plain = make(adapter="crma")
+    plain.begin_task("a")
+    assert all("lr" not in g for g in plain.param_groups())
+
+
+def test_hyperparameters_hold_a_subclass_own_arguments_as_plain_values(tmp_path):
+    class WithPenalty(ContinualLM):
+        def __init__(self, *args, penalty: float = 0.5, schedule: tuple = (1, 2), **kwargs):
+            super().__init__(*args, **kwargs)
+            self.penalty = penalty
+
+    m = WithPenalty(model_config=TINY, adapter="crma", penalty=0.25, crma={"g_max": 0.2})
+    hp = m.hparams
+    assert hp["penalty"] == 0.25 and hp["schedule"] == [1, 2] and hp["adapter"] == "crma"
+    assert hp["crma"]["g_max"] == 0.2 and isinstance(hp["lora"], dict)
+    assert "optimizer" not in hp and "self" not in hp and "kwargs" not in hp
+    path = tmp_path / "hp.pt"
+    torch.save(dict(hp), path)
+    assert torch.load(path, weights_only=True) == dict(hp)  # plain data: loadable without pickle
 
 
 def test_research_subclass_needs_only_a_few_lines():

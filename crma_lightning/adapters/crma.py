@@ -26,7 +26,8 @@ has spectral norm <= 1. Near-identity start: with ``Λ = λ0 I`` the map moves `
 
 Sinkhorn. The iterations run without autograd (log-space potentials, no graph) and the backward is the
 implicit gradient of the Sinkhorn limit (one tiny ``n × n`` linear solve) instead of back-propagating
-through every iteration: ~10x cheaper per block and step. Twenty log-space iterations do *not* reach
+through every iteration: ~1.5x cheaper per block and step on CPU, and converged where v1's 20 iterations
+were not (benchmarks/sinkhorn_convergence.py --backward). Twenty log-space iterations do *not* reach
 double stochasticity for every logit matrix (benchmarks/sinkhorn_convergence.py), and the bounds above rely
 on exact double stochasticity, so the rounding step of Altschuler, Weed & Rigollet (NeurIPS 2017, Alg. 2)
 follows (with autograd): shrink over-full rows/columns, then add ``err_r err_c^T / ||err_r||_1``. Every
@@ -48,6 +49,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from crma_lightning.adapters.matrices import frobenius_normalize, orthonormal_rows, sigma_max, spectral_normalize
+from crma_lightning.adapters.sinkhorn import sinkhorn
 
 NORMS = ("spectral", "frobenius")
 FORMS = ("write", "mix")
@@ -142,213 +146,6 @@ class CRMAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {**V1_SETTINGS, **{k: v for k, v in data.items() if k in names}}
         return cls(**values)
-
-
-# ---------------------------------------------------------------------- largest singular value
-def _top_eigenpair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest eigenvalue and its eigenvector of the small Gram matrix of ``x`` (no autograd, never raises).
-
-    Args:
-        x: ``(..., a, b)``; the Gram matrix is ``x xᵀ`` (``a × a``) if ``a <= b``, else ``xᵀ x`` (``b × b``).
-
-    Returns:
-        ``σ_max(x)²`` of shape ``(...)`` and the unit vector ``v`` of shape ``(..., min(a, b))`` with
-        ``||vᵀ x|| = σ_max`` (``a <= b``) or ``||x v|| = σ_max`` (otherwise), both float32. The Gram matrix
-        is formed in float64, where squares of float32 values can neither overflow nor underflow, and passed
-        through ``nan_to_num`` because ``eigh`` raises on NaN; a non-finite ``x`` shows up through ``x`` itself.
-    """
-    with torch.no_grad():
-        xd = x.detach().double()
-        gram = xd @ xd.mT if x.shape[-2] <= x.shape[-1] else xd.mT @ xd  # (..., min(a, b), min(a, b))
-        evals, evecs = torch.linalg.eigh(torch.nan_to_num(gram))  # ascending
-        return evals[..., -1].float(), evecs[..., :, -1].float()
-
-
-def sigma_max(x: torch.Tensor) -> torch.Tensor:
-    """Exact largest singular value of ``(..., a, b)`` matrices, without autograd; NaN where ``x`` is not finite.
-
-    Unlike ``torch.linalg.matrix_norm(x, ord=2)`` it cannot raise on NaN or inf.
-    """
-    sq, _ = _top_eigenpair(x)
-    finite = torch.isfinite(x.detach()).flatten(-2).all(-1)
-    return torch.where(finite, sq.clamp_min(0).sqrt(), torch.full_like(sq, float("nan")))
-
-
-def spectral_normalize(x: torch.Tensor) -> torch.Tensor:
-    """``x / max(1, σ_max(x))`` for ``(..., a, b)`` matrices, in float32, differentiable.
-
-    ``σ_max`` is exact: the top eigenpair ``(λ, v)`` of the small Gram matrix (``min(a, b)`` square) is
-    found without autograd, and ``σ² = ||vᵀ x||²`` is recomputed with autograd. Since ``v`` maximises
-    ``||vᵀ x||`` over unit vectors, the gradient of that expression at fixed ``v`` *is* the gradient of
-    ``σ_max²`` (envelope theorem): one small matmul instead of differentiating through ``eigh``. The value
-    is lifted to ``max(||vᵀ x||², λ)`` (no gradient through the lift) so float error in ``v`` can never
-    under-estimate ``σ_max``. A non-finite ``x`` gives a non-finite result, never an exception.
-    """
-    xf = x.float()
-    lam, v = _top_eigenpair(xf)
-    y = v.unsqueeze(-2) @ xf if x.shape[-2] <= x.shape[-1] else xf @ v.unsqueeze(-1)  # (..., 1, b) or (..., a, 1)
-    sq = y.square().sum((-2, -1))  # σ_max² (no sqrt: finite gradient at x = 0)
-    sq = sq + (lam - sq).detach().clamp_min(0.0)
-    return xf * sq.clamp_min(1.0).rsqrt()[..., None, None]
-
-
-def frobenius_normalize(x: torch.Tensor) -> torch.Tensor:
-    """``x / max(1, ||x||_F)`` for ``(..., a, b)`` matrices, in float32 (the v1 normalisation)."""
-    xf = x.float()
-    return xf * xf.square().sum((-2, -1), keepdim=True).clamp_min(1.0).rsqrt()
-
-
-def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
-    """``(a, b)`` with ``a <= b`` -> the matrix with orthonormal rows spanning the same row space, float32.
-
-    ``Qᵀ`` from a reduced QR of ``xᵀ``, with column signs fixed so that the triangular factor has a
-    non-negative diagonal: this makes the map unique and continuous (it equals the Gram-Schmidt of the
-    rows of ``x``), and the identity on matrices that already have orthonormal rows. QR does not raise on
-    NaN; the NaN propagates.
-    """
-    q, r = torch.linalg.qr(x.float().mT)  # (b, a), (a, a)
-    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0)  # (a,); a zero diagonal keeps +1
-    return (q * sign).mT
-
-
-# ---------------------------------------------------------------------- Sinkhorn
-def _log_potentials(lam: torch.Tensor, n_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Potentials ``(f, g)``, ``(..., n, 1)`` and ``(..., 1, n)``, after ``n_iters`` log-space Sinkhorn rounds.
-
-    ``exp(lam - f - g)`` is the matrix after ``n_iters`` rounds of (column, row) normalisation of
-    ``exp(lam)``: the same rounds as normalising the full matrix, with two ops per half-round instead of three.
-    """
-    f = lam.new_zeros((*lam.shape[:-1], 1))  # (..., n, 1)
-    g = lam.new_zeros((*lam.shape[:-2], 1, lam.shape[-1]))  # (..., 1, n)
-    for _ in range(n_iters):
-        g = torch.logsumexp(lam - f, dim=-2, keepdim=True)  # columns
-        f = torch.logsumexp(lam - g, dim=-1, keepdim=True)  # rows
-    return f, g
-
-
-def _marginal_error(p: torch.Tensor) -> torch.Tensor:
-    """``max |row sum - 1|, |column sum - 1|`` per matrix, ``(...)``."""
-    return torch.maximum((p.sum(-1) - 1).abs().amax(-1), (p.sum(-2) - 1).abs().amax(-1))
-
-
-def _newton_polish(lam: torch.Tensor, f: torch.Tensor, g: torch.Tensor, steps: int) -> torch.Tensor:
-    """``steps`` Newton steps on the potentials (float64), kept per matrix only where they reduce the error.
-
-    Sinkhorn converges linearly, slowest near a permutation matrix (where CRMA starts: ``Λ = λ0 I``); Newton's
-    method on the marginal equations ``rowsum(P) = 1``, ``colsum(P) = 1`` converges quadratically from the
-    Sinkhorn warm start. Its Jacobian ``[[diag(rowsum), P], [Pᵀ, diag(colsum)]]`` is singular along
-    ``(1, -1)`` (the potentials' gauge); the residual has no component there and a tiny ridge fixes the gauge.
-    Logits without a doubly-stochastic scaling (zeros forced by ±50 patterns) make Newton diverge: the
-    per-matrix check then keeps the Sinkhorn result, and the rounding step still makes it exact.
-    """
-    n = lam.shape[-1]
-    lam64, f64, g64 = lam.double(), f.double(), g.double()
-    start = (lam64 - f64 - g64).exp()
-    ridge = 1e-12 * torch.eye(2 * n, dtype=torch.float64, device=lam.device)
-    p = start
-    for _ in range(steps):
-        rs, cs = p.sum(-1), p.sum(-2)  # (..., n)
-        top = torch.cat([torch.diag_embed(rs), p], dim=-1)  # (..., n, 2n)
-        bottom = torch.cat([p.mT, torch.diag_embed(cs)], dim=-1)
-        jac = torch.cat([top, bottom], dim=-2) + ridge  # (..., 2n, 2n)
-        step = torch.linalg.solve_ex(jac, torch.cat([rs - 1, cs - 1], dim=-1).unsqueeze(-1))[0]  # no sync
-        f64 = f64 + step[..., :n, :]
-        g64 = g64 + step[..., n:, :].mT
-        p = (lam64 - f64 - g64).exp()
-    better = (_marginal_error(p) < _marginal_error(start))[..., None, None]  # False on NaN: keep Sinkhorn's
-    return torch.where(better, p, start).float()
-
-
-def _sinkhorn_plain(logits: torch.Tensor, n_iters: int, newton_steps: int = 0) -> torch.Tensor:
-    """``exp(logits)`` scaled towards unit marginals: ``n_iters`` log-space Sinkhorn rounds, then Newton steps."""
-    lam = logits.float()
-    f, g = _log_potentials(lam, n_iters)
-    if newton_steps > 0:
-        return _newton_polish(lam, f, g, newton_steps)
-    return (lam - f - g).exp()
-
-
-class _ImplicitSinkhorn(torch.autograd.Function):
-    """Plain Sinkhorn forward without a graph; backward: the implicit gradient of the Sinkhorn limit.
-
-    For the limit ``P = diag(e^f) exp(Λ) diag(e^g)`` with unit row and column sums, a change ``dΛ``
-    gives ``dP = P ⊙ (dΛ + df 1ᵀ + 1 dgᵀ)`` with ``df, dg`` restoring the sums. Its adjoint is
-    ``dL/dΛ = P ⊙ (G - α 1ᵀ - 1 βᵀ)`` with ``G = dL/dP`` and ``(α, β)`` solving
-    ``α + P β = rowsum(P ⊙ G)``, ``Pᵀ α + β = colsum(P ⊙ G)``. Eliminating ``α``:
-    ``(I - PᵀP) β = colsum(P ⊙ G) - Pᵀ rowsum(P ⊙ G)``. ``I - PᵀP`` is singular along ``1`` (and along
-    more directions when ``P`` saturates to a permutation); the right-hand side has no component there, and
-    a tiny ridge in float64 picks a bounded solution. Only ``α_i + β_j`` enters the gradient, which does not
-    depend on that choice.
-    """
-
-    @staticmethod
-    def forward(logits: torch.Tensor, n_iters: int, newton_steps: int) -> torch.Tensor:
-        return _sinkhorn_plain(logits, n_iters, newton_steps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # separate from forward: torch.func transforms need it
-        ctx.save_for_backward(output)
-        ctx.logits_dtype = inputs[0].dtype
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (p,) = ctx.saved_tensors
-        p64, g64 = p.double(), grad.double()
-        pg = p64 * g64
-        r, c = pg.sum(-1), pg.sum(-2)  # (..., n)
-        eye = torch.eye(p.shape[-1], dtype=torch.float64, device=p.device)
-        lhs = eye - p64.mT @ p64 + 1e-10 * eye  # (..., n, n)
-        rhs = c - (p64.mT @ r.unsqueeze(-1)).squeeze(-1)
-        beta = torch.linalg.solve_ex(lhs, rhs.unsqueeze(-1))[0].squeeze(-1)  # _ex: no error check, no sync
-        alpha = r - (p64 @ beta.unsqueeze(-1)).squeeze(-1)
-        grad_logits = p64 * (g64 - alpha.unsqueeze(-1) - beta.unsqueeze(-2))
-        return grad_logits.to(ctx.logits_dtype), None, None
-
-
-def _round_to_doubly_stochastic(m: torch.Tensor) -> torch.Tensor:
-    """Altschuler, Weed & Rigollet (2017), Alg. 2, with unit marginals: exact row/column sums for any ``m >= 0``."""
-    m = m / m.sum(dim=-1, keepdim=True).clamp_min(1.0)  # shrink rows summing above 1
-    m = m / m.sum(dim=-2, keepdim=True).clamp_min(1.0)  # shrink columns summing above 1
-    # err_r, err_c are >= 0 in exact arithmetic, but float rounding of the sums can leave them at -1 ulp;
-    # unclamped, a total <= 0 next to a non-zero error made the correction ~1e23 (and entries negative).
-    err_r = (1.0 - m.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (..., n, 1)
-    err_c = (1.0 - m.sum(dim=-2, keepdim=True)).clamp_min(0.0)  # (..., 1, n), same total as err_r
-    # total >= every err_r entry, so err_r / total is in [0, 1]. Where total is 0, so is err_r; dividing by 1
-    # there (not by a clamped tiny total) also keeps the gradient w.r.t. err_r (= err_c / total) finite.
-    total = err_r.sum(dim=-2, keepdim=True)
-    return m + err_r * err_c / torch.where(total > 0, total, torch.ones_like(total))
-
-
-def sinkhorn(
-    logits: torch.Tensor, n_iters: int = 20, exact: bool = True, implicit: bool = True, newton_steps: int = 0
-) -> torch.Tensor:
-    """Doubly-stochastic matrix from ``exp(logits)`` by log-space Sinkhorn normalisation.
-
-    Columns then rows are normalised ``n_iters`` times, in float32 whatever the input dtype, optionally
-    followed by ``newton_steps`` Newton steps on the potentials; ``exact`` then applies the
-    Altschuler-Weed-Rigollet rounding step so that every row and column sums to 1 and every entry is >= 0
-    for any finite logits.
-
-    Args:
-        logits: ``(..., n, n)`` real matrix ``Λ``.
-        n_iters: Number of (column, row) normalisation rounds.
-        exact: Apply the rounding step after the iterations.
-        implicit: Differentiate the scaling implicitly (gradient of the Sinkhorn limit, one small solve)
-            instead of back-propagating through each iteration (``False``, the v1 scheme). The implicit
-            gradient is only as good as the forward's convergence: pair it with Newton steps (CRMA does).
-        newton_steps: Newton steps after the iterations (see :func:`_newton_polish`); 0: plain Sinkhorn.
-
-    Returns:
-        ``(..., n, n)`` float32 matrix ``M`` with unit row and column sums.
-    """
-    if implicit and torch.is_grad_enabled() and logits.requires_grad:
-        m = _ImplicitSinkhorn.apply(logits, n_iters, newton_steps)
-    elif implicit:
-        with torch.no_grad():
-            m = _sinkhorn_plain(logits, n_iters, newton_steps)
-    else:
-        m = _sinkhorn_plain(logits, n_iters, newton_steps)
-    return _round_to_doubly_stochastic(m) if exact else m
 
 
 # ---------------------------------------------------------------------- the adapter

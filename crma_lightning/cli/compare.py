@@ -1,11 +1,13 @@
 """``crma-lightning compare``: one table across runs, and the settings in which they differ.
 
 Reads each run's ``report.json`` (nothing is re-evaluated; run ``crma-lightning evaluate`` first to
-refresh a report). The table holds, per run: status, domains, mean drift, mean base-relative
-forgetting, BWT, FWT, mean plasticity, and the gradient norm's variance and coefficient of variation
-(std / mean) over the run. The settings are the ``config`` sections of the reports, flattened to
-dotted keys; every key whose value is not the same in all runs is listed. Runs on different domains
-are compared all the same, with a warning: their means average over different domains.
+refresh a report). The table holds, per run: status, domains, the continual method, mean drift (oracle
+task identity) and, for runs evaluated with ``routing: perplexity``, the routed mean drift and mean
+routing accuracy, mean base-relative forgetting, BWT, FWT, mean plasticity, and the gradient norm's
+variance and coefficient of variation (std / mean) over the run. The settings are the ``config``
+sections of the reports, flattened to dotted keys; every key whose value is not the same in all runs is
+listed. Runs on different domains are compared all the same, with a warning: their means average over
+different domains.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from crma_lightning.run_dir import CommandParser, writable_dir
 COLUMNS = {
     "status": "status",
     "stages": "stages",
+    "method": "method",
     "drift_mean": "mean drift %",
+    "drift_mean_routed": "routed mean drift %",
+    "routing_accuracy_mean": "routing accuracy",
     "base_relative_forgetting_mean": "mean base-rel. forgetting %",
     "bwt": "BWT",
     "fwt": "FWT",
@@ -106,13 +111,18 @@ def compare(names: list[str], reports: list[dict[str, Any]]) -> dict[str, Any]:
         m = report.get("metrics") or {}
         grads = (report.get("gradients") or {}).get("run") or {}
         mean, std = grads.get("mean"), grads.get("std")
+        routing = report.get("routing") or {}
+        accuracy = [a for a in (routing.get("routing_accuracy_final") or {}).values() if _finite(a)]
         runs.append(
             {
                 "run": name,
                 "status": report.get("status"),
                 "stages": f"{report.get('completed_stages')}/{report.get('total_stages')}",
                 "domains": report["domains"],
+                "method": (report.get("method") or {}).get("method", "none"),
                 **{k: m.get(k) for k in ("drift_mean", "base_relative_forgetting_mean", "bwt", "fwt")},
+                "drift_mean_routed": (routing.get("metrics_routed") or {}).get("drift_mean"),
+                "routing_accuracy_mean": sum(accuracy) / len(accuracy) if accuracy else None,
                 "plasticity_mean": m.get("plasticity_mean"),
                 "grad_norm_var": grads.get("var"),
                 "grad_norm_cv": std / mean if _finite(std) and _finite(mean) and mean else None,

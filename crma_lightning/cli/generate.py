@@ -33,9 +33,11 @@ def build_parser() -> CommandParser:
     parser.add_argument("--run", required=True, help="run directory (run.dir of the fit run)")
     pick = parser.add_mutually_exclusive_group(required=True)
     pick.add_argument("--task", help="the domain whose adapter generates (one of the run's domains)")
-    # Routing (choosing the task per prompt) plugs in here once crma_lightning.methods.routing is wired
-    # into ContinualLM; the flag exists so that scripts can be written against the final interface.
-    pick.add_argument("--routing", action="store_true", help="choose the task per prompt (not available yet)")
+    pick.add_argument(
+        "--routing",
+        action="store_true",
+        help="choose the task per prompt: the trained task whose adapter gives the prompt the lowest loss",
+    )
     parser.add_argument("--stage", type=int, help="use the model after this stage (default: the newest checkpoint)")
     for name, kind in SAMPLING_OPTIONS.items():
         parser.add_argument(f"--{name}", type=kind, help=f"transformers generate({name}=...)")
@@ -52,13 +54,13 @@ def run_generate(args: list[str]) -> None:
     import torch
 
     opts = build_parser().parse_args(args)
-    if opts.routing:
-        raise ValueError("--routing is not available yet: choose the adapter with --task DOMAIN")
     run = RunDirectory(opts.run)
     model, _ = run.build(prog="crma-lightning generate")
-    run.check_task(opts.task)
+    if not opts.routing:
+        run.check_task(opts.task)
     ckpt_info = run.stage_checkpoint(opts.stage)
-    run.check_task(opts.task, ckpt_info.stage)
+    if not opts.routing:
+        run.check_task(opts.task, ckpt_info.stage)
     run.load_into(model, run.read_checkpoint(ckpt_info.path), ckpt_info.path)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -68,15 +70,24 @@ def run_generate(args: list[str]) -> None:
     kwargs: dict[str, Any] = {k: getattr(opts, k) for k in SAMPLING_OPTIONS if getattr(opts, k) is not None}
     if opts.do_sample:
         kwargs["do_sample"] = True
-    torch.manual_seed(opts.seed)
-    try:
-        texts = model.generate(opts.prompt, task=opts.task, **kwargs)
-    except (TypeError, ValueError) as err:  # transformers' own check of the generation options
-        raise ValueError(f"generation options {kwargs} are invalid: {err}") from err
+    trained = run.domains[: ckpt_info.stage]
+    routes = [model.route(p, trained) if opts.routing else (opts.task, None) for p in opts.prompt]
+    texts = []
+    for prompt, (task, _) in zip(opts.prompt, routes):
+        torch.manual_seed(opts.seed)  # each prompt samples as it would alone
+        try:
+            texts += model.generate(prompt, task=task, **kwargs)
+        except (TypeError, ValueError) as err:  # transformers' own check of the generation options
+            raise ValueError(f"generation options {kwargs} are invalid: {err}") from err
     if opts.json:
-        print(json.dumps([{"prompt": p, "text": t} for p, t in zip(opts.prompt, texts)], ensure_ascii=False))
+        out = [
+            {"prompt": p, "text": t, "task": task, **({"prompt_losses": losses} if losses else {})}
+            for p, t, (task, losses) in zip(opts.prompt, texts, routes)
+        ]
+        print(json.dumps(out, ensure_ascii=False))
         return
-    for i, (prompt, text) in enumerate(zip(opts.prompt, texts)):
-        if len(texts) > 1:
-            print(f"--- [{i + 1}/{len(texts)}] task {opts.task}, stage {ckpt_info.stage}")
+    for i, (prompt, text, (task, losses)) in enumerate(zip(opts.prompt, texts, routes)):
+        if len(texts) > 1 or losses:
+            how = "routed to" if losses else "task"
+            print(f"--- [{i + 1}/{len(texts)}] {how} {task}, stage {ckpt_info.stage}")
         print(prompt + text)
