@@ -20,6 +20,7 @@ Call sites (``docs/method.md``, "Continual-learning methods and routing"):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -45,11 +46,14 @@ def check_method(method: Any, task_adapters: str) -> ContinualMethod | None:
     return method
 
 
+_SET_UP: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose method.setup ran
+
+
 def setup(module: Any) -> None:
     """``method.setup`` once per module, when its task adapters exist (``prepare_tasks``)."""
-    if module.method is not None and not getattr(module, "_method_ready", False):
+    if module.method is not None and module not in _SET_UP:
         module.method.setup(module)
-        module._method_ready = True
+        _SET_UP.add(module)
 
 
 def start_task(module: Any) -> None:

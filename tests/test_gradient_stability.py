@@ -164,7 +164,7 @@ def test_one_transfer_per_logging_interval(monkeypatch):
     # Interval 4: steps 0-3 flushed at step 3, the remaining 4-5 at train end; one .tolist() each.
     assert calls == [[0, 1, 2, 3], [4, 5]]
     assert len(tolist_calls) == 2
-    assert tolist_calls[0] == (4 * 4 + 6,)  # 4 steps x (total + 3 groups), then 6 health values
+    assert tolist_calls[0] == (4 * 5 + 6,)  # 4 steps x (total + 4 groups), then 6 health values
 
 
 def test_lora_only_model_logs_no_crma_health():

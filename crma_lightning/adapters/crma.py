@@ -1,4 +1,4 @@
-"""CRMA: Constrained Residual Mixing Adapter (DESIGN §3.2, v2).
+"""CRMA: Constrained Residual Mixing Adapter (v2; docs/method.md, "CRMA").
 
 One ``CRMAAdapter`` sits on the residual stream after each decoder layer::
 

@@ -1,0 +1,103 @@
+"""One domain, loaded, checked and tokenised: what ``SequentialDomainDataModule.prepare`` does per domain.
+
+Every check that can fail on the data runs here, before any training: no training sequence, no held-out
+token, rows dropped because they are blank or have nothing to score (counted and warned about).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from crma_lightning.domains import SCORED, DomainSpec, load_raw
+from crma_lightning.rows import extract_text
+from crma_lightning.tokenization import scored_targets, tokenize
+
+
+@dataclass
+class PreparedDomain:
+    """A domain ready for the loaders.
+
+    Attributes:
+        train: Tokenised training rows (``input_ids``, and ``scored`` for masked formats).
+        holdout: Tokenised held-out rows (at most ``max_eval_rows``).
+        holdout_tokens: Tokens in ``holdout`` (counted once, for the report).
+        dropped: Rows dropped per reason (``train_blank``, ``holdout_too_short``, ...); only non-zero counts.
+        row_format: ``rows`` (``text``, ``prompt_response`` or ``chat``), what was ``scored``, the chat
+            template used and the scored token counts.
+    """
+
+    train: Dataset
+    holdout: Dataset
+    holdout_tokens: int
+    dropped: dict[str, int]
+    row_format: dict[str, Any]
+
+
+def prepare_domain(
+    spec: DomainSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int,
+    max_chars: int | None,
+    max_length: int,
+    packing: bool,
+    max_eval_rows: int | None,
+    cache_dir: str | None,
+) -> PreparedDomain:
+    """Load ``spec``'s rows, render and tokenise them, and check that training and evaluation have data.
+
+    Raises:
+        ValueError: The training rows give no sequence, or the held-out rows give no tokens (names the
+            domain and its files).
+    """
+    train_raw, holdout_raw = load_raw(spec, seed, max_chars)
+    train_stats: dict[str, Any] = {}
+    holdout_stats: dict[str, Any] = {}
+    train_text = extract_text(spec, train_raw, "train", train_stats, tokenizer)
+    holdout_text = extract_text(spec, holdout_raw, "holdout", holdout_stats, tokenizer)
+    train = tokenize(train_text, tokenizer, max_length, packing, True, cache_dir)
+    held = tokenize(holdout_text, tokenizer, max_length, packing, False, cache_dir)
+    fmt = train_stats["rows"]
+    masked = fmt != "text"
+    counts = {"train_blank": train_stats.get("dropped", 0), "holdout_blank": holdout_stats.get("dropped", 0)}
+    if not packing:  # one row per text: texts of a single token have no next token to learn
+        # Masked rows also go when max_length leaves no scored token (a prompt that fills the row).
+        key = "no_scored_token" if masked else "too_short"
+        counts[f"train_{key}"] = len(train_text) - len(train)
+        counts[f"holdout_{key}"] = len(holdout_text) - len(held)
+        short = counts[f"train_{key}"] + counts[f"holdout_{key}"]
+        if short:
+            what = (
+                f"rows with no scored token within max_length={max_length} (the prompt fills the row)"
+                if masked
+                else "texts shorter than 2 tokens after tokenisation"
+            )
+            warnings.warn(f"domain {spec.name!r} ({spec.source()}): dropped {short} {what}", stacklevel=3)
+    if len(train) == 0:
+        raise ValueError(
+            f"domain {spec.name!r} ({spec.source()}): the training rows give no sequence of "
+            f"{max_length} tokens; add data or lower max_length / disable packing"
+        )
+    if len(held) == 0:
+        raise ValueError(f"domain {spec.name!r} ({spec.source()}): the held-out rows give no tokens")
+    if max_eval_rows is not None:
+        held = held.select(range(min(max_eval_rows, len(held))))
+    row_format = {
+        "rows": fmt,
+        "scored": SCORED[fmt],
+        **({"chat_template": train_stats["chat_template"]} if fmt == "chat" else {}),
+        "train_scored_tokens": scored_targets(train),
+        "holdout_scored_tokens": scored_targets(held),
+    }
+    return PreparedDomain(
+        train=train,
+        holdout=held,
+        holdout_tokens=int(sum(len(x) for x in held["input_ids"])),  # a pass over the token lists, once
+        dropped={k: v for k, v in counts.items() if v},
+        row_format=row_format,
+    )
