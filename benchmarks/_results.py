@@ -24,6 +24,8 @@ LORA_PAIRS = {
     "MODULAR-v1": "FROZEN",
     "CRMA-shared-mix": "NAIVE",
     "MODULAR-mix": "FROZEN",
+    "CRMA-shared-g0.5": "NAIVE",
+    "MODULAR-g0.5": "FROZEN",
 }
 """Each CRMA or method setting and the plain-LoRA setting it is compared with (same task-adapter sharing).
 A pair is computed only when both of its settings ran."""

@@ -52,6 +52,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "MODULAR-mix": {"adapter": "crma", "task_adapters": "per_task", "crma": {"form": "mix"}, "routing": "oracle"},
     "CRMA-shared-v1": {"adapter": "crma", "task_adapters": "shared", "crma": {"norm": "frobenius"}, "routing": "none"},
     "CRMA-shared-mix": {"adapter": "crma", "task_adapters": "shared", "crma": {"form": "mix"}, "routing": "none"},
+    # The write form with a larger gate (spectral norm): g_max 0.5, the capacity probe of issue 15.
+    "MODULAR-g0.5": {"adapter": "crma", "task_adapters": "per_task", "crma": {"g_max": 0.5}, "routing": "oracle"},
+    "CRMA-shared-g0.5": {"adapter": "crma", "task_adapters": "shared", "crma": {"g_max": 0.5}, "routing": "none"},
 }
 """Every setting the benchmark can run, in table order. ``routing``: the run's ``RoutedEvaluation`` mode -
 ``perplexity`` for settings whose evaluation needs task identity (per-task adapters; also evaluated routed,

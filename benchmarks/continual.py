@@ -121,6 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cache-dir", type=Path, default=Path("~/.cache/crma_lightning/bench").expanduser())
     g.add_argument("--hidden", type=int, help="built-in base: hidden size")
     g.add_argument("--layers", type=int, help="built-in base: decoder layers")
+    g.add_argument(
+        "--pretrain-builtin",
+        nargs="+",
+        metavar="DOMAIN",
+        help="built-in base: pretrain on these built-in domains (e.g. prose code) instead of the benchmark's "
+        "own domains, so that every stage meets text the base has never seen (protocol v2)",
+    )
     g.add_argument("--pretrain-steps", type=int, help="built-in base: full fine-tuning steps on the mix")
     g.add_argument("--pretrain-batch-size", type=int)
     g.add_argument("--pretrain-lr", type=float)
@@ -238,7 +245,8 @@ def base_model(args: argparse.Namespace, specs: list[dict[str, Any]], device: st
     curve = info["loss_curve"]
     desc = (
         f"tiny Llama {args.hidden}x{args.layers} ({info['parameters']:,} params, byte tokenizer), pretrained "
-        f"{settings.steps} steps x {settings.batch_size} rows on an equal mix of the domains' training text "
+        f"{settings.steps} steps x {settings.batch_size} rows on an equal mix of the training text of "
+        f"{', '.join(s['name'] for s in specs)} "
         f"(final train loss {curve[-1]['loss']:.3f}{', cached' if info['cached'] else ''})"
     )
     return {"path": str(path), "tokenizer": "byte", "description": desc, "pretrain": info}
@@ -264,7 +272,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     names = resolve_domains(args.data_dir, args.domains)
     specs = domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
-    base = base_model(args, specs, device)
+    # Protocol v2 (--pretrain-builtin): the base's general text is disjoint from the benchmark domains.
+    general = specs
+    if args.pretrain_builtin:
+        general = domain_specs(args.pretrain_builtin, None, args.cache_dir, args.max_chars)
+    base = base_model(args, general, device)
     targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
     cfg = {
         "model_path": base["path"], "tokenizer": base["tokenizer"], "dtype": args.dtype, "lora_r": args.lora_r,

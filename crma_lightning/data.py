@@ -7,7 +7,6 @@ once with the domain, file and row in the message.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -19,13 +18,13 @@ from datasets import Dataset, disable_progress_bars
 from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.domains import (
-    SCORED,
     DomainSpec,
     as_domain_spec,
     describe_row,
     load_raw,
     validate_domains,
 )
+from crma_lightning.prepared import prepare_domain
 from crma_lightning.rows import extract_text
 from crma_lightning.sampling import (
     Collator,
@@ -195,54 +194,20 @@ class SequentialDomainDataModule(L.LightningDataModule):
         dropped: dict[str, dict[str, int]] = {}
         formats: dict[str, dict[str, Any]] = {}
         for spec in self.specs:
-            train_raw, holdout_raw = load_raw(spec, self.seed, self.max_chars_per_domain)
-            train_stats: dict[str, Any] = {}
-            holdout_stats: dict[str, Any] = {}
-            train_text = extract_text(spec, train_raw, "train", train_stats, self.tokenizer)
-            holdout_text = extract_text(spec, holdout_raw, "holdout", holdout_stats, self.tokenizer)
-            train = tokenize(train_text, self.tokenizer, self.max_length, self.packing, True, self.cache_dir)
-            held = tokenize(holdout_text, self.tokenizer, self.max_length, self.packing, False, self.cache_dir)
-            fmt = train_stats["rows"]
-            masked = fmt != "text"
-            counts = {
-                "train_blank": train_stats.get("dropped", 0),
-                "holdout_blank": holdout_stats.get("dropped", 0),
-            }
-            if not self.packing:  # one row per text: texts of a single token have no next token to learn
-                # Masked rows also go when max_length leaves no scored token (a prompt that fills the row).
-                key = "no_scored_token" if masked else "too_short"
-                counts[f"train_{key}"] = len(train_text) - len(train)
-                counts[f"holdout_{key}"] = len(holdout_text) - len(held)
-                short = counts[f"train_{key}"] + counts[f"holdout_{key}"]
-                if short:
-                    what = (
-                        f"rows with no scored token within max_length={self.max_length} (the prompt fills the row)"
-                        if masked
-                        else "texts shorter than 2 tokens after tokenisation"
-                    )
-                    warnings.warn(f"domain {spec.name!r} ({spec.source()}): dropped {short} {what}", stacklevel=2)
-            if any(counts.values()):
-                dropped[spec.name] = {k: v for k, v in counts.items() if v}
-            if len(train) == 0:
-                raise ValueError(
-                    f"domain {spec.name!r} ({spec.source()}): the training rows give no sequence of "
-                    f"{self.max_length} tokens; add data or lower max_length / disable packing"
-                )
-            if len(held) == 0:
-                raise ValueError(f"domain {spec.name!r} ({spec.source()}): the held-out rows give no tokens")
-            if self.max_eval_rows is not None:
-                held = held.select(range(min(self.max_eval_rows, len(held))))
-            train_sets[spec.name] = train
-            eval_sets[spec.name] = held
-            # Counted once here (a pass over the token lists), not every time the report is rewritten.
-            holdout_tokens[spec.name] = int(sum(len(x) for x in held["input_ids"]))
-            formats[spec.name] = {
-                "rows": fmt,
-                "scored": SCORED[fmt],
-                **({"chat_template": train_stats["chat_template"]} if fmt == "chat" else {}),
-                "train_scored_tokens": scored_targets(train),
-                "holdout_scored_tokens": scored_targets(held),
-            }
+            ready = prepare_domain(
+                spec,
+                self.tokenizer,
+                seed=self.seed,
+                max_chars=self.max_chars_per_domain,
+                max_length=self.max_length,
+                packing=self.packing,
+                max_eval_rows=self.max_eval_rows,
+                cache_dir=self.cache_dir,
+            )
+            train_sets[spec.name], eval_sets[spec.name] = ready.train, ready.holdout
+            holdout_tokens[spec.name], formats[spec.name] = ready.holdout_tokens, ready.row_format
+            if ready.dropped:
+                dropped[spec.name] = ready.dropped
         self.train_sets, self.eval_sets, self.dropped_rows = train_sets, eval_sets, dropped
         self.holdout_tokens, self.row_formats = holdout_tokens, formats
 

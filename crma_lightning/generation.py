@@ -1,4 +1,4 @@
-"""Text generation with a chosen task adapter (``ContinualLM.generate`` and ``crma-lightning generate``)."""
+"""Text generation with a chosen or routed task adapter (``ContinualLM.generate``/``route``, the CLI's ``generate``)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,33 @@ def route_prompt(
     finally:
         model.train(was_training)
     return min(losses, key=losses.__getitem__), losses
+
+
+class TaskGeneration:
+    """``generate`` and ``route``, mixed into :class:`~crma_lightning.module.ContinualLM`.
+
+    The host provides ``model``, ``tokenizer``, ``device``, ``tasks``, ``current_task`` and ``activate_task``.
+    """
+
+    def generate(self, prompt: str | list[str], task: str | None = None, **generate_kwargs: Any) -> list[str]:
+        """Continue ``prompt`` with ``task``'s adapter (default: the current task); returns the new text."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        previous = self.current_task
+        self.activate_task(task if task is not None else previous)
+        try:
+            return generate_text(self.model, self.tokenizer, prompts, self.device, **generate_kwargs)
+        finally:
+            self.activate_task(previous)
+
+    def route(self, prompt: str, tasks: list[str] | None = None) -> tuple[str, dict[str, float]]:
+        """The task whose adapter gives ``prompt`` the lowest mean loss (perplexity routing), and each task's loss.
+
+        ``tasks``: the candidates (default: every task up to the current one). The active adapter is restored.
+        """
+        tasks = list(tasks) if tasks is not None else self.tasks[: self.tasks.index(self.current_task) + 1]
+        previous = self.current_task
+        try:
+            candidates = {t: (lambda t=t: self.activate_task(t)) for t in tasks}
+            return route_prompt(self.model, self.tokenizer, prompt, self.device, candidates)
+        finally:
+            self.activate_task(previous)

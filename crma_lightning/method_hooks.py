@@ -27,15 +27,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from crma_lightning.methods import ContinualMethod
+from crma_lightning.methods import ContinualMethod, build_method
 
 CHECKPOINT_KEY = "continual_method"
 
 
 def check_method(method: Any, task_adapters: str) -> ContinualMethod | None:
-    """``method`` if it is a :class:`ContinualMethod` (or ``None``) suiting ``task_adapters``; raise before any work."""
+    """``method`` if it is a :class:`ContinualMethod` (or ``None``) suiting ``task_adapters``; raise before any work.
+
+    A mapping ``{"name": ..., **settings}`` (what the module's hyper-parameters record) builds a registered method.
+    """
     if method is None:
         return None
+    if isinstance(method, Mapping) and "name" in method:  # saved hyper-parameters (load_from_checkpoint)
+        method = build_method(method["name"], **{k: v for k, v in method.items() if k != "name"})
     if not isinstance(method, ContinualMethod):
         raise ValueError(
             f"method={method!r} is invalid: expected a crma_lightning.methods.ContinualMethod "

@@ -33,7 +33,7 @@ from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.base_model import build_model, load_model_tokenizer
 from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
 from crma_lightning.checkpoints import identity_differences
-from crma_lightning.generation import generate_text, route_prompt
+from crma_lightning.generation import TaskGeneration
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
 from crma_lightning.optim import adapter_param_groups
@@ -43,7 +43,7 @@ from crma_lightning.rng import rng_state, set_rng_state
 from crma_lightning.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapters
 
 
-class ContinualLM(AdapterStateMixin, L.LightningModule):
+class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     """A causal LM fine-tuned on a sequence of tasks with LoRA (``adapter="lora"``) or LoRA + CRMA.
 
     Args:
@@ -343,30 +343,6 @@ class ContinualLM(AdapterStateMixin, L.LightningModule):
     def method_summary(self) -> dict[str, Any] | None:
         """The method's report entry (hyper-parameters, what it holds, ``state_bytes``); ``None``: no method."""
         return method_hooks.summary(self.method)
-
-    # ------------------------------------------------------------------ generation
-    def generate(self, prompt: str | list[str], task: str | None = None, **generate_kwargs: Any) -> list[str]:
-        """Continue ``prompt`` with ``task``'s adapter (default: the current task); returns the new text."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        previous = self.current_task
-        self.activate_task(task if task is not None else previous)
-        try:
-            return generate_text(self.model, self.tokenizer, prompts, self.device, **generate_kwargs)
-        finally:
-            self.activate_task(previous)
-
-    def route(self, prompt: str, tasks: list[str] | None = None) -> tuple[str, dict[str, float]]:
-        """The task whose adapter gives ``prompt`` the lowest mean loss (perplexity routing), and each task's loss.
-
-        ``tasks``: the candidates (default: every task up to the current one). The active adapter is restored.
-        """
-        tasks = list(tasks) if tasks is not None else self.tasks[: self.tasks.index(self.current_task) + 1]
-        previous = self.current_task
-        try:
-            candidates = {t: (lambda t=t: self.activate_task(t)) for t in tasks}
-            return route_prompt(self.model, self.tokenizer, prompt, self.device, candidates)
-        finally:
-            self.activate_task(previous)
 
 
 def _as_config(value: Any, cls: type) -> Any:

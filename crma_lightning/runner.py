@@ -13,7 +13,6 @@ Run directory: ``report.json``/``report.md`` (rewritten after every stage), ``co
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -21,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
 from crma_lightning import _compat, hparams, resume_settings
 from crma_lightning.adapters.serialization import atomic_write
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
-from crma_lightning.callbacks.progress import stage_progress_bar
 from crma_lightning.callbacks.routing import RoutedEvaluation
 from crma_lightning.checkpoints import RESUME_MODES, CheckpointStore, RunState
 from crma_lightning.data import SequentialDomainDataModule
@@ -38,6 +36,7 @@ from crma_lightning.parallel.dist import is_global_zero
 from crma_lightning.parallel.export import export_adapters
 from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses, write_report
 from crma_lightning.resume_settings import refuse_optimizer_class_change, write_stage_configs
+from crma_lightning.stage_trainers import StageTrainers, check_budget, with_default_callbacks
 
 __all__ = ["ContinualRunner", "RunInterrupted"]
 
@@ -83,8 +82,10 @@ class ContinualRunner:
         self.checkpoints = CheckpointStore(self.run_dir)
         self.trainer_kwargs = dict(trainer_kwargs or {})
         extra = list(self.trainer_kwargs.pop("callbacks", None) or [])
-        self.callbacks = _with_defaults(list(callbacks or []) + extra)
-        self._logger_arg = self.trainer_kwargs.pop("logger", True)
+        self.callbacks = with_default_callbacks(list(callbacks or []) + extra)
+        self.trainers = StageTrainers(
+            self.run_dir, self.trainer_kwargs, self.callbacks, self.trainer_kwargs.pop("logger", True)
+        )
         self.seed = seed
         self.resume = resume
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
@@ -92,16 +93,13 @@ class ContinualRunner:
         self.config = config or {}
         self.config_text = config_text
         self.started = False  # every up-front check passed and the run directory is being written
-        self._trainers_made = 0
-        self._summary_shown = False
         self.state = RunState()
         self.signals = StopSignals()
         self._purge_step = 0
-        self.loggers: list[Logger] = []
         # (path, checkpoint) that `preflight` chose to resume from; None until it has looked.
         self._resume_choice: tuple[Path | None, dict[str, Any] | None] | None = None
         self._resume_step = 0
-        _check_budget(self.trainer_kwargs, required=False)  # a missing budget may come from every domain
+        check_budget(self.trainer_kwargs, required=False)  # a missing budget may come from every domain
         if resume not in RESUME_MODES and not Path(resume).is_file():
             raise ValueError(f"resume={resume!r} is invalid: expected one of {list(RESUME_MODES)} or an existing file")
         if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
@@ -143,7 +141,7 @@ class ContinualRunner:
         except ValueError as err:
             raise ValueError(resume_settings.name_the_domain(str(err), datamodule.specs)) from err
         for spec in datamodule.specs:
-            _check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name)
+            check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name)
         self.state.domains = datamodule.domain_names
         self.state.identity = {
             "model": model.identity(),
@@ -173,7 +171,7 @@ class ContinualRunner:
         if self.save_stage_adapters:  # a finished stage's adapter file that is missing or damaged
             self.checkpoints.repair_stage_adapters(model, domains, self.state.completed)
         self.evaluation.start_run(domains)
-        self._setup_loggers(purge_step=self._purge_step if resume_from else None)
+        self.trainers.setup_loggers(purge_step=self._purge_step if resume_from else None)
         self._t0 = time.perf_counter()
         with self.signals:
             try:
@@ -261,56 +259,15 @@ class ContinualRunner:
             raise RuntimeError(f"evaluation after stage {row} recorded no losses (did validation run?)")
 
     # ------------------------------------------------------------------ trainers and loggers
-    def _setup_loggers(self, purge_step: int | None) -> None:
-        arg = self._logger_arg
-        if arg is True or arg is None:
-            kwargs = {"purge_step": purge_step} if purge_step else {}
-            self.loggers = [
-                TensorBoardLogger(
-                    save_dir=str(self.run_dir), name="tensorboard", version="", default_hp_metric=False, **kwargs
-                )
-            ]
-        elif arg is False:
-            self.loggers = []
-        else:
-            self.loggers = list(arg) if isinstance(arg, (list, tuple)) else [arg]
+    @property
+    def loggers(self) -> list[Logger]:
+        """The run's loggers (shared by every stage's trainer)."""
+        return self.trainers.loggers
 
     def _make_trainer(self, stage: int, dm: SequentialDomainDataModule, for_fit: bool = False) -> L.Trainer:
-        """A fresh trainer for ``stage`` (or the base evaluation), sharing the run's callbacks and loggers.
-
-        Lightning's per-trainer banners (device info, tips) are shown for the first trainer only, the
-        model summary for the first trained stage only, and the progress bar names the stage.
-        """
-        kwargs = copy.copy(self.trainer_kwargs)
-        for key in ("strategy", "plugins"):  # stateful objects: a pristine copy per stage
-            if key in kwargs and not isinstance(kwargs[key], str):
-                kwargs[key] = copy.deepcopy(kwargs[key])
-        spec = dm.specs[stage]
-        if spec.max_steps is not None:
-            kwargs["max_steps"] = spec.max_steps
-        if kwargs.get("num_sanity_val_steps") is None:  # every stage is evaluated in full afterwards
-            kwargs["num_sanity_val_steps"] = 0
-        if not for_fit or self._summary_shown:
-            kwargs["enable_model_summary"] = False  # the model does not change between stages
-        self._summary_shown |= for_fit
-        user_checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in self.callbacks)
-        kwargs["enable_checkpointing"] = user_checkpointing
-        label = f"stage {stage + 1}/{dm.num_stages}: {dm.domain_names[stage]}"
-        bar = stage_progress_bar(self.callbacks, kwargs.get("enable_progress_bar"), label)
-        kwargs["callbacks"] = [
-            *self.callbacks,
-            *([bar] if bar is not None else []),
-            self.state,
-            StopAndSave(self.signals, self.checkpoints, self.checkpoint_every_n_steps),
-        ]
-        kwargs["logger"] = self.loggers or False
-        kwargs.setdefault("default_root_dir", str(self.run_dir))
-        with _compat.quiet_lightning_info(self._trainers_made > 0):
-            trainer = L.Trainer(**kwargs)
-        self._trainers_made += 1
-        # Continue the logging step where the previous stage ended: one continuous TensorBoard run.
-        _compat.set_logging_step(trainer, self.state.step_offset)
-        return trainer
+        """A fresh trainer for ``stage`` (or the base evaluation), continuing the logging step."""
+        stop = StopAndSave(self.signals, self.checkpoints, self.checkpoint_every_n_steps)
+        return self.trainers.make(stage, dm, [self.state, stop], self.state.step_offset, for_fit=for_fit)
 
     # ------------------------------------------------------------------ checkpoints
     def _export_adapters(self, trainer: L.Trainer, model: ContinualLM, stage: int, domain: str) -> None:
@@ -371,32 +328,3 @@ class ContinualRunner:
             if status in ("running", "complete"):  # right after a stage's adapters were exported
                 self.checkpoints.record_adapters(domains, self.state.completed)
         return report
-
-
-def _with_defaults(callbacks: list[Callback]) -> list[Callback]:
-    """Add the default callbacks; ``GradientStability`` goes first, before any clipping callback."""
-    grads = [cb for cb in callbacks if isinstance(cb, GradientStability)] or [GradientStability()]
-    rest = [cb for cb in callbacks if not isinstance(cb, GradientStability)]
-    if not any(isinstance(cb, DomainEvaluation) for cb in rest):
-        rest.append(DomainEvaluation())
-    return grads + rest
-
-
-def _check_budget(
-    kwargs: dict[str, Any], max_steps: int | None = None, domain: str | None = None, required: bool = True
-) -> None:
-    """Each stage needs a positive budget: ``max_steps`` (trainer or domain) or ``max_epochs``."""
-    where = f" for domain {domain!r}" if domain else ""
-    steps = max_steps if max_steps is not None else kwargs.get("max_steps", -1)
-    epochs = kwargs.get("max_epochs")
-    if steps is not None and steps != -1 and steps < 1:
-        raise ValueError(
-            f"max_steps={steps!r}{where} is invalid: expected a positive number of optimizer steps per stage"
-        )
-    if epochs is not None and epochs != -1 and epochs < 1:
-        raise ValueError(f"max_epochs={epochs!r} is invalid: expected a positive number of epochs per stage")
-    if required and (steps in (None, -1)) and (epochs in (None, -1)):
-        raise ValueError(
-            f"no per-stage budget{where}: set trainer max_steps (optimizer steps per stage) or max_epochs, "
-            "or max_steps on the domain"
-        )

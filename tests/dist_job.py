@@ -21,6 +21,7 @@ Scenarios (``fsdp2`` all; ``fsdp1`` all but ``lora_bf16``; ``ddp`` the first onl
   on both ranks (each rank writes ``nan-rank<r>.json``).
 * ``bf16``: FSDP2 with ``fsdp_mixed_precision="bf16"``, FSDP1 with a bf16 ``MixedPrecision`` policy;
   ``lora_bf16``: FSDP2 bf16 with LoRA only.
+* ``mix`` (``fsdp2``, ``fsdp1``): the ``ref`` run with CRMA's ``mix`` form (:data:`MIX_CRMA`).
 * ``replay``, ``ewc`` (``fsdp2`` and ``ddp``): the continual methods (:data:`METHODS`) on a shared LoRA.
 """
 
@@ -58,12 +59,21 @@ METHODS = {
 }
 
 
+MIX_CRMA = {"form": "mix", "g_max": 0.5}
+"""The ``mix`` scenario's CRMA: the orthonormal-row (QR) read projection, a gate up to 0.5."""
+
+
 def make_model(
-    mixed_precision: str | None = None, adapter: str = "crma", dtype: str = "float32", method: str | None = None
+    mixed_precision: str | None = None,
+    adapter: str = "crma",
+    dtype: str = "float32",
+    method: str | None = None,
+    crma: dict | None = None,
 ) -> ContinualLM:
     name, kwargs = METHODS[method] if method else (None, {})
     return ContinualLM(
         dtype=dtype,
+        crma=crma,
         model_config=TINY,
         adapter="lora" if method else adapter,
         task_adapters="shared" if method else "per_task",
@@ -157,6 +167,7 @@ def run(
     adapter="crma",
     dtype="float32",
     method=None,
+    crma=None,
     **kwargs,
 ):
     """One continual run (``method``: a key of :data:`METHODS`); returns the final report and the model."""
@@ -164,7 +175,7 @@ def run(
     runner = ContinualRunner(
         run_dir=run_dir, trainer_kwargs=trainer_kwargs(strategy), callbacks=callbacks, seed=0, **kwargs
     )
-    model = make_model(mixed_precision, adapter, dtype, method)
+    model = make_model(mixed_precision, adapter, dtype, method, crma)
     return runner.run(model, make_data(world)), model
 
 
@@ -247,6 +258,7 @@ def main(strategy: str, out: Path) -> None:
         result["boundary"] = run(out / "boundary", strategy, resume=str(stage1))[0]["loss_matrix"]["values"]
         _, nan_model = run(out / "nan", strategy, callbacks=[NaNGradient(rank=1, step=1)])
         (out / f"nan-rank{rank}.json").write_text(json.dumps(nan_model.nonfinite.state_dict()))
+        result["mix"] = run(out / "mix", strategy, crma=MIX_CRMA)[0]["loss_matrix"]["values"]
     if strategy == "fsdp1":
         report, bf16_model = run(out / "bf16", "fsdp1_bf16")
         result["bf16"] = report["loss_matrix"]["values"]

@@ -10,7 +10,7 @@ from conftest import TINY_LLAMA_CONFIG, tiny_llama
 from torch import nn
 
 from crma_lightning.adapters import LoRAConfig, LoRALinear, add_lora_adapter, attach_adapters, lora_layers
-from crma_lightning.adapters.inject import active_adapter_names, set_active_adapters
+from crma_lightning.adapters.switching import active_adapter_names, set_active_adapters
 from crma_lightning.data import Collator
 from crma_lightning.methods import EWC, METHODS, OLoRA, Replay, build_method, fisher_diagonal
 from crma_lightning.methods.base import lm_loss

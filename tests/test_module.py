@@ -287,3 +287,16 @@ def test_load_from_checkpoint_rebuilds_the_module(tmp_path):
     assert restored.lora_config == m.lora_config and restored.tasks == ["a"]
     x = batches(1)[0]["input_ids"]
     assert torch.equal(restored(x), m(x))
+
+
+def test_load_from_checkpoint_rebuilds_the_method_from_its_hyperparameters(tmp_path):
+    from crma_lightning.methods import EWC
+
+    m = make(adapter="lora", task_adapters="shared", method=EWC(lam=5.0, fisher_samples=3, online=True))
+    m.begin_task("a")
+    trainer = fit(m, batches(2), steps=1)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    restored = ContinualLM.load_from_checkpoint(path, weights_only=True)
+    assert isinstance(restored.method, EWC) and restored.method.config() == m.method.config()
+    assert restored.hparams["method"] == {"name": "ewc", "lam": 5.0, "fisher_samples": 3, "online": True, "gamma": 1.0}

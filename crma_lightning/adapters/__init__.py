@@ -9,23 +9,15 @@ from crma_lightning.adapters.inject import (
     ADAPTER_TYPES,
     AttachedAdapters,
     adapter_parameter_names,
-    add_lora_adapter,
     attach_adapters,
     crma_adapters,
-    delete_lora_adapter,
     detach_adapters,
     find_decoder_layers,
     hidden_size_of,
     linear_module_names,
     lora_adapter_names,
     lora_layers,
-    merge_lora,
     resolve_lora_targets,
-    set_active_adapter,
-    set_adapter_trainable,
-    set_crma_enabled,
-    set_crma_trainable,
-    unmerge_lora,
 )
 from crma_lightning.adapters.lora import LoRAConfig, LoRALinear, check_adapter_name
 from crma_lightning.adapters.serialization import (
@@ -34,6 +26,18 @@ from crma_lightning.adapters.serialization import (
     load_adapters,
     read_adapter_metadata,
     save_adapters,
+)
+from crma_lightning.adapters.switching import (
+    active_adapter_names,
+    add_lora_adapter,
+    delete_lora_adapter,
+    merge_lora,
+    set_active_adapter,
+    set_active_adapters,
+    set_adapter_trainable,
+    set_crma_enabled,
+    set_crma_trainable,
+    unmerge_lora,
 )
 
 __all__ = [
@@ -44,6 +48,7 @@ __all__ = [
     "CRMAConfig",
     "LoRAConfig",
     "LoRALinear",
+    "active_adapter_names",
     "adapter_parameter_names",
     "adapter_state_dict",
     "add_lora_adapter",
@@ -64,6 +69,7 @@ __all__ = [
     "resolve_lora_targets",
     "save_adapters",
     "set_active_adapter",
+    "set_active_adapters",
     "set_adapter_trainable",
     "set_crma_enabled",
     "set_crma_trainable",

@@ -1,9 +1,10 @@
-"""Attach LoRA / CRMA adapters to a Hugging Face causal LM, and manage them once attached.
+"""Attach LoRA / CRMA adapters to a Hugging Face causal LM, and find them once attached.
 
 Everything is validated before the model is touched: a bad adapter type, rank, target pattern
 or stream size raises ``ValueError`` naming the bad value and the valid choices, and the model
 is left exactly as it was. After attaching, the base model is frozen and exactly the adapter
-parameters are trainable. Pure PyTorch: no Lightning import here.
+parameters are trainable. Switching, freezing and merging named adapters: :mod:`.switching`.
+Pure PyTorch: no Lightning import here.
 """
 
 from __future__ import annotations
@@ -278,94 +279,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-# ---------------------------------------------------------------------- the adapter bank
-def add_lora_adapter(model: nn.Module, name: str, config: LoRAConfig, trainable: bool = True) -> None:
-    """Add LoRA adapter ``name`` to every LoRA layer (it does not become active)."""
-    check_adapter_name(name)
-    config.validate()
-    layers = list(lora_layers(model))
-    if not layers:
-        raise ValueError("the model has no LoRA layers; attach_adapters() first")
-    if name in layers[0][1].lora_A:
-        raise ValueError(f"LoRA adapter {name!r} already exists; existing adapters: {lora_adapter_names(model)}")
-    for _, layer in layers:
-        layer.add_adapter(name, config)
-        layer.set_trainable(name, trainable)
-
-
-def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Activate LoRA adapter ``name`` in every LoRA layer (``None``: LoRA off)."""
-    existing = lora_adapter_names(model)
-    if name is not None and name not in existing:
-        raise ValueError(f"unknown LoRA adapter {name!r}; existing adapters: {existing}")
-    for _, layer in lora_layers(model):
-        layer.set_adapter(name)
-
-
-def set_active_adapters(model: nn.Module, names: Sequence[str]) -> None:
-    """Activate every LoRA adapter in ``names`` at once in every LoRA layer; their updates are summed.
-
-    O-LoRA keeps all earlier task adapters active (and frozen) next to the new one. ``[]`` turns LoRA
-    off; one name is the same as :func:`set_active_adapter`.
-    """
-    existing = lora_adapter_names(model)
-    unknown = [n for n in names if n not in existing]
-    if unknown:
-        raise ValueError(f"unknown LoRA adapter(s) {unknown}; existing adapters: {existing}")
-    for _, layer in lora_layers(model):
-        layer.set_active_adapters(list(names))
-
-
-def active_adapter_names(model: nn.Module) -> list[str]:
-    """Names of the LoRA adapters active in the model (taken from the first LoRA layer; all layers agree)."""
-    for _, layer in lora_layers(model):
-        return layer.active_adapters
-    return []
-
-
-def set_adapter_trainable(model: nn.Module, name: str, trainable: bool) -> None:
-    """Freeze or unfreeze LoRA adapter ``name`` everywhere."""
-    existing = lora_adapter_names(model)
-    if name not in existing:
-        raise ValueError(f"unknown LoRA adapter {name!r}; existing adapters: {existing}")
-    for _, layer in lora_layers(model):
-        layer.set_trainable(name, trainable)
-
-
-def delete_lora_adapter(model: nn.Module, name: str) -> None:
-    """Delete LoRA adapter ``name`` everywhere."""
-    existing = lora_adapter_names(model)
-    if name not in existing:
-        raise ValueError(f"unknown LoRA adapter {name!r}; existing adapters: {existing}")
-    for _, layer in lora_layers(model):
-        layer.delete_adapter(name)
-
-
-def set_crma_enabled(model: nn.Module, enabled: bool) -> None:
-    """Turn every CRMA block on or off (off: exactly the base decoder layers)."""
-    for module in model.modules():
-        if isinstance(module, CRMABlock):
-            module.enabled = enabled
-
-
-def set_crma_trainable(model: nn.Module, trainable: bool) -> None:
-    """Freeze or unfreeze every CRMA adapter."""
-    for _, module in crma_adapters(model):
-        module.requires_grad_(trainable)
-
-
-def merge_lora(model: nn.Module, name: str | None = None) -> None:
-    """Fold LoRA adapter ``name`` (default: the active one) into the base weights."""
-    for _, layer in lora_layers(model):
-        layer.merge(name)
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    """Undo :func:`merge_lora`."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
 
 
 def adapter_parameter_names(model: nn.Module) -> list[str]:

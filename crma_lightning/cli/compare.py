@@ -72,7 +72,7 @@ def run_compare(args: list[str]) -> None:
         save_comparison_chart(str(out / "comparison.png"), names, panels)
         written.append("comparison.png")
     except ImportError:
-        print("matplotlib is not installed: no comparison.png (pip install 'crma-lightning[plot]')")
+        print("matplotlib is not importable: no comparison.png (pip install matplotlib)")
     print(f"Written to {out}: {', '.join(written)}")
 
 

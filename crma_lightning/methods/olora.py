@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from crma_lightning.adapters.inject import lora_adapter_names, lora_layers, set_active_adapters, set_adapter_trainable
+from crma_lightning.adapters.inject import lora_adapter_names, lora_layers
+from crma_lightning.adapters.switching import set_active_adapters, set_adapter_trainable
 from crma_lightning.methods.base import Batch, ContinualMethod, adapter_name, check_number, inner_model
 
 
