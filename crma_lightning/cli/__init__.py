@@ -25,7 +25,7 @@ from crma_lightning import __version__, _compat
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("crma_lightning.cli.fit:run_fit", "train on every domain in turn, evaluating all domains after each stage"),
     "evaluate": ("crma_lightning.cli.evaluate:run_evaluate", "re-evaluate a run: loss matrix, forgetting metrics"),
-    "generate": ("crma_lightning.cli.generate:run_generate", "text from a run with one task's adapter"),
+    "generate": ("crma_lightning.cli.generate:run_generate", "text from a run: one task's adapter, or --routing"),
     "export": ("crma_lightning.cli.export:run_export", "a task's adapter as PEFT or a merged HF model"),
     "compare": ("crma_lightning.cli.compare:run_compare", "one table across runs, and their settings"),
 }
