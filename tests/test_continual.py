@@ -24,7 +24,7 @@ TRAINER = {
 }
 
 
-def make_model(adapter="lora", task_adapters="per_task", lr=0.01):
+def make_model(adapter="lora", task_adapters="per_task", lr=0.01, crma=None):
     from functools import partial
 
     return ContinualLM(
@@ -32,6 +32,7 @@ def make_model(adapter="lora", task_adapters="per_task", lr=0.01):
         adapter=adapter,
         task_adapters=task_adapters,
         optimizer=partial(torch.optim.AdamW, lr=lr),
+        crma=crma,
     )
 
 
@@ -41,9 +42,9 @@ def make_data(domains=DOMAINS):
     )
 
 
-def run(tmp_path, adapter="lora", task_adapters="per_task", callbacks=None, name="run", **kw):
+def run(tmp_path, adapter="lora", task_adapters="per_task", callbacks=None, name="run", crma=None, **kw):
     runner = ContinualRunner(run_dir=tmp_path / name, trainer_kwargs=dict(TRAINER), callbacks=callbacks, **kw)
-    model = make_model(adapter, task_adapters)
+    model = make_model(adapter, task_adapters, crma=crma)
     report = runner.run(model, make_data())
     return runner, model, report
 
@@ -149,6 +150,32 @@ def test_crash_in_stage_two_resumes_to_the_same_results(tmp_path, every):
         return [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")]
 
     assert curve("crash") == curve("ref")
+
+
+def test_mix_form_resumes_mid_stage_to_the_same_results(tmp_path):
+    # The mix form's read projection is a QR of R~ and its optimizer state lives on R~: a mid-stage resume
+    # must land on the uninterrupted run's numbers, and the files must say which form they hold.
+    mix = {"form": "mix", "g_max": 0.5}
+    _, _, reference = run(tmp_path, "crma", "per_task", name="ref", crma=mix)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(
+            tmp_path,
+            "crma",
+            "per_task",
+            callbacks=[_Crash("code", 2)],
+            name="crash",
+            checkpoint_every_n_steps=1,
+            crma=mix,
+        )
+    _, _, resumed = run(tmp_path, "crma", "per_task", name="crash", crma=mix)
+    for a, b in zip(reference["loss_matrix"]["values"], resumed["loss_matrix"]["values"]):
+        assert a == pytest.approx(b, abs=1e-6)
+    from crma_lightning.adapters import read_adapter_metadata
+
+    saved = read_adapter_metadata(tmp_path / "crash" / "adapters" / "stage-03-arithmetic.safetensors")
+    assert (saved["crma"]["form"], saved["crma"]["g_max"]) == ("mix", 0.5)
+    with pytest.raises(ValueError, match="form"):  # the write form cannot resume the mix form's checkpoints
+        run(tmp_path, "crma", "per_task", name="crash", crma={"form": "write"})
 
 
 def test_stage_checkpoint_holds_no_base_weights(tmp_path):
