@@ -415,3 +415,16 @@ def test_registry_builds_methods_and_names_bad_input():
         build_method("ewc", **{"lambda": 1.0})
     with pytest.raises(ValueError, match="online='yes'"):
         build_method("ewc", online="yes")
+
+
+def test_replay_state_keeps_labels_only_for_masked_rows():
+    replay = Replay(buffer_size=6, ratio=0.5)
+    text = _rows(1, 3)
+    masked = [{"input_ids": [7, 8, 9, 10], "scored": [False, False, True, True]}, {"input_ids": [5, 6, 7]}]
+    replay.add_domain("a", text, 0)
+    replay.add_domain("b", masked, 1)
+    state = _roundtrip(replay.state_dict())
+    assert state["labels"].tolist() == [-100, -100, 9, 10]  # the masked row alone; text rows store ids once
+    restored = Replay(buffer_size=6, ratio=0.5)
+    restored.load_state_dict(state)
+    assert restored.buffer == replay.buffer

@@ -249,7 +249,7 @@ class Replay(ContinualMethod):
     def state_dict(self) -> dict[str, Any]:
         lengths = [len(row["input_ids"]) for _, row in self.buffer]
         ids = [t for _, row in self.buffer for t in row["input_ids"]]
-        labels = [t for _, row in self.buffer for t in row.get("labels", row["input_ids"])]
+        labels = [t for _, row in self.buffer if "labels" in row for t in row["labels"]]  # only rows that have them
         return {
             "config": self.config(),
             "domains": list(self.domains),
@@ -258,19 +258,20 @@ class Replay(ContinualMethod):
             "slot_domains": [d for d, _ in self.buffer],
             "lengths": torch.tensor(lengths, dtype=torch.long),  # (m,)
             "input_ids": torch.tensor(ids, dtype=torch.long),  # (Σ lengths,) the rows, concatenated
-            "labels": torch.tensor(labels, dtype=torch.long),  # (Σ lengths,) input_ids where a row had none
+            "labels": torch.tensor(labels, dtype=torch.long),  # (Σ lengths of the rows with labels,)
             "has_labels": torch.tensor([("labels" in row) for _, row in self.buffer], dtype=torch.bool),  # (m,)
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._check_config(state)
-        ids = state["input_ids"].split(state["lengths"].tolist())
-        labels = state["labels"].split(state["lengths"].tolist())
+        lengths, has_labels = state["lengths"].tolist(), state["has_labels"].tolist()
+        ids = state["input_ids"].split(lengths)
+        labelled = iter(state["labels"].split([n for n, has in zip(lengths, has_labels, strict=True) if has]))
         self.buffer = []
-        for d, x, y, has in zip(state["slot_domains"], ids, labels, state["has_labels"].tolist(), strict=True):
+        for d, x, has in zip(state["slot_domains"], ids, has_labels, strict=True):
             row: Row = {"input_ids": x.tolist()}
             if has:
-                row["labels"] = y.tolist()
+                row["labels"] = next(labelled).tolist()
             self.buffer.append((d, row))
         self.domains, self.seen, self.capacity = list(state["domains"]), int(state["seen"]), int(state["capacity"])
 
