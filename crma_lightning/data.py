@@ -49,10 +49,6 @@ def _source_identity(spec: DomainSpec) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k != "max_steps" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
 # ---------------------------------------------------------------------- the DataModule
 class SequentialDomainDataModule(L.LightningDataModule):
     """An ordered list of domains; stage ``i`` trains on domain ``i`` and validates on the seen ones.
@@ -267,9 +263,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
     def _has_trainer(self) -> bool:
         return getattr(self, "trainer", None) is not None
 
-    def fisher_batches(
-        self, stage: int, max_batches: int | None = None, device: torch.device | None = None
-    ) -> Iterator[dict[str, Any]]:
+    def fisher_batches(self, stage: int, max_batches: int | None = None) -> Iterator[dict[str, Any]]:
         """Collated training batches of ``stage``'s domain in a fixed order, the same on every rank (lazy).
 
         For a method's end-of-stage estimate (EWC's Fisher): batches of ``batch_size x world size`` rows
@@ -284,7 +278,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         count = len(rows) // size if max_batches is None else min(max_batches, len(rows) // size)
         for b in range(count):
             batch = collate([rows[i] for i in order[b * size : (b + 1) * size].tolist()])
-            yield batch if device is None else {k: _to(v, device) for k, v in batch.items()}
+            yield batch
 
     def val_dataloader(self) -> list[Any]:
         """One loader per evaluated domain; every rank gets as many batches (padding adds zero tokens)."""

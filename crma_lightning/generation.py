@@ -90,9 +90,12 @@ class TaskGeneration:
     def route(self, prompt: str, tasks: list[str] | None = None) -> tuple[str, dict[str, float]]:
         """The task whose adapter gives ``prompt`` the lowest mean loss (perplexity routing), and each task's loss.
 
-        ``tasks``: the candidates (default: every task up to the current one). The active adapter is restored.
+        ``tasks``: the candidates (default: every task up to the current one, or all when none is current).
+        The active adapter is restored.
         """
-        tasks = list(tasks) if tasks is not None else self.tasks[: self.tasks.index(self.current_task) + 1]
+        if tasks is None:  # the tasks trained so far (all of them when none is current, e.g. after loading)
+            current = self.current_task
+            tasks = self.tasks if current is None else self.tasks[: self.tasks.index(current) + 1]
         previous = self.current_task
         try:
             candidates = {t: (lambda t=t: self.activate_task(t)) for t in tasks}

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from crma_lightning.methods import ContinualMethod, build_method
+from crma_lightning.parallel.dist import has_dtensors
 
 CHECKPOINT_KEY = "continual_method"
 
@@ -110,8 +111,7 @@ def end_task(
         return
     trainer = getattr(module, "_trainer", None)
     device = getattr(getattr(trainer, "strategy", None), "root_device", None)
-    sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
-    if device is not None and device != module.device and not sharded:
+    if device is not None and device != module.device and not has_dtensors(module):
         module.to(device)
     batches = (_to_device(b, module.device) for b in (train_batches or ()))
     method.on_task_end(module, task, index, batches, train_rows)

@@ -117,11 +117,16 @@ class RoutedEvaluation(L.Callback):
         )
         domain = batch["domain"]
         own = BASE if self._row == 0 else self._own.get(domain)  # None: a domain not trained yet
-        real = (batch["labels"][:, 1 : self.prefix_tokens] != -100).any(dim=1).tolist()  # not padding rows
-        correct = sum(r and c == own for r, c in zip(real, routed.choices, strict=True))
-        oracle = routed.scored_sums[:, labels.index(own)].sum() if own is not None else routed.loss_sum.new_zeros(())
-        values = [routed.loss_sum, oracle, routed.tokens, correct, sum(real)]
-        row = torch.tensor([float(v) for v in values], dtype=torch.float64, device=pl_module.device)
+        # Counted on the device (no host sync per batch): rows with a prefix target are real (not padding).
+        real = (batch["labels"][:, 1 : self.prefix_tokens] != -100).any(dim=1).to(routed.prefix_losses.device)
+        if own is None:  # a domain not trained yet: nothing counts as correct, no oracle loss
+            correct, oracle = real.new_zeros(()), routed.loss_sum.new_zeros(())
+        else:
+            k = labels.index(own)
+            correct = (real & (routed.prefix_losses.argmin(dim=1) == k)).sum()  # the choice route_batch made
+            oracle = routed.scored_sums[:, k].sum()
+        values = [routed.loss_sum, oracle, routed.tokens, correct, real.sum()]
+        row = torch.stack([v.to(device=pl_module.device, dtype=torch.float64) for v in values])
         self._sums[domain] = self._sums.get(domain, torch.zeros_like(row)) + row
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

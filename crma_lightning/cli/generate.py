@@ -72,13 +72,16 @@ def run_generate(args: list[str]) -> None:
         kwargs["do_sample"] = True
     trained = run.domains[: ckpt_info.stage]
     routes = [model.route(p, trained) if opts.routing else (opts.task, None) for p in opts.prompt]
-    texts = []
-    for prompt, (task, _) in zip(opts.prompt, routes):
-        torch.manual_seed(opts.seed)  # each prompt samples as it would alone
+    texts: list[str] = [""] * len(opts.prompt)
+    torch.manual_seed(opts.seed)
+    for task in dict.fromkeys(t for t, _ in routes):  # one batch per task (one batch without --routing)
+        rows = [i for i, (t, _) in enumerate(routes) if t == task]
         try:
-            texts += model.generate(prompt, task=task, **kwargs)
+            out = model.generate([opts.prompt[i] for i in rows], task=task, **kwargs)
         except (TypeError, ValueError) as err:  # transformers' own check of the generation options
             raise ValueError(f"generation options {kwargs} are invalid: {err}") from err
+        for i, text in zip(rows, out, strict=True):
+            texts[i] = text
     if opts.json:
         out = [
             {"prompt": p, "text": t, "task": task, **({"prompt_losses": losses} if losses else {})}
