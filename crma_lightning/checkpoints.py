@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 
 from crma_lightning.adapters.inject import adapter_parameter_names
 from crma_lightning.adapters.serialization import write_adapter_file
+from crma_lightning.compatibility import check_compatible
 from crma_lightning.manifest import DamagedFile, Manifest
 from crma_lightning.parallel.dist import is_global_zero
 from crma_lightning.parallel.gather import clean_parameter_name
@@ -303,39 +304,6 @@ class CheckpointStore:
 
 def _stage_name(stage: int, domain: str) -> str:
     return f"{STAGE_PREFIX}{stage + 1:02d}-{domain}"
-
-
-def identity_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """``"key: checkpoint X vs now Y"`` for every key of ``current`` whose saved value differs.
-
-    The one comparison of identities: the model's (``ContinualLM.identity``), the data's
-    (``SequentialDomainDataModule.identity``) and the run's domains all go through it.
-    """
-    return [
-        f"{prefix}{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
-        for key, value in current.items()
-        if saved.get(key) != value
-    ]
-
-
-def check_compatible(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
-    """Raise ``ValueError`` listing every setting where checkpoint ``path`` and this run differ.
-
-    ``identity`` holds ``domains``, ``model`` and ``data`` (see :func:`identity_differences`);
-    ``saved`` is the run state stored in the checkpoint.
-    """
-    saved_identity = saved.get("identity", {})
-    saved_domains = saved_identity.get("domains", saved.get("domains"))
-    problems = identity_differences({"domains": saved_domains}, {"domains": identity["domains"]})
-    problems += identity_differences(saved_identity.get("model", {}), identity["model"])
-    if saved_identity.get("data") is not None:  # absent from checkpoints written before it was recorded
-        problems += identity_differences(saved_identity["data"], identity["data"], prefix="data.")
-    if problems:
-        raise ValueError(
-            f"cannot resume from {path}: the configuration changed in a way that matters ("
-            + "; ".join(problems)
-            + "). Use the original configuration, or a new run_dir."
-        )
 
 
 def unreadable(path: Path, err: BaseException) -> str:

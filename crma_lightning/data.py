@@ -22,6 +22,7 @@ from crma_lightning.domains import (
     as_domain_spec,
     describe_row,
     load_raw,
+    source_identity,
     validate_domains,
 )
 from crma_lightning.prepared import prepare_domain
@@ -38,15 +39,6 @@ from crma_lightning.tokenizer import load_tokenizer
 
 EVAL_DOMAINS = ("seen", "all")
 DEFAULT_DOMAINS = ("prose", "code", "arithmetic", "unicode")
-
-
-# Fields added after checkpoints recorded sources: left out while at their defaults, so older runs resume.
-_LATER_FIELDS = {"prompt_field": None, "response_field": None, "messages_field": "messages"}
-
-
-def _source_identity(spec: DomainSpec) -> dict[str, Any]:
-    fields = asdict(spec)
-    return {k: v for k, v in fields.items() if k != "max_steps" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
 
 # ---------------------------------------------------------------------- the DataModule
@@ -314,7 +306,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
             "max_eval_rows": self.max_eval_rows,
             "eval_domains": self.eval_domains,
             "seed": self.seed,
-            "sources": [_source_identity(s) for s in self.specs],
+            "sources": [source_identity(s) for s in self.specs],
         }
 
     def state_dict(self) -> dict[str, Any]:

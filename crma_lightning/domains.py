@@ -28,8 +28,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from datasets import Dataset, load_dataset
@@ -294,3 +295,13 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
     if spec.max_examples is not None:
         train = train.select(range(min(spec.max_examples, len(train))))
     return train, holdout
+
+
+# Fields added after checkpoints recorded sources: left out while at their defaults, so older runs resume.
+_LATER_FIELDS = {"prompt_field": None, "response_field": None, "messages_field": "messages"}
+
+
+def source_identity(spec: DomainSpec) -> dict[str, Any]:
+    """The fields of ``spec`` that define its data (a resume must agree on them); budgets are left out."""
+    fields = asdict(spec)
+    return {k: v for k, v in fields.items() if k != "max_steps" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}

@@ -32,7 +32,7 @@ from crma_lightning.adapter_state import AdapterStateMixin
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.base_model import build_model, load_model_tokenizer
 from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
-from crma_lightning.checkpoints import identity_differences
+from crma_lightning.compatibility import identity_differences
 from crma_lightning.generation import TaskGeneration
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard

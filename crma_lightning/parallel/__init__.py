@@ -1,7 +1,8 @@
 """Multi-device training: FSDP2/FSDP1 layouts, gathering, and the Lightning strategies that use them.
 
-``dist``, ``gather``, ``fsdp1``, ``fsdp2`` and ``export`` are pure torch; ``strategies`` holds the
-Lightning strategies (imported lazily, so that the pure helpers do not pull in Lightning). In YAML:
+``dist``, ``gather``, ``fsdp1``, ``fsdp2`` and ``export`` are pure torch; ``strategies`` and
+``fsdp1_strategy`` hold the Lightning strategies (imported lazily, so that the pure helpers do not pull
+in Lightning). In YAML:
 ``trainer.strategy.class_path: crma_lightning.parallel.AdapterModelParallelStrategy``.
 """
 
@@ -12,8 +13,8 @@ from typing import Any
 
 _LAZY = {
     "AdapterModelParallelStrategy": "crma_lightning.parallel.strategies",
-    "AdapterFSDPStrategy": "crma_lightning.parallel.strategies",
-    "KeepDtypesFSDPPrecision": "crma_lightning.parallel.strategies",
+    "AdapterFSDPStrategy": "crma_lightning.parallel.fsdp1_strategy",
+    "KeepDtypesFSDPPrecision": "crma_lightning.parallel.fsdp1_strategy",
     "AdapterCheckpointing": "crma_lightning.parallel.strategies",
     "export_adapters": "crma_lightning.parallel.export",
 }

@@ -1,6 +1,6 @@
 """FSDP1 (``FullyShardedDataParallel``) for a ``ContinualLM``'s model: units, gathering, optimizer state.
 
-Called by :class:`~crma_lightning.parallel.strategies.AdapterFSDPStrategy` (and, with a warning,
+Called by :class:`~crma_lightning.parallel.fsdp1_strategy.AdapterFSDPStrategy` (and, with a warning,
 under Lightning's plain ``FSDPStrategy``) from ``ContinualLM.configure_model``. Every function that
 unshards is a collective: every rank calls it with the same arguments.
 """
@@ -34,7 +34,7 @@ def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.
     every forward.
 
     Do not also set the strategy's ``auto_wrap_policy`` (the wrapping is done here). Use it with
-    :class:`~crma_lightning.parallel.strategies.AdapterFSDPStrategy`, whose checkpoints gather only the
+    :class:`~crma_lightning.parallel.fsdp1_strategy.AdapterFSDPStrategy`, whose checkpoints gather only the
     adapter units (:func:`fsdp1_gather_params`).
     """
     from torch.distributed.fsdp import FullyShardedDataParallel

@@ -1,0 +1,43 @@
+"""Whether a checkpoint may be resumed into this run: one comparison of identities, one error message.
+
+An identity is a small dict of the settings that change what a checkpoint means: the model's
+(``ContinualLM.identity``), the data's (``SequentialDomainDataModule.identity``) and the run's domains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: checkpoint X vs now Y"`` for every key of ``current`` whose saved value differs.
+
+    The one comparison of identities: the model's (``ContinualLM.identity``), the data's
+    (``SequentialDomainDataModule.identity``) and the run's domains all go through it.
+    """
+    return [
+        f"{prefix}{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
+        for key, value in current.items()
+        if saved.get(key) != value
+    ]
+
+
+def check_compatible(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    """Raise ``ValueError`` listing every setting where checkpoint ``path`` and this run differ.
+
+    ``identity`` holds ``domains``, ``model`` and ``data`` (see :func:`identity_differences`);
+    ``saved`` is the run state stored in the checkpoint.
+    """
+    saved_identity = saved.get("identity", {})
+    saved_domains = saved_identity.get("domains", saved.get("domains"))
+    problems = identity_differences({"domains": saved_domains}, {"domains": identity["domains"]})
+    problems += identity_differences(saved_identity.get("model", {}), identity["model"])
+    if saved_identity.get("data") is not None:  # absent from checkpoints written before it was recorded
+        problems += identity_differences(saved_identity["data"], identity["data"], prefix="data.")
+    if problems:
+        raise ValueError(
+            f"cannot resume from {path}: the configuration changed in a way that matters ("
+            + "; ".join(problems)
+            + "). Use the original configuration, or a new run_dir."
+        )
