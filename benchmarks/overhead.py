@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -31,6 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.adapters.crma import FORMS, NORMS
+from crma_lightning.adapters.crma_batch import per_block_factors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crma-norm", default="spectral", choices=NORMS)
     p.add_argument("--crma-iters", type=int, default=CRMAConfig.sinkhorn_iters, help="Sinkhorn iterations")
     p.add_argument("--no-peft", action="store_true", help="time only our LoRA and LoRA+CRMA")
+    p.add_argument(
+        "--per-block",
+        action="store_true",
+        help="also time LoRA+CRMA with every block computing its own factors (the scheme before batching)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument(
         "--widths",
@@ -105,6 +112,9 @@ def build_variants(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     crma = CRMAConfig(form=args.crma_form, norm=args.crma_norm, sinkhorn_iters=args.crma_iters)
     attach_adapters(ours_crma, "crma", LoRAConfig(**vars(lora)), crma)
     variants = {"lora": ours_lora, "crma": ours_crma}
+    if args.per_block:
+        variants["crma_per_block"] = build_base(args)
+        attach_adapters(variants["crma_per_block"], "crma", LoRAConfig(**vars(lora)), crma)
     if not args.no_peft:
         peft_cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets_of(args))
         variants["peft_lora"] = get_peft_model(build_base(args), peft_cfg)
@@ -118,14 +128,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(model: torch.nn.Module, ids: torch.Tensor, lr: float):
+def make_step(model: torch.nn.Module, ids: torch.Tensor, lr: float, per_block: bool = False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with per_block_factors() if per_block else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         opt.step()
         return loss.detach()
 
@@ -150,13 +161,20 @@ def sweep(args: argparse.Namespace) -> dict:
         print(f"\n=== hidden {width} ===")
         results[width] = measure(run)
     print(f"\nCRMA ({args.crma_form}, {args.crma_norm}) / LoRA by width, {args.dtype} on {args.device}:")
-    print("| hidden | LoRA median ms | LoRA+CRMA median ms | CRMA/LoRA (ratio of medians) | (median paired) |")
-    print("|---:|---:|---:|---:|---:|")
+    extra = " CRMA per block/LoRA (ratio of medians) | (median paired) |" if args.per_block else ""
+    print(f"| hidden | LoRA median ms | LoRA+CRMA median ms | CRMA/LoRA (ratio of medians) | (median paired) |{extra}")
+    print("|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.per_block else ""))
     for width, r in results.items():
-        print(
+        row = (
             f"| {width} | {r['median_ms']['lora']:.1f} | {r['median_ms']['crma']:.1f} | "
             f"{r['ratio_of_medians']['crma_over_lora']:.3f} | {r['median_paired_ratio']['crma_over_lora']:.3f} |"
         )
+        if args.per_block:
+            row += (
+                f" {r['ratio_of_medians']['crma_per_block_over_lora']:.3f} |"
+                f" {r['median_paired_ratio']['crma_per_block_over_lora']:.3f} |"
+            )
+        print(row)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({str(w): r for w, r in results.items()}, indent=2))
@@ -171,7 +189,7 @@ def measure(args: argparse.Namespace) -> dict:
     variants = build_variants(args)
     steps, trainable = {}, {}
     for name, model in variants.items():
-        steps[name], trainable[name] = make_step(model, ids, args.lr)
+        steps[name], trainable[name] = make_step(model, ids, args.lr, per_block=name == "crma_per_block")
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(steps)
     for i in range(args.warmup + args.steps):
@@ -188,6 +206,11 @@ def measure(args: argparse.Namespace) -> dict:
     median = {name: statistics.median(t) for name, t in times.items()}
     paired = {"crma_over_lora": statistics.median(c / a for a, c in zip(times["lora"], times["crma"]))}
     ratios = {"crma_over_lora": median["crma"] / median["lora"]}
+    if "crma_per_block" in times:
+        paired["crma_per_block_over_lora"] = statistics.median(
+            c / a for a, c in zip(times["lora"], times["crma_per_block"])
+        )
+        ratios["crma_per_block_over_lora"] = median["crma_per_block"] / median["lora"]
     if "peft_lora" in times:
         paired["ours_over_peft"] = statistics.median(a / p for a, p in zip(times["lora"], times["peft_lora"]))
         ratios["ours_over_peft"] = median["lora"] / median["peft_lora"]
@@ -204,7 +227,7 @@ def measure(args: argparse.Namespace) -> dict:
         "times_ms": times,
         "ratio_of_medians": ratios,
         "median_paired_ratio": paired,
-        "targets": {"crma_over_lora": 1.05, "ours_over_peft": 1.00},
+        "targets": {"crma_over_lora": 1.05, "crma_per_block_over_lora": 1.05, "ours_over_peft": 1.00},
     }
 
     print(
@@ -216,12 +239,22 @@ def measure(args: argparse.Namespace) -> dict:
     )
     print(f"| {'variant':<22} | {'trainable params':>16} | {'median ms':>10} | {'min ms':>9} |")
     print(f"|{'-' * 24}|{'-' * 17}:|{'-' * 11}:|{'-' * 10}:|")
-    labels = {"lora": "ours LoRA", "crma": "ours LoRA+CRMA", "peft_lora": "PEFT LoRA"}
+    labels = {
+        "lora": "ours LoRA",
+        "crma": "ours LoRA+CRMA",
+        "crma_per_block": "LoRA+CRMA, per block",
+        "peft_lora": "PEFT LoRA",
+    }
     for name in variants:
         print(
             f"| {labels[name]:<22} | {trainable[name]:>16,} | {median[name]:>10.1f} | {result['min_ms'][name]:>9.1f} |"
         )
-    for key, label in [("crma_over_lora", "CRMA / LoRA"), ("ours_over_peft", "ours / PEFT")]:
+    pairs = [
+        ("crma_over_lora", "CRMA / LoRA"),
+        ("crma_per_block_over_lora", "CRMA per block / LoRA"),
+        ("ours_over_peft", "ours / PEFT"),
+    ]
+    for key, label in pairs:
         if key not in ratios:
             continue
         target = result["targets"][key]

@@ -132,6 +132,15 @@ def foreach_norm(tensors: list[torch.Tensor], dtype: torch.dtype = torch.float32
     return [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
 
 
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The in-place version counter of ``tensor`` (``Tensor._version``, torch 1.x-2.13).
+
+    Every in-place change (an optimizer step, ``copy_`` from a loaded state dict) increments it; CRMA's
+    per-step factor cache (:mod:`crma_lightning.adapters.crma_batch`) uses it to never serve stale factors.
+    """
+    return int(tensor._version)
+
+
 def refresh_fsdp2_gradient_dtypes(module: torch.nn.Module, required: bool = True) -> bool:
     """Re-run FSDP2's ``FSDPParamGroup._init_mp_dtypes`` on an FSDP2 unit; ``False`` if it cannot.
 

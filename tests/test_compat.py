@@ -88,6 +88,15 @@ def test_foreach_norm_matches_per_tensor_norms():
         assert torch.allclose(n, t.float().norm(), rtol=1e-2)
 
 
+def test_tensor_version_counts_in_place_changes():
+    t = torch.zeros(3)
+    before = _compat.tensor_version(t)
+    t.add_(1)
+    assert _compat.tensor_version(t) == before + 1
+    t + 1  # out of place: unchanged
+    assert _compat.tensor_version(t) == before + 1
+
+
 @pytest.mark.distributed
 def test_refresh_fsdp2_gradient_dtypes_reaches_the_param_groups(tmp_path):
     import torch.distributed as dist

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crma_lightning.adapters.crma_batch import apply_step_factors
 from crma_lightning.adapters.matrices import frobenius_normalize, orthonormal_rows, sigma_max, spectral_normalize
 from crma_lightning.adapters.sinkhorn import sinkhorn
 
@@ -266,11 +267,14 @@ class CRMAAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Apply the adapter to hidden states ``h`` of shape ``(..., d)``; returns the same shape and dtype."""
-        read, write = self.factors()  # (n·k, d), (d, n·k)
-        effective = self.effective_write(write=write).to(h.dtype)  # (d, n·k)
         flat = h.reshape(-1, self.hidden_size)  # (tokens, d), a view for contiguous h
-        # addmm folds the residual add into the write matmul: h + s Eᵀ in one pass over h.
-        return torch.addmm(flat, F.linear(flat, read.to(h.dtype)), effective.mT).view(h.shape)
+        out = apply_step_factors(self, flat)  # with this step's factors, computed for all blocks at once
+        if out is None:  # called outside the model's forward, sharded, or parameters changed since
+            read, write = self.factors()  # (n·k, d), (d, n·k)
+            effective = self.effective_write(write=write).to(h.dtype)  # (d, n·k)
+            # addmm folds the residual add into the write matmul: h + s Eᵀ in one pass over h.
+            out = torch.addmm(flat, F.linear(flat, read.to(h.dtype)), effective.mT)
+        return out.view(h.shape)
 
     # ------------------------------------------------------------------ health
     @torch.no_grad()

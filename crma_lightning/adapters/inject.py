@@ -10,6 +10,7 @@ Pure PyTorch: no Lightning import here.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from crma_lightning.adapters.crma import CRMAAdapter, CRMABlock, CRMAConfig
+from crma_lightning.adapters.crma_batch import clear_step_factors, precompute_step_factors
 from crma_lightning.adapters.lora import LINEAR_TYPES, LoRAConfig, LoRALinear, check_adapter_name
 
 ADAPTER_TYPES = ("lora", "crma")
@@ -253,6 +255,8 @@ def attach_adapters(
                 if crma.init == "pissa":
                     crma_adapter.init_read_from(pissa_weights[i])
                 layers[i] = CRMABlock(layer, crma_adapter)
+            if model not in _STEP_HOOKS:
+                _STEP_HOOKS[model] = model.register_forward_pre_hook(crma_step_pre_hook)
     except BaseException:
         for name, module in originals.items():
             _set_submodule(model, name, module)
@@ -265,8 +269,26 @@ def attach_adapters(
     return result
 
 
+# model -> handle of its CRMA pre-forward hook (weak: a model is never kept alive by it)
+_STEP_HOOKS: weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle] = weakref.WeakKeyDictionary()
+
+
+def crma_step_pre_hook(model: nn.Module, args: object) -> None:
+    """Forward pre-hook: all enabled CRMA blocks' factors for this forward, batched (:mod:`.crma_batch`).
+
+    A plain module-level function (not a closure over the adapters), so a ``deepcopy`` of the model
+    computes its own adapters' factors. Adapters that are sharded keep computing their own.
+    """
+    adapters = [m.crma for m in model.modules() if isinstance(m, CRMABlock) and m.enabled]
+    precompute_step_factors(a for a in adapters if isinstance(a, CRMAAdapter))
+
+
 def detach_adapters(model: nn.Module) -> None:
     """Remove every adapter and put the original layers back (merged weights are unmerged first)."""
+    handle = _STEP_HOOKS.pop(model, None)
+    if handle is not None:
+        handle.remove()
+    clear_step_factors(module for _, module in crma_adapters(model))
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
         _set_submodule(model, name, layer.base_layer)

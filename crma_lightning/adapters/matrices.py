@@ -63,13 +63,13 @@ def frobenius_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
-    """``(a, b)`` with ``a <= b`` -> the matrix with orthonormal rows spanning the same row space, float32.
+    """``(..., a, b)`` with ``a <= b`` -> the matrix with orthonormal rows spanning the same row space, float32.
 
     ``Qᵀ`` from a reduced QR of ``xᵀ``, with column signs fixed so that the triangular factor has a
     non-negative diagonal: this makes the map unique and continuous (it equals the Gram-Schmidt of the
     rows of ``x``), and the identity on matrices that already have orthonormal rows. QR does not raise on
     NaN; the NaN propagates.
     """
-    q, r = torch.linalg.qr(x.float().mT)  # (b, a), (a, a)
-    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0)  # (a,); a zero diagonal keeps +1
-    return (q * sign).mT
+    q, r = torch.linalg.qr(x.float().mT)  # (..., b, a), (..., a, a)
+    sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0)  # (..., a); a zero diagonal keeps +1
+    return (q * sign.unsqueeze(-2)).mT

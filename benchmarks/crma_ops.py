@@ -1,0 +1,105 @@
+"""How many ops CRMA adds to a training step, and how that grows with depth (torch profiler, CPU or GPU).
+
+For each depth, two identical Llama-style models (same seed), one with LoRA and one with LoRA+CRMA (same
+LoRA), run one forward + backward under ``torch.profiler``; "ops CRMA adds" is the difference in recorded
+aten ops. Counted twice: every recorded op, and only the ops that do work (views, reshapes, transposes and
+other metadata-only ops left out: on a GPU they launch no kernel). CRMA's factors (Sinkhorn, norms,
+implicit backward) are computed for all blocks at once, so only the per-token part - two thin matmuls per
+block forward and their gradients - grows with depth; the ratio at 16 vs 4 layers shows how much.
+``--per-block`` measures the old scheme (every block computing its own factors) for comparison.
+
+Example::
+
+    python benchmarks/crma_ops.py                       # 4 and 16 layers, hidden 128, CPU, seconds
+    python benchmarks/crma_ops.py --layers 4,16,64 --per-block
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
+from crma_lightning.adapters.crma_batch import per_block_factors
+
+# Ops that only change metadata (no kernel launch on a GPU, no pass over memory on a CPU).
+VIEW_OPS = {
+    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose", "aten::permute",
+    "aten::expand", "aten::as_strided", "aten::select", "aten::slice", "aten::unsqueeze", "aten::squeeze",
+    "aten::detach", "aten::alias", "aten::unbind", "aten::split", "aten::split_with_sizes", "aten::chunk",
+    "aten::narrow", "aten::diagonal", "aten::numpy_T", "aten::mT", "aten::matrix_H", "aten::lift_fresh",
+    "aten::result_type", "aten::resolve_conj", "aten::resolve_neg", "aten::empty_like", "aten::empty",
+    "aten::empty_strided", "aten::to", "aten::_unsafe_view", "aten::contiguous", "aten::flatten",
+    "aten::unflatten", "aten::view_as", "aten::expand_as", "aten::is_nonzero", "aten::item",
+    "aten::_local_scalar_dense", "aten::size", "aten::stride", "aten::is_same_size",
+}  # fmt: skip
+
+
+def build(layers: int, hidden: int, adapter: str, seed: int = 0) -> LlamaForCausalLM:
+    """A Llama-style model (FFN 2x hidden, 4 heads) with LoRA r=8 on all linears, plus CRMA for ``adapter="crma"``."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    attach_adapters(model, adapter, LoRAConfig(r=8, alpha=16, target_modules="all-linear"), CRMAConfig())
+    return model.train()
+
+
+def step_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int]:
+    """``(all ops, ops that do work)`` recorded by the profiler in one forward + backward of ``model``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model(input_ids=ids, labels=ids).loss.backward()  # warm-up: lazy initialisations stay out of the count
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    names = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    return len(names), sum(name not in VIEW_OPS for name in names)
+
+
+def crma_added_ops(layers: int, hidden: int = 128, seq: int = 16, per_block: bool = False) -> dict[str, int]:
+    """Ops of a LoRA+CRMA step minus those of the same LoRA step, at ``layers`` blocks."""
+    ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(0))
+    lora_all, lora_work = step_ops(build(layers, hidden, "lora"), ids)
+    with per_block_factors() if per_block else contextlib.nullcontext():
+        crma_all, crma_work = step_ops(build(layers, hidden, "crma"), ids)
+    return {"all": crma_all - lora_all, "work": crma_work - lora_work}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", default="4,16", help="comma-separated depths; ratios are to the first")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--per-block", action="store_true", help="also measure every block computing its own factors")
+    args = p.parse_args(argv)
+    depths = [int(x) for x in args.layers.split(",")]
+    schemes = {"batched": False, **({"per-block": True} if args.per_block else {})}
+    results: dict[str, dict[int, dict[str, int]]] = {}
+    print(f"ops CRMA adds to one forward+backward (LoRA r=8 all-linear + CRMA defaults), hidden {args.hidden}, "
+          f"torch {torch.__version__}")  # fmt: skip
+    print("| factors | layers | ops added (all) | per block | ratio to first | ops added (doing work) | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for scheme, per_block in schemes.items():
+        results[scheme] = {d: crma_added_ops(d, args.hidden, per_block=per_block) for d in depths}
+        first = results[scheme][depths[0]]
+        for d in depths:
+            r = results[scheme][d]
+            print(f"| {scheme} | {d} | {r['all']} | {r['all'] / d:.1f} | {r['all'] / first['all']:.2f} | "
+                  f"{r['work']} | {r['work'] / first['work']:.2f} |")  # fmt: skip
+    if len(depths) > 1:
+        r = results["batched"]
+        ratio = r[depths[-1]]["all"] / r[depths[0]]["all"]
+        verdict = "meets" if ratio <= 1.3 else "MISSES"
+        print(f"batched, {depths[-1]} vs {depths[0]} layers: ratio {ratio:.2f} (all ops); target <= 1.3: {verdict}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""CRMA's per-step factors for all blocks at once: one batched Sinkhorn, one batched normalisation.
+
+Why: each :class:`~crma_lightning.adapters.crma.CRMAAdapter` computing its own ``M = Sinkhorn(Λ)``, its
+spectral normalisations and (in the backward) the implicit Sinkhorn gradient is a few hundred tiny ops
+per block and step; on a GPU each is a kernel launch, so CRMA's cost grew with depth, not with work.
+None of these factors depends on the tokens, so all blocks' factors are computed together, once per model
+forward, on stacked parameters (``(L, n, n)`` logits, ``(2L, n·k, d)`` projections): the op count of that
+part no longer depends on the number of blocks. The math is the same functions on a leading batch
+dimension - exact doubly-stochastic rounding, exact ``σ_max`` from the small Gram matrices - so the
+bounds hold exactly as per block, and the result equals the per-block one up to float rounding.
+
+How: :func:`precompute_step_factors` (called by a forward pre-hook on the model that
+:func:`~crma_lightning.adapters.attach_adapters` registers) builds the batched factors with autograd and
+remembers, per adapter, a stamp of its parameters (identity and in-place version counter). An adapter's
+forward asks :func:`step_factors` for its ``(R, E)``; it gets them only while the stamp still matches and
+the grad mode allows it, else ``None`` and it computes its own, as before. So an optimizer step, a loaded
+state dict or a direct call of one block outside the model's forward can never see stale factors, and the
+recomputation of a block under (non-reentrant) activation checkpointing reuses the step's factors, whose
+gradient then flows through the one batched backward. Sharded adapters (FSDP2 ``DTensor`` parameters,
+FSDP1 flat-parameter shards) are not full matrices at the model's pre-forward: they keep the per-block path.
+
+Pure PyTorch; the cache is a weak mapping, so it never keeps adapters alive nor travels with a
+``deepcopy``/``state_dict`` of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from crma_lightning import _compat
+from crma_lightning.adapters.matrices import frobenius_normalize, orthonormal_rows, spectral_normalize
+from crma_lightning.adapters.sinkhorn import sinkhorn
+
+
+@dataclass
+class _StepGroup:
+    """Batched factors of adapters with the same settings: ``reads`` ``(L, n·k, d)``, ``effective`` ``(L, d, n·k)``."""
+
+    reads: torch.Tensor
+    effective: torch.Tensor
+    grad: bool
+    per_dtype: dict[torch.dtype, tuple[tuple[torch.Tensor, ...], ...]] = field(default_factory=dict)
+
+    def slices(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """Per block, in ``dtype``: ``Rᵀ``, ``Eᵀ`` (with autograd) and ``R``, ``E`` (detached, for the backward).
+
+        One cast and one unbind per dtype and step for all blocks (not two casts and transposes per block);
+        all four are views of the same two stacked tensors.
+        """
+        if dtype not in self.per_dtype:
+            reads, effective = self.reads.to(dtype), self.effective.to(dtype)
+            self.per_dtype[dtype] = (
+                reads.mT.unbind(0),
+                effective.mT.unbind(0),
+                reads.detach().unbind(0),
+                effective.detach().unbind(0),
+            )
+        return self.per_dtype[dtype]
+
+
+class _ReadWrite(torch.autograd.Function):
+    """``h + (h R^T) E^T`` for ``h`` ``(T, d)``: two matmuls forward, four backward, no per-block transposes.
+
+    Takes ``R^T``, ``E^T`` (views of this step's stacked factors, with autograd) and ``R``, ``E`` (the same
+    values detached) so that neither pass needs a transpose of the factors; the gradients w.r.t. ``R^T`` and
+    ``E^T`` flow into the one batched backward of all blocks' factors.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, read_t, effective_t, read, effective):
+        s = flat.mm(read_t)  # (T, n·k)
+        ctx.save_for_backward(flat, s, read, effective)
+        return torch.addmm(flat, s, effective_t)  # the residual add folded into the write matmul
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, s, read, effective = ctx.saved_tensors
+        grad_s = grad.mm(effective)  # (T, n·k)
+        grad_flat = torch.addmm(grad, grad_s, read) if ctx.needs_input_grad[0] else None
+        grad_read_t = flat.mT.mm(grad_s) if ctx.needs_input_grad[1] else None  # (d, n·k)
+        grad_effective_t = s.mT.mm(grad) if ctx.needs_input_grad[2] else None  # (n·k, d)
+        return grad_flat, grad_read_t, grad_effective_t, None, None
+
+
+# adapter -> (its group, its index in the group, the stamp of its parameters when the group was built)
+_STEP: weakref.WeakKeyDictionary[nn.Module, tuple[_StepGroup, int, tuple]] = weakref.WeakKeyDictionary()
+
+
+def _params(adapter: nn.Module) -> list[torch.Tensor]:
+    return list(adapter.parameters(recurse=False))
+
+
+def _stamp(adapter: nn.Module) -> tuple:
+    """What must not change for cached factors to stay valid: each parameter's identity, storage and version."""
+    return tuple((id(p), p.data_ptr(), _compat.tensor_version(p)) for p in _params(adapter))
+
+
+def _batchable(adapter: nn.Module) -> bool:
+    """Whether ``adapter`` holds its full matrices as plain tensors (not FSDP2 ``DTensor``s or FSDP1 shards)."""
+    c, d = adapter.config, adapter.hidden_size
+    nk = c.n_streams * c.stream_rank
+    expected = {"read_weight": (nk, d), "write_weight": (d, nk), "mix_logits": (c.n_streams,) * 2, "gate_logit": (1,)}
+    for name, p in adapter.named_parameters(recurse=False):
+        if type(p.data) is not torch.Tensor or tuple(p.shape) != expected.get(name) or p.device.type == "meta":
+            return False
+    return True
+
+
+def _group_key(adapter: nn.Module) -> tuple:
+    c, p = adapter.config, adapter.read_weight
+    settings = (c.form, c.norm, c.n_streams, c.stream_rank, c.g_max, c.sinkhorn_iters, c.exact_sinkhorn)
+    return (*settings, c.newton_steps, c.sinkhorn_backward, adapter.hidden_size, p.device, p.dtype)
+
+
+def _build(adapters: list[nn.Module]) -> _StepGroup:
+    """The batched factors of adapters sharing one :func:`_group_key` (the per-block formulas, on a batch)."""
+    c, d = adapters[0].config, adapters[0].hidden_size
+    n, k, layers = c.n_streams, c.stream_rank, len(adapters)
+    reads = torch.stack([a.read_weight for a in adapters])  # (L, n·k, d)
+    if c.form == "mix":
+        read = orthonormal_rows(reads)
+        write = read.mT  # (L, d, n·k)
+    else:
+        normalize = spectral_normalize if c.norm == "spectral" else frobenius_normalize
+        writes = torch.stack([a.write_weight for a in adapters]).mT  # (L, n·k, d)
+        both = normalize(torch.cat([reads, writes]))  # (2L, n·k, d): one eigh for all blocks
+        read, write = both[:layers], both[layers:].mT
+    logits = torch.stack([a.mix_logits for a in adapters])  # (L, n, n)
+    m = sinkhorn(logits, c.sinkhorn_iters, c.exact_sinkhorn, c.sinkhorn_backward == "implicit", c.newton_steps)
+    m = m.float()
+    if c.form == "mix":
+        m = m - torch.eye(n, device=m.device)
+    gate = c.g_max * torch.sigmoid(torch.cat([a.gate_logit for a in adapters]).float())  # (L,)
+    w = write.float().reshape(layers, d, n, k)
+    effective = gate[:, None, None] * torch.einsum("ldic,lij->ldjc", w, m).reshape(layers, d, n * k)
+    return _StepGroup(reads=read.float(), effective=effective, grad=torch.is_grad_enabled())
+
+
+_BATCHING = [True]  # switched off only by per_block_factors()
+
+
+@contextlib.contextmanager
+def per_block_factors() -> Iterator[None]:
+    """Within the block, every adapter computes its own factors (the scheme before batching; for comparisons)."""
+    previous, _BATCHING[0] = _BATCHING[0], False
+    try:
+        yield
+    finally:
+        _BATCHING[0] = previous
+
+
+def precompute_step_factors(adapters: Iterable[nn.Module]) -> int:
+    """Compute the factors of all full (unsharded) ``adapters`` together; returns how many were batched.
+
+    Adapters are grouped by settings, device and dtype (normally one group: all blocks of a model).
+    Earlier cached factors of these adapters are replaced (dropped inside :func:`per_block_factors`).
+    """
+    groups: dict[tuple, list[nn.Module]] = {}
+    for adapter in adapters:
+        _STEP.pop(adapter, None)
+        if _BATCHING[0] and _batchable(adapter):
+            groups.setdefault(_group_key(adapter), []).append(adapter)
+    for members in groups.values():
+        group = _build(members)
+        for i, adapter in enumerate(members):
+            _STEP[adapter] = (group, i, _stamp(adapter))
+    return sum(len(m) for m in groups.values())
+
+
+def apply_step_factors(adapter: nn.Module, flat: torch.Tensor) -> torch.Tensor | None:
+    """``h + g W vec(M s)`` (or the mix form) for ``flat`` ``(T, d)`` from this step's batched factors.
+
+    ``None`` (the adapter computes its own factors) unless they are valid: no parameter of the adapter was
+    replaced or changed in place since the batch was built, and the batch was built with autograd when it is
+    needed now (gradient enabled and a parameter trains).
+    """
+    entry = _STEP.get(adapter)
+    if entry is None:
+        return None
+    group, index, stamp = entry
+    if _stamp(adapter) != stamp:
+        _STEP.pop(adapter, None)
+        return None
+    if not group.grad and torch.is_grad_enabled() and any(p.requires_grad for p in _params(adapter)):
+        return None
+    read_t, effective_t, read, effective = (part[index] for part in group.slices(flat.dtype))
+    return _ReadWrite.apply(flat, read_t, effective_t, read, effective)
+
+
+def clear_step_factors(adapters: Iterable[Any]) -> None:
+    """Forget the cached factors of ``adapters`` (they compute their own until the next batch)."""
+    for adapter in adapters:
+        _STEP.pop(adapter, None)
