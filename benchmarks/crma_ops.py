@@ -52,7 +52,11 @@ def build(layers: int, hidden: int, adapter: str, seed: int = 0) -> LlamaForCaus
 
 
 def step_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int]:
-    """``(all ops, ops that do work)`` recorded by the profiler in one forward + backward of ``model``."""
+    """``(all ops, ops that do work)`` recorded by the profiler in one forward + backward of ``model``.
+
+    Ops are counted where they are dispatched (the CPU side), also on a GPU: each one that does work is a
+    kernel launch there.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     model(input_ids=ids, labels=ids).loss.backward()  # warm-up: lazy initialisations stay out of the count
@@ -64,12 +68,14 @@ def step_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int]:
     return len(names), sum(name not in VIEW_OPS for name in names)
 
 
-def crma_added_ops(layers: int, hidden: int = 128, seq: int = 16, per_block: bool = False) -> dict[str, int]:
+def crma_added_ops(
+    layers: int, hidden: int = 128, seq: int = 16, per_block: bool = False, device: str = "cpu"
+) -> dict[str, int]:
     """Ops of a LoRA+CRMA step minus those of the same LoRA step, at ``layers`` blocks."""
-    ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(0))
-    lora_all, lora_work = step_ops(build(layers, hidden, "lora"), ids)
+    ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    lora_all, lora_work = step_ops(build(layers, hidden, "lora").to(device), ids)
     with per_block_factors() if per_block else contextlib.nullcontext():
-        crma_all, crma_work = step_ops(build(layers, hidden, "crma"), ids)
+        crma_all, crma_work = step_ops(build(layers, hidden, "crma").to(device), ids)
     return {"all": crma_all - lora_all, "work": crma_work - lora_work}
 
 
@@ -78,16 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", default="4,16", help="comma-separated depths; ratios are to the first")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--per-block", action="store_true", help="also measure every block computing its own factors")
+    p.add_argument("--device", default="cpu", help="e.g. cuda")
     args = p.parse_args(argv)
     depths = [int(x) for x in args.layers.split(",")]
     schemes = {"batched": False, **({"per-block": True} if args.per_block else {})}
     results: dict[str, dict[int, dict[str, int]]] = {}
     print(f"ops CRMA adds to one forward+backward (LoRA r=8 all-linear + CRMA defaults), hidden {args.hidden}, "
-          f"torch {torch.__version__}")  # fmt: skip
+          f"{args.device}, torch {torch.__version__}")  # fmt: skip
     print("| factors | layers | ops added (all) | per block | ratio to first | ops added (doing work) | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for scheme, per_block in schemes.items():
-        results[scheme] = {d: crma_added_ops(d, args.hidden, per_block=per_block) for d in depths}
+        results[scheme] = {d: crma_added_ops(d, args.hidden, per_block=per_block, device=args.device) for d in depths}
         first = results[scheme][depths[0]]
         for d in depths:
             r = results[scheme][d]
@@ -95,9 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['work']} | {r['work'] / first['work']:.2f} |")  # fmt: skip
     if len(depths) > 1:
         r = results["batched"]
-        ratio = r[depths[-1]]["all"] / r[depths[0]]["all"]
-        verdict = "meets" if ratio <= 1.3 else "MISSES"
-        print(f"batched, {depths[-1]} vs {depths[0]} layers: ratio {ratio:.2f} (all ops); target <= 1.3: {verdict}")
+        a, b = depths[0], depths[-1]
+        work, every = r[b]["work"] / r[a]["work"], r[b]["all"] / r[a]["all"]
+        verdict = "meets" if work <= 1.3 else "MISSES"
+        print(f"batched, {b} vs {a} layers: ratio {work:.2f} of the ops doing work ({every:.2f} of all recorded ops); "
+              f"target <= 1.3 (ops doing work, 16 vs 4 layers): {verdict}")  # fmt: skip
     return results
 
 

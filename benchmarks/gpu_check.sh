@@ -12,8 +12,15 @@
 # Settings (environment): GPU_CHECK_MODEL 1b|3b, GPU_CHECK_STRATEGIES (space-separated, from fsdp fsdp2
 # auto; default "fsdp fsdp2"), GPU_CHECK_BATCH (rows per step), GPU_CHECK_SEQ (tokens per row),
 # GPU_CHECK_STEPS (optimizer steps per stage), GPU_CHECK_AC=1 (activation checkpointing per block),
-# GPU_CHECK_DIR (run directory prefix). Exit status: 1 if any strategy failed.
+# GPU_CHECK_DIR (run directory prefix). Exit status: 1 if any strategy or measurement failed.
 # Out of memory on a smaller GPU: lower GPU_CHECK_BATCH or set GPU_CHECK_AC=1.
+#
+# Then the issue-25 measurements (GPU_CHECK_MEASURE=0 skips them; ~5 more minutes):
+#   * ops CRMA adds per step at 4 and 16 layers, batched factors vs per block (benchmarks/crma_ops.py);
+#   * CRMA/LoRA step time, batched vs per block, bf16 base, hidden 1024 and 2048 (benchmarks/overhead.py);
+#   * peak host RSS per rank at start-up, every rank loading vs init_on_rank0, FSDP2, on a 1.2 GiB base
+#     saved to $GPU_CHECK_BASE (benchmarks/startup_memory.py; 2 GPUs if there are, else 2 gloo CPU processes).
+# torch.compile on/off is not measured: the `compile` option does not exist yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -125,6 +132,25 @@ for strategy in ${GPU_CHECK_STRATEGIES:-fsdp fsdp2}; do
     echo "==== gpu_check: strategy $strategy ===="
     python -c "$CHECK" "$strategy" || failed+=("$strategy")
 done
+if [[ "${GPU_CHECK_MEASURE:-1}" == 1 ]]; then
+    echo "==== gpu_check: ops CRMA adds per step ===="
+    python benchmarks/crma_ops.py --device cuda --layers 4,16 --per-block || failed+=("crma_ops")
+    echo "==== gpu_check: CRMA/LoRA step time ===="
+    python benchmarks/overhead.py --device cuda --dtype bfloat16 --widths 1024,2048 --seq 1024 --batch 8 \
+        --no-peft --per-block --steps 20 --warmup 5 || failed+=("overhead")
+    echo "==== gpu_check: start-up host memory per rank ===="
+    base="${GPU_CHECK_BASE:-runs/gpu_check-base}"
+    mem="${GPU_CHECK_DIR:-runs/gpu_check}-startup"
+    accel=cpu
+    if python -c 'import sys, torch; sys.exit(0 if torch.cuda.device_count() >= 2 else 1)'; then accel=gpu; fi
+    rm -rf "$mem"
+    [[ -f "$base/model.safetensors" ]] || python benchmarks/startup_memory.py prepare "$base" || failed+=("prepare")
+    python benchmarks/startup_memory.py measure "$base" --accelerator "$accel" --json-dir "$mem/fsdp2-every" \
+        || failed+=("startup-every")
+    python benchmarks/startup_memory.py measure "$base" --accelerator "$accel" --init-on-rank0 \
+        --json-dir "$mem/fsdp2-rank0" || failed+=("startup-rank0")
+    python benchmarks/startup_memory.py table "$mem"
+fi
 if ((${#failed[@]})); then
     echo "gpu_check.sh: FAILED for: ${failed[*]}" >&2
     exit 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -39,16 +40,30 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    meta: bool = False,
 ) -> PreTrainedModel:
     """``from_pretrained(model_name_or_path)`` or ``from_config(model_config)``; the result is frozen-ready.
 
     With a config, ``vocab_size`` defaults to the tokenizer's size and the special token ids to the
     tokenizer's. Either way the tokenizer must fit the model's embedding table.
+
+    With ``meta`` the model is built on the meta device: the same modules, parameter names, shapes and
+    dtypes, but no memory and no values (no weights are read). The sharding strategy materialises it
+    and fills it from rank 0 (``ContinualLM(init_on_rank0=True)``, docs/distributed.md).
     """
     torch_dtype = resolve_dtype(dtype)
     if (model_name_or_path is None) == (model_config is None):
         raise ValueError("give exactly one of `model_name_or_path` and `model_config`")
-    if model_name_or_path is not None:
+    if model_name_or_path is not None and meta:
+        config = load_pretrained(
+            AutoConfig.from_pretrained, model_name_or_path, "model_name_or_path", trust_remote_code=trust_remote_code
+        )
+        if torch_dtype == "auto":  # what from_pretrained would pick: the checkpoint's dtype
+            torch_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = model.to(resolve_dtype(torch_dtype) if isinstance(torch_dtype, str) else torch_dtype)
+    elif model_name_or_path is not None:
         model = load_pretrained(
             AutoModelForCausalLM.from_pretrained,
             model_name_or_path,
@@ -73,7 +88,8 @@ def build_model(
             config = AutoConfig.for_model(model_type, **cfg)
         except ValueError as err:
             raise ValueError(f"model_config: {err}") from err
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         if isinstance(torch_dtype, torch.dtype):
             model = model.to(torch_dtype)
     vocab = model.get_input_embeddings().num_embeddings

@@ -37,8 +37,10 @@ from crma_lightning.generation import TaskGeneration
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
 from crma_lightning.optim import adapter_param_groups
+from crma_lightning.parallel.dist import is_global_zero
 from crma_lightning.parallel.fsdp2 import fsdp2_mixed_precision
 from crma_lightning.parallel.plain import shard_under_plain_strategy
+from crma_lightning.parallel.rank0_init import has_meta_tensors
 from crma_lightning.rng import rng_state, set_rng_state
 from crma_lightning.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapters
 
@@ -75,6 +77,10 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             FSDP1 use the strategy's ``mixed_precision``/the trainer's ``precision`` instead.
         fsdp_activation_checkpointing: FSDP1/FSDP2 only: recompute each decoder block's activations in
             the backward pass (per block, CRMA included; parameter names are unchanged).
+        init_on_rank0: FSDP1/FSDP2 only: only global rank 0 reads the base weights and initialises the
+            adapters; every other rank builds the model on the meta device (no host memory) and receives
+            its shards from rank 0 when the strategy shards (docs/distributed.md, "Start-up memory").
+            The numbers are those of a run without it.
         method: A continual-learning method (``class_path: crma_lightning.methods.Replay`` / ``EWC`` /
             ``OLoRA`` + ``init_args``); ``None``: plain sequential fine-tuning.
     """
@@ -101,6 +107,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         fsdp_mixed_precision: str | None = None,
         fsdp_activation_checkpointing: bool = False,
         method: ContinualMethod | None = None,
+        init_on_rank0: bool = False,
     ) -> None:
         super().__init__()
         if task_adapters not in TASK_ADAPTER_MODES:  # checked before the model is built
@@ -124,12 +131,14 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         fsdp2_mixed_precision(fsdp_mixed_precision)  # validate now, not when the strategy shards
         self.fsdp_mixed_precision = fsdp_mixed_precision
         self.fsdp_activation_checkpointing = fsdp_activation_checkpointing
+        self.init_on_rank0 = init_on_rank0
         self.method = method_hooks.check_method(method, task_adapters)
 
         self.tokenizer: PreTrainedTokenizerBase = load_model_tokenizer(model_name_or_path, tokenizer, trust_remote_code)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = build_model(model_name_or_path, model_config, self.tokenizer, dtype, trust_remote_code)
+            meta = init_on_rank0 and not is_global_zero()  # filled from rank 0 when sharded
+            self.model = build_model(model_name_or_path, model_config, self.tokenizer, dtype, trust_remote_code, meta)
             # Validates everything (adapter type, targets, ranks, CRMA sizes) before touching the model.
             attach_adapters(
                 self.model, adapter, lora, crma, adapter_name=SHARED_ADAPTER if task_adapters == "shared" else None
@@ -221,6 +230,11 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             shard(self)
         else:
             shard_under_plain_strategy(self, strategy)
+        if self.init_on_rank0 and has_meta_tensors(self.model):
+            raise ValueError(
+                f"init_on_rank0=True needs a sharding strategy (FSDP1/FSDP2) to fill this rank's model from rank 0; "
+                f"got {type(strategy).__name__}: use init_on_rank0=False"
+            )
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Callbacks the module brings to every trainer: the non-finite step guard and the adapter restore.

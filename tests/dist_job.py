@@ -23,6 +23,8 @@ Scenarios (``fsdp2`` all; ``fsdp1`` all but ``lora_bf16``; ``ddp`` the first onl
   ``lora_bf16``: FSDP2 bf16 with LoRA only.
 * ``mix`` (``fsdp2``, ``fsdp1``): the ``ref`` run with CRMA's ``mix`` form (:data:`MIX_CRMA`).
 * ``replay``, ``ewc`` (``fsdp2`` and ``ddp``): the continual methods (:data:`METHODS`) on a shared LoRA.
+* ``rank0``, ``rank0_pissa`` (``fsdp2``, ``fsdp1``): the ``ref`` run (and one with CRMA's PiSSA init) with
+  ``init_on_rank0=True``: rank 1 builds on the meta device and receives its shards from rank 0.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ METHODS = {
 
 MIX_CRMA = {"form": "mix", "g_max": 0.5}
 """The ``mix`` scenario's CRMA: the orthonormal-row (QR) read projection, a gate up to 0.5."""
+PISSA_CRMA = {"init": "pissa"}
+"""The ``rank0_pissa`` scenario's CRMA: read projections initialised from the base weights (on rank 0 only)."""
 
 
 def make_model(
@@ -69,9 +73,11 @@ def make_model(
     dtype: str = "float32",
     method: str | None = None,
     crma: dict | None = None,
+    init_on_rank0: bool = False,
 ) -> ContinualLM:
     name, kwargs = METHODS[method] if method else (None, {})
     return ContinualLM(
+        init_on_rank0=init_on_rank0,
         dtype=dtype,
         crma=crma,
         model_config=TINY,
@@ -168,14 +174,23 @@ def run(
     dtype="float32",
     method=None,
     crma=None,
+    init_on_rank0=False,
     **kwargs,
 ):
-    """One continual run (``method``: a key of :data:`METHODS`); returns the final report and the model."""
+    """One continual run (``method``: a key of :data:`METHODS`); returns the final report and the model.
+
+    With ``init_on_rank0`` each rank writes ``meta-rank<r>.json``: whether it built the model on the meta device.
+    """
     world = 1 if strategy == "single" else WORLD
     runner = ContinualRunner(
         run_dir=run_dir, trainer_kwargs=trainer_kwargs(strategy), callbacks=callbacks, seed=0, **kwargs
     )
-    model = make_model(mixed_precision, adapter, dtype, method, crma)
+    model = make_model(mixed_precision, adapter, dtype, method, crma, init_on_rank0)
+    if init_on_rank0:
+        from crma_lightning.parallel.rank0_init import has_meta_tensors
+
+        rank = os.environ.get("LOCAL_RANK", "0")
+        (run_dir.parent / f"meta-{run_dir.name}-rank{rank}.json").write_text(json.dumps(has_meta_tensors(model.model)))
     return runner.run(model, make_data(world)), model
 
 
@@ -259,6 +274,10 @@ def main(strategy: str, out: Path) -> None:
         _, nan_model = run(out / "nan", strategy, callbacks=[NaNGradient(rank=1, step=1)])
         (out / f"nan-rank{rank}.json").write_text(json.dumps(nan_model.nonfinite.state_dict()))
         result["mix"] = run(out / "mix", strategy, crma=MIX_CRMA)[0]["loss_matrix"]["values"]
+        # Rank 0 loads, rank 1 builds on the meta device and receives its shards (docs/distributed.md).
+        result["rank0"] = run(out / "rank0", strategy, init_on_rank0=True)[0]["loss_matrix"]["values"]
+        pissa = run(out / "rank0_pissa", strategy, crma=PISSA_CRMA, init_on_rank0=True)[0]
+        result["rank0_pissa"] = pissa["loss_matrix"]["values"]
     if strategy == "fsdp1":
         report, bf16_model = run(out / "bf16", "fsdp1_bf16")
         result["bf16"] = report["loss_matrix"]["values"]

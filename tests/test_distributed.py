@@ -124,6 +124,29 @@ def test_two_process_mix_form_matches_single_process(request, single_mix, job):
 
 
 @pytest.fixture(scope="module")
+def single_pissa(tmp_path_factory):
+    report, _ = dist_job.run(tmp_path_factory.mktemp("single_pissa") / "pissa", "single", crma=dist_job.PISSA_CRMA)
+    return report["loss_matrix"]["values"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("job", ["fsdp2", "fsdp1"])
+def test_loading_on_rank0_only_gives_the_same_losses(request, single_pissa, job):
+    """init_on_rank0: rank 1 builds on the meta device and gets its shards from rank 0; same numbers as before."""
+    out, result = request.getfixturevalue(job)
+    built_on_meta = [json.loads((out / f"meta-rank0-rank{r}.json").read_text()) for r in (0, 1)]
+    assert built_on_meta == [False, True]
+    # The same processes, the same seed: every loss (stage 0 = the first forward, and after each stage)
+    # equals the run that built the whole model on every rank - bit for bit, shards copied, not recomputed.
+    assert result["rank0"] == result["ref"]
+    first_steps = [grad_norms(out / run, "train/loss")[0] for run in ("ref", "rank0")]
+    assert first_steps[0] == first_steps[1]
+    # PiSSA reads the base weights, which only rank 0 has: its adapters' numbers reach rank 1 by the broadcast.
+    assert_matrices_close(result["rank0_pissa"], single_pissa, abs_tol=1e-4)
+    assert result["rank0_pissa"][1][0] != pytest.approx(result["ref"][1][0], abs=1e-6)  # PiSSA is another start
+
+
+@pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     return out, launch("fsdp2", out)

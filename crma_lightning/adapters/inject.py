@@ -233,7 +233,10 @@ def attach_adapters(
         result.layers_path, layers = find_decoder_layers(model)
         blocks = list(enumerate(layers))
         result.crma_blocks = [f"{result.layers_path}.{i}" for i, _ in blocks]
-        if crma.init == "pissa":
+        # A model built on the meta device (ranks other than 0 under ContinualLM(init_on_rank0=True)) gets
+        # meta adapters without values; the strategy copies rank 0's (PiSSA-initialised) values into them.
+        pissa = crma.init == "pissa" and not all(p.is_meta for p in model.parameters())
+        if pissa:
             pissa_weights = [output_projection_weight(layer, hidden_size_of(model)) for _, layer in blocks]
 
     # Everything is validated; from here on only construction, which cannot fail on user input.
@@ -252,7 +255,7 @@ def attach_adapters(
             for i, layer in blocks:
                 device = next(layer.parameters()).device
                 crma_adapter = CRMAAdapter(hidden, crma, device=device)
-                if crma.init == "pissa":
+                if pissa:
                     crma_adapter.init_read_from(pissa_weights[i])
                 layers[i] = CRMABlock(layer, crma_adapter)
             if model not in _STEP_HOOKS:

@@ -17,9 +17,15 @@ from torch import nn
 from crma_lightning.adapters import CRMAAdapter, CRMABlock, find_decoder_layers, lora_layers
 from crma_lightning.parallel.dist import global_rank
 from crma_lightning.parallel.gather import check_optimizer_layout, clean_parameter_name
+from crma_lightning.parallel.rank0_init import fill_from_rank0, fsdp1_rank0_kwargs, full_state_on_rank0
 
 
-def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
+def apply_fsdp1(
+    model: nn.Module,
+    activation_checkpointing: bool = False,
+    init_on_rank0: bool = False,
+    device: torch.device | None = None,
+) -> nn.Module:
     """Wrap adapters, blocks and the root as FSDP1 units; returns the wrapped root.
 
     Call inside Lightning's ``FSDPStrategy.model_sharded_context`` (``configure_model`` is), where
@@ -36,12 +42,22 @@ def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.
     Do not also set the strategy's ``auto_wrap_policy`` (the wrapping is done here). Use it with
     :class:`~crma_lightning.parallel.fsdp1_strategy.AdapterFSDPStrategy`, whose checkpoints gather only the
     adapter units (:func:`fsdp1_gather_params`).
+
+    With ``init_on_rank0`` (the model is complete on rank 0 only, on the meta device elsewhere), every unit
+    is allocated on ``device`` and filled from rank 0 once the root is wrapped (:mod:`.rank0_init`). A collective.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import wrap
+    from torch.distributed.fsdp.wrap import wrap as plain_wrap
 
     if isinstance(model, FullyShardedDataParallel):
         return model  # already wrapped by an earlier stage's trainer
+    device = device or torch.device("cpu")
+    extra = fsdp1_rank0_kwargs(device) if init_on_rank0 else {}
+    full_state = full_state_on_rank0(model, global_rank()) if init_on_rank0 else None
+
+    def wrap(module: nn.Module, **kwargs: Any) -> nn.Module:
+        return plain_wrap(module, **extra, **kwargs)
+
     for _, layer in list(lora_layers(model)):  # list: the loop replaces modules of the tree it walks
         for bank in (layer.lora_A, layer.lora_B):
             for name in list(bank):
@@ -59,7 +75,10 @@ def apply_fsdp1(model: nn.Module, activation_checkpointing: bool = False) -> nn.
 
             checkpoint(block)
         layers[i] = wrap(block)
-    return wrap(model)
+    root = wrap(model)
+    if full_state is not None:
+        fill_from_rank0(root, full_state, device)
+    return root
 
 
 def has_fsdp1_modules(module: nn.Module) -> bool:

@@ -165,7 +165,12 @@ class AdapterFSDPStrategy(SingleFileCheckpoints, FSDPStrategy):
 
     def shard_continual_model(self, module: Any) -> None:
         """Wrap adapters, blocks and the root as FSDP1 units (:func:`~crma_lightning.parallel.fsdp1.apply_fsdp1`)."""
-        module.model = apply_fsdp1(module.model, module.fsdp_activation_checkpointing)
+        module.model = apply_fsdp1(
+            module.model,
+            module.fsdp_activation_checkpointing,
+            getattr(module, "init_on_rank0", False),
+            self.root_device,
+        )
 
     @contextmanager
     def model_sharded_context(self) -> Iterator[None]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from crma_lightning import _compat
 from crma_lightning.adapters import CRMABlock, find_decoder_layers
+from crma_lightning.parallel.rank0_init import fill_from_rank0, full_state_on_rank0
 
 # fp16 is left out on purpose: FSDP2's policy has no loss scaling, and fp16 gradients underflow without it.
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -50,7 +51,11 @@ def is_fsdp2_module(module: nn.Module) -> bool:
 
 
 def apply_fsdp2(
-    model: nn.Module, mesh: Any, mixed_precision: str | None = None, activation_checkpointing: bool = False
+    model: nn.Module,
+    mesh: Any,
+    mixed_precision: str | None = None,
+    activation_checkpointing: bool = False,
+    init_on_rank0: bool = False,
 ) -> int:
     """``fully_shard`` every decoder block, then the root; returns how many modules were newly sharded.
 
@@ -75,6 +80,8 @@ def apply_fsdp2(
         activation_checkpointing: Recompute each block's activations in the backward pass (torch's
             composable ``checkpoint``, which keeps parameter names unchanged - checkpoints stay
             interchangeable with unsharded runs).
+        init_on_rank0: The model is complete on rank 0 only (on the meta device elsewhere): fill every
+            rank's shards from rank 0 when the root is first sharded (:mod:`.rank0_init`). A collective.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -83,6 +90,9 @@ def apply_fsdp2(
     if policy is not None:
         kwargs["mp_policy"] = policy
     _, layers = find_decoder_layers(model)
+    full_state = None
+    if init_on_rank0 and not is_fsdp2_module(model):  # rank 0: references kept alive through the sharding
+        full_state = full_state_on_rank0(model, mesh.get_rank())
     count = 0
     for block in layers:
         if is_fsdp2_module(block):
@@ -103,8 +113,17 @@ def apply_fsdp2(
     if not is_fsdp2_module(model):
         fully_shard(model, **kwargs)
         count += 1
+        if full_state is not None:
+            fill_from_rank0(model, full_state, _mesh_device(mesh))
+            del full_state  # rank 0's full copy is released here
     refresh_fsdp2_gradient_dtypes(model, required=policy is not None)
     return count
+
+
+def _mesh_device(mesh: Any) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
 
 
 def refresh_fsdp2_gradient_dtypes(model: nn.Module, required: bool = True) -> None:

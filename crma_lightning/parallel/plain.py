@@ -28,7 +28,13 @@ def shard_under_plain_strategy(module: Any, strategy: Any) -> None:
             stacklevel=3,
         )
         mesh = data_parallel_mesh(module.device_mesh)
-        apply_fsdp2(module.model, mesh, module.fsdp_mixed_precision, module.fsdp_activation_checkpointing)
+        apply_fsdp2(
+            module.model,
+            mesh,
+            module.fsdp_mixed_precision,
+            module.fsdp_activation_checkpointing,
+            getattr(module, "init_on_rank0", False),
+        )
     elif getattr(strategy, "sharding_strategy", None) is not None:  # FSDPStrategy (FSDP1)
         warnings.warn(
             "ContinualLM under a plain FSDPStrategy: its checkpoints gather the whole frozen base model "
@@ -40,4 +46,9 @@ def shard_under_plain_strategy(module: Any, strategy: Any) -> None:
                 "FSDPStrategy(auto_wrap_policy=...) with ContinualLM: leave auto_wrap_policy unset, "
                 "configure_model wraps adapters and blocks itself"
             )
-        module.model = apply_fsdp1(module.model, module.fsdp_activation_checkpointing)
+        module.model = apply_fsdp1(
+            module.model,
+            module.fsdp_activation_checkpointing,
+            getattr(module, "init_on_rank0", False),
+            getattr(strategy, "root_device", None),
+        )

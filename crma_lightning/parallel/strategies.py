@@ -138,6 +138,7 @@ class AdapterModelParallelStrategy(SingleFileCheckpoints, ModelParallelStrategy)
             data_parallel_mesh(self.device_mesh),
             module.fsdp_mixed_precision,
             module.fsdp_activation_checkpointing,
+            getattr(module, "init_on_rank0", False),
         )
 
     # ------------------------------------------------------------------ saving
