@@ -17,10 +17,10 @@
 #
 # Then the issue-25 measurements (GPU_CHECK_MEASURE=0 skips them; ~5 more minutes):
 #   * ops CRMA adds per step at 4 and 16 layers, batched factors vs per block (benchmarks/crma_ops.py);
-#   * CRMA/LoRA step time, batched vs per block, bf16 base, hidden 1024 and 2048 (benchmarks/overhead.py);
+#   * CRMA/LoRA step time, batched vs per block, and LoRA+CRMA with its decoder layers torch.compile'd vs
+#     eager, bf16 base, hidden 1024 and 2048 (benchmarks/overhead.py --per-block --compile);
 #   * peak host RSS per rank at start-up, every rank loading vs init_on_rank0, FSDP2, on a 1.2 GiB base
 #     saved to $GPU_CHECK_BASE (benchmarks/startup_memory.py; 2 GPUs if there are, else 2 gloo CPU processes).
-# torch.compile on/off is not measured: the `compile` option does not exist yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -137,7 +137,7 @@ if [[ "${GPU_CHECK_MEASURE:-1}" == 1 ]]; then
     python benchmarks/crma_ops.py --device cuda --layers 4,16 --per-block || failed+=("crma_ops")
     echo "==== gpu_check: CRMA/LoRA step time ===="
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --widths 1024,2048 --seq 1024 --batch 8 \
-        --no-peft --per-block --steps 20 --warmup 5 || failed+=("overhead")
+        --no-peft --per-block --compile --steps 20 --warmup 5 || failed+=("overhead")
     echo "==== gpu_check: start-up host memory per rank ===="
     base="${GPU_CHECK_BASE:-runs/gpu_check-base}"
     mem="${GPU_CHECK_DIR:-runs/gpu_check}-startup"

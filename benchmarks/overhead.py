@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.adapters.crma import FORMS, NORMS
 from crma_lightning.adapters.crma_batch import per_block_factors
+from crma_lightning.compiling import compile_decoder_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crma-norm", default="spectral", choices=NORMS)
     p.add_argument("--crma-iters", type=int, default=CRMAConfig.sinkhorn_iters, help="Sinkhorn iterations")
     p.add_argument("--no-peft", action="store_true", help="time only our LoRA and LoRA+CRMA")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time LoRA+CRMA with its decoder layers torch.compile'd (ContinualLM(compile=True), inductor)",
+    )
     p.add_argument(
         "--per-block",
         action="store_true",
@@ -112,6 +118,10 @@ def build_variants(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     crma = CRMAConfig(form=args.crma_form, norm=args.crma_norm, sinkhorn_iters=args.crma_iters)
     attach_adapters(ours_crma, "crma", LoRAConfig(**vars(lora)), crma)
     variants = {"lora": ours_lora, "crma": ours_crma}
+    if args.compile:
+        variants["crma_compiled"] = build_base(args)
+        attach_adapters(variants["crma_compiled"], "crma", LoRAConfig(**vars(lora)), crma)
+        compile_decoder_layers(variants["crma_compiled"])
     if args.per_block:
         variants["crma_per_block"] = build_base(args)
         attach_adapters(variants["crma_per_block"], "crma", LoRAConfig(**vars(lora)), crma)
@@ -206,6 +216,11 @@ def measure(args: argparse.Namespace) -> dict:
     median = {name: statistics.median(t) for name, t in times.items()}
     paired = {"crma_over_lora": statistics.median(c / a for a, c in zip(times["lora"], times["crma"]))}
     ratios = {"crma_over_lora": median["crma"] / median["lora"]}
+    if "crma_compiled" in times:
+        paired["crma_compiled_over_crma"] = statistics.median(
+            c / a for a, c in zip(times["crma"], times["crma_compiled"])
+        )
+        ratios["crma_compiled_over_crma"] = median["crma_compiled"] / median["crma"]
     if "crma_per_block" in times:
         paired["crma_per_block_over_lora"] = statistics.median(
             c / a for a, c in zip(times["lora"], times["crma_per_block"])
@@ -227,7 +242,12 @@ def measure(args: argparse.Namespace) -> dict:
         "times_ms": times,
         "ratio_of_medians": ratios,
         "median_paired_ratio": paired,
-        "targets": {"crma_over_lora": 1.05, "crma_per_block_over_lora": 1.05, "ours_over_peft": 1.00},
+        "targets": {
+            "crma_over_lora": 1.05,
+            "crma_per_block_over_lora": 1.05,
+            "crma_compiled_over_crma": 1.00,
+            "ours_over_peft": 1.00,
+        },
     }
 
     print(
@@ -243,6 +263,7 @@ def measure(args: argparse.Namespace) -> dict:
         "lora": "ours LoRA",
         "crma": "ours LoRA+CRMA",
         "crma_per_block": "LoRA+CRMA, per block",
+        "crma_compiled": "LoRA+CRMA, compiled",
         "peft_lora": "PEFT LoRA",
     }
     for name in variants:
@@ -252,6 +273,7 @@ def measure(args: argparse.Namespace) -> dict:
     pairs = [
         ("crma_over_lora", "CRMA / LoRA"),
         ("crma_per_block_over_lora", "CRMA per block / LoRA"),
+        ("crma_compiled_over_crma", "CRMA compiled / CRMA eager"),
         ("ours_over_peft", "ours / PEFT"),
     ]
     for key, label in pairs:

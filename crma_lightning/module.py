@@ -33,6 +33,7 @@ from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.base_model import build_model, load_model_tokenizer
 from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
 from crma_lightning.compatibility import identity_differences
+from crma_lightning.compiling import compile_decoder_layers
 from crma_lightning.generation import TaskGeneration
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
@@ -81,6 +82,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             adapters; every other rank builds the model on the meta device (no host memory) and receives
             its shards from rank 0 when the strategy shards (docs/distributed.md, "Start-up memory").
             The numbers are those of a run without it.
+        compile: ``torch.compile`` every decoder layer (LoRA included; CRMA's per-block application stays
+            eager) when the model is configured, after sharding (:mod:`crma_lightning.compiling`).
         method: A continual-learning method (``class_path: crma_lightning.methods.Replay`` / ``EWC`` /
             ``OLoRA`` + ``init_args``); ``None``: plain sequential fine-tuning.
     """
@@ -108,6 +111,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         fsdp_activation_checkpointing: bool = False,
         method: ContinualMethod | None = None,
         init_on_rank0: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if task_adapters not in TASK_ADAPTER_MODES:  # checked before the model is built
@@ -132,6 +136,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         self.fsdp_mixed_precision = fsdp_mixed_precision
         self.fsdp_activation_checkpointing = fsdp_activation_checkpointing
         self.init_on_rank0 = init_on_rank0
+        self.compile_layers = compile
         self.method = method_hooks.check_method(method, task_adapters)
 
         self.tokenizer: PreTrainedTokenizerBase = load_model_tokenizer(model_name_or_path, tokenizer, trust_remote_code)
@@ -230,6 +235,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             shard(self)
         else:
             shard_under_plain_strategy(self, strategy)
+        if self.compile_layers:
+            compile_decoder_layers(self.model)
         if self.init_on_rank0 and has_meta_tensors(self.model):
             raise ValueError(
                 f"init_on_rank0=True needs a sharding strategy (FSDP1/FSDP2) to fill this rank's model from rank 0; "

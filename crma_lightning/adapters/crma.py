@@ -34,6 +34,11 @@ follows (with autograd): shrink over-full rows/columns, then add ``err_r err_c^T
 entry stays >= 0 and every row and column sums to 1 (to float rounding) for any finite logits.
 ``exact=False`` turns the rounding off for ablations.
 
+Batched per step. Inside a model (:func:`~crma_lightning.adapters.attach_adapters`), the factors ``R``,
+``E = g W (M ⊗ I_k)`` of all blocks are computed together once per forward, with the same functions on a
+leading batch dimension (:mod:`crma_lightning.adapters.crma_batch`); a block called on its own, or whose
+parameters changed since, computes its own as described above.
+
 Pure PyTorch: no Lightning import here. All parameters are plain ``nn.Parameter`` s (no parametrize
 modules), so FSDP1/FSDP2 shard them like any other weight.
 """
