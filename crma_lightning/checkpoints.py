@@ -16,8 +16,11 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 import warnings
 import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,16 @@ from crma_lightning.resume_settings import OptimizerSettings, record_stage_confi
 
 RESUME_MODES = ("auto", "never")
 STAGE_PREFIX = "stage-"
+_STAGE_NAME = re.compile(rf"^{STAGE_PREFIX}(\d+)-(.+)$")
+
+
+@dataclass(frozen=True)
+class StageCheckpoint:
+    """A stage checkpoint: ``stage`` (1-based, = its loss-matrix row), its ``domain`` and ``path``."""
+
+    stage: int
+    domain: str
+    path: Path
 
 
 class RunState(Callback):
@@ -158,6 +171,28 @@ class CheckpointStore:
     def is_stage_checkpoint(path: Path) -> bool:
         return path.name.startswith(STAGE_PREFIX)
 
+    def stage_checkpoints(self) -> list[StageCheckpoint]:
+        """Every ``checkpoints/stage-NN-<domain>.ckpt`` on disk, by stage (parsed as :meth:`stage` names them)."""
+        found = []
+        for path in self.dir.glob(f"{STAGE_PREFIX}*.ckpt"):
+            parsed = _parse_stage_name(path.stem)
+            if parsed is not None:
+                found.append(StageCheckpoint(parsed[0] + 1, parsed[1], path))
+        return sorted(found, key=lambda c: c.stage)
+
+    def read(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's contents, verified: manifest entry (size, sha256), weights-only load, run state.
+
+        The one reading of a checkpoint of this run: ``fit``'s resume and every after-training command use
+        it. The raw error is raised (:func:`unreadable` turns it into one line); a corrupt manifest raises
+        :class:`~crma_lightning.manifest.DamagedFile` naming it.
+        """
+        self.manifest.check(path)  # size and sha256 as written: damage that torch.load accepts
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if RunState.KEY not in ckpt["callbacks"]:  # a KeyError/TypeError: not a crma_lightning checkpoint
+            raise KeyError(RunState.KEY)
+        return ckpt
+
     def save(self, trainer: L.Trainer, path: Path) -> Path:
         """``trainer.save_checkpoint`` to a temporary name, then an atomic rename (rank 0)."""
         if trainer.is_global_zero:
@@ -206,10 +241,11 @@ class CheckpointStore:
             return None, None
         explicit = resume not in RESUME_MODES
         candidates = [Path(resume)] if explicit else self.candidates()
+        if candidates:
+            self.manifest.entries()  # a corrupt manifest is refused, never skipped over (nothing could be verified)
         for path in candidates:
             try:
-                self.manifest.check(path)  # size and sha256 as written: damage that torch.load accepts
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                ckpt = self.read(path)
                 state = ckpt["callbacks"][RunState.KEY]
             except Exception as err:  # corrupt, truncated or foreign file
                 if explicit:
@@ -304,6 +340,34 @@ class CheckpointStore:
 
 def _stage_name(stage: int, domain: str) -> str:
     return f"{STAGE_PREFIX}{stage + 1:02d}-{domain}"
+
+
+def _parse_stage_name(name: str) -> tuple[int, str] | None:
+    """``(stage, domain)`` (0-based stage) of a name :func:`_stage_name` wrote; ``None`` for any other name."""
+    match = _STAGE_NAME.match(name)
+    if match is None or int(match.group(1)) < 1:
+        return None
+    return int(match.group(1)) - 1, match.group(2)
+
+
+def load_states(
+    ckpt: dict[str, Any], model: Any, callbacks: Iterable[Callback] = (), datamodule: Any = None
+) -> None:
+    """Load a checkpoint's states as a resume does: the module's, then the given callbacks' and the datamodule's.
+
+    The runner's resume and :class:`crma_lightning.run_dir.RunDirectory` (the after-training commands)
+    both load through here. The module's ``on_load_checkpoint`` checks the model identity and creates
+    the task adapters before their weights load.
+    """
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    saved_callbacks = ckpt.get("callbacks", {})
+    for cb in callbacks:
+        if cb.state_key in saved_callbacks:
+            cb.load_state_dict(saved_callbacks[cb.state_key])
+    dm_state = None if datamodule is None else ckpt.get(type(datamodule).__qualname__)
+    if dm_state is not None:
+        datamodule.load_state_dict(dm_state)
 
 
 def unreadable(path: Path, err: BaseException) -> str:

@@ -140,6 +140,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         # the base model's dropout would be silently off in training (unlike a model built from a config).
         self.model.train()
         self.task_adapter_state = TaskAdapters(self.model, task_adapters, lora, seed)
+        # Held-out domain -> the task whose adapter evaluates it (None: LoRA off), where not the domain's own.
+        self.evaluation_tasks: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -186,6 +188,16 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         if not resumed:
             self.on_task_start(task, self.tasks.index(task))
         method_hooks.start_task(self)
+
+    def evaluation_task(self, domain: str) -> str | None:
+        """The task whose adapter evaluates held-out ``domain`` (``None``: LoRA off).
+
+        As set in :attr:`evaluation_tasks` (``crma-lightning evaluate --data`` sets it), else the domain's
+        own task, else ``None``.
+        """
+        if domain in self.evaluation_tasks:
+            return self.evaluation_tasks[domain]
+        return domain if domain in self.tasks else None
 
     def activate_task(self, task: str | None) -> None:
         """Activate ``task``'s adapter(s) (the method's choice, else the task's own); ``None``: LoRA off."""
@@ -296,7 +308,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         means per domain (``val/<domain>/loss``) and into the loss matrix.
         """
         domain = batch["domain"]
-        self.activate_task(domain if domain in self.tasks else None)
+        self.activate_task(self.evaluation_task(domain))
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         total, count = self.token_losses(logits, batch["labels"])
         return {"loss_sum": total.detach(), "tokens": count.detach(), "domain": domain}

@@ -28,7 +28,7 @@ from crma_lightning.adapters.serialization import atomic_write
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
 from crma_lightning.callbacks.routing import RoutedEvaluation
-from crma_lightning.checkpoints import RESUME_MODES, CheckpointStore, RunState
+from crma_lightning.checkpoints import RESUME_MODES, CheckpointStore, RunState, load_states
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.interrupts import RunInterrupted, StopAndSave, StopSignals
 from crma_lightning.module import ContinualLM
@@ -206,8 +206,7 @@ class ContinualRunner:
         if not self.evaluation.has_row(0):
             trainer = self._make_trainer(0, dm)
             model.activate_task(None)
-            with dm.evaluating_all_domains():
-                self._evaluate(trainer, model, dm, row=0)
+            self.evaluation.evaluate_row(trainer, model, dm, row=0)
             self.state.step_offset = max(self.state.step_offset, 1)  # the base evaluation is step 0
             self._write_report(model, dm, "running")
         for stage in range(self.state.completed, dm.num_stages):
@@ -230,7 +229,7 @@ class ContinualRunner:
             model.end_task(domain, train_batches=dm.fisher_batches(stage), train_rows=dm.train_sets[domain])
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            self._evaluate(trainer, model, dm, row=stage + 1)
+            self.evaluation.evaluate_row(trainer, model, dm, row=stage + 1)
             eval_s = time.perf_counter() - t0
             self.state.timings[domain] = {
                 "train_s": train_s + self.state.timings.get(domain, {}).get("train_s", 0.0) * mid_stage,
@@ -251,12 +250,6 @@ class ContinualRunner:
             if trainer.is_global_zero and self.checkpoints.last.exists():
                 self.checkpoints.last.unlink()  # superseded by the stage checkpoint
             self._write_report(model, dm, "running" if stage + 1 < dm.num_stages else "complete")
-
-    def _evaluate(self, trainer: L.Trainer, model: ContinualLM, dm: SequentialDomainDataModule, row: int) -> None:
-        self.evaluation.expect_row(row)
-        trainer.validate(model, datamodule=dm, verbose=False)
-        if not self.evaluation.has_row(row):
-            raise RuntimeError(f"evaluation after stage {row} recorded no losses (did validation run?)")
 
     # ------------------------------------------------------------------ trainers and loggers
     @property
@@ -291,15 +284,7 @@ class ContinualRunner:
         return path, complete
 
     def _load_states(self, ckpt: dict[str, Any], model: ContinualLM, dm: SequentialDomainDataModule) -> None:
-        model.on_load_checkpoint(ckpt)
-        model.load_state_dict(ckpt["state_dict"])
-        saved_callbacks = ckpt.get("callbacks", {})
-        for cb in self._stateful_callbacks():
-            if cb.state_key in saved_callbacks:
-                cb.load_state_dict(saved_callbacks[cb.state_key])
-        dm_state = ckpt.get(type(dm).__qualname__)
-        if dm_state is not None:
-            dm.load_state_dict(dm_state)
+        load_states(ckpt, model, self._stateful_callbacks(), dm)
 
     # ------------------------------------------------------------------ signals and report
     def _write_report(self, model: ContinualLM, dm: SequentialDomainDataModule, status: str) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""Issue 20: the after-training commands verify a run's files as ``fit`` does, and a run directory has one owner.
+
+One finished two-stage CRMA run (module fixture) is copied for each test that damages it.
+``docs/reliability.md`` maps every case to its test.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_faults import config, report_of, run_main, write_config
+from test_reliability import _overwrite_inside_tensors, files_of
+
+from crma_lightning.checkpoints import CheckpointStore
+from crma_lightning.cli import main
+from crma_lightning.manifest import Manifest
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A complete run of two CRMA stages (prose, code), 3 steps each."""
+    tmp = tmp_path_factory.mktemp("finished")
+    path = write_config(tmp / "c.yaml", config(tmp / "run"))
+    try:
+        main(["fit", "--config", str(path)])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None)
+    return tmp / "run"
+
+
+def copy_run(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    return run_dir, write_config(tmp_path / "c.yaml", config(run_dir))
+
+
+def command(capsys, *args: str) -> tuple[int, str]:
+    """An after-training command in-process: (exit code, its one ``error:`` line or the whole stderr)."""
+    capsys.readouterr()
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("[crma_lightning] error:")]
+    return code, errors[0] if len(errors) == 1 else err
+
+
+def after_training_commands(run_dir: Path, out: Path) -> dict[str, list[str]]:
+    return {
+        "evaluate": ["evaluate", "--run", str(run_dir), "--out", str(out / "eval")],
+        "generate": ["generate", "--run", str(run_dir), "--task", "prose", "--max_new_tokens", "2", "Hi"],
+        "export": ["export", "--run", str(run_dir), "--task", "prose", "--format", "merged", "--drop_crma",
+                   str(out / "export")],
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- 1: one loader
+def test_after_training_commands_refuse_a_damaged_checkpoint(finished, tmp_path, capsys):
+    run_dir, _ = copy_run(finished, tmp_path)
+    damaged = run_dir / "checkpoints" / "stage-02-code.ckpt"
+    _overwrite_inside_tensors(damaged)  # torch.load still accepts it; only the manifest's sha256 tells
+    for name, args in after_training_commands(run_dir, tmp_path).items():
+        code, line = command(capsys, *args)
+        assert code == 2, (name, line)
+        assert f"cannot read checkpoint {damaged}: its content does not match the sha256" in line, (name, line)
+    assert not (tmp_path / "export").exists() or not any((tmp_path / "export").iterdir())
+
+
+def test_a_corrupt_manifest_is_refused_by_every_command_and_never_rebuilt(finished, tmp_path, capsys):
+    run_dir, cfg = copy_run(finished, tmp_path)
+    manifest = Manifest(run_dir).path
+    manifest.write_text('{"manifest_version": 1, "files": {"checkpoints/stage-01-pro')  # torn
+    before = files_of(run_dir)
+    for name, args in after_training_commands(run_dir, tmp_path).items():
+        code, line = command(capsys, *args)
+        assert code == 2, (name, line)
+        assert f"{manifest} is corrupt" in line and "cannot read checkpoint" in line, (name, line)
+    code, stderr = run_main(cfg, capsys)  # fit's resume: refused too, not "no readable checkpoint, start over"
+    assert code == 2 and f"{manifest} is corrupt" in stderr, stderr
+    assert files_of(run_dir) == before, "a refused command must leave the run (and its manifest) untouched"
+
+
+def test_evaluate_exits_3_on_a_non_finite_loss_as_fit_does(finished, tmp_path, capsys):
+    run_dir, _ = copy_run(finished, tmp_path)
+    path = run_dir / "checkpoints" / "stage-01-prose.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    name = next(k for k in ckpt["state_dict"] if "lora_B" in k and "prose" in k)
+    ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("nan"))  # a diverged adapter
+    torch.save(ckpt, path)
+    Manifest(run_dir).record(path)  # written by the run itself: the hash matches, the numbers are NaN
+    with pytest.warns(UserWarning, match="non-finite held-out loss"):
+        code, stderr = command(capsys, "evaluate", "--run", str(run_dir), "--stage", "1")
+    assert code == 3, stderr
+    assert "finished with non-finite results" in stderr and "Traceback" not in stderr
+    report = report_of(run_dir / "evaluation")
+    assert report["status"].startswith("evaluated (non-finite evaluation: prose after stage 1 (prose) = nan")
+    assert report["loss_matrix"]["values"][1][0] == "nan"
+
+
+def test_evaluate_reproduces_fit_on_the_verified_files(finished, tmp_path, capsys):
+    code, stderr = command(capsys, "evaluate", "--run", str(finished), "--out", str(tmp_path / "eval"))
+    assert code == 0, stderr
+    got, want = report_of(tmp_path / "eval"), report_of(finished)
+    for g_row, w_row in zip(got["loss_matrix"]["values"], want["loss_matrix"]["values"], strict=True):
+        assert g_row == pytest.approx(w_row, abs=1e-5)
+    assert got["metrics"]["bwt"] == pytest.approx(want["metrics"]["bwt"], abs=1e-5)
+
+
+def test_stage_file_names_are_parsed_by_the_store_that_writes_them(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.dir.mkdir()
+    domains = ["prose", "my-code-2", "stage-3"]
+    for stage, domain in enumerate(domains):
+        store.stage(stage, domain).write_bytes(b"x")
+    for other in ("stage-xx-notes.ckpt", "stage-00-zero.ckpt", "last.ckpt", "stage-01-prose.ckpt.tmp"):
+        (store.dir / other).write_bytes(b"x")
+    found = store.stage_checkpoints()
+    assert [(c.stage, c.domain) for c in found] == [(1, "prose"), (2, "my-code-2"), (3, "stage-3")]
+    assert [c.path for c in found] == [store.stage(i, d) for i, d in enumerate(domains)]
