@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+RECORDED_LATER = frozenset({"base_seed", "dtype"})
+"""Identity keys that checkpoints written before they were recorded lack: not compared when absent there."""
+
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """``"key: checkpoint X vs now Y"`` for every key of ``current`` whose saved value differs.
@@ -19,7 +22,7 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any], prefix:
     return [
         f"{prefix}{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
         for key, value in current.items()
-        if saved.get(key) != value
+        if saved.get(key) != value and not (key in RECORDED_LATER and key not in saved)
     ]
 
 

@@ -340,10 +340,17 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         set_rng_state(state.get("rng"))
 
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters)."""
+        """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters).
+
+        The base's identity is what decides its weights and numerics: the model (hub id/path or config),
+        its ``dtype``, and - for a base built from ``model_config``, whose weights are drawn at random -
+        the ``seed`` it was drawn with (``base_seed``; ``None`` for a pretrained base).
+        """
         hp = self.hparams
         return {
             "model": hp["model_name_or_path"] or hp["model_config"],
+            "base_seed": hp["seed"] if hp["model_name_or_path"] is None else None,
+            "dtype": hp["dtype"],
             "vocab_size": len(self.tokenizer),
             "adapter": self.adapter,
             "task_adapters": self.task_adapters,

@@ -124,3 +124,42 @@ def test_stage_file_names_are_parsed_by_the_store_that_writes_them(tmp_path):
     found = store.stage_checkpoints()
     assert [(c.stage, c.domain) for c in found] == [(1, "prose"), (2, "my-code-2"), (3, "stage-3")]
     assert [c.path for c in found] == [store.stage(i, d) for i, d in enumerate(domains)]
+
+
+# ---------------------------------------------------------------------------------------------- 2: base identity
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"seed": 3}, "base_seed: checkpoint 0 vs now 3"),  # a base from model_config: the seed draws its weights
+        ({"dtype": "bfloat16"}, "dtype: checkpoint 'float32' vs now 'bfloat16'"),
+    ],
+)
+def test_a_changed_base_is_refused_on_resume_and_after_training(finished, tmp_path, capsys, change, reason):
+    run_dir, _ = copy_run(finished, tmp_path)
+    (run_dir / "checkpoints" / "stage-02-code.ckpt").unlink()  # stage 2 to redo: resume from stage 1
+    before = files_of(run_dir)
+    cfg = config(run_dir)
+    cfg["model"]["init_args"].update(change)
+    code, stderr = run_main(write_config(tmp_path / "changed.yaml", cfg), capsys)
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "cannot resume from" in lines[0] and reason in lines[0], stderr
+    assert files_of(run_dir) == before
+    # A config.yaml edited to the other base: the after-training commands refuse the checkpoint too.
+    text = (run_dir / "config.yaml").read_text()
+    key, value = next(iter(change.items()))
+    old = {"seed": "seed: 0", "dtype": "dtype: float32"}[key]
+    assert old in text
+    (run_dir / "config.yaml").write_text(text.replace(old, f"{key}: {value}", 1))
+    code, line = command(capsys, "evaluate", "--run", str(run_dir), "--stage", "1", "--out", str(tmp_path / "e"))
+    assert code == 2 and "does not fit the run's model" in line and reason in line, line
+
+
+def test_checkpoints_written_before_the_base_identity_was_recorded_still_resume():
+    from crma_lightning.compatibility import identity_differences
+
+    now = {"model": "m", "base_seed": 0, "dtype": "float32", "adapter": "crma"}
+    assert identity_differences({"model": "m", "adapter": "crma"}, now) == []
+    assert identity_differences({"model": "m", "adapter": "crma", "base_seed": 1}, now) == [
+        "base_seed: checkpoint 1 vs now 0"
+    ]
