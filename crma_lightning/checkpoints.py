@@ -217,6 +217,17 @@ class CheckpointStore:
         last = [self.last] if self.last.exists() else []
         return last + stages
 
+    def snapshot(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, size, mtime) of the resume candidates and the manifest: changes when another process writes."""
+        out = []
+        for path in [*self.candidates(), self.manifest.path]:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((path.name, stat.st_size, stat.st_mtime_ns))
+        return tuple(out)
+
     def newest(self) -> Path | None:
         candidates = self.candidates()
         return candidates[0] if candidates else None

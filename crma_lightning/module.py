@@ -120,6 +120,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             "crma_gate": crma_gate_lr,
             "crma": crma_projection_lr,
         }
+        _check_optimizer(optimizer, lr_scheduler, self.crma_lrs)  # before any model is built or file written
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         fsdp2_mixed_precision(fsdp_mixed_precision)  # validate now, not when the strategy shards
         self.fsdp_mixed_precision = fsdp_mixed_precision
@@ -362,6 +363,28 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     def method_summary(self) -> dict[str, Any] | None:
         """The method's report entry (hyper-parameters, what it holds, ``state_bytes``); ``None``: no method."""
         return method_hooks.summary(self.method)
+
+
+def _check_optimizer(optimizer: Any, lr_scheduler: Any, crma_lrs: dict[str, float | None]) -> None:
+    """Build the optimizer (and scheduler) once on a probe parameter: their own checks run now.
+
+    Without this a negative learning rate surfaced only when the first stage built its optimizer -
+    after the base evaluation and after ``config.yaml`` was written. Only ``ValueError`` (the torch
+    optimizers' way to reject a setting) is reported; a custom class that cannot be built on a probe
+    is left to fail where it always did.
+    """
+    names = {"crma_structural": "crma_structural_lr", "crma_gate": "crma_gate_lr", "crma": "crma_projection_lr"}
+    for group, lr in crma_lrs.items():
+        if lr is not None and not lr >= 0:
+            raise ValueError(f"{names[group]}={lr!r} is invalid: expected a learning rate >= 0")
+    probe = nn.Parameter(torch.zeros(1))
+    try:
+        built = optimizer([{"params": [probe]}])
+        if lr_scheduler is not None:
+            lr_scheduler(built)
+    except ValueError as err:
+        what = getattr(optimizer, "__name__", None) or type(optimizer).__name__
+        raise ValueError(f"model.init_args.optimizer ({what}) is invalid: {err}") from err
 
 
 def _as_config(value: Any, cls: type) -> Any:

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import Logger
 
 from crma_lightning import _compat, hparams, resume_settings
 from crma_lightning.adapters.serialization import atomic_write
+from crma_lightning.base_model import check_context
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
 from crma_lightning.callbacks.routing import RoutedEvaluation
@@ -32,10 +33,12 @@ from crma_lightning.checkpoints import RESUME_MODES, CheckpointStore, RunState, 
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.interrupts import RunInterrupted, StopAndSave, StopSignals
 from crma_lightning.module import ContinualLM
-from crma_lightning.parallel.dist import is_global_zero
+from crma_lightning.parallel.dist import is_global_zero, owns_run_dir
 from crma_lightning.parallel.export import export_adapters
 from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses, write_report
 from crma_lightning.resume_settings import refuse_optimizer_class_change, write_stage_configs
+from crma_lightning.run_lock import RunLock, describe
+from crma_lightning.sampling import resume_batches
 from crma_lightning.stage_trainers import StageTrainers, check_budget, with_default_callbacks
 
 __all__ = ["ContinualRunner", "RunInterrupted"]
@@ -95,6 +98,7 @@ class ContinualRunner:
         self.started = False  # every up-front check passed and the run directory is being written
         self.state = RunState()
         self.signals = StopSignals()
+        self.lock = RunLock(self.run_dir, enabled=owns_run_dir())
         self._purge_step = 0
         # (path, checkpoint) that `preflight` chose to resume from; None until it has looked.
         self._resume_choice: tuple[Path | None, dict[str, Any] | None] | None = None
@@ -136,6 +140,7 @@ class ContinualRunner:
         if self._resume_choice is not None:
             return  # already done
         self.checkpoints.check_writable()
+        check_context(model.model, datamodule.max_length)
         try:
             datamodule.prepare(model.tokenizer)
         except ValueError as err:
@@ -148,6 +153,10 @@ class ContinualRunner:
             "domains": datamodule.domain_names,
             "data": datamodule.identity(),
         }
+        self._choose_resume(datamodule)
+
+    def _choose_resume(self, datamodule: SequentialDomainDataModule) -> None:
+        self._resume_snapshot = self.checkpoints.snapshot()
         self._resume_choice = self.checkpoints.find_resume(self.resume, self.state.identity)
         path, ckpt = self._resume_choice
         if path is not None and ckpt is not None and not CheckpointStore.is_stage_checkpoint(path):
@@ -163,6 +172,35 @@ class ContinualRunner:
         domains = datamodule.domain_names
         first = self._make_trainer(self.state.completed if self.state.completed < len(domains) else 0, datamodule)
         datamodule.check_batches(first.world_size)
+        global_batch = datamodule.batch_size * first.world_size
+        self._check_resume_batch(global_batch)
+        # One writer per run directory: taken once every check passed, before the first write (rank 0).
+        with self.lock:
+            if self.checkpoints.snapshot() != self._resume_snapshot:  # another run wrote while we checked
+                self._choose_resume(datamodule)
+                self._check_resume_batch(global_batch)
+            if self.lock.previous:
+                log.warning(
+                    "run directory %s: the previous run (%s) ended without releasing its lock: it was killed "
+                    "(SIGKILL, out of memory, power loss); continuing from its newest checkpoint",
+                    self.run_dir,
+                    describe(self.lock.previous),
+                )
+            return self._run_locked(model, datamodule)
+
+    def _check_resume_batch(self, global_batch: int) -> None:
+        """A mid-stage resume skips the rows the checkpoint consumed: the new global batch must divide them."""
+        path, ckpt = self._resume_choice or (None, None)
+        if path is None or ckpt is None or CheckpointStore.is_stage_checkpoint(path):
+            return
+        for state in _compat.saved_train_loader_states(ckpt):
+            try:
+                resume_batches(state, global_batch)
+            except ValueError as err:
+                raise ValueError(f"cannot resume mid-stage from {path}: {err}") from err
+
+    def _run_locked(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
+        domains = datamodule.domain_names
         self.started = True
         model.prepare_tasks(domains)
         resume_from, resume_stage_done = self._restore(model, datamodule)

@@ -163,3 +163,108 @@ def test_checkpoints_written_before_the_base_identity_was_recorded_still_resume(
     assert identity_differences({"model": "m", "adapter": "crma", "base_seed": 1}, now) == [
         "base_seed: checkpoint 1 vs now 0"
     ]
+
+
+# ---------------------------------------------------------------------------------------------- 3: run lock
+def test_a_live_run_holds_the_run_directory_and_a_killed_one_leaves_a_stale_lock(finished, tmp_path, capsys):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from test_faults import _env
+
+    run_dir, cfg = copy_run(finished, tmp_path)
+    (run_dir / "checkpoints" / "stage-02-code.ckpt").unlink()  # work left to do: stage 2
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from crma_lightning.run_lock import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = files_of(run_dir)
+        code, stderr = run_main(cfg, capsys)
+        assert code == 2, stderr
+        lines = [line for line in stderr.splitlines() if "error:" in line]
+        assert len(lines) == 1, stderr
+        assert f"run directory {run_dir} is in use by another crma-lightning run (PID {holder.pid} on host " in lines[0]
+        assert socket.gethostname() in lines[0]
+        assert files_of(run_dir) == before, "a refused second run must write nothing"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # the holder dies without releasing: its lock file stays
+        holder.wait()
+    lock_file = run_dir / ".crma_lightning.lock"
+    assert str(holder.pid) in lock_file.read_text()
+    capsys.readouterr()
+    try:
+        main(["fit", "--config", str(cfg)])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None)
+    out = capsys.readouterr().out
+    assert f"the previous run (PID {holder.pid} on host" in out and "it was killed" in out, out
+    assert not lock_file.exists(), "a finished run releases and removes its lock"
+    assert report_of(run_dir)["loss_matrix"] == report_of(finished)["loss_matrix"]
+
+
+def test_the_lock_names_its_holder_and_is_released(tmp_path):
+    import os
+
+    from crma_lightning.run_lock import RunDirectoryLocked, RunLock
+
+    with RunLock(tmp_path / "new-run") as first:
+        assert first.previous is None and (tmp_path / "new-run" / ".crma_lightning.lock").is_file()
+        with pytest.raises(RunDirectoryLocked, match=f"PID {os.getpid()} on host "):
+            RunLock(tmp_path / "new-run").acquire()
+    assert not (tmp_path / "new-run" / ".crma_lightning.lock").exists()
+    with RunLock(tmp_path / "new-run") as again:  # free again
+        assert again.previous is None
+
+
+# ---------------------------------------------------------------------------------------------- 4: fail before work
+GPT2_CONFIG = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "message"),
+    [
+        ({"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": -0.001}}}, {},
+         "Invalid learning rate: -0.001"),
+        ({"crma_gate_lr": -1.0}, {}, "crma_gate_lr=-1.0 is invalid: expected a learning rate >= 0"),
+        ({}, {"max_length": 256}, "data.max_length=256 is above the model's context: max_position_embeddings=128"),
+        ({"model_config": GPT2_CONFIG, "adapter": "lora"}, {"max_length": 65},
+         "data.max_length=65 is above the model's context: max_position_embeddings=64 (GPT2LMHeadModel)"),
+        ({"lora": {"r": 40}}, {}, "LoRA r=40 is above the width of model.layers.0.self_attn."),
+    ],
+    ids=["negative_lr", "negative_crma_lr", "max_length_llama", "max_length_gpt2", "lora_rank"],
+)  # fmt: skip
+def test_bad_settings_fail_before_anything_is_written(finished, tmp_path, capsys, model, data, message):
+    fresh = tmp_path / "fresh"
+    code, stderr = run_main(write_config(tmp_path / "fresh.yaml", config(fresh, model=model, data=data)), capsys)
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in stderr, stderr
+    assert not fresh.exists()
+    # The same setting on a resume of an existing run: refused too, and the run keeps its bytes.
+    run_dir, _ = copy_run(finished, tmp_path)
+    (run_dir / "checkpoints" / "stage-02-code.ckpt").unlink()
+    before = files_of(run_dir)
+    code, stderr = run_main(write_config(tmp_path / "resume.yaml", config(run_dir, model=model, data=data)), capsys)
+    assert code == 2 and message in stderr, stderr
+    assert files_of(run_dir) == before
+
+
+def test_a_changed_batch_size_on_a_mid_stage_resume_is_refused_before_anything_is_written(tmp_path, capsys):
+    from test_reliability import _fail_mid_stage_two
+
+    run_dir, cfg = _fail_mid_stage_two(tmp_path, capsys)  # last.ckpt after 1 step of 4 rows in stage 2
+    before = files_of(run_dir)
+    cfg["data"]["batch_size"] = 3
+    code, stderr = run_main(write_config(tmp_path / "c3.yaml", cfg), capsys)
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
+    assert f"cannot resume mid-stage from {run_dir / 'checkpoints' / 'last.ckpt'}: the checkpoint consumed 4 rows, " \
+           "not a whole number of global batches of 3" in lines[0]  # fmt: skip
+    assert files_of(run_dir) == before, "config.yaml and the report must keep their bytes"
