@@ -17,6 +17,7 @@ import copy
 import os
 import pickle
 import re
+import time
 import warnings
 import zipfile
 from collections.abc import Iterable
@@ -337,6 +338,34 @@ class CheckpointStore:
             return
         if path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:  # exported after the checkpoint: this stage's
             self.manifest.record(path)
+
+    def set_aside_after(self, path: Path) -> Path | None:
+        """Move the files of the stages after stage checkpoint ``path`` to ``abandoned/<time>/`` (rank 0).
+
+        Resuming explicitly from an earlier stage starts a new branch of the run: the later stage
+        checkpoints, ``last.ckpt``, adapter files and stage configs belong to the old one, and a later
+        ``resume: auto`` must never pick them up. They are kept (moved, not deleted); returns the folder,
+        or ``None`` when there was nothing to move or ``path`` is not one of this run's stage checkpoints.
+        """
+        parsed = _parse_stage_name(path.stem)
+        if parsed is None or path.resolve().parent != self.dir.resolve() or not is_global_zero():
+            return None
+        later = [c for c in self.stage_checkpoints() if c.stage > parsed[0] + 1]
+        moves: list[tuple[Path, str]] = [(c.path, "checkpoints") for c in later]
+        if self.last.exists():
+            moves.append((self.last, "checkpoints"))
+        for folder in ("adapters", "configs"):
+            for file in sorted((self.run_dir / folder).glob(f"{STAGE_PREFIX}*")):
+                stage = _parse_stage_name(file.name.split(".", 1)[0])
+                if stage is not None and stage[0] > parsed[0]:
+                    moves.append((file, folder))
+        if not moves:
+            return None
+        target = self.run_dir / "abandoned" / time.strftime("%Y%m%dT%H%M%S")
+        for file, folder in moves:
+            (target / folder).mkdir(parents=True, exist_ok=True)
+            os.replace(file, target / folder / file.name)
+        return target
 
     def remove_stale_temp_files(self) -> None:
         """Delete temp files that a process killed mid-write (SIGKILL, power loss) left behind."""

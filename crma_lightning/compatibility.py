@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-RECORDED_LATER = frozenset({"base_seed", "dtype"})
-"""Identity keys that checkpoints written before they were recorded lack: not compared when absent there."""
+RECORDED_LATER = ("base_seed", "dtype", "content.")
+"""Identity keys (or key prefixes) that checkpoints written before they were recorded lack: not compared
+when absent there."""
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -22,7 +23,7 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any], prefix:
     return [
         f"{prefix}{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
         for key, value in current.items()
-        if saved.get(key) != value and not (key in RECORDED_LATER and key not in saved)
+        if saved.get(key) != value and not (key not in saved and key.startswith(RECORDED_LATER))
     ]
 
 

@@ -330,5 +330,6 @@ def model_settings(model: Any) -> dict[str, Any]:
 
 def data_settings(dm: Any) -> dict[str, Any]:
     """The report's ``config.data``: domains, batch size and the data identity (``SequentialDomainDataModule``)."""
-    identity = {k: v for k, v in dm.identity().items() if k != "sources"}
+    # The row digests are in `data.<domain>.rows_sha256` (dm.summary()), once per domain.
+    identity = {k: v for k, v in dm.identity().items() if k != "sources" and not k.startswith("content.")}
     return {"domains": dm.domain_names, "batch_size": dm.batch_size, **identity}

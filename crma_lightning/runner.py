@@ -174,11 +174,13 @@ class ContinualRunner:
         datamodule.check_batches(first.world_size)
         global_batch = datamodule.batch_size * first.world_size
         self._check_resume_batch(global_batch)
+        self._check_resume_budget(datamodule)
         # One writer per run directory: taken once every check passed, before the first write (rank 0).
         with self.lock:
             if self.checkpoints.snapshot() != self._resume_snapshot:  # another run wrote while we checked
                 self._choose_resume(datamodule)
                 self._check_resume_batch(global_batch)
+                self._check_resume_budget(datamodule)
             if self.lock.previous:
                 log.warning(
                     "run directory %s: the previous run (%s) ended without releasing its lock: it was killed "
@@ -187,6 +189,23 @@ class ContinualRunner:
                     describe(self.lock.previous),
                 )
             return self._run_locked(model, datamodule)
+
+    def _check_resume_budget(self, datamodule: SequentialDomainDataModule) -> None:
+        """A mid-stage resume whose stage budget is below the step already reached is refused (not ignored)."""
+        path, ckpt = self._resume_choice or (None, None)
+        if path is None or ckpt is None or CheckpointStore.is_stage_checkpoint(path):
+            return
+        stage = int(ckpt["callbacks"][RunState.KEY].get("completed", 0))
+        if stage >= datamodule.num_stages:
+            return
+        budget = datamodule.specs[stage].max_steps or self.trainer_kwargs.get("max_steps")
+        step = int(ckpt.get("global_step", 0))
+        if budget is not None and budget != -1 and budget < step:
+            raise ValueError(
+                f"cannot resume mid-stage from {path}: stage {stage + 1} ({datamodule.domain_names[stage]}) already "
+                f"ran {step} optimizer steps, more than max_steps={budget}; set max_steps >= {step}, or resume from "
+                f"the stage checkpoint before it to redo the stage with the new budget"
+            )
 
     def _check_resume_batch(self, global_batch: int) -> None:
         """A mid-stage resume skips the rows the checkpoint consumed: the new global batch must divide them."""
@@ -204,6 +223,15 @@ class ContinualRunner:
         self.started = True
         model.prepare_tasks(domains)
         resume_from, resume_stage_done = self._restore(model, datamodule)
+        if resume_from is not None and self.resume not in RESUME_MODES and resume_stage_done:
+            aside = self.checkpoints.set_aside_after(resume_from)
+            if aside is not None:
+                log.warning(
+                    "resuming from %s starts a new branch of the run: the later stages' files were moved to %s "
+                    "(resume: auto would otherwise pick them up)",
+                    resume_from,
+                    aside,
+                )
         self._write_config(mid_stage=resume_from is not None and not resume_stage_done)
         self.checkpoints.remove_stale_temp_files()
         if self.save_stage_adapters:  # a finished stage's adapter file that is missing or damaged
@@ -231,9 +259,25 @@ class ContinualRunner:
         return report
 
     def _write_config(self, mid_stage: bool) -> None:
-        """``config.yaml`` (this invocation's), and this configuration recorded for every stage it will train."""
+        """``config.yaml`` (this invocation's), and this configuration recorded for every stage it will train.
+
+        A complete run trains nothing more: its ``config.yaml`` stays the one it was trained with, and
+        settings that differ from it are named as unused instead of being written as if they applied.
+        """
         if self.config_text is None:
             return
+        domains = self.state.domains
+        if domains and self.state.completed >= len(domains):
+            changes = resume_settings.config_diff(self.state.stage_configs.get(domains[-1]), self.config_text)
+            if changes and is_global_zero():
+                log.warning(
+                    "the run in %s is already complete: nothing to train, and these settings differ from the ones "
+                    "it was trained with and were not used (config.yaml keeps those): %s",
+                    self.run_dir,
+                    ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+                )
+            if changes:
+                return
         self.state.use_config(self.config_text, mid_stage, self._resume_step)
         if is_global_zero():
             atomic_write(self.run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(self.config_text))

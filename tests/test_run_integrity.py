@@ -268,3 +268,91 @@ def test_a_changed_batch_size_on_a_mid_stage_resume_is_refused_before_anything_i
     assert f"cannot resume mid-stage from {run_dir / 'checkpoints' / 'last.ckpt'}: the checkpoint consumed 4 rows, " \
            "not a whole number of global batches of 3" in lines[0]  # fmt: skip
     assert files_of(run_dir) == before, "config.yaml and the report must keep their bytes"
+
+
+# ---------------------------------------------------------------------------------------------- 5: data content
+def test_a_domain_file_replaced_mid_run_is_refused_on_resume(tmp_path, capsys):
+    import json
+
+    notes = tmp_path / "notes.jsonl"
+
+    def write_notes(word: str) -> None:
+        rows = [{"text": f"{word} note {i}: the {word} of line {i} is {i * 7 % 13}."} for i in range(200)]
+        notes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write_notes("first")
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", config(run_dir, domains=[{"name": "notes", "path": str(notes)}, "code"]))
+    code, stderr = run_main(cfg, capsys)
+    assert code == 0, stderr
+    digest = report_of(run_dir)["data"]["notes"].get("rows_sha256")
+    (run_dir / "checkpoints" / "stage-02-code.ckpt").unlink()  # stage 2 to redo
+    before = files_of(run_dir)
+    write_notes("second")  # same path, same size class, other text
+    code, stderr = run_main(cfg, capsys)
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "cannot resume from" in lines[0], stderr
+    assert digest and f"data.content.notes: checkpoint '{digest}' vs now '" in lines[0], lines[0]
+    assert "data.content.code" not in lines[0]
+    assert files_of(run_dir) == before
+    write_notes("first")  # the original text: resumes
+    code, stderr = run_main(cfg, capsys)
+    assert code == 0, stderr
+
+
+# ---------------------------------------------------------------------------------------------- 6: resume choices
+def _lr(cfg: dict, lr: float) -> dict:
+    cfg["model"]["init_args"]["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}}
+    return cfg
+
+
+def test_an_abandoned_branch_is_set_aside_and_never_resumed(finished, tmp_path, capsys):
+    from crma_lightning.cli.fit import RunFailed
+
+    run_dir, _ = copy_run(finished, tmp_path)
+    stage1 = run_dir / "checkpoints" / "stage-01-prose.ckpt"
+    old_stage2 = (run_dir / "checkpoints" / "stage-02-code.ckpt").read_bytes()
+    # A new branch from stage 1 with another lr, killed (here: a failing hook) in stage 2.
+    failing = _lr(config(run_dir, model={"fail_step": 1}, model_class="fault_injection.FailingLM"), 0.002)
+    with pytest.raises(RunFailed, match="simulated bug"):
+        run_main(write_config(tmp_path / "branch.yaml", failing), capsys, "--ckpt_path", str(stage1))
+    assert not (run_dir / "checkpoints" / "stage-02-code.ckpt").exists(), "the old branch's stage 2 is still there"
+    aside = list((run_dir / "abandoned").glob("*/checkpoints/stage-02-code.ckpt"))
+    assert len(aside) == 1 and aside[0].read_bytes() == old_stage2, "the old branch is kept, not deleted"
+    assert list((run_dir / "abandoned").glob("*/adapters/stage-02-code.safetensors"))
+    # The same settings without --ckpt_path: resume: auto continues the new branch, with its lr.
+    code, stderr = run_main(write_config(tmp_path / "again.yaml", _lr(config(run_dir), 0.002)), capsys)
+    assert code == 0, stderr
+    ckpt = torch.load(run_dir / "checkpoints" / "stage-02-code.ckpt", map_location="cpu", weights_only=True)
+    assert {g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]} == {0.002}
+
+
+def test_a_complete_run_resumed_with_other_settings_says_so_and_keeps_its_config(finished, tmp_path, capsys):
+    run_dir, _ = copy_run(finished, tmp_path)
+    before = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
+    try:
+        main(["fit", "--config", str(write_config(tmp_path / "c.yaml", _lr(config(run_dir), 0.5)))])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None)
+    out = capsys.readouterr().out
+    assert "is already complete: nothing to train" in out and "model.init_args.optimizer" in out, out
+    assert (run_dir / "config.yaml").read_bytes() == before, "config.yaml must stay what the run trained with"
+
+
+def test_max_steps_below_the_step_reached_mid_stage_is_refused(tmp_path, capsys):
+    from crma_lightning.cli.fit import RunFailed
+
+    cfg = config(
+        tmp_path / "run", model={"fail_step": 2}, model_class="fault_injection.FailingLM",
+        run={"checkpoint_every_n_steps": 1},
+    )  # fmt: skip
+    with pytest.raises(RunFailed, match="simulated bug"):
+        run_main(write_config(tmp_path / "c.yaml", cfg), capsys)  # last.ckpt at step 2 of stage 2
+    before = files_of(tmp_path / "run")
+    cfg = config(tmp_path / "run", steps=1, run={"checkpoint_every_n_steps": 1})
+    code, stderr = run_main(write_config(tmp_path / "c1.yaml", cfg), capsys)
+    assert code == 2, stderr
+    assert "stage 2 (code) already ran 2 optimizer steps, more than max_steps=1" in stderr, stderr
+    assert files_of(tmp_path / "run") == before
