@@ -63,6 +63,9 @@ class RunState(Callback):
         stage_configs: Domain -> the resolved configuration (YAML text) its stage was trained with
             (the CLI's; empty when the runner was given no ``config_text``).
         config_changes: One entry per resume whose configuration differed from the one before it.
+        killed_runs: One entry per earlier invocation that was killed without a clean stop (SIGKILL, OOM,
+            power loss): found at the next start by its lock file or its report's ``running`` status.
+        elapsed_s: Wall-clock of the earlier invocations, up to the checkpoint this one resumed from.
 
     On a mid-stage resume it also applies the optimizer settings of the current configuration to the
     restored optimizer (:class:`~crma_lightning.resume_settings.OptimizerSettings`).
@@ -79,9 +82,19 @@ class RunState(Callback):
         self.identity: dict[str, Any] = {}
         self.stage_configs: dict[str, str] = {}
         self.config_changes: list[dict[str, Any]] = []
+        self.killed_runs: list[dict[str, Any]] = []
+        self.noticed_kill: dict[str, Any] | None = None  # found at this invocation's start
+        self.elapsed_s = 0.0
+        self.started_at: float | None = None  # time.perf_counter() when this invocation started training
         self.optimizer_settings = OptimizerSettings()
         # (config text, mid_stage, step) of this invocation: re-recorded whenever a checkpoint is loaded.
         self.current_config: tuple[str, bool, int] | None = None
+
+    def note_killed(self, entry: dict[str, Any] | None) -> None:
+        """Record ``entry`` (an earlier invocation that was killed), once; kept across checkpoint reloads."""
+        self.noticed_kill = entry
+        if entry is not None and entry not in self.killed_runs:
+            self.killed_runs.append(entry)
 
     def use_config(self, text: str, mid_stage: bool, step: int) -> None:
         """Record ``text`` for every stage from ``completed`` on (:func:`record_stage_configs`)."""
@@ -101,7 +114,13 @@ class RunState(Callback):
             "identity": copy.deepcopy(self.identity),
             "stage_configs": dict(self.stage_configs),
             "config_changes": copy.deepcopy(self.config_changes),
+            "killed_runs": copy.deepcopy(self.killed_runs),
+            "elapsed_s": self.total_s(),
         }
+
+    def total_s(self) -> float:
+        """Wall-clock of every invocation so far (the earlier ones up to the checkpoint resumed from)."""
+        return self.elapsed_s + (time.perf_counter() - self.started_at if self.started_at is not None else 0.0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.domains = list(state_dict["domains"])
@@ -111,6 +130,9 @@ class RunState(Callback):
         self.identity = dict(state_dict.get("identity", {}))
         self.stage_configs = dict(state_dict.get("stage_configs", {}))
         self.config_changes = list(state_dict.get("config_changes", []))
+        self.killed_runs = list(state_dict.get("killed_runs", []))
+        self.elapsed_s = float(state_dict.get("elapsed_s", 0.0))
+        self.note_killed(self.noticed_kill)  # Lightning reloads the checkpoint on a mid-stage resume
         if self.current_config is not None:  # Lightning reloads the checkpoint on a mid-stage resume
             record_stage_configs(self, *self.current_config)
 

@@ -13,6 +13,7 @@ Run directory: ``report.json``/``report.md`` (rewritten after every stage), ``co
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -181,14 +182,26 @@ class ContinualRunner:
                 self._choose_resume(datamodule)
                 self._check_resume_batch(global_batch)
                 self._check_resume_budget(datamodule)
-            if self.lock.previous:
-                log.warning(
-                    "run directory %s: the previous run (%s) ended without releasing its lock: it was killed "
-                    "(SIGKILL, out of memory, power loss); continuing from its newest checkpoint",
-                    self.run_dir,
-                    describe(self.lock.previous),
-                )
             return self._run_locked(model, datamodule)
+
+    def _previous_run_killed(self) -> dict[str, Any] | None:
+        """The earlier invocation, when it was killed: its lock file stayed, or its report still says ``running``."""
+        report = self.run_dir / "report.json"
+        try:
+            status = json.loads(report.read_text()).get("status") if report.is_file() else None
+        except (OSError, ValueError):
+            status = None
+        if not self.lock.previous and status != "running":
+            return None
+        holder = describe(self.lock.previous) if self.lock.previous else "holder unknown"
+        log.warning(
+            "run directory %s: the previous run (%s) was killed without a clean stop (SIGKILL, out of memory, "
+            "power loss; its report said %r); continuing from its newest checkpoint",
+            self.run_dir,
+            holder,
+            status,
+        )
+        return {"holder": holder, "status_then": status, "noticed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def _check_resume_budget(self, datamodule: SequentialDomainDataModule) -> None:
         """A mid-stage resume whose stage budget is below the step already reached is refused (not ignored)."""
@@ -222,7 +235,9 @@ class ContinualRunner:
         domains = datamodule.domain_names
         self.started = True
         model.prepare_tasks(domains)
+        killed = self._previous_run_killed()
         resume_from, resume_stage_done = self._restore(model, datamodule)
+        self.state.note_killed(killed)
         if resume_from is not None and self.resume not in RESUME_MODES and resume_stage_done:
             aside = self.checkpoints.set_aside_after(resume_from)
             if aside is not None:
@@ -238,7 +253,7 @@ class ContinualRunner:
             self.checkpoints.repair_stage_adapters(model, domains, self.state.completed)
         self.evaluation.start_run(domains)
         self.trainers.setup_loggers(purge_step=self._purge_step if resume_from else None)
-        self._t0 = time.perf_counter()
+        self._t0 = self.state.started_at = time.perf_counter()
         with self.signals:
             try:
                 self._run_stages(model, datamodule, resume_from, resume_stage_done)
@@ -382,13 +397,16 @@ class ContinualRunner:
             data=dm.summary(),
             timings={
                 "stages": self.state.timings,
-                "total_s": time.perf_counter() - getattr(self, "_t0", time.perf_counter()),
+                "total_s": self.state.total_s(),
+                "this_invocation_s": time.perf_counter() - getattr(self, "_t0", time.perf_counter()),
             },
             nonfinite=model.nonfinite.state_dict(),
             config_changes=self.state.config_changes,
             method=model.method_summary(),
             routing=None if self.routing is None else self.routing.summary(),
         )
+        if self.state.killed_runs:
+            report["killed_runs"] = list(self.state.killed_runs)
         if is_global_zero():
             write_report(self.run_dir, report)
             write_stage_configs(self.run_dir, self.state, domains)

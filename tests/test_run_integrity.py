@@ -203,7 +203,7 @@ def test_a_live_run_holds_the_run_directory_and_a_killed_one_leaves_a_stale_lock
     except SystemExit as exit_info:
         assert exit_info.code in (0, None)
     out = capsys.readouterr().out
-    assert f"the previous run (PID {holder.pid} on host" in out and "it was killed" in out, out
+    assert f"the previous run (PID {holder.pid} on host" in out and "was killed without a clean stop" in out, out
     assert not lock_file.exists(), "a finished run releases and removes its lock"
     assert report_of(run_dir)["loss_matrix"] == report_of(finished)["loss_matrix"]
 
@@ -356,3 +356,51 @@ def test_max_steps_below_the_step_reached_mid_stage_is_refused(tmp_path, capsys)
     assert code == 2, stderr
     assert "stage 2 (code) already ran 2 optimizer steps, more than max_steps=1" in stderr, stderr
     assert files_of(tmp_path / "run") == before
+
+
+# ---------------------------------------------------------------------------------------------- 8: honest reports
+def test_a_diverged_run_says_its_gradient_statistics_are_undefined(tmp_path, capsys):
+    model = {"max_nonfinite_steps": 0, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e6}}}
+    cfg = config(tmp_path / "run", model=model, steps=4)
+    with pytest.warns(UserWarning, match="non-finite held-out loss"):
+        code, stderr = run_main(write_config(tmp_path / "c.yaml", cfg), capsys)
+    assert code == 3, stderr
+    report = report_of(tmp_path / "run")
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    stages = report["gradients"]["stages"]
+    assert any(s["nonfinite_steps"] for s in stages.values()), stages
+    for name, s in stages.items():
+        bad, steps = s["nonfinite_steps"], s["steps"]
+        assert f"| {name} | {steps} | {bad} |" in markdown, markdown
+        if bad:
+            assert f"**{name}: {bad} of {steps} gradient norms were NaN/inf.**" in markdown
+        if steps - bad - s["warmup_steps"] < 2:
+            assert s["var"] is None and s["std"] is None, s  # not 0.000000: undefined
+    assert "0.000000" not in markdown
+
+
+def test_a_killed_run_is_named_at_the_next_start_and_timings_add_up(tmp_path, capsys):
+    import signal
+
+    from test_faults import interrupt_stage_two, long_config
+
+    cfg = long_config(tmp_path, "run")
+    run_dir = tmp_path / "run"
+    code, _ = interrupt_stage_two(tmp_path, cfg, run_dir, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert report_of(run_dir)["status"] == "running"  # what a kill leaves behind
+    killed_total = report_of(run_dir)["timings"]["total_s"]
+    capsys.readouterr()
+    try:
+        main(["fit", "--config", str(cfg)])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None)
+    out = capsys.readouterr().out
+    assert "the previous run (PID " in out and "was killed without a clean stop" in out, out
+    report = report_of(run_dir)
+    assert report["status"] == "complete"
+    [killed] = report["killed_runs"]
+    assert killed["status_then"] == "running" and killed["holder"].startswith("PID ")
+    assert "A previous invocation was killed without a clean stop: PID " in (run_dir / "report.md").read_text()
+    timings = report["timings"]
+    assert timings["total_s"] > timings["this_invocation_s"] and timings["total_s"] >= killed_total
