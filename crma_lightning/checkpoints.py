@@ -28,9 +28,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from crma_lightning.adapters.inject import adapter_parameter_names
-from crma_lightning.adapters.serialization import write_adapter_file
+from crma_lightning.adapters.serialization import fsync_path, write_adapter_file
 from crma_lightning.compatibility import check_compatible
 from crma_lightning.manifest import DamagedFile, Manifest
 from crma_lightning.parallel.dist import is_global_zero
@@ -155,6 +156,39 @@ class RunState(Callback):
                 )
 
 
+class LocalCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, writing a local checkpoint straight to its file, then ``fsync``.
+
+    Lightning's own writer stages every checkpoint in ``$TMPDIR`` (fsspec's transaction) and moves it
+    into place: a full ``$TMPDIR`` was blamed on the run directory, a full run directory was reported
+    as ``/tmp/tmpXXXX``, and a ``PermissionError`` on ``checkpoints/`` surfaced as ``ENOENT``. Here every
+    error names the file being written. :class:`CheckpointStore` already writes to a temporary name in
+    the same folder and renames it, so no second staging is needed. Remote paths (``s3://``, ...) and
+    ``storage_options`` go to Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            if err.filename is None:  # a failed write(): name the file it was writing
+                err.filename = str(path)
+            raise
+
+
+def use_local_checkpoint_io(trainer: L.Trainer) -> None:
+    """Give ``trainer`` :class:`LocalCheckpointIO` unless it was configured with another checkpoint IO."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = LocalCheckpointIO()
+
+
 class CheckpointStore:
     """Checkpoint paths, atomic saves and the choice of the checkpoint to resume from.
 
@@ -230,6 +264,7 @@ class CheckpointStore:
             raise
         if trainer.is_global_zero:
             os.replace(tmp, path)
+            fsync_path(path.parent)  # the rename survives a power loss (LocalCheckpointIO synced the bytes)
             self.manifest.record(path)
         trainer.strategy.barrier("crma_lightning.save_checkpoint")
         return path

@@ -30,7 +30,13 @@ from crma_lightning.base_model import check_context
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
 from crma_lightning.callbacks.routing import RoutedEvaluation
-from crma_lightning.checkpoints import RESUME_MODES, CheckpointStore, RunState, load_states
+from crma_lightning.checkpoints import (
+    RESUME_MODES,
+    CheckpointStore,
+    RunState,
+    load_states,
+    use_local_checkpoint_io,
+)
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.interrupts import RunInterrupted, StopAndSave, StopSignals
 from crma_lightning.module import ContinualLM
@@ -357,7 +363,9 @@ class ContinualRunner:
     def _make_trainer(self, stage: int, dm: SequentialDomainDataModule, for_fit: bool = False) -> L.Trainer:
         """A fresh trainer for ``stage`` (or the base evaluation), continuing the logging step."""
         stop = StopAndSave(self.signals, self.checkpoints, self.checkpoint_every_n_steps)
-        return self.trainers.make(stage, dm, [self.state, stop], self.state.step_offset, for_fit=for_fit)
+        trainer = self.trainers.make(stage, dm, [self.state, stop], self.state.step_offset, for_fit=for_fit)
+        use_local_checkpoint_io(trainer)
+        return trainer
 
     # ------------------------------------------------------------------ checkpoints
     def _export_adapters(self, trainer: L.Trainer, model: ContinualLM, stage: int, domain: str) -> None:

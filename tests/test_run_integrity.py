@@ -404,3 +404,80 @@ def test_a_killed_run_is_named_at_the_next_start_and_timings_add_up(tmp_path, ca
     assert "A previous invocation was killed without a clean stop: PID " in (run_dir / "report.md").read_text()
     timings = report["timings"]
     assert timings["total_s"] > timings["this_invocation_s"] and timings["total_s"] >= killed_total
+
+
+# ---------------------------------------------------------------------------------------------- 7: environment
+def test_checkpoints_are_not_staged_in_tmpdir(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmpdir"))  # a missing (or full) $TMPDIR
+    code, stderr = run_main(write_config(tmp_path / "c.yaml", config(tmp_path / "run")), capsys)
+    assert code == 0, stderr
+    assert report_of(tmp_path / "run")["completed_stages"] == 2
+
+
+@pytest.mark.parametrize("fault", ["full_disk", "no_permission"])
+def test_a_failed_checkpoint_write_names_the_checkpoint_file(tmp_path, capsys, monkeypatch, fault):
+    import builtins
+    import errno
+
+    import crma_lightning.checkpoints as checkpoints
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as write(2) reports it: no file name
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def faulty_open(path, mode="r", *args, **kwargs):
+        if "stage-02" in str(path) and "w" in mode:
+            if fault == "no_permission":
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return FullDisk(builtins.open(path, mode, *args, **kwargs))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "open", faulty_open, raising=False)
+    run_dir = tmp_path / "run"
+    code, stderr = run_main(write_config(tmp_path / "c.yaml", config(run_dir)), capsys)
+    assert code == 2, stderr
+    target = run_dir / "checkpoints" / ".stage-02-code.ckpt.tmp"
+    reason = "No space left on device" if fault == "full_disk" else "Permission denied"
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert lines == [f"[crma_lightning] error: {reason}: {target}"], stderr
+    report = report_of(run_dir)
+    assert report["status"].startswith("failed") and report["completed_stages"] == 1
+    assert (run_dir / "checkpoints" / "stage-01-prose.ckpt").is_file() and not target.exists()
+
+
+def test_atomic_writes_and_checkpoints_are_fsynced(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from crma_lightning.adapters.serialization import atomic_write
+    from crma_lightning.checkpoints import LocalCheckpointIO
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        mode = os.fstat(fd).st_mode
+        synced.append("dir" if stat.S_ISDIR(mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write(tmp_path / "report.json", lambda tmp: Path(tmp).write_text("{}"))
+    assert synced == ["file", "dir"], "the file's bytes, then the rename"
+    synced.clear()
+    LocalCheckpointIO().save_checkpoint({"w": torch.zeros(3)}, tmp_path / "checkpoints" / ".x.ckpt.tmp")
+    assert synced == ["file"]
+    assert torch.load(tmp_path / "checkpoints" / ".x.ckpt.tmp", weights_only=True)["w"].shape == (3,)
