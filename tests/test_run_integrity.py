@@ -481,3 +481,50 @@ def test_atomic_writes_and_checkpoints_are_fsynced(tmp_path, monkeypatch):
     LocalCheckpointIO().save_checkpoint({"w": torch.zeros(3)}, tmp_path / "checkpoints" / ".x.ckpt.tmp")
     assert synced == ["file"]
     assert torch.load(tmp_path / "checkpoints" / ".x.ckpt.tmp", weights_only=True)["w"].shape == (3,)
+
+
+# ---------------------------------------------------------------------------------------------- 10: messages
+def test_malformed_yaml_names_its_file_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args: {adapter: lora\ndata: [\n")
+    code, stderr = run_main(bad, capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert lines == [f"[crma_lightning] error: config file {bad} is not valid YAML: line 3, column 5: "
+                     "expected ',' or '}', but got ':'"], stderr  # fmt: skip
+    assert "<unicode string>" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"text": "fine"}\n{"text": "bad \x01 control"}\n',
+         "line 2 is not valid JSON: Invalid control character at column 15"),
+        (b"   \n\n  \t\n", "holds only whitespace (no rows)"),
+    ],
+    ids=["control_character", "whitespace_only"],
+)  # fmt: skip
+def test_bad_jsonl_messages_are_whole(tmp_path, capsys, content, message):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(content)
+    cfg = config(tmp_path / "run", domains=[{"name": "d", "path": str(data)}, "code"])
+    code, stderr = run_main(write_config(tmp_path / "c.yaml", cfg), capsys)
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "domain 'd': " in lines[0] and message in lines[0], stderr
+    assert "corresponds to no data" not in stderr and not (tmp_path / "run").exists()
+
+
+def test_the_refusal_for_other_domains_or_sources_is_short_and_names_the_change(finished, tmp_path, capsys):
+    run_dir, _ = copy_run(finished, tmp_path)
+    code, stderr = run_main(write_config(tmp_path / "o.yaml", config(run_dir, domains=["code", "prose"])), capsys)
+    assert code == 2
+    [line] = [line for line in stderr.splitlines() if "error:" in line]
+    assert "domains: checkpoint ['prose', 'code'] vs now ['code', 'prose']" in line
+    assert len(line) < 400, (len(line), line)  # was 1,367 characters: every domain's source listed twice
+    changed = [{"name": "prose", "builtin": "prose", "template": "Text: {text}"}, "code"]
+    code, stderr = run_main(write_config(tmp_path / "s.yaml", config(run_dir, domains=changed)), capsys)
+    assert code == 2
+    [line] = [line for line in stderr.splitlines() if "error:" in line]
+    assert "data.sources.prose.template: checkpoint None vs now 'Text: {text}'" in line, line
+    assert "data.sources.code" not in line and len(line) < 600, line
