@@ -447,9 +447,7 @@ def _parse_stage_name(name: str) -> tuple[int, str] | None:
     return int(match.group(1)) - 1, match.group(2)
 
 
-def load_states(
-    ckpt: dict[str, Any], model: Any, callbacks: Iterable[Callback] = (), datamodule: Any = None
-) -> None:
+def load_states(ckpt: dict[str, Any], model: Any, callbacks: Iterable[Callback] = (), datamodule: Any = None) -> None:
     """Load a checkpoint's states as a resume does: the module's, then the given callbacks' and the datamodule's.
 
     The runner's resume and :class:`crma_lightning.run_dir.RunDirectory` (the after-training commands)
