@@ -42,6 +42,13 @@ def saved_logging_step(checkpoint: dict[str, Any]) -> int:
     return int(loop["_batches_that_stepped"])
 
 
+def saved_train_loader_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training dataloaders' saved states in a Lightning checkpoint (lightning 2.0-2.6 layout)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    states = loop.get("combined_loader") or []
+    return [s for s in states if isinstance(s, dict) and "batches" in s]
+
+
 def is_accumulating(trainer: Any) -> bool:
     """Whether the batch that just ended accumulates gradients without an optimizer step.
 

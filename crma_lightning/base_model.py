@@ -100,3 +100,25 @@ def build_model(
         )
     model.config.use_cache = False
     return model
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+"""Config attributes that name a model's number of positions (Llama/NeoX/Mistral, GPT-2, older GPTs)."""
+
+
+def check_context(model: Any, max_length: int) -> None:
+    """``ValueError`` when ``max_length`` exceeds the positions of ``model`` (a transformers model).
+
+    Past its learned position table a GPT-2 raises an ``IndexError`` mid-run; a rotary model (Llama)
+    silently trains on positions it never saw. Models whose config names no such limit are not checked.
+    """
+    config = getattr(model, "config", None)
+    for key in CONTEXT_KEYS:
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            if max_length > limit:
+                raise ValueError(
+                    f"data.max_length={max_length} is above the model's context: {key}={limit} "
+                    f"({type(model).__name__}); lower data.max_length to at most {limit}"
+                )
+            return

@@ -16,17 +16,22 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
+import time
 import warnings
 import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from crma_lightning.adapters.inject import adapter_parameter_names
-from crma_lightning.adapters.serialization import write_adapter_file
+from crma_lightning.adapters.serialization import fsync_path, write_adapter_file
 from crma_lightning.compatibility import check_compatible
 from crma_lightning.manifest import DamagedFile, Manifest
 from crma_lightning.parallel.dist import is_global_zero
@@ -35,6 +40,16 @@ from crma_lightning.resume_settings import OptimizerSettings, record_stage_confi
 
 RESUME_MODES = ("auto", "never")
 STAGE_PREFIX = "stage-"
+_STAGE_NAME = re.compile(rf"^{STAGE_PREFIX}(\d+)-(.+)$")
+
+
+@dataclass(frozen=True)
+class StageCheckpoint:
+    """A stage checkpoint: ``stage`` (1-based, = its loss-matrix row), its ``domain`` and ``path``."""
+
+    stage: int
+    domain: str
+    path: Path
 
 
 class RunState(Callback):
@@ -49,6 +64,9 @@ class RunState(Callback):
         stage_configs: Domain -> the resolved configuration (YAML text) its stage was trained with
             (the CLI's; empty when the runner was given no ``config_text``).
         config_changes: One entry per resume whose configuration differed from the one before it.
+        killed_runs: One entry per earlier invocation that was killed without a clean stop (SIGKILL, OOM,
+            power loss): found at the next start by its lock file or its report's ``running`` status.
+        elapsed_s: Wall-clock of the earlier invocations, up to the checkpoint this one resumed from.
 
     On a mid-stage resume it also applies the optimizer settings of the current configuration to the
     restored optimizer (:class:`~crma_lightning.resume_settings.OptimizerSettings`).
@@ -65,9 +83,19 @@ class RunState(Callback):
         self.identity: dict[str, Any] = {}
         self.stage_configs: dict[str, str] = {}
         self.config_changes: list[dict[str, Any]] = []
+        self.killed_runs: list[dict[str, Any]] = []
+        self.noticed_kill: dict[str, Any] | None = None  # found at this invocation's start
+        self.elapsed_s = 0.0
+        self.started_at: float | None = None  # time.perf_counter() when this invocation started training
         self.optimizer_settings = OptimizerSettings()
         # (config text, mid_stage, step) of this invocation: re-recorded whenever a checkpoint is loaded.
         self.current_config: tuple[str, bool, int] | None = None
+
+    def note_killed(self, entry: dict[str, Any] | None) -> None:
+        """Record ``entry`` (an earlier invocation that was killed), once; kept across checkpoint reloads."""
+        self.noticed_kill = entry
+        if entry is not None and entry not in self.killed_runs:
+            self.killed_runs.append(entry)
 
     def use_config(self, text: str, mid_stage: bool, step: int) -> None:
         """Record ``text`` for every stage from ``completed`` on (:func:`record_stage_configs`)."""
@@ -87,7 +115,13 @@ class RunState(Callback):
             "identity": copy.deepcopy(self.identity),
             "stage_configs": dict(self.stage_configs),
             "config_changes": copy.deepcopy(self.config_changes),
+            "killed_runs": copy.deepcopy(self.killed_runs),
+            "elapsed_s": self.total_s(),
         }
+
+    def total_s(self) -> float:
+        """Wall-clock of every invocation so far (the earlier ones up to the checkpoint resumed from)."""
+        return self.elapsed_s + (time.perf_counter() - self.started_at if self.started_at is not None else 0.0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.domains = list(state_dict["domains"])
@@ -97,6 +131,9 @@ class RunState(Callback):
         self.identity = dict(state_dict.get("identity", {}))
         self.stage_configs = dict(state_dict.get("stage_configs", {}))
         self.config_changes = list(state_dict.get("config_changes", []))
+        self.killed_runs = list(state_dict.get("killed_runs", []))
+        self.elapsed_s = float(state_dict.get("elapsed_s", 0.0))
+        self.note_killed(self.noticed_kill)  # Lightning reloads the checkpoint on a mid-stage resume
         if self.current_config is not None:  # Lightning reloads the checkpoint on a mid-stage resume
             record_stage_configs(self, *self.current_config)
 
@@ -117,6 +154,39 @@ class RunState(Callback):
                     f"settings, applied to the restored optimizer: {'; '.join(applied)}",
                     flush=True,
                 )
+
+
+class LocalCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, writing a local checkpoint straight to its file, then ``fsync``.
+
+    Lightning's own writer stages every checkpoint in ``$TMPDIR`` (fsspec's transaction) and moves it
+    into place: a full ``$TMPDIR`` was blamed on the run directory, a full run directory was reported
+    as ``/tmp/tmpXXXX``, and a ``PermissionError`` on ``checkpoints/`` surfaced as ``ENOENT``. Here every
+    error names the file being written. :class:`CheckpointStore` already writes to a temporary name in
+    the same folder and renames it, so no second staging is needed. Remote paths (``s3://``, ...) and
+    ``storage_options`` go to Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            if err.filename is None:  # a failed write(): name the file it was writing
+                err.filename = str(path)
+            raise
+
+
+def use_local_checkpoint_io(trainer: L.Trainer) -> None:
+    """Give ``trainer`` :class:`LocalCheckpointIO` unless it was configured with another checkpoint IO."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = LocalCheckpointIO()
 
 
 class CheckpointStore:
@@ -158,6 +228,28 @@ class CheckpointStore:
     def is_stage_checkpoint(path: Path) -> bool:
         return path.name.startswith(STAGE_PREFIX)
 
+    def stage_checkpoints(self) -> list[StageCheckpoint]:
+        """Every ``checkpoints/stage-NN-<domain>.ckpt`` on disk, by stage (parsed as :meth:`stage` names them)."""
+        found = []
+        for path in self.dir.glob(f"{STAGE_PREFIX}*.ckpt"):
+            parsed = _parse_stage_name(path.stem)
+            if parsed is not None:
+                found.append(StageCheckpoint(parsed[0] + 1, parsed[1], path))
+        return sorted(found, key=lambda c: c.stage)
+
+    def read(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's contents, verified: manifest entry (size, sha256), weights-only load, run state.
+
+        The one reading of a checkpoint of this run: ``fit``'s resume and every after-training command use
+        it. The raw error is raised (:func:`unreadable` turns it into one line); a corrupt manifest raises
+        :class:`~crma_lightning.manifest.DamagedFile` naming it.
+        """
+        self.manifest.check(path)  # size and sha256 as written: damage that torch.load accepts
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if RunState.KEY not in ckpt["callbacks"]:  # a KeyError/TypeError: not a crma_lightning checkpoint
+            raise KeyError(RunState.KEY)
+        return ckpt
+
     def save(self, trainer: L.Trainer, path: Path) -> Path:
         """``trainer.save_checkpoint`` to a temporary name, then an atomic rename (rank 0)."""
         if trainer.is_global_zero:
@@ -172,6 +264,7 @@ class CheckpointStore:
             raise
         if trainer.is_global_zero:
             os.replace(tmp, path)
+            fsync_path(path.parent)  # the rename survives a power loss (LocalCheckpointIO synced the bytes)
             self.manifest.record(path)
         trainer.strategy.barrier("crma_lightning.save_checkpoint")
         return path
@@ -181,6 +274,17 @@ class CheckpointStore:
         stages = sorted(self.dir.glob(f"{STAGE_PREFIX}*.ckpt"), reverse=True)
         last = [self.last] if self.last.exists() else []
         return last + stages
+
+    def snapshot(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, size, mtime) of the resume candidates and the manifest: changes when another process writes."""
+        out = []
+        for path in [*self.candidates(), self.manifest.path]:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((path.name, stat.st_size, stat.st_mtime_ns))
+        return tuple(out)
 
     def newest(self) -> Path | None:
         candidates = self.candidates()
@@ -206,10 +310,11 @@ class CheckpointStore:
             return None, None
         explicit = resume not in RESUME_MODES
         candidates = [Path(resume)] if explicit else self.candidates()
+        if candidates:
+            self.manifest.entries()  # a corrupt manifest is refused, never skipped over (nothing could be verified)
         for path in candidates:
             try:
-                self.manifest.check(path)  # size and sha256 as written: damage that torch.load accepts
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                ckpt = self.read(path)
                 state = ckpt["callbacks"][RunState.KEY]
             except Exception as err:  # corrupt, truncated or foreign file
                 if explicit:
@@ -291,6 +396,34 @@ class CheckpointStore:
         if path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:  # exported after the checkpoint: this stage's
             self.manifest.record(path)
 
+    def set_aside_after(self, path: Path) -> Path | None:
+        """Move the files of the stages after stage checkpoint ``path`` to ``abandoned/<time>/`` (rank 0).
+
+        Resuming explicitly from an earlier stage starts a new branch of the run: the later stage
+        checkpoints, ``last.ckpt``, adapter files and stage configs belong to the old one, and a later
+        ``resume: auto`` must never pick them up. They are kept (moved, not deleted); returns the folder,
+        or ``None`` when there was nothing to move or ``path`` is not one of this run's stage checkpoints.
+        """
+        parsed = _parse_stage_name(path.stem)
+        if parsed is None or path.resolve().parent != self.dir.resolve() or not is_global_zero():
+            return None
+        later = [c for c in self.stage_checkpoints() if c.stage > parsed[0] + 1]
+        moves: list[tuple[Path, str]] = [(c.path, "checkpoints") for c in later]
+        if self.last.exists():
+            moves.append((self.last, "checkpoints"))
+        for folder in ("adapters", "configs"):
+            for file in sorted((self.run_dir / folder).glob(f"{STAGE_PREFIX}*")):
+                stage = _parse_stage_name(file.name.split(".", 1)[0])
+                if stage is not None and stage[0] > parsed[0]:
+                    moves.append((file, folder))
+        if not moves:
+            return None
+        target = self.run_dir / "abandoned" / time.strftime("%Y%m%dT%H%M%S")
+        for file, folder in moves:
+            (target / folder).mkdir(parents=True, exist_ok=True)
+            os.replace(file, target / folder / file.name)
+        return target
+
     def remove_stale_temp_files(self) -> None:
         """Delete temp files that a process killed mid-write (SIGKILL, power loss) left behind."""
         if not is_global_zero():
@@ -304,6 +437,32 @@ class CheckpointStore:
 
 def _stage_name(stage: int, domain: str) -> str:
     return f"{STAGE_PREFIX}{stage + 1:02d}-{domain}"
+
+
+def _parse_stage_name(name: str) -> tuple[int, str] | None:
+    """``(stage, domain)`` (0-based stage) of a name :func:`_stage_name` wrote; ``None`` for any other name."""
+    match = _STAGE_NAME.match(name)
+    if match is None or int(match.group(1)) < 1:
+        return None
+    return int(match.group(1)) - 1, match.group(2)
+
+
+def load_states(ckpt: dict[str, Any], model: Any, callbacks: Iterable[Callback] = (), datamodule: Any = None) -> None:
+    """Load a checkpoint's states as a resume does: the module's, then the given callbacks' and the datamodule's.
+
+    The runner's resume and :class:`crma_lightning.run_dir.RunDirectory` (the after-training commands)
+    both load through here. The module's ``on_load_checkpoint`` checks the model identity and creates
+    the task adapters before their weights load.
+    """
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    saved_callbacks = ckpt.get("callbacks", {})
+    for cb in callbacks:
+        if cb.state_key in saved_callbacks:
+            cb.load_state_dict(saved_callbacks[cb.state_key])
+    dm_state = None if datamodule is None else ckpt.get(type(datamodule).__qualname__)
+    if dm_state is not None:
+        datamodule.load_state_dict(dm_state)
 
 
 def unreadable(path: Path, err: BaseException) -> str:

@@ -25,7 +25,7 @@ from crma_lightning.domains import (
     source_identity,
     validate_domains,
 )
-from crma_lightning.prepared import prepare_domain
+from crma_lightning.prepared import prepare_domain, rows_digest
 from crma_lightning.rows import extract_text
 from crma_lightning.sampling import (
     Collator,
@@ -307,7 +307,17 @@ class SequentialDomainDataModule(L.LightningDataModule):
             "eval_domains": self.eval_domains,
             "seed": self.seed,
             "sources": [source_identity(s) for s in self.specs],
+            **{f"content.{name}": digest for name, digest in self.content_digests().items()},
         }
+
+    def content_digests(self) -> dict[str, str]:
+        """Domain -> digest of its prepared rows (training and held-out token ids): what the losses read.
+
+        A domain's source (its path) says where the data comes from, not what it is: a file replaced
+        mid-run would give a base row and a stage row measured on different held-out text. Empty
+        before :meth:`prepare`.
+        """
+        return {name: rows_digest(self.train_sets[name], self.eval_sets[name]) for name in self.train_sets}
 
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "domains": self.domain_names}
@@ -341,6 +351,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 entry["train_rows"] = len(self.train_sets[spec.name])
                 entry["holdout_rows"] = len(self.eval_sets[spec.name])
                 entry["holdout_tokens"] = self.holdout_tokens[spec.name]
+                entry["rows_sha256"] = rows_digest(self.train_sets[spec.name], self.eval_sets[spec.name])
                 entry.update(formats)
             if spec.name in self.dropped_rows:
                 entry["dropped_rows"] = dict(self.dropped_rows[spec.name])

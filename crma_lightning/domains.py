@@ -197,6 +197,7 @@ def _check_text_file(domain: str, file: str) -> None:
     suffix = Path(file).suffix
     if suffix not in (".jsonl", ".txt", ".json"):
         return
+    content = False
     with open(file, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -206,11 +207,18 @@ def _check_text_file(domain: str, file: str) -> None:
                     f"domain {domain!r}: {file} line {lineno} is not valid UTF-8 ({err.reason} at byte "
                     f"{err.start}); re-encode the file as UTF-8"
                 ) from None
+            content = content or bool(line.strip())
             if suffix == ".jsonl" and line.strip():
                 try:
                     json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"domain {domain!r}: {file} line {lineno} is not valid JSON: {err.msg}") from None
+                    # `msg` alone can end mid-sentence ("Invalid control character at"): add the column.
+                    raise ValueError(
+                        f"domain {domain!r}: {file} line {lineno} is not valid JSON: "
+                        f"{err.msg.removesuffix(' at')} at column {err.colno}"
+                    ) from None
+    if not content:
+        raise ValueError(f"domain {domain!r}: file {file} holds only whitespace (no rows)")
 
 
 def _builder(spec: DomainSpec, files: list[str]) -> str:

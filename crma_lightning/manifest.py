@@ -7,7 +7,9 @@ each file), and a file is checked against its entry before it is used: a mismatc
 damaged or changed after it was written, and it is treated like a corrupt file.
 
 A file without an entry (written by an older version, or given from elsewhere with ``--ckpt_path``)
-is not checked. Hashing streams the file in 8 MiB chunks: about 1-2 s per GB on one core.
+is not checked. A manifest that exists but cannot be read is an error (:class:`DamagedFile` naming
+it), never an empty one: rebuilding it would silently drop the protection of every file it lists.
+Hashing streams the file in 8 MiB chunks: about 1-2 s per GB on one core.
 """
 
 from __future__ import annotations
@@ -55,12 +57,23 @@ class Manifest:
             return None  # not a file of this run
 
     def entries(self) -> dict[str, dict[str, Any]]:
-        """The recorded files; an unreadable manifest counts as empty (nothing can be checked)."""
-        try:
-            data = json.loads(self.path.read_text())
-            return dict(data["files"])
-        except (OSError, ValueError, KeyError, TypeError):
+        """The recorded files (none when there is no manifest yet).
+
+        Raises:
+            DamagedFile: The manifest exists but is not one this module wrote (truncated, edited, not JSON).
+        """
+        if not self.path.exists():
             return {}
+        try:
+            files = json.loads(self.path.read_text())["files"]
+            if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+                raise TypeError("'files' is not a mapping of file entries")
+            return dict(files)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DamagedFile(
+                f"{self.path} is corrupt ({type(err).__name__}: {str(err)[:120]}), so no file of the run can be "
+                "verified; restore it, or delete it to use the files unverified"
+            ) from err
 
     def record(self, path: str | os.PathLike) -> None:
         """Hash ``path`` (just written) and store it; entries of files that no longer exist are dropped."""

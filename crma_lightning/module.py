@@ -131,6 +131,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             "crma_gate": crma_gate_lr,
             "crma": crma_projection_lr,
         }
+        _check_optimizer(optimizer, lr_scheduler, self.crma_lrs)  # before any model is built or file written
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         fsdp2_mixed_precision(fsdp_mixed_precision)  # validate now, not when the strategy shards
         self.fsdp_mixed_precision = fsdp_mixed_precision
@@ -154,6 +155,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         # the base model's dropout would be silently off in training (unlike a model built from a config).
         self.model.train()
         self.task_adapter_state = TaskAdapters(self.model, task_adapters, lora, seed)
+        # Held-out domain -> the task whose adapter evaluates it (None: LoRA off), where not the domain's own.
+        self.evaluation_tasks: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -200,6 +203,16 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         if not resumed:
             self.on_task_start(task, self.tasks.index(task))
         method_hooks.start_task(self)
+
+    def evaluation_task(self, domain: str) -> str | None:
+        """The task whose adapter evaluates held-out ``domain`` (``None``: LoRA off).
+
+        As set in :attr:`evaluation_tasks` (``crma-lightning evaluate --data`` sets it), else the domain's
+        own task, else ``None``.
+        """
+        if domain in self.evaluation_tasks:
+            return self.evaluation_tasks[domain]
+        return domain if domain in self.tasks else None
 
     def activate_task(self, task: str | None) -> None:
         """Activate ``task``'s adapter(s) (the method's choice, else the task's own); ``None``: LoRA off."""
@@ -317,7 +330,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         means per domain (``val/<domain>/loss``) and into the loss matrix.
         """
         domain = batch["domain"]
-        self.activate_task(domain if domain in self.tasks else None)
+        self.activate_task(self.evaluation_task(domain))
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         total, count = self.token_losses(logits, batch["labels"])
         return {"loss_sum": total.detach(), "tokens": count.detach(), "domain": domain}
@@ -349,10 +362,17 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         set_rng_state(state.get("rng"))
 
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters)."""
+        """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters).
+
+        The base's identity is what decides its weights and numerics: the model (hub id/path or config),
+        its ``dtype``, and - for a base built from ``model_config``, whose weights are drawn at random -
+        the ``seed`` it was drawn with (``base_seed``; ``None`` for a pretrained base).
+        """
         hp = self.hparams
         return {
             "model": hp["model_name_or_path"] or hp["model_config"],
+            "base_seed": hp["seed"] if hp["model_name_or_path"] is None else None,
+            "dtype": hp["dtype"],
             "vocab_size": len(self.tokenizer),
             "adapter": self.adapter,
             "task_adapters": self.task_adapters,
@@ -364,6 +384,28 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     def method_summary(self) -> dict[str, Any] | None:
         """The method's report entry (hyper-parameters, what it holds, ``state_bytes``); ``None``: no method."""
         return method_hooks.summary(self.method)
+
+
+def _check_optimizer(optimizer: Any, lr_scheduler: Any, crma_lrs: dict[str, float | None]) -> None:
+    """Build the optimizer (and scheduler) once on a probe parameter: their own checks run now.
+
+    Without this a negative learning rate surfaced only when the first stage built its optimizer -
+    after the base evaluation and after ``config.yaml`` was written. Only ``ValueError`` (the torch
+    optimizers' way to reject a setting) is reported; a custom class that cannot be built on a probe
+    is left to fail where it always did.
+    """
+    names = {"crma_structural": "crma_structural_lr", "crma_gate": "crma_gate_lr", "crma": "crma_projection_lr"}
+    for group, lr in crma_lrs.items():
+        if lr is not None and not lr >= 0:
+            raise ValueError(f"{names[group]}={lr!r} is invalid: expected a learning rate >= 0")
+    probe = nn.Parameter(torch.zeros(1))
+    try:
+        built = optimizer([{"params": [probe]}])
+        if lr_scheduler is not None:
+            lr_scheduler(built)
+    except ValueError as err:
+        what = getattr(optimizer, "__name__", None) or type(optimizer).__name__
+        raise ValueError(f"model.init_args.optimizer ({what}) is invalid: {err}") from err
 
 
 def _as_config(value: Any, cls: type) -> Any:

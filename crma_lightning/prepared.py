@@ -101,3 +101,24 @@ def prepare_domain(
         dropped={k: v for k, v in counts.items() if v},
         row_format=row_format,
     )
+
+
+def rows_digest(*datasets: Dataset) -> str:
+    """sha256 (first 16 hex digits) of the rows of ``datasets``, in order: every column, as Arrow IPC bytes.
+
+    The rows as the loaders serve them (any index mapping applied), so equal digests mean equal training
+    and held-out tokens.
+    """
+    import hashlib
+
+    import pyarrow as pa
+
+    digest = hashlib.sha256()
+    for ds in datasets:
+        table = ds.with_format("arrow")[:].combine_chunks() if len(ds) else ds.data.table.slice(0, 0)
+        table = table.replace_schema_metadata(None)  # the features' JSON: same rows, same digest
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        digest.update(sink.getvalue())
+    return digest.hexdigest()[:16]

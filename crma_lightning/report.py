@@ -237,22 +237,27 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "## Gradient stability (global L2 norm per optimizer step, before clipping)",
             "",
-            "| stage | steps | mean norm | variance | peak |",
-            "|---|---|---|---|---|",
+            "| stage | steps | non-finite norms | mean norm | variance | peak |",
+            "|---|---|---|---|---|---|",
         ]
-        for name, s in stages.items():
-            row = [name, s.get("steps"), _fmt(s.get("mean")), _fmt(s.get("var"), 6), _fmt(s.get("peak"))]
-            lines.append("| " + " | ".join(str(c) for c in row) + " |")
         run = report["gradients"].get("run")
-        if run:
-            lines.append(
-                f"| **run** | {run.get('steps')} | {_fmt(run.get('mean'))} | {_fmt(run.get('var'), 6)} | "
-                f"{_fmt(run.get('peak'))} |"
-            )
+        for name, s in [*stages.items(), *([("**run**", run)] if run else [])]:
+            row = [name, s.get("steps"), s.get("nonfinite_steps", 0), _fmt(s.get("mean")), _fmt(s.get("var"), 6)]
+            lines.append("| " + " | ".join(str(c) for c in [*row, _fmt(s.get("peak"))]) + " |")
+        for name, s in stages.items():
+            bad, steps = s.get("nonfinite_steps", 0), s.get("steps", 0)
+            if bad:
+                lines.append(
+                    f"\n**{name}: {bad} of {steps} gradient norms were NaN/inf.** The statistics cover only the "
+                    f"finite ones{' (undefined: fewer than two)' if steps - bad < 2 else ''} and do not describe "
+                    "those steps."
+                )
     lines += _routing_lines(report)
     skipped = report.get("nonfinite_steps", {}).get("skipped", 0)
     timings = report.get("timings", {})
     lines += ["", f"Non-finite steps skipped: {skipped}. Wall-clock: {_fmt(timings.get('total_s'), 1)} s."]
+    for killed in report.get("killed_runs") or []:
+        lines.append(f"A previous invocation was killed without a clean stop: {killed.get('holder')}.")
     return "\n".join(lines) + "\n"
 
 
@@ -330,5 +335,6 @@ def model_settings(model: Any) -> dict[str, Any]:
 
 def data_settings(dm: Any) -> dict[str, Any]:
     """The report's ``config.data``: domains, batch size and the data identity (``SequentialDomainDataModule``)."""
-    identity = {k: v for k, v in dm.identity().items() if k != "sources"}
+    # The row digests are in `data.<domain>.rows_sha256` (dm.summary()), once per domain.
+    identity = {k: v for k, v in dm.identity().items() if k != "sources" and not k.startswith("content.")}
     return {"domains": dm.domain_names, "batch_size": dm.batch_size, **identity}

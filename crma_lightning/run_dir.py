@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_STAGE_FILE = re.compile(r"^stage-(\d+)-(.+)\.ckpt$")
+if TYPE_CHECKING:
+    from crma_lightning.checkpoints import StageCheckpoint
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -28,15 +27,6 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ValueError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-@dataclass(frozen=True)
-class StageCheckpoint:
-    """A stage checkpoint: ``stage`` (1-based, = its loss-matrix row), its ``domain`` and ``path``."""
-
-    stage: int
-    domain: str
-    path: Path
 
 
 class RunDirectory:
@@ -104,13 +94,8 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ checkpoints
     def stage_checkpoints(self) -> list[StageCheckpoint]:
-        """Every ``checkpoints/stage-NN-<domain>.ckpt``, by stage."""
-        found = []
-        for path in self.store.dir.glob("stage-*.ckpt"):
-            match = _STAGE_FILE.match(path.name)
-            if match:
-                found.append(StageCheckpoint(int(match.group(1)), match.group(2), path))
-        return sorted(found, key=lambda c: c.stage)
+        """Every ``checkpoints/stage-NN-<domain>.ckpt``, by stage (:meth:`CheckpointStore.stage_checkpoints`)."""
+        return self.store.stage_checkpoints()
 
     def stage_checkpoint(self, stage: int | None) -> StageCheckpoint:
         """The checkpoint after ``stage`` (1-based; ``None``: the newest stage checkpoint)."""
@@ -140,16 +125,20 @@ class RunDirectory:
             )
 
     def read_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        """``torch.load(weights_only=True)`` of a checkpoint written by this run, or a ``ValueError``."""
-        import torch
+        """A checkpoint of this run, verified as ``fit``'s resume verifies it (:meth:`CheckpointStore.read`).
 
+        Raises:
+            ValueError: One line naming the file: missing, damaged (its size or sha256 differs from
+                ``checkpoints/manifest.json``), a corrupt manifest, not a weights-only crma_lightning
+                checkpoint, or written for other domains.
+        """
         from crma_lightning.checkpoints import RunState, unreadable
 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"checkpoint {path} does not exist (or is not a file)")
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = self.store.read(path)
             state = ckpt["callbacks"][RunState.KEY]
             missing = [key for key in ("state_dict", "continual_model") if key not in ckpt]
             if missing:
@@ -170,13 +159,18 @@ class RunDirectory:
         A stage checkpoint is the row of its stage; a mid-stage one (``last.ckpt``) the row of the stage
         it interrupted.
         """
+        from crma_lightning.checkpoints import load_states
+
         try:
-            model.on_load_checkpoint(ckpt)
-            model.load_state_dict(ckpt["state_dict"])
+            load_states(ckpt, model)  # the runner's own loading (module identity check, adapters, weights)
         except ValueError as err:
             raise ValueError(f"checkpoint {path} does not fit the run's model: {err}") from err
         task = ckpt["continual_model"].get("current_task")
         return model.tasks.index(task) + 1 if task is not None else 0
+
+    def load(self, model: Any, path: str | os.PathLike) -> int:
+        """The one loader of the after-training commands: :meth:`read_checkpoint`, then :meth:`load_into`."""
+        return self.load_into(model, self.read_checkpoint(path), path)
 
 
 def writable_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
@@ -191,4 +185,4 @@ def writable_dir(path: str | os.PathLike, what: str = "output directory") -> Pat
     return path
 
 
-__all__ = ["CommandParser", "RunDirectory", "StageCheckpoint", "writable_dir"]
+__all__ = ["CommandParser", "RunDirectory", "writable_dir"]

@@ -13,6 +13,7 @@ Run directory: ``report.json``/``report.md`` (rewritten after every stage), ``co
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -25,17 +26,26 @@ from lightning.pytorch.loggers import Logger
 
 from crma_lightning import _compat, hparams, resume_settings
 from crma_lightning.adapters.serialization import atomic_write
+from crma_lightning.base_model import check_context
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
 from crma_lightning.callbacks.routing import RoutedEvaluation
-from crma_lightning.checkpoints import RESUME_MODES, CheckpointStore, RunState
+from crma_lightning.checkpoints import (
+    RESUME_MODES,
+    CheckpointStore,
+    RunState,
+    load_states,
+    use_local_checkpoint_io,
+)
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.interrupts import RunInterrupted, StopAndSave, StopSignals
 from crma_lightning.module import ContinualLM
-from crma_lightning.parallel.dist import is_global_zero
+from crma_lightning.parallel.dist import is_global_zero, owns_run_dir
 from crma_lightning.parallel.export import export_adapters
 from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses, write_report
 from crma_lightning.resume_settings import refuse_optimizer_class_change, write_stage_configs
+from crma_lightning.run_lock import RunLock, describe
+from crma_lightning.sampling import resume_batches
 from crma_lightning.stage_trainers import StageTrainers, check_budget, with_default_callbacks
 
 __all__ = ["ContinualRunner", "RunInterrupted"]
@@ -95,6 +105,7 @@ class ContinualRunner:
         self.started = False  # every up-front check passed and the run directory is being written
         self.state = RunState()
         self.signals = StopSignals()
+        self.lock = RunLock(self.run_dir, enabled=owns_run_dir())
         self._purge_step = 0
         # (path, checkpoint) that `preflight` chose to resume from; None until it has looked.
         self._resume_choice: tuple[Path | None, dict[str, Any] | None] | None = None
@@ -136,6 +147,7 @@ class ContinualRunner:
         if self._resume_choice is not None:
             return  # already done
         self.checkpoints.check_writable()
+        check_context(model.model, datamodule.max_length)
         try:
             datamodule.prepare(model.tokenizer)
         except ValueError as err:
@@ -148,6 +160,10 @@ class ContinualRunner:
             "domains": datamodule.domain_names,
             "data": datamodule.identity(),
         }
+        self._choose_resume(datamodule)
+
+    def _choose_resume(self, datamodule: SequentialDomainDataModule) -> None:
+        self._resume_snapshot = self.checkpoints.snapshot()
         self._resume_choice = self.checkpoints.find_resume(self.resume, self.state.identity)
         path, ckpt = self._resume_choice
         if path is not None and ckpt is not None and not CheckpointStore.is_stage_checkpoint(path):
@@ -163,16 +179,87 @@ class ContinualRunner:
         domains = datamodule.domain_names
         first = self._make_trainer(self.state.completed if self.state.completed < len(domains) else 0, datamodule)
         datamodule.check_batches(first.world_size)
+        global_batch = datamodule.batch_size * first.world_size
+        self._check_resume_batch(global_batch)
+        self._check_resume_budget(datamodule)
+        # One writer per run directory: taken once every check passed, before the first write (rank 0).
+        with self.lock:
+            if self.checkpoints.snapshot() != self._resume_snapshot:  # another run wrote while we checked
+                self._choose_resume(datamodule)
+                self._check_resume_batch(global_batch)
+                self._check_resume_budget(datamodule)
+            return self._run_locked(model, datamodule)
+
+    def _previous_run_killed(self) -> dict[str, Any] | None:
+        """The earlier invocation, when it was killed: its lock file stayed, or its report still says ``running``."""
+        report = self.run_dir / "report.json"
+        try:
+            status = json.loads(report.read_text()).get("status") if report.is_file() else None
+        except (OSError, ValueError):
+            status = None
+        if not self.lock.previous and status != "running":
+            return None
+        holder = describe(self.lock.previous) if self.lock.previous else "holder unknown"
+        log.warning(
+            "run directory %s: the previous run (%s) was killed without a clean stop (SIGKILL, out of memory, "
+            "power loss; its report said %r); continuing from its newest checkpoint",
+            self.run_dir,
+            holder,
+            status,
+        )
+        return {"holder": holder, "status_then": status, "noticed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def _check_resume_budget(self, datamodule: SequentialDomainDataModule) -> None:
+        """A mid-stage resume whose stage budget is below the step already reached is refused (not ignored)."""
+        path, ckpt = self._resume_choice or (None, None)
+        if path is None or ckpt is None or CheckpointStore.is_stage_checkpoint(path):
+            return
+        stage = int(ckpt["callbacks"][RunState.KEY].get("completed", 0))
+        if stage >= datamodule.num_stages:
+            return
+        budget = datamodule.specs[stage].max_steps or self.trainer_kwargs.get("max_steps")
+        step = int(ckpt.get("global_step", 0))
+        if budget is not None and budget != -1 and budget < step:
+            raise ValueError(
+                f"cannot resume mid-stage from {path}: stage {stage + 1} ({datamodule.domain_names[stage]}) already "
+                f"ran {step} optimizer steps, more than max_steps={budget}; set max_steps >= {step}, or resume from "
+                f"the stage checkpoint before it to redo the stage with the new budget"
+            )
+
+    def _check_resume_batch(self, global_batch: int) -> None:
+        """A mid-stage resume skips the rows the checkpoint consumed: the new global batch must divide them."""
+        path, ckpt = self._resume_choice or (None, None)
+        if path is None or ckpt is None or CheckpointStore.is_stage_checkpoint(path):
+            return
+        for state in _compat.saved_train_loader_states(ckpt):
+            try:
+                resume_batches(state, global_batch)
+            except ValueError as err:
+                raise ValueError(f"cannot resume mid-stage from {path}: {err}") from err
+
+    def _run_locked(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
+        domains = datamodule.domain_names
         self.started = True
         model.prepare_tasks(domains)
+        killed = self._previous_run_killed()
         resume_from, resume_stage_done = self._restore(model, datamodule)
+        self.state.note_killed(killed)
+        if resume_from is not None and self.resume not in RESUME_MODES and resume_stage_done:
+            aside = self.checkpoints.set_aside_after(resume_from)
+            if aside is not None:
+                log.warning(
+                    "resuming from %s starts a new branch of the run: the later stages' files were moved to %s "
+                    "(resume: auto would otherwise pick them up)",
+                    resume_from,
+                    aside,
+                )
         self._write_config(mid_stage=resume_from is not None and not resume_stage_done)
         self.checkpoints.remove_stale_temp_files()
         if self.save_stage_adapters:  # a finished stage's adapter file that is missing or damaged
             self.checkpoints.repair_stage_adapters(model, domains, self.state.completed)
         self.evaluation.start_run(domains)
         self.trainers.setup_loggers(purge_step=self._purge_step if resume_from else None)
-        self._t0 = time.perf_counter()
+        self._t0 = self.state.started_at = time.perf_counter()
         with self.signals:
             try:
                 self._run_stages(model, datamodule, resume_from, resume_stage_done)
@@ -193,9 +280,25 @@ class ContinualRunner:
         return report
 
     def _write_config(self, mid_stage: bool) -> None:
-        """``config.yaml`` (this invocation's), and this configuration recorded for every stage it will train."""
+        """``config.yaml`` (this invocation's), and this configuration recorded for every stage it will train.
+
+        A complete run trains nothing more: its ``config.yaml`` stays the one it was trained with, and
+        settings that differ from it are named as unused instead of being written as if they applied.
+        """
         if self.config_text is None:
             return
+        domains = self.state.domains
+        if domains and self.state.completed >= len(domains):
+            changes = resume_settings.config_diff(self.state.stage_configs.get(domains[-1]), self.config_text)
+            if changes and is_global_zero():
+                log.warning(
+                    "the run in %s is already complete: nothing to train, and these settings differ from the ones "
+                    "it was trained with and were not used (config.yaml keeps those): %s",
+                    self.run_dir,
+                    ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+                )
+            if changes:
+                return
         self.state.use_config(self.config_text, mid_stage, self._resume_step)
         if is_global_zero():
             atomic_write(self.run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(self.config_text))
@@ -206,8 +309,7 @@ class ContinualRunner:
         if not self.evaluation.has_row(0):
             trainer = self._make_trainer(0, dm)
             model.activate_task(None)
-            with dm.evaluating_all_domains():
-                self._evaluate(trainer, model, dm, row=0)
+            self.evaluation.evaluate_row(trainer, model, dm, row=0)
             self.state.step_offset = max(self.state.step_offset, 1)  # the base evaluation is step 0
             self._write_report(model, dm, "running")
         for stage in range(self.state.completed, dm.num_stages):
@@ -230,7 +332,7 @@ class ContinualRunner:
             model.end_task(domain, train_batches=dm.fisher_batches(stage), train_rows=dm.train_sets[domain])
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            self._evaluate(trainer, model, dm, row=stage + 1)
+            self.evaluation.evaluate_row(trainer, model, dm, row=stage + 1)
             eval_s = time.perf_counter() - t0
             self.state.timings[domain] = {
                 "train_s": train_s + self.state.timings.get(domain, {}).get("train_s", 0.0) * mid_stage,
@@ -252,12 +354,6 @@ class ContinualRunner:
                 self.checkpoints.last.unlink()  # superseded by the stage checkpoint
             self._write_report(model, dm, "running" if stage + 1 < dm.num_stages else "complete")
 
-    def _evaluate(self, trainer: L.Trainer, model: ContinualLM, dm: SequentialDomainDataModule, row: int) -> None:
-        self.evaluation.expect_row(row)
-        trainer.validate(model, datamodule=dm, verbose=False)
-        if not self.evaluation.has_row(row):
-            raise RuntimeError(f"evaluation after stage {row} recorded no losses (did validation run?)")
-
     # ------------------------------------------------------------------ trainers and loggers
     @property
     def loggers(self) -> list[Logger]:
@@ -267,7 +363,9 @@ class ContinualRunner:
     def _make_trainer(self, stage: int, dm: SequentialDomainDataModule, for_fit: bool = False) -> L.Trainer:
         """A fresh trainer for ``stage`` (or the base evaluation), continuing the logging step."""
         stop = StopAndSave(self.signals, self.checkpoints, self.checkpoint_every_n_steps)
-        return self.trainers.make(stage, dm, [self.state, stop], self.state.step_offset, for_fit=for_fit)
+        trainer = self.trainers.make(stage, dm, [self.state, stop], self.state.step_offset, for_fit=for_fit)
+        use_local_checkpoint_io(trainer)
+        return trainer
 
     # ------------------------------------------------------------------ checkpoints
     def _export_adapters(self, trainer: L.Trainer, model: ContinualLM, stage: int, domain: str) -> None:
@@ -291,15 +389,7 @@ class ContinualRunner:
         return path, complete
 
     def _load_states(self, ckpt: dict[str, Any], model: ContinualLM, dm: SequentialDomainDataModule) -> None:
-        model.on_load_checkpoint(ckpt)
-        model.load_state_dict(ckpt["state_dict"])
-        saved_callbacks = ckpt.get("callbacks", {})
-        for cb in self._stateful_callbacks():
-            if cb.state_key in saved_callbacks:
-                cb.load_state_dict(saved_callbacks[cb.state_key])
-        dm_state = ckpt.get(type(dm).__qualname__)
-        if dm_state is not None:
-            dm.load_state_dict(dm_state)
+        load_states(ckpt, model, self._stateful_callbacks(), dm)
 
     # ------------------------------------------------------------------ signals and report
     def _write_report(self, model: ContinualLM, dm: SequentialDomainDataModule, status: str) -> dict[str, Any]:
@@ -315,13 +405,16 @@ class ContinualRunner:
             data=dm.summary(),
             timings={
                 "stages": self.state.timings,
-                "total_s": time.perf_counter() - getattr(self, "_t0", time.perf_counter()),
+                "total_s": self.state.total_s(),
+                "this_invocation_s": time.perf_counter() - getattr(self, "_t0", time.perf_counter()),
             },
             nonfinite=model.nonfinite.state_dict(),
             config_changes=self.state.config_changes,
             method=model.method_summary(),
             routing=None if self.routing is None else self.routing.summary(),
         )
+        if self.state.killed_runs:
+            report["killed_runs"] = list(self.state.killed_runs)
         if is_global_zero():
             write_report(self.run_dir, report)
             write_stage_configs(self.run_dir, self.state, domains)

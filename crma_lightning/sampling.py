@@ -142,6 +142,25 @@ def equalize_eval_batches(loader: Any) -> Any:
     return PaddedEvalLoader(loader, max(counts))
 
 
+def resume_batches(state: dict[str, int], global_batch: int) -> int:
+    """Global batches of ``global_batch`` rows to skip to resume a loader saved as ``state``.
+
+    The stage driver calls it before anything is written (a refused resume leaves the run untouched),
+    the loader again when Lightning restores it.
+
+    Raises:
+        ValueError: The rows consumed are not a whole number of global batches.
+    """
+    rows = int(state.get("rows", int(state["batches"]) * global_batch))
+    if rows % global_batch:
+        raise ValueError(
+            f"the checkpoint consumed {rows} rows, not a whole number of global batches of {global_batch} "
+            "(batch_size x processes changed); resume with the original batch size and process count, or from "
+            "a stage checkpoint"
+        )
+    return rows // global_batch
+
+
 class ResumableLoader(DataLoader):
     """A ``DataLoader`` whose position in the epoch survives a checkpoint (Lightning's ``_Stateful``).
 
@@ -165,14 +184,7 @@ class ResumableLoader(DataLoader):
         sampler = self.sampler
         assert isinstance(sampler, GlobalBatchSampler)
         sampler.set_epoch(int(state["epoch"]))  # Lightning sets it again at the epoch start
-        rows = int(state.get("rows", int(state["batches"]) * sampler.global_batch))
-        if rows % sampler.global_batch:
-            raise ValueError(
-                f"cannot resume mid-epoch: the checkpoint consumed {rows} rows, not a whole number of global "
-                f"batches of {sampler.global_batch} (batch_size x processes changed); resume with the original "
-                "batch size and process count, or from a stage checkpoint"
-            )
-        batches = rows // sampler.global_batch
+        batches = resume_batches(state, sampler.global_batch)
         # A checkpoint written on an epoch's last batch resumes at the start of the next epoch.
         sampler.skip_batches(batches if batches < sampler.batches_per_epoch else 0)
 

@@ -101,7 +101,7 @@ def run_model(run_dir: Path, task: str):
     run = RunDirectory(run_dir)
     model, _ = run.build()
     ckpt = run.stage_checkpoint(None)
-    run.load_into(model, run.read_checkpoint(ckpt.path), ckpt.path)
+    run.load(model, ckpt.path)
     model.activate_task(task)
     return model.eval()
 
@@ -181,7 +181,7 @@ def test_generate_with_routing_picks_the_task_with_the_lowest_prompt_loss(runs, 
 
     run = RunDirectory(runs["lora"])
     model, _ = run.build()
-    run.load_into(model, run.read_checkpoint(run.stage_checkpoint(None).path), run.stage_checkpoint(None).path)
+    run.load(model, run.stage_checkpoint(None).path)
     task, losses = model.route(prompts[0], ["prose", "arithmetic"])
     assert losses == pytest.approx(out[0]["prompt_losses"], rel=1e-5) and task == out[0]["task"]
 

@@ -91,6 +91,22 @@ def resolve_lora_targets(model: nn.Module, target_modules: str | Sequence[str]) 
     return matched
 
 
+def check_lora_rank(model: nn.Module, targets: Sequence[str], r: int) -> None:
+    """``ValueError`` when ``r`` exceeds a target layer's width: ``B A`` cannot have rank above ``min(in, out)``.
+
+    A larger ``r`` adds parameters (and optimizer state) that can never raise the update's rank: with a
+    rank above the layer's width LoRA is no longer low-rank, and usually a mistyped setting.
+    """
+    for name in targets:
+        weight = model.get_submodule(name).weight
+        width = min(weight.shape[0], weight.shape[1])
+        if r > width:
+            raise ValueError(
+                f"LoRA r={r} is above the width of {name} ({tuple(weight.shape)} weight): expected r <= {width} "
+                "(a rank-r update of that layer cannot exceed it); lower lora.r or choose other target_modules"
+            )
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ``nn.ModuleList`` of decoder layers, found without knowing the architecture.
 
@@ -224,6 +240,7 @@ def attach_adapters(
     if any(True for _ in lora_layers(model)) or any(True for _ in crma_adapters(model)):
         raise ValueError(f"{type(model).__name__} already has adapters attached; detach_adapters() first")
     targets = resolve_lora_targets(model, lora.target_modules)
+    check_lora_rank(model, targets, lora.r)
     result = AttachedAdapters(adapter=adapter, lora_modules=targets)
     blocks: list[tuple[int, nn.Module]] = []
     layers: nn.ModuleList | None = None

@@ -56,10 +56,30 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     try:
         write(str(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
+        fsync_path(tmp)  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+        fsync_path(path.parent)  # and the rename itself survives a power loss
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """``fsync`` a file or a directory (a directory's entry list: a rename in it).
+
+    Without it a power loss shortly after an ``os.replace`` can leave the new name pointing at an empty
+    or partial file. Platforms that cannot open a directory (Windows) skip the directory sync.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        if Path(path).is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

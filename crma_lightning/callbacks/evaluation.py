@@ -51,6 +51,27 @@ class DomainEvaluation(L.Callback):
         """The next standalone validation fills matrix row ``row`` (0 = base model)."""
         self._pending_row = row
 
+    def evaluate_row(
+        self, trainer: L.Trainer, model: L.LightningModule, datamodule: Any, row: int, all_domains: bool = False
+    ) -> None:
+        """Fill matrix row ``row`` with one ``trainer.validate``: the row evaluation of ``fit`` and ``evaluate``.
+
+        Row 0 (the base model), or ``all_domains``, evaluates every domain; row ``i`` the domains seen
+        after stage ``i`` (``datamodule.set_stage(i - 1)``; every domain with ``eval_domains: all``).
+
+        Raises:
+            RuntimeError: The validation recorded no loss for the row.
+        """
+        self.expect_row(row)
+        if all_domains or row == 0:
+            with datamodule.evaluating_all_domains():
+                trainer.validate(model, datamodule=datamodule, verbose=False)
+        else:
+            datamodule.set_stage(row - 1)
+            trainer.validate(model, datamodule=datamodule, verbose=False)
+        if not self.has_row(row):
+            raise RuntimeError(f"evaluation after stage {row} recorded no losses (did validation run?)")
+
     def has_row(self, row: int) -> bool:
         return row < len(self.matrix) and any(v is not None for v in self.matrix[row])
 
@@ -135,6 +156,8 @@ class DomainEvaluation(L.Callback):
                     "its adapters diverged. The report marks it, and every metric computed from it, as non-finite",
                     category=UserWarning,
                 )
+        if not trainer.loggers:
+            return  # nothing to log to (`crma-lightning evaluate`, whose --data columns need not be a run's domains)
         step = _compat.logging_step(trainer)
         # A non-finite loss makes the metrics read from it NaN - logged as NaN, never left out silently.
         summary = summarize_losses(self.matrix, self.domains, upto=row)

@@ -77,8 +77,12 @@ class RunningStats:
         return math.sqrt(self.m2 / self.n) / self.mean
 
     def summary(self) -> dict[str, Any]:
-        """``steps``, ``warmup_steps``, ``nonfinite_steps``, then mean/var/std/peak/cv/median/peak_over_median."""
-        var = self.m2 / self.n if self.n else None
+        """``steps``, ``warmup_steps``, ``nonfinite_steps``, then mean/var/std/peak/cv/median/peak_over_median.
+
+        The variance (and ``std``) of fewer than two finite norms is undefined (``None``), not 0: a stage
+        whose norms were all but one NaN/inf must not read as perfectly stable.
+        """
+        var = self.m2 / self.n if self.n >= 2 else None
         median = statistics.median(self.values) if self.values else None
         return {
             "steps": self.steps,

@@ -19,16 +19,13 @@ import dataclasses
 import json
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from crma_lightning.report import NonFiniteResults, final_status
 from crma_lightning.run_dir import CommandParser, RunDirectory, writable_dir
-
-NO_TASK = "\x00no-task"
-"""A domain name that is no task: ``validation_step`` evaluates it with LoRA off."""
 
 
 def build_parser() -> CommandParser:
@@ -67,6 +64,7 @@ def run_evaluate(args: list[str]) -> None:
     matrix, sources, completed = evaluate_rows(run, model, dm, plan, routes, opts.accelerator)
     report = _report(run, model, dm, matrix, sources, completed, time.perf_counter() - t0)
     report["evaluation"]["routes"] = {d: t for d, t in routes.items()}
+    report["status"] = "evaluated" + final_status(report).removeprefix("complete")  # names a non-finite loss
     markdown = _markdown(report, run)
     from crma_lightning.adapters.serialization import atomic_write
 
@@ -75,6 +73,8 @@ def run_evaluate(args: list[str]) -> None:
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(markdown))
     print(markdown)
     print(f"Written: {out / 'report.json'}, {out / 'report.md'}")
+    if report.get("nonfinite_evaluations"):  # as fit: a diverged adapter is exit 3
+        raise NonFiniteResults(f"{report['status']}; see {out / 'report.md'}")
 
 
 def parse_data(value: str) -> tuple[list[Any], dict[str, str | None]]:
@@ -129,8 +129,10 @@ def evaluate_rows(
 ) -> tuple[list[list[float | None]], dict[str, str], int]:
     """Evaluate the rows of ``plan``; returns the loss matrix, the source of each row, and the last row.
 
-    With the run's own domains the matrix is ``DomainEvaluation``'s, filled row by row as in ``fit``;
-    with other domains (``--data``) it has one column per given domain, every one evaluated in every row.
+    Each row is ``fit``'s own row evaluation (:meth:`DomainEvaluation.evaluate_row`), after the row's
+    checkpoint was verified and loaded by the run's one loader (:meth:`RunDirectory.load`). With the
+    run's own domains the matrix is ``fit``'s; with other domains (``--data``) it has one column per
+    given domain, every one evaluated in every row, each with the adapter ``routes`` (or its name) gives.
     """
     import lightning as L
 
@@ -138,6 +140,7 @@ def evaluate_rows(
 
     dm.prepare(model.tokenizer)
     model.prepare_tasks(run.domains)
+    model.evaluation_tasks = dict(routes)
     evaluation = DomainEvaluation(log_heatmap=False)
     evaluation.start_run(dm.domain_names)
     kwargs = run.trainer_kwargs
@@ -155,53 +158,18 @@ def evaluate_rows(
         default_root_dir=str(run.path),
     )
     same_domains = dm.domain_names == run.domains
-    rows: dict[int, list[float | None]] = {}
     sources: dict[str, str] = {}
     last = 0
-    with _routed(model, routes):
-        for row, path in plan:
-            if path is not None:
-                ckpt = run.read_checkpoint(path)
-                row = run.load_into(model, ckpt, path)
-                del ckpt
-            model.activate_task(None)
-            if same_domains:
-                evaluation.expect_row(row)
-            if same_domains and row > 0:
-                dm.set_stage(row - 1)  # fit's rows: the domains seen so far (or all, per eval_domains)
-                trainer.validate(model, datamodule=dm, verbose=False)
-            else:
-                with dm.evaluating_all_domains():
-                    trainer.validate(model, datamodule=dm, verbose=False)
-            rows[row] = [evaluation.last_losses.get(d) for d in dm.domain_names]
-            sources[str(row)] = str(path) if path is not None else f"freshly built model (seed {run.seed})"
-            last = max(last, row)
-    if same_domains:
-        return [list(r) for r in evaluation.matrix], sources, last
-    return [rows.get(r, [None] * len(dm.domain_names)) for r in range(last + 1)], sources, last
-
-
-@contextmanager
-def _routed(model: Any, routes: dict[str, str | None]):
-    """Evaluate the domains in ``routes`` with the adapter of the task they map to (``None``: LoRA off)."""
-    if not routes:
-        yield
-        return
-    original = model.validation_step
-
-    def validation_step(batch: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        domain = batch["domain"]
-        if domain not in routes:
-            return original(batch, *args, **kwargs)
-        task = routes[domain]
-        out = original({**batch, "domain": NO_TASK if task is None else task}, *args, **kwargs)
-        return {**out, "domain": domain}
-
-    model.validation_step = validation_step
-    try:
-        yield
-    finally:
-        del model.validation_step
+    for row, path in plan:
+        if path is not None:
+            row = run.load(model, path)
+        model.activate_task(None)
+        evaluation.evaluate_row(trainer, model, dm, row, all_domains=not same_domains)
+        sources[str(row)] = str(path) if path is not None else f"freshly built model (seed {run.seed})"
+        last = max(last, row)
+    width = len(dm.domain_names)
+    matrix = [list(r) for r in evaluation.matrix] + [[None] * width] * (last + 1 - len(evaluation.matrix))
+    return matrix[: last + 1], sources, last
 
 
 def _report(run, model, dm, matrix, sources, completed, seconds) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def run_export(args: list[str]) -> None:
     ckpt_info = run.stage_checkpoint(opts.stage)
     run.check_task(opts.task, ckpt_info.stage)
     writable_dir(out)  # after every check: a refused export leaves no empty OUT behind
-    run.load_into(model, run.read_checkpoint(ckpt_info.path), ckpt_info.path)
+    run.load(model, ckpt_info.path)
     model.eval()
     info = {
         "run": str(run.path.resolve()),

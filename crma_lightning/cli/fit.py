@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from argparse import ArgumentError
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,7 @@ def run_fit(args: list[str]) -> None:
         ValueError: A bad key, value, data file or checkpoint (exit 2).
         NonFiniteResults: Every stage ran but a held-out loss is NaN/inf (exit 3, after the report).
     """
+    check_config_files(args)
     try:
         cli = CRMALightningCLI(args=args)
     except ArgumentError as err:
@@ -149,6 +151,28 @@ def run_fit(args: list[str]) -> None:
     print("\n" + (Path(runner.run_dir) / "report.md").read_text())
     if report.get("nonfinite_evaluations"):
         raise NonFiniteResults(f"{report['status']}; see {Path(runner.run_dir) / 'report.md'}")
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config FILE`` must be YAML: the error names the file, line and column.
+
+    The parser reads a config file as a string and so names it ``"<unicode string>"`` in its errors.
+    """
+    paths = [b for a, b in pairwise(args) if a == "--config"] + [
+        a.split("=", 1)[1] for a in args if a.startswith("--config=")
+    ]
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue  # not a file (or unreadable): the parser says so itself
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config file {path} is not valid YAML:{where}: {problem}") from None
 
 
 def parser_message(message: str) -> str:

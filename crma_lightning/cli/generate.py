@@ -61,7 +61,7 @@ def run_generate(args: list[str]) -> None:
     ckpt_info = run.stage_checkpoint(opts.stage)
     if not opts.routing:
         run.check_task(opts.task, ckpt_info.stage)
-    run.load_into(model, run.read_checkpoint(ckpt_info.path), ckpt_info.path)
+    run.load(model, ckpt_info.path)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model.to(device)

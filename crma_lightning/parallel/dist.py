@@ -35,6 +35,16 @@ def is_global_zero() -> bool:
     return global_rank() == 0
 
 
+def owns_run_dir() -> bool:
+    """Whether this process is the one that locks and writes the run directory: global rank 0 on node 0.
+
+    Before a process group exists a launcher's ``LOCAL_RANK`` alone would make every node's first
+    process "rank 0"; ``NODE_RANK``/``GROUP_RANK`` tell them apart (a run directory on a shared file system).
+    """
+    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+    return is_global_zero() and node == "0"
+
+
 def is_dtensor(value: Any) -> bool:
     """Whether ``value`` is a ``DTensor`` (an FSDP2 / tensor-parallel shard)."""
     return DTensor is not None and isinstance(value, DTensor)
