@@ -47,7 +47,8 @@ class SequentialDomainDataModule(L.LightningDataModule):
 
     Args:
         domains: Domains in training order: built-in names, mappings of :class:`DomainSpec` fields or
-            ``DomainSpec`` objects. Default: the four built-in demo domains.
+            ``DomainSpec`` objects. Default: the four built-in demo domains. A list given later (a
+            second ``--config``, ``--data.domains=[...]``) replaces the earlier one as a whole.
         tokenizer: Tokenizer name/path (``"byte"`` for the built-in byte-level one) or object. ``None``:
             the model's tokenizer, handed over by the stage driver.
         max_length: Tokens per training row.
@@ -67,7 +68,10 @@ class SequentialDomainDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        domains: list[DomainSpec | str] | None = None,
+        # Typed as plain mappings, not DomainSpec, on purpose: jsonargparse merges a later list of
+        # dataclasses into an earlier one of the same length entry by entry (a domain would inherit
+        # the previous one's fields); mappings are replaced whole and checked by `as_domain_spec`.
+        domains: list[str | dict[str, Any] | DomainSpec] | None = None,
         tokenizer: str | None = None,
         max_length: int = 128,
         packing: bool = True,
@@ -318,6 +322,22 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 f"checkpoint was written for domains {state_dict['domains']}, this run has {self.domain_names}"
             )
         self.stage = int(state_dict["stage"])
+
+    def describe(self) -> list[str]:
+        """One line per domain, in training order: name, source, row type and sizes (after :meth:`prepare`).
+
+        The stage driver prints these when training starts, so the domain list a stack of configs
+        resolved to is visible before any step runs.
+        """
+        lines = []
+        for i, spec in enumerate(self.specs, start=1):
+            formats = self.row_formats.get(spec.name, {})
+            rows = formats.get("rows", "?")
+            line = f"{i}. {spec.name}: {spec.source()}, {rows} rows (loss on {formats.get('scored', '?')} tokens)"
+            if spec.name in self.train_sets:
+                line += f", {len(self.train_sets[spec.name])} train / {len(self.eval_sets[spec.name])} held-out rows"
+            lines.append(line)
+        return lines
 
     def summary(self) -> dict[str, Any]:
         """Per-domain sizes and sources, for the run report.

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,8 +124,35 @@ def as_domain_spec(value: DomainSpec | str | dict) -> DomainSpec:
                 f"domain {value.get('name', value)!r} has unknown keys {unknown}; "
                 f"expected keys among {sorted(DomainSpec.__dataclass_fields__)}"
             )
+        if "name" not in value:
+            raise ValueError(f"domain {value!r} has no `name`: every domain needs one")
+        for key, given in value.items():
+            if not _has_type(given, _FIELD_TYPES[key]):
+                raise ValueError(
+                    f"domain {value['name']!r}: {key}={given!r} is invalid: expected {_FIELD_TYPES[key]}"
+                )
         return DomainSpec(**value)
     raise ValueError(f"domain {value!r} is invalid: expected a built-in name, a mapping or a DomainSpec")
+
+
+_FIELD_TYPES = typing.get_type_hints(DomainSpec)
+"""Each :class:`DomainSpec` field's type: a domain given as a mapping is checked against it."""
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits ``hint`` (the few type forms :class:`DomainSpec` uses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def validate_domains(specs: Sequence[DomainSpec]) -> None:

@@ -142,6 +142,8 @@ class ContinualRunner:
             raise ValueError(resume_settings.name_the_domain(str(err), datamodule.specs)) from err
         for spec in datamodule.specs:
             check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name)
+        if is_global_zero():
+            log.info("domains, in training order:\n  %s", "\n  ".join(datamodule.describe()))
         self.state.domains = datamodule.domain_names
         self.state.identity = {
             "model": model.identity(),

@@ -78,6 +78,9 @@ def test_cli_end_to_end(tmp_path):
     proc = run_cli("fit", "--config", str(tiny_config(tmp_path, run_dir)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage 1/2: prose" in proc.stdout and "stage 2/2: arithmetic" in proc.stdout
+    # The resolved domain list, with each domain's row type, is printed before training starts.
+    assert "1. prose: built-in domain 'prose', text rows" in proc.stdout
+    assert proc.stdout.index("2. arithmetic: built-in domain 'arithmetic', text rows") < proc.stdout.index("stage 1/2")
     assert "| after stage | prose | arithmetic |" in proc.stdout  # the report table is printed
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "complete" and len(report["loss_matrix"]["values"]) == 3
@@ -131,10 +134,40 @@ def test_every_shipped_config_parses(path):
     assert cfg["model"]["class_path"].endswith("ContinualLM") or "class_path" in cfg["model"]
 
 
+FIRST_DOMAINS = [
+    {"name": "qa", "path": "qa.jsonl", "prompt_field": "question", "response_field": "answer"},
+    {"name": "logs", "builtin": "code", "max_steps": 7},
+]
+LATER_DOMAINS = [{"name": "logs_pq", "path": "logs.parquet"}, {"name": "logs_ds", "hub": "./saved"}]
+
+
+def test_a_later_yaml_domain_list_replaces_the_earlier_one_whole(tmp_path):
+    """Same length as the earlier list: not merged entry by entry (no inherited prompt_field, no two sources)."""
+    first, later = tmp_path / "first.yaml", tmp_path / "later.yaml"
+    first.write_text(yaml.safe_dump({"data": {"domains": FIRST_DOMAINS}}))
+    later.write_text(yaml.safe_dump({"data": {"domains": LATER_DOMAINS}}))
+    cfg = yaml.safe_load(
+        print_config("--config", str(CONFIGS / "demo.yaml"), "--config", str(first), "--config", str(later))
+    )
+    assert cfg["data"]["domains"] == LATER_DOMAINS
+
+
+def test_a_command_line_domain_list_replaces_the_configs_whole(tmp_path):
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump({"data": {"domains": FIRST_DOMAINS}}))
+    given = "[{name: logs_pq, path: logs.parquet}, {name: logs_ds, hub: ./saved}]"
+    cfg = yaml.safe_load(print_config("--config", str(first), f"--data.domains={given}"))
+    assert cfg["data"]["domains"] == LATER_DOMAINS
+    cfg = yaml.safe_load(print_config("--config", str(first), "--data.domains=[prose, code]"))
+    assert cfg["data"]["domains"] == ["prose", "code"]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("--model.init_args.adaptor=lora", "adaptor"),
+        ("--data.domains=[{name: m, pth: x.jsonl}]", "domain 'm' has unknown keys ['pth']"),
+        ("--data.domains=[{name: m, builtin: prose, max_steps: many}]", "domain 'm': max_steps='many' is invalid"),
         ("--data.batch_size=eight", "batch_size"),
         ("--run.dirr=x", "dirr"),
     ],
