@@ -172,7 +172,11 @@ class SequentialDomainDataModule(L.LightningDataModule):
         if tokenizer is not None and self.tokenizer is None:
             self.tokenizer = tokenizer
         if self.tokenizer is None:
-            raise ValueError("SequentialDomainDataModule has no tokenizer: pass `tokenizer` or a model's tokenizer")
+            raise ValueError(
+                "SequentialDomainDataModule has no tokenizer: pass tokenizer=..., call dm.prepare(model.tokenizer), "
+                "or let trainer.fit(model, datamodule=dm) hand over the model's (docs/subclassing.md, "
+                "'Training from Python')"
+            )
         if self.tokenizer.eos_token_id is None and self.packing:
             raise ValueError("packing needs an EOS token to separate texts; the tokenizer has none")
         if self.train_sets:

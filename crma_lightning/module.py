@@ -31,7 +31,8 @@ from crma_lightning import hparams, method_hooks
 from crma_lightning.adapter_state import AdapterStateMixin
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.base_model import build_model, load_model_tokenizer
-from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
+from crma_lightning.callbacks.evaluation import DomainEvaluation
+from crma_lightning.callbacks.guards import FollowDataModuleStage, RestoreTrainingAdapter, SkipNonFiniteSteps
 from crma_lightning.compatibility import identity_differences
 from crma_lightning.generation import TaskGeneration
 from crma_lightning.methods import ContinualMethod
@@ -223,15 +224,21 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             shard_under_plain_strategy(self, strategy)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Callbacks the module brings to every trainer: the non-finite step guard and the adapter restore.
+        """Callbacks the module brings to every trainer (the guards, and evaluation when the trainer has none).
 
-        They live in callbacks (run after the trainer's own, e.g. ``GradientStability``) rather than in
-        module hooks, so a subclass overriding ``on_before_optimizer_step`` or ``on_validation_end``
-        without calling ``super()`` cannot drop them. Extend with ``[*super().configure_callbacks(), ...]``.
+        The non-finite step guard, the adapter restore, the stage follower of a plain ``trainer.fit``
+        loop, and ``DomainEvaluation`` unless the trainer has one. They live in callbacks (run after the
+        trainer's own, e.g. ``GradientStability``) rather than in module hooks, so a subclass overriding
+        ``on_before_optimizer_step``, ``on_validation_end`` or ``setup`` without calling ``super()``
+        cannot drop them. Extend with ``[*super().configure_callbacks(), ...]``.
         """
-        if self._trainer is not None and any(isinstance(cb, SkipNonFiniteSteps) for cb in self._trainer.callbacks):
+        present = [] if self._trainer is None else self._trainer.callbacks
+        if any(isinstance(cb, SkipNonFiniteSteps) for cb in present):
             return []  # already attached to this trainer (a validate after its fit): nothing to replace
-        return [SkipNonFiniteSteps(), RestoreTrainingAdapter()]
+        # Without DomainEvaluation, validation_step's sums would reach no logger: `trainer.validate` would return
+        # [{}]. One given to the trainer (the stage driver's, which holds the run's matrix) is never replaced.
+        evaluation = [] if any(isinstance(cb, DomainEvaluation) for cb in present) else [DomainEvaluation()]
+        return [SkipNonFiniteSteps(), RestoreTrainingAdapter(), FollowDataModuleStage(), *evaluation]
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -252,7 +259,11 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()
         if not groups:
-            raise ValueError("nothing to train: no parameter requires grad (did begin_task() run?)")
+            raise ValueError(
+                "nothing to train: no parameter requires grad. Fit with a SequentialDomainDataModule "
+                "(dm.set_stage(i); trainer.fit(model, datamodule=dm) begins task i), or call "
+                "model.begin_task(name) first (docs/subclassing.md, 'Training from Python')"
+            )
         optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is None:
             return optimizer
