@@ -21,6 +21,7 @@ from crma_lightning.domains import (
     DomainSpec,
     as_domain_spec,
     describe_row,
+    domain_config,
     load_raw,
     source_identity,
     validate_domains,
@@ -107,6 +108,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         if max_length < 2:
             raise ValueError(f"max_length={max_length!r} is invalid: expected >= 2 (inputs and shifted labels)")
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.tokenizer_name = tokenizer if isinstance(tokenizer, str) else None
         self.max_length = max_length
         self.packing = packing
         self.batch_size = batch_size
@@ -315,6 +317,26 @@ class SequentialDomainDataModule(L.LightningDataModule):
             "eval_domains": self.eval_domains,
             "seed": self.seed,
             "sources": [source_identity(s) for s in self.specs],
+        }
+
+    def config(self) -> dict[str, Any]:
+        """The init arguments that rebuild this data module: the ``data:`` section of a run's ``config.yaml``.
+
+        A tokenizer given as an object is recorded as ``null`` (the model's tokenizer).
+        """
+        return {
+            "domains": [domain_config(s) for s in self.specs],
+            "tokenizer": self.tokenizer_name,
+            "max_length": self.max_length,
+            "packing": self.packing,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "eval_domains": self.eval_domains,
+            "max_chars_per_domain": self.max_chars_per_domain,
+            "max_eval_rows": self.max_eval_rows,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+            "cache_dir": self.cache_dir,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -155,6 +155,14 @@ def _has_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def domain_config(spec: DomainSpec) -> str | dict[str, Any]:
+    """``spec`` as a ``data.domains`` entry: a built-in's name, or the fields that differ from their defaults."""
+    if spec == DomainSpec(name=spec.name, builtin=spec.name):
+        return spec.name
+    defaults = DomainSpec(name=spec.name)
+    return {k: v for k, v in asdict(spec).items() if k == "name" or v != getattr(defaults, k)}
+
+
 def validate_domains(specs: Sequence[DomainSpec]) -> None:
     """Check names, sources and fractions of all domains; raise ``ValueError`` on the first problem."""
     if not specs:

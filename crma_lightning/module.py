@@ -16,7 +16,9 @@ unfreezes - plus the continual state; never the frozen base weights.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -315,6 +317,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["continual_model"] = {
+            "class_path": hparams.class_path(self),  # load_from_checkpoint rebuilds this class (a subclass too)
             "tasks": list(self.tasks),
             "current_task": self.current_task,
             "identity": self.identity(),
@@ -338,6 +341,22 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         set_rng_state(state.get("rng"))
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, building the class that wrote the checkpoint.
+
+        ``ContinualLM.load_from_checkpoint`` on a subclass's checkpoint returns that subclass with its
+        own init arguments (Lightning would build the class it is called on and drop the arguments that
+        class does not take). The subclass must be importable here.
+
+        Raises:
+            ValueError: The checkpoint's class cannot be imported (with how to fix it).
+        """
+        written_by = checkpoint_class(checkpoint_path, cls)
+        if written_by is not cls and issubclass(written_by, cls):
+            return written_by.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters)."""
         hp = self.hparams
@@ -354,6 +373,31 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     def method_summary(self) -> dict[str, Any] | None:
         """The method's report entry (hyper-parameters, what it holds, ``state_bytes``); ``None``: no method."""
         return method_hooks.summary(self.method)
+
+
+def checkpoint_class(path: Any, cls: type) -> type:
+    """The class recorded in a ``ContinualLM`` checkpoint file; ``cls`` when it is ``cls`` or none is recorded.
+
+    ``cls`` is also the answer when ``path`` is not a local file or not a weights-only checkpoint:
+    Lightning's own loading then reports what is wrong.
+    """
+    if not isinstance(path, str | os.PathLike) or not os.path.isfile(path):
+        return cls
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises several types here; Lightning's loading names the problem
+        return cls
+    name = (ckpt.get("continual_model") or {}).get("class_path") if isinstance(ckpt, dict) else None
+    if not name or name == hparams.class_path(cls):
+        return cls
+    module, _, qualname = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"{path} was written by {name}, which is not importable here ({err}): set PYTHONPATH to the "
+            "directory that holds its module, or install your package"
+        ) from err
 
 
 def _as_config(value: Any, cls: type) -> Any:

@@ -36,6 +36,7 @@ from crma_lightning.parallel.dist import is_global_zero
 from crma_lightning.parallel.export import export_adapters
 from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses, write_report
 from crma_lightning.resume_settings import refuse_optimizer_class_change, write_stage_configs
+from crma_lightning.run_config import python_run_config
 from crma_lightning.stage_trainers import StageTrainers, check_budget, with_default_callbacks
 
 __all__ = ["ContinualRunner", "RunInterrupted"]
@@ -63,7 +64,9 @@ class ContinualRunner:
         save_stage_adapters: Write all adapters as safetensors after every stage.
         config: The run's configuration, copied into the report (the CLI passes the parsed YAML).
         config_text: The resolved configuration as YAML, written to ``run_dir/config.yaml`` once every
-            up-front check has passed (the CLI passes it; ``None``: no file).
+            up-front check has passed (the CLI passes it). ``None`` (a run made from Python): built from
+            the model, the data module and these settings (:mod:`crma_lightning.run_config`), so the
+            after-training commands read the run like one made by ``crma-lightning fit``.
     """
 
     def __init__(
@@ -135,6 +138,16 @@ class ContinualRunner:
         """
         if self._resume_choice is not None:
             return  # already done
+        if self.config_text is None:
+            run = {
+                "dir": str(self.run_dir),
+                "resume": self.resume,
+                "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
+                "save_stage_adapters": self.save_stage_adapters,
+            }
+            self.config_text = python_run_config(
+                model, datamodule, run, self.trainer_kwargs, self.seed, routing=self.routing
+            )
         self.checkpoints.check_writable()
         try:
             datamodule.prepare(model.tokenizer)
