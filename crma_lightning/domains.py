@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, load_dataset
+from datasets import Dataset, load_dataset, load_from_disk
 
 from crma_lightning.builtin_domains import BUILTIN_DOMAINS, builtin_documents
 
@@ -278,6 +278,28 @@ def _numbered(ds: Dataset) -> Dataset:
     return ds.add_column(ROW_COLUMN, np.arange(len(ds)))
 
 
+def _load_hub(spec: DomainSpec, split: str) -> Dataset:
+    """``split`` of a ``hub`` source: a Hub dataset id, a local dataset directory, or a ``save_to_disk`` directory.
+
+    ``datasets.load_dataset`` reads Hub ids and local directories of data files; a directory written by
+    ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` needs ``load_from_disk`` instead.
+    """
+    local = Path(os.path.expanduser(spec.hub))
+    if (local / "state.json").is_file():  # a Dataset.save_to_disk directory: it is one split
+        if spec.holdout_split:
+            raise ValueError(
+                f"{local} holds one split (Dataset.save_to_disk), so holdout_split={spec.holdout_split!r} cannot "
+                "name another: use holdout_fraction, or save a DatasetDict with both splits"
+            )
+        return load_from_disk(str(local))
+    if (local / "dataset_dict.json").is_file():  # a DatasetDict.save_to_disk directory
+        splits = load_from_disk(str(local))
+        if split not in splits:
+            raise ValueError(f"{local} has splits {sorted(splits)}, not {split!r}")
+        return splits[split]
+    return load_dataset(spec.hub, spec.hub_config, split=split, revision=spec.revision)
+
+
 def describe_row(spec: DomainSpec, part: str, row: int) -> str:
     """Where row ``row`` (0-based, in source order) of the domain's ``part`` comes from.
 
@@ -310,7 +332,7 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
         full = _numbered(_load_files(spec, spec.path))
     else:
         try:
-            full = _numbered(load_dataset(spec.hub, spec.hub_config, split=spec.split, revision=spec.revision))
+            full = _numbered(_load_hub(spec, spec.split))
         except Exception as err:
             raise ValueError(f"domain {spec.name!r}: could not load {spec.source()}: {err}") from err
     if spec.holdout_path:
@@ -318,9 +340,7 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
         train = full
     elif spec.holdout_split:
         try:
-            holdout = _numbered(
-                load_dataset(spec.hub, spec.hub_config, split=spec.holdout_split, revision=spec.revision)
-            )
+            holdout = _numbered(_load_hub(spec, spec.holdout_split))
         except Exception as err:
             raise ValueError(f"domain {spec.name!r}: could not load split {spec.holdout_split!r}: {err}") from err
         train = full
