@@ -124,6 +124,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             "crma": crma_projection_lr,
         }
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.optimizer_settings: dict[str, Any] = {}  # filled when the optimizer is built
         fsdp2_mixed_precision(fsdp_mixed_precision)  # validate now, not when the strategy shards
         self.fsdp_mixed_precision = fsdp_mixed_precision
         self.fsdp_activation_checkpointing = fsdp_activation_checkpointing
@@ -267,6 +268,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
                 "model.begin_task(name) first (docs/subclassing.md, 'Training from Python')"
             )
         optimizer = self.optimizer_factory(groups)
+        # For the HParams tab: the factory is a callable, its settings show only on the built optimizer.
+        self.optimizer_settings = {"class": hparams.class_path(optimizer), "lr": optimizer.defaults.get("lr")}
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

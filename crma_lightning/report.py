@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crma_lightning import metrics
+from crma_lightning.adapters import crma_adapters, lora_layers
 from crma_lightning.adapters.serialization import atomic_write
 
 REPORT_VERSION = 1
@@ -325,6 +326,21 @@ def model_settings(model: Any) -> dict[str, Any]:
         "crma": hp["crma"] if model.adapter == "crma" else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in model.parameters()),
+        "adapted_modules": adapted_modules(model.model),
+    }
+
+
+def adapted_modules(model: Any) -> dict[str, Any]:
+    """Which modules carry adapters (what ``target_modules: all-linear`` or a name list resolved to).
+
+    ``lora_targets``: the distinct names of the LoRA-wrapped linears; ``lora``: their paths; ``crma``:
+    the CRMA adapters' paths (one after each decoder block).
+    """
+    lora = [name for name, _ in lora_layers(model)]
+    return {
+        "lora_targets": sorted({name.rsplit(".", 1)[-1] for name in lora}),
+        "lora": lora,
+        "crma": [name for name, _ in crma_adapters(model)],
     }
 
 

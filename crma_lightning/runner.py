@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from crma_lightning import _compat, hparams, resume_settings
 from crma_lightning.adapters.serialization import atomic_write
@@ -203,8 +204,16 @@ class ContinualRunner:
                 raise
         report = self._write_report(model, datamodule, "complete")
         if is_global_zero():  # TensorBoard's HParams tab: the settings with the run's final numbers
-            data = {"domains": ",".join(datamodule.domain_names), "batch_size": datamodule.batch_size}
-            hparams.log_final_hparams(self.loggers, {**model.hparams, "data": data, "run_seed": self.seed}, report)
+            data = {
+                "domains": ",".join(datamodule.domain_names),
+                "batch_size": datamodule.batch_size,
+                "max_length": datamodule.max_length,
+            }
+            budget = {k: self.trainer_kwargs.get(k) for k in ("max_steps", "max_epochs", "accumulate_grad_batches")}
+            domain_steps = {s.name: s.max_steps for s in datamodule.specs if s.max_steps is not None}
+            trainer = {k: v for k, v in {**budget, "domain_max_steps": domain_steps or None}.items() if v is not None}
+            settings = {**model.hparams, "data": data, "trainer": trainer, "optimizer": model.optimizer_settings}
+            hparams.log_final_hparams(self.loggers, {**settings, "run_seed": self.seed}, report)
         return report
 
     def _write_config(self, mid_stage: bool) -> None:
@@ -237,7 +246,16 @@ class ContinualRunner:
             model.nonfinite.stage = domain  # skipped steps are counted, and reported, per stage
             trainer = self._make_trainer(stage, dm, for_fit=True)
             if trainer.is_global_zero:
-                log.info("stage %d/%d: %s", stage + 1, dm.num_stages, domain)
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                total = sum(p.numel() for p in model.parameters())
+                log.info(
+                    "stage %d/%d: %s (%s trainable parameters of %s)",
+                    stage + 1,
+                    dm.num_stages,
+                    domain,
+                    get_human_readable_count(trainable),
+                    get_human_readable_count(total),
+                )
             t0 = time.perf_counter()
             trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if mid_stage else None, weights_only=True)
             resume_from = None  # only the first stage after a restart resumes mid-stage

@@ -77,13 +77,20 @@ def test_cli_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("fit", "--config", str(tiny_config(tmp_path, run_dir)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stage 1/2: prose" in proc.stdout and "stage 2/2: arithmetic" in proc.stdout
+    assert "stage 1/2: prose (" in proc.stdout and "stage 2/2: arithmetic (" in proc.stdout
+    assert "trainable parameters of" in proc.stdout  # the one-line model summary
+    # Quiet by default: none of the libraries' lines that are the same on every command.
+    for noise in ("Seed set to", "litlogger", "Total FLOPs", "`Trainer.fit` stopped"):
+        assert noise not in proc.stdout + proc.stderr, noise
     # The resolved domain list, with each domain's row type, is printed before training starts.
     assert "1. prose: built-in domain 'prose', text rows" in proc.stdout
     assert proc.stdout.index("2. arithmetic: built-in domain 'arithmetic', text rows") < proc.stdout.index("stage 1/2")
     assert "| after stage | prose | arithmetic |" in proc.stdout  # the report table is printed
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "complete" and len(report["loss_matrix"]["values"]) == 3
+    adapted = report["config"]["model"]["adapted_modules"]
+    assert adapted["lora_targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert len(adapted["lora"]) == 2 * 7 and len(adapted["crma"]) == 2  # 2 decoder layers
     assert (run_dir / "report.md").read_text().count("| base |") == 1
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["init_args"]["adapter"] == "crma"
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -101,9 +108,30 @@ def test_cli_end_to_end(tmp_path):
     hp = session[0].hparams
     assert hp["adapter"].string_value == "crma" and hp["lora/r"].number_value == 8
     assert hp["data/domains"].string_value == "prose,arithmetic"
+    # The budget, the sequence length and the learning rate the run trained with.
+    assert hp["trainer/max_steps"].number_value == 3 and hp["data/max_length"].number_value == 32
+    assert hp["optimizer/lr"].number_value == pytest.approx(1e-3) and "AdamW" in hp["optimizer/class"].string_value
     final = [e.value for e in events.Scalars("hp/drift_mean")]
     assert final == [pytest.approx(report["metrics"]["drift_mean"], rel=1e-5)]
     assert "hp/plasticity_mean" in set(events.Tags()["scalars"])
+
+
+def test_library_noise_is_quiet_by_default_and_shown_with_crma_verbose(monkeypatch, caplog):
+    import logging
+
+    import lightning as L
+
+    from crma_lightning.cli import run_with_exit_codes
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.delenv("CRMA_VERBOSE", raising=False)
+    run_with_exit_codes(lambda args: L.seed_everything(3), [])
+    assert "Seed set to 3" not in caplog.text
+    monkeypatch.setenv("CRMA_VERBOSE", "1")
+    run_with_exit_codes(lambda args: L.seed_everything(4), [])
+    assert "Seed set to 4" in caplog.text
+    monkeypatch.delenv("CRMA_VERBOSE")
+    run_with_exit_codes(lambda args: None, [])  # quiet again for the tests that follow
 
 
 def test_print_config_round_trip(tmp_path):
