@@ -128,9 +128,7 @@ def as_domain_spec(value: DomainSpec | str | dict) -> DomainSpec:
             raise ValueError(f"domain {value!r} has no `name`: every domain needs one")
         for key, given in value.items():
             if not _has_type(given, _FIELD_TYPES[key]):
-                raise ValueError(
-                    f"domain {value['name']!r}: {key}={given!r} is invalid: expected {_FIELD_TYPES[key]}"
-                )
+                raise ValueError(f"domain {value['name']!r}: {key}={given!r} is invalid: expected {_FIELD_TYPES[key]}")
         return DomainSpec(**value)
     raise ValueError(f"domain {value!r} is invalid: expected a built-in name, a mapping or a DomainSpec")
 

@@ -31,11 +31,11 @@ from transformers import PreTrainedTokenizerBase
 
 from crma_lightning import hparams, method_hooks
 from crma_lightning.adapter_state import AdapterStateMixin
-from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
+from crma_lightning.adapters import AdapterType, CRMAConfig, LoRAConfig, attach_adapters, check_adapter_type
 from crma_lightning.base_model import build_model, load_model_tokenizer
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.guards import FollowDataModuleStage, RestoreTrainingAdapter, SkipNonFiniteSteps
-from crma_lightning.compatibility import identity_differences
+from crma_lightning.compatibility import model_identity_differences
 from crma_lightning.generation import TaskGeneration
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
@@ -43,7 +43,7 @@ from crma_lightning.optim import adapter_param_groups
 from crma_lightning.parallel.fsdp2 import fsdp2_mixed_precision
 from crma_lightning.parallel.plain import shard_under_plain_strategy
 from crma_lightning.rng import rng_state, set_rng_state
-from crma_lightning.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapters
+from crma_lightning.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapterMode, TaskAdapters
 
 
 class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
@@ -89,8 +89,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         tokenizer: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
-        adapter: str = "crma",
-        task_adapters: str = "per_task",
+        adapter: AdapterType = "crma",
+        task_adapters: TaskAdapterMode = "per_task",
         lora: LoRAConfig | None = None,
         crma: CRMAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -106,7 +106,9 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         method: ContinualMethod | None = None,
     ) -> None:
         super().__init__()
-        if task_adapters not in TASK_ADAPTER_MODES:  # checked before the model is built
+        # Checked before the base model loads (minutes for a large one), not when adapters are attached.
+        check_adapter_type(adapter)
+        if task_adapters not in TASK_ADAPTER_MODES:
             raise ValueError(f"task_adapters={task_adapters!r} is invalid: expected one of {list(TASK_ADAPTER_MODES)}")
         lora, crma = _as_config(lora, LoRAConfig), _as_config(crma, CRMAConfig)
         # Every init argument of the class chain (a subclass's own too), as plain values (hparams.py).
@@ -115,7 +117,9 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         self.adapter = adapter
         self.task_adapters = task_adapters
         self.lora_config = lora
-        self.crma_config = crma
+        # The one home of the run's CRMA settings (None without CRMA): the adapters hold this object, and the
+        # identity, the report and every adapter file read it from there.
+        self.crma_config: CRMAConfig | None = crma if adapter == "crma" else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.crma_lrs = {
@@ -135,7 +139,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             torch.manual_seed(seed)
             self.model = build_model(model_name_or_path, model_config, self.tokenizer, dtype, trust_remote_code)
             # Validates everything (adapter type, targets, ranks, CRMA sizes) before touching the model.
-            attach_adapters(
+            self.attached_adapters = attach_adapters(
                 self.model, adapter, lora, crma, adapter_name=SHARED_ADAPTER if task_adapters == "shared" else None
             )
         if gradient_checkpointing:
@@ -333,7 +337,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         state = checkpoint.get("continual_model")
         if state is None:
             raise ValueError("not a crma_lightning checkpoint: it has no 'continual_model' entry")
-        problems = identity_differences(state["identity"], self.identity())
+        problems = model_identity_differences(state["identity"], self.identity())
         if problems:
             raise ValueError("checkpoint was written by a different model setup; " + "; ".join(problems))
         self.prepare_tasks(state["tasks"])  # adapters must exist before their weights load
@@ -369,7 +373,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             "adapter": self.adapter,
             "task_adapters": self.task_adapters,
             "lora": {k: v for k, v in hp["lora"].items() if k != "dropout"},
-            "crma": hp["crma"] if self.adapter == "crma" else None,
+            "crma": None if self.crma_config is None else self.crma_config.identity(),
             "method": method_hooks.identity(self.method),
         }
 

@@ -194,6 +194,7 @@ def test_a_command_line_domain_list_replaces_the_configs_whole(tmp_path):
     ("override", "message"),
     [
         ("--model.init_args.adaptor=lora", "adaptor"),
+        ("--model.init_args.adapter=crmaa", "crmaa"),
         ("--data.domains=[{name: m, pth: x.jsonl}]", "domain 'm' has unknown keys ['pth']"),
         ("--data.domains=[{name: m, builtin: prose, max_steps: many}]", "domain 'm': max_steps='many' is invalid"),
         ("--data.batch_size=eight", "batch_size"),
