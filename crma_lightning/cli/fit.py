@@ -172,12 +172,15 @@ def import_hint(message: str) -> str | None:
     ``class_path`` must be importable by the process that reads the configuration - ``fit``, and later
     ``evaluate``/``generate``/``export`` on the run directory.
     """
-    match = _CLASS_PATH_PROBLEM.search(message)
-    if match is None:
+    matches = list(_CLASS_PATH_PROBLEM.finditer(message))
+    if not matches:
         return None
+    match = matches[-1]  # the innermost: a method's class_path inside the model's reports through both
     path, problem = match.group(1), match.group(2).strip()
     module = path.rpartition(".")[0]
     missing = re.search(r"No module named '([^']+)'", problem)
+    if not missing and "has no attribute" not in problem and "cannot import name" not in problem:
+        return None  # the class imported; the problem is one of its arguments
     if module == "__main__":
         return (
             f"class_path {path!r} was defined in a script (__main__), which no other process can import: "
