@@ -24,7 +24,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -37,6 +36,7 @@ from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.guards import FollowDataModuleStage, RestoreTrainingAdapter, SkipNonFiniteSteps
 from crma_lightning.compatibility import model_identity_differences
 from crma_lightning.generation import TaskGeneration
+from crma_lightning.losses import token_losses
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
 from crma_lightning.optim import adapter_param_groups
@@ -287,15 +287,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     @staticmethod
     def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy and the number of target tokens (labels -100 are ignored)."""
-        shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-        shift_labels = labels[:, 1:]  # (B, T-1)
-        total = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        return total, (shift_labels != -100).sum()
+        return token_losses(logits, labels)
 
     def compute_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
         """Hook: the training loss for one batch - by default the mean next-token cross-entropy."""
