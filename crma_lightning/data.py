@@ -36,7 +36,7 @@ from crma_lightning.sampling import (
     equalize_eval_batches,
 )
 from crma_lightning.tokenization import scored_targets, tokenize
-from crma_lightning.tokenizer import load_tokenizer
+from crma_lightning.tokenizer import load_tokenizer, tokenizer_difference
 
 EVAL_DOMAINS = ("seen", "all")
 DEFAULT_DOMAINS = ("prose", "code", "arithmetic", "unicode")
@@ -173,6 +173,11 @@ class SequentialDomainDataModule(L.LightningDataModule):
         """Load, check and tokenise every domain. Idempotent; call before training to fail fast."""
         if tokenizer is not None and self.tokenizer is None:
             self.tokenizer = tokenizer
+        elif tokenizer is not None and (difference := tokenizer_difference(self.tokenizer, tokenizer)) is not None:
+            raise ValueError(
+                f"data tokenizer={self.tokenizer_name or type(self.tokenizer).__name__!r} is not the model's "
+                f"tokenizer ({difference}): leave the data module's tokenizer unset (null) to use the model's"
+            )
         if self.tokenizer is None:
             raise ValueError(
                 "SequentialDomainDataModule has no tokenizer: pass tokenizer=..., call dm.prepare(model.tokenizer), "

@@ -351,3 +351,16 @@ def test_hub_accepts_a_local_dataset_directory_and_save_to_disk_directories(tmp_
         load_raw(DomainSpec(name="d", hub=str(tmp_path / "one"), holdout_split="test"))
     with pytest.raises(ValueError, match=r"has splits \['test', 'train'\], not 'validation'"):
         load_raw(DomainSpec(name="d", hub=str(tmp_path / "dict"), holdout_split="validation"))
+
+
+def test_the_data_modules_own_tokenizer_must_be_the_models():
+    from crma_lightning.tokenizer import byte_tokenizer
+
+    model_tokenizer = byte_tokenizer()
+    _dm(["arithmetic"], max_chars_per_domain=4000).prepare(model_tokenizer)  # "byte" twice: the same tokenizer
+    other = byte_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": ["<|sep|>"]})
+    dm = SequentialDomainDataModule(domains=["arithmetic"], tokenizer=other, max_chars_per_domain=4000)
+    with pytest.raises(ValueError, match=r"is not the model's tokenizer \(260 tokens vs the model's 259\)"):
+        dm.prepare(model_tokenizer)
+    assert not dm.train_sets  # refused before anything was tokenised
