@@ -362,7 +362,9 @@ class CheckpointStore:
             except Exception as err:
                 warnings.warn(f"adapter file {path}: {why}, and {source} cannot rebuild it ({err})", stacklevel=2)
                 continue
-            write_adapter_file(tensors, path, metadata={"stage": stage + 1, "domain": domain, **metadata})
+            write_adapter_file(
+                tensors, path, metadata={"stage": stage + 1, "domain": domain, **metadata}, crma=model.crma_config
+            )
             self.manifest.record(path)
             warnings.warn(f"adapter file {path}: {why}; rewritten from {source}", stacklevel=2)
             repaired.append(path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from crma_lightning.adapters import CRMAConfig
+
 RECORDED_LATER = ("base_seed", "dtype", "content.")
 """Identity keys (or key prefixes) that checkpoints written before they were recorded lack: not compared
 when absent there."""
@@ -27,6 +29,18 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any], prefix:
     ]
 
 
+def model_identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """:func:`identity_differences` of two ``ContinualLM.identity()`` dicts.
+
+    The CRMA entry is compared on ``CRMAConfig.identity()`` - the fields adapter files are checked on -
+    also for checkpoints written when the identity recorded every CRMA field.
+    """
+    crma = saved.get("crma")
+    if isinstance(crma, dict):
+        saved = {**saved, "crma": CRMAConfig.from_saved(crma).identity()}
+    return identity_differences(saved, current)
+
+
 def check_compatible(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
     """Raise ``ValueError`` listing every setting where checkpoint ``path`` and this run differ.
 
@@ -36,7 +50,7 @@ def check_compatible(saved: dict[str, Any], identity: dict[str, Any], path: Path
     saved_identity = saved.get("identity", {})
     saved_domains = saved_identity.get("domains", saved.get("domains"))
     problems = identity_differences({"domains": saved_domains}, {"domains": identity["domains"]})
-    problems += identity_differences(saved_identity.get("model", {}), identity["model"])
+    problems += model_identity_differences(saved_identity.get("model", {}), identity["model"])
     if saved_identity.get("data") is not None:  # absent from checkpoints written before it was recorded
         old, new = dict(saved_identity["data"]), dict(identity["data"])
         old_sources, new_sources = old.pop("sources", None), new.pop("sources", None)

@@ -21,6 +21,7 @@ from crma_lightning.domains import (
     DomainSpec,
     as_domain_spec,
     describe_row,
+    domain_config,
     load_raw,
     source_identity,
     validate_domains,
@@ -35,7 +36,7 @@ from crma_lightning.sampling import (
     equalize_eval_batches,
 )
 from crma_lightning.tokenization import scored_targets, tokenize
-from crma_lightning.tokenizer import load_tokenizer
+from crma_lightning.tokenizer import load_tokenizer, tokenizer_difference
 
 EVAL_DOMAINS = ("seen", "all")
 DEFAULT_DOMAINS = ("prose", "code", "arithmetic", "unicode")
@@ -47,7 +48,8 @@ class SequentialDomainDataModule(L.LightningDataModule):
 
     Args:
         domains: Domains in training order: built-in names, mappings of :class:`DomainSpec` fields or
-            ``DomainSpec`` objects. Default: the four built-in demo domains.
+            ``DomainSpec`` objects. Default: the four built-in demo domains. A list given later (a
+            second ``--config``, ``--data.domains=[...]``) replaces the earlier one as a whole.
         tokenizer: Tokenizer name/path (``"byte"`` for the built-in byte-level one) or object. ``None``:
             the model's tokenizer, handed over by the stage driver.
         max_length: Tokens per training row.
@@ -67,7 +69,10 @@ class SequentialDomainDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        domains: list[DomainSpec | str] | None = None,
+        # Typed as plain mappings, not DomainSpec, on purpose: jsonargparse merges a later list of
+        # dataclasses into an earlier one of the same length entry by entry (a domain would inherit
+        # the previous one's fields); mappings are replaced whole and checked by `as_domain_spec`.
+        domains: list[str | dict[str, Any] | DomainSpec] | None = None,
         tokenizer: str | None = None,
         max_length: int = 128,
         packing: bool = True,
@@ -103,6 +108,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         if max_length < 2:
             raise ValueError(f"max_length={max_length!r} is invalid: expected >= 2 (inputs and shifted labels)")
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.tokenizer_name = tokenizer if isinstance(tokenizer, str) else None
         self.max_length = max_length
         self.packing = packing
         self.batch_size = batch_size
@@ -157,6 +163,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
             self._eval_override = previous
 
     # -------------------------------------------------------------- preparation
+
     def prepare_data(self) -> None:
         """Download hub datasets once per node (Lightning calls this on local rank 0 only)."""
         for spec in self.specs:
@@ -167,8 +174,17 @@ class SequentialDomainDataModule(L.LightningDataModule):
         """Load, check and tokenise every domain. Idempotent; call before training to fail fast."""
         if tokenizer is not None and self.tokenizer is None:
             self.tokenizer = tokenizer
+        elif tokenizer is not None and (difference := tokenizer_difference(self.tokenizer, tokenizer)) is not None:
+            raise ValueError(
+                f"data tokenizer={self.tokenizer_name or type(self.tokenizer).__name__!r} is not the model's "
+                f"tokenizer ({difference}): leave the data module's tokenizer unset (null) to use the model's"
+            )
         if self.tokenizer is None:
-            raise ValueError("SequentialDomainDataModule has no tokenizer: pass `tokenizer` or a model's tokenizer")
+            raise ValueError(
+                "SequentialDomainDataModule has no tokenizer: pass tokenizer=..., call dm.prepare(model.tokenizer), "
+                "or let trainer.fit(model, datamodule=dm) hand over the model's (docs/subclassing.md, "
+                "'Training from Python')"
+            )
         if self.tokenizer.eos_token_id is None and self.packing:
             raise ValueError("packing needs an EOS token to separate texts; the tokenizer has none")
         if self.train_sets:
@@ -219,6 +235,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 )
 
     # -------------------------------------------------------------- loaders
+
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is None:
@@ -293,6 +310,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
     # -------------------------------------------------------------- state and summary
+
     def identity(self) -> dict[str, Any]:
         """Settings that change what the loss matrix measures: a resumed run must keep them.
 
@@ -319,6 +337,26 @@ class SequentialDomainDataModule(L.LightningDataModule):
         """
         return {name: rows_digest(self.train_sets[name], self.eval_sets[name]) for name in self.train_sets}
 
+    def config(self) -> dict[str, Any]:
+        """The init arguments that rebuild this data module: the ``data:`` section of a run's ``config.yaml``.
+
+        A tokenizer given as an object is recorded as ``null`` (the model's tokenizer).
+        """
+        return {
+            "domains": [domain_config(s) for s in self.specs],
+            "tokenizer": self.tokenizer_name,
+            "max_length": self.max_length,
+            "packing": self.packing,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "eval_domains": self.eval_domains,
+            "max_chars_per_domain": self.max_chars_per_domain,
+            "max_eval_rows": self.max_eval_rows,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+            "cache_dir": self.cache_dir,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "domains": self.domain_names}
 
@@ -328,6 +366,22 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 f"checkpoint was written for domains {state_dict['domains']}, this run has {self.domain_names}"
             )
         self.stage = int(state_dict["stage"])
+
+    def describe(self) -> list[str]:
+        """One line per domain, in training order: name, source, row type and sizes (after :meth:`prepare`).
+
+        The stage driver prints these when training starts, so the domain list a stack of configs
+        resolved to is visible before any step runs.
+        """
+        lines = []
+        for i, spec in enumerate(self.specs, start=1):
+            formats = self.row_formats.get(spec.name, {})
+            rows = formats.get("rows", "?")
+            line = f"{i}. {spec.name}: {spec.source()}, {rows} rows (loss on {formats.get('scored', '?')} tokens)"
+            if spec.name in self.train_sets:
+                line += f", {len(self.train_sets[spec.name])} train / {len(self.eval_sets[spec.name])} held-out rows"
+            lines.append(line)
+        return lines
 
     def summary(self) -> dict[str, Any]:
         """Per-domain sizes and sources, for the run report.

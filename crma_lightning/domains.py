@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import json
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, load_dataset
+from datasets import Dataset, load_dataset, load_from_disk
 
 from crma_lightning.builtin_domains import BUILTIN_DOMAINS, builtin_documents
 
@@ -122,8 +124,41 @@ def as_domain_spec(value: DomainSpec | str | dict) -> DomainSpec:
                 f"domain {value.get('name', value)!r} has unknown keys {unknown}; "
                 f"expected keys among {sorted(DomainSpec.__dataclass_fields__)}"
             )
+        if "name" not in value:
+            raise ValueError(f"domain {value!r} has no `name`: every domain needs one")
+        for key, given in value.items():
+            if not _has_type(given, _FIELD_TYPES[key]):
+                raise ValueError(f"domain {value['name']!r}: {key}={given!r} is invalid: expected {_FIELD_TYPES[key]}")
         return DomainSpec(**value)
     raise ValueError(f"domain {value!r} is invalid: expected a built-in name, a mapping or a DomainSpec")
+
+
+_FIELD_TYPES = typing.get_type_hints(DomainSpec)
+"""Each :class:`DomainSpec` field's type: a domain given as a mapping is checked against it."""
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits ``hint`` (the few type forms :class:`DomainSpec` uses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def domain_config(spec: DomainSpec) -> str | dict[str, Any]:
+    """``spec`` as a ``data.domains`` entry: a built-in's name, or the fields that differ from their defaults."""
+    if spec == DomainSpec(name=spec.name, builtin=spec.name):
+        return spec.name
+    defaults = DomainSpec(name=spec.name)
+    return {k: v for k, v in asdict(spec).items() if k == "name" or v != getattr(defaults, k)}
 
 
 def validate_domains(specs: Sequence[DomainSpec]) -> None:
@@ -249,6 +284,28 @@ def _numbered(ds: Dataset) -> Dataset:
     return ds.add_column(ROW_COLUMN, np.arange(len(ds)))
 
 
+def _load_hub(spec: DomainSpec, split: str) -> Dataset:
+    """``split`` of a ``hub`` source: a Hub dataset id, a local dataset directory, or a ``save_to_disk`` directory.
+
+    ``datasets.load_dataset`` reads Hub ids and local directories of data files; a directory written by
+    ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` needs ``load_from_disk`` instead.
+    """
+    local = Path(os.path.expanduser(spec.hub))
+    if (local / "state.json").is_file():  # a Dataset.save_to_disk directory: it is one split
+        if spec.holdout_split:
+            raise ValueError(
+                f"{local} holds one split (Dataset.save_to_disk), so holdout_split={spec.holdout_split!r} cannot "
+                "name another: use holdout_fraction, or save a DatasetDict with both splits"
+            )
+        return load_from_disk(str(local))
+    if (local / "dataset_dict.json").is_file():  # a DatasetDict.save_to_disk directory
+        splits = load_from_disk(str(local))
+        if split not in splits:
+            raise ValueError(f"{local} has splits {sorted(splits)}, not {split!r}")
+        return splits[split]
+    return load_dataset(spec.hub, spec.hub_config, split=split, revision=spec.revision)
+
+
 def describe_row(spec: DomainSpec, part: str, row: int) -> str:
     """Where row ``row`` (0-based, in source order) of the domain's ``part`` comes from.
 
@@ -281,7 +338,7 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
         full = _numbered(_load_files(spec, spec.path))
     else:
         try:
-            full = _numbered(load_dataset(spec.hub, spec.hub_config, split=spec.split, revision=spec.revision))
+            full = _numbered(_load_hub(spec, spec.split))
         except Exception as err:
             raise ValueError(f"domain {spec.name!r}: could not load {spec.source()}: {err}") from err
     if spec.holdout_path:
@@ -289,9 +346,7 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
         train = full
     elif spec.holdout_split:
         try:
-            holdout = _numbered(
-                load_dataset(spec.hub, spec.hub_config, split=spec.holdout_split, revision=spec.revision)
-            )
+            holdout = _numbered(_load_hub(spec, spec.holdout_split))
         except Exception as err:
             raise ValueError(f"domain {spec.name!r}: could not load split {spec.holdout_split!r}: {err}") from err
         train = full

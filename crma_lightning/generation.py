@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from crma_lightning.methods.routing import row_token_losses
+from crma_lightning.losses import row_token_losses
 
 
 @torch.no_grad()

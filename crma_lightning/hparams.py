@@ -59,6 +59,12 @@ def plain(value: Any) -> Any:
     return repr(value)
 
 
+def class_path(obj: Any) -> str:
+    """``module.QualName`` of a class, or of an object's class (what a ``class_path`` in YAML names)."""
+    cls = obj if inspect.isclass(obj) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"lora": {"r": 8}}`` -> ``{"lora/r": 8}``; lists and ``None`` become strings (HParams takes scalars)."""
     out: dict[str, Any] = {}

@@ -47,8 +47,7 @@ def check_method(method: Any, task_adapters: str) -> ContinualMethod | None:
             f"method={method!r} is invalid: expected a crma_lightning.methods.ContinualMethod "
             "(e.g. class_path: crma_lightning.methods.Replay) or null"
         )
-    if method.name == "olora" and task_adapters != "per_task":  # OLoRA.setup says so too, but only after setup
-        raise ValueError(f"method olora needs task_adapters='per_task' (one LoRA per task), got {task_adapters!r}")
+    method.check_task_adapters(task_adapters)  # before the base model loads, not at setup
     return method
 
 

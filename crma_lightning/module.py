@@ -16,25 +16,28 @@ unfreezes - plus the continual state; never the frozen base weights.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from crma_lightning import hparams, method_hooks
 from crma_lightning.adapter_state import AdapterStateMixin
-from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
+from crma_lightning.adapters import AdapterType, CRMAConfig, LoRAConfig, attach_adapters, check_adapter_type
 from crma_lightning.base_model import build_model, load_model_tokenizer
-from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
-from crma_lightning.compatibility import identity_differences
+from crma_lightning.callbacks.evaluation import DomainEvaluation
+from crma_lightning.callbacks.guards import FollowDataModuleStage, RestoreTrainingAdapter, SkipNonFiniteSteps
+from crma_lightning.compatibility import model_identity_differences
 from crma_lightning.compiling import compile_decoder_layers
 from crma_lightning.generation import TaskGeneration
+from crma_lightning.losses import token_losses
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
 from crma_lightning.optim import adapter_param_groups
@@ -43,7 +46,7 @@ from crma_lightning.parallel.fsdp2 import fsdp2_mixed_precision
 from crma_lightning.parallel.plain import shard_under_plain_strategy
 from crma_lightning.parallel.rank0_init import has_meta_tensors
 from crma_lightning.rng import rng_state, set_rng_state
-from crma_lightning.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapters
+from crma_lightning.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapterMode, TaskAdapters
 
 
 class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
@@ -95,8 +98,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         tokenizer: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
-        adapter: str = "crma",
-        task_adapters: str = "per_task",
+        adapter: AdapterType = "crma",
+        task_adapters: TaskAdapterMode = "per_task",
         lora: LoRAConfig | None = None,
         crma: CRMAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -114,7 +117,9 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if task_adapters not in TASK_ADAPTER_MODES:  # checked before the model is built
+        # Checked before the base model loads (minutes for a large one), not when adapters are attached.
+        check_adapter_type(adapter)
+        if task_adapters not in TASK_ADAPTER_MODES:
             raise ValueError(f"task_adapters={task_adapters!r} is invalid: expected one of {list(TASK_ADAPTER_MODES)}")
         lora, crma = _as_config(lora, LoRAConfig), _as_config(crma, CRMAConfig)
         # Every init argument of the class chain (a subclass's own too), as plain values (hparams.py).
@@ -123,7 +128,9 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         self.adapter = adapter
         self.task_adapters = task_adapters
         self.lora_config = lora
-        self.crma_config = crma
+        # The one home of the run's CRMA settings (None without CRMA): the adapters hold this object, and the
+        # identity, the report and every adapter file read it from there.
+        self.crma_config: CRMAConfig | None = crma if adapter == "crma" else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.crma_lrs = {
@@ -133,6 +140,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         }
         _check_optimizer(optimizer, lr_scheduler, self.crma_lrs)  # before any model is built or file written
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.optimizer_settings: dict[str, Any] = {}  # filled when the optimizer is built
         fsdp2_mixed_precision(fsdp_mixed_precision)  # validate now, not when the strategy shards
         self.fsdp_mixed_precision = fsdp_mixed_precision
         self.fsdp_activation_checkpointing = fsdp_activation_checkpointing
@@ -146,7 +154,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             meta = init_on_rank0 and not is_global_zero()  # filled from rank 0 when sharded
             self.model = build_model(model_name_or_path, model_config, self.tokenizer, dtype, trust_remote_code, meta)
             # Validates everything (adapter type, targets, ranks, CRMA sizes) before touching the model.
-            attach_adapters(
+            self.attached_adapters = attach_adapters(
                 self.model, adapter, lora, crma, adapter_name=SHARED_ADAPTER if task_adapters == "shared" else None
             )
         if gradient_checkpointing:
@@ -231,6 +239,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         """Hook: called by :meth:`end_task` after the stage's last optimizer step, before its evaluation."""
 
     # ------------------------------------------------------------------ multi-device
+
     def configure_model(self) -> None:
         """Shard the model for FSDP; a no-op on one device and under DDP.
 
@@ -257,17 +266,24 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Callbacks the module brings to every trainer: the non-finite step guard and the adapter restore.
+        """Callbacks the module brings to every trainer (the guards, and evaluation when the trainer has none).
 
-        They live in callbacks (run after the trainer's own, e.g. ``GradientStability``) rather than in
-        module hooks, so a subclass overriding ``on_before_optimizer_step`` or ``on_validation_end``
-        without calling ``super()`` cannot drop them. Extend with ``[*super().configure_callbacks(), ...]``.
+        The non-finite step guard, the adapter restore, the stage follower of a plain ``trainer.fit``
+        loop, and ``DomainEvaluation`` unless the trainer has one. They live in callbacks (run after the
+        trainer's own, e.g. ``GradientStability``) rather than in module hooks, so a subclass overriding
+        ``on_before_optimizer_step``, ``on_validation_end`` or ``setup`` without calling ``super()``
+        cannot drop them. Extend with ``[*super().configure_callbacks(), ...]``.
         """
-        if self._trainer is not None and any(isinstance(cb, SkipNonFiniteSteps) for cb in self._trainer.callbacks):
+        present = [] if self._trainer is None else self._trainer.callbacks
+        if any(isinstance(cb, SkipNonFiniteSteps) for cb in present):
             return []  # already attached to this trainer (a validate after its fit): nothing to replace
-        return [SkipNonFiniteSteps(), RestoreTrainingAdapter()]
+        # Without DomainEvaluation, validation_step's sums would reach no logger: `trainer.validate` would return
+        # [{}]. One given to the trainer (the stage driver's, which holds the run's matrix) is never replaced.
+        evaluation = [] if any(isinstance(cb, DomainEvaluation) for cb in present) else [DomainEvaluation()]
+        return [SkipNonFiniteSteps(), RestoreTrainingAdapter(), FollowDataModuleStage(), *evaluation]
 
     # ------------------------------------------------------------------ parameters
+
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Hook: the ``(name, parameter)`` pairs that train in the current task."""
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
@@ -286,14 +302,21 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()
         if not groups:
-            raise ValueError("nothing to train: no parameter requires grad (did begin_task() run?)")
+            raise ValueError(
+                "nothing to train: no parameter requires grad. Fit with a SequentialDomainDataModule "
+                "(dm.set_stage(i); trainer.fit(model, datamodule=dm) begins task i), or call "
+                "model.begin_task(name) first (docs/subclassing.md, 'Training from Python')"
+            )
         optimizer = self.optimizer_factory(groups)
+        # For the HParams tab: the factory is a callable, its settings show only on the built optimizer.
+        self.optimizer_settings = {"class": hparams.class_path(optimizer), "lr": optimizer.defaults.get("lr")}
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ steps
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(batch, seq, vocab)``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -301,15 +324,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
     @staticmethod
     def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy and the number of target tokens (labels -100 are ignored)."""
-        shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-        shift_labels = labels[:, 1:]  # (B, T-1)
-        total = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        return total, (shift_labels != -100).sum()
+        return token_losses(logits, labels)
 
     def compute_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
         """Hook: the training loss for one batch - by default the mean next-token cross-entropy."""
@@ -336,8 +351,10 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         return {"loss_sum": total.detach(), "tokens": count.detach(), "domain": domain}
 
     # ------------------------------------------------------------------ checkpoints
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["continual_model"] = {
+            "class_path": hparams.class_path(self),  # load_from_checkpoint rebuilds this class (a subclass too)
             "tasks": list(self.tasks),
             "current_task": self.current_task,
             "identity": self.identity(),
@@ -350,7 +367,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         state = checkpoint.get("continual_model")
         if state is None:
             raise ValueError("not a crma_lightning checkpoint: it has no 'continual_model' entry")
-        problems = identity_differences(state["identity"], self.identity())
+        problems = model_identity_differences(state["identity"], self.identity())
         if problems:
             raise ValueError("checkpoint was written by a different model setup; " + "; ".join(problems))
         self.prepare_tasks(state["tasks"])  # adapters must exist before their weights load
@@ -360,6 +377,22 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         method_hooks.start_task(self)
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         set_rng_state(state.get("rng"))
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, building the class that wrote the checkpoint.
+
+        ``ContinualLM.load_from_checkpoint`` on a subclass's checkpoint returns that subclass with its
+        own init arguments (Lightning would build the class it is called on and drop the arguments that
+        class does not take). The subclass must be importable here.
+
+        Raises:
+            ValueError: The checkpoint's class cannot be imported (with how to fix it).
+        """
+        written_by = checkpoint_class(checkpoint_path, cls)
+        if written_by is not cls and issubclass(written_by, cls):
+            return written_by.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed into this model (model, tokenizer, adapters).
@@ -377,7 +410,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             "adapter": self.adapter,
             "task_adapters": self.task_adapters,
             "lora": {k: v for k, v in hp["lora"].items() if k != "dropout"},
-            "crma": hp["crma"] if self.adapter == "crma" else None,
+            "crma": None if self.crma_config is None else self.crma_config.identity(),
             "method": method_hooks.identity(self.method),
         }
 
@@ -406,6 +439,31 @@ def _check_optimizer(optimizer: Any, lr_scheduler: Any, crma_lrs: dict[str, floa
     except ValueError as err:
         what = getattr(optimizer, "__name__", None) or type(optimizer).__name__
         raise ValueError(f"model.init_args.optimizer ({what}) is invalid: {err}") from err
+
+
+def checkpoint_class(path: Any, cls: type) -> type:
+    """The class recorded in a ``ContinualLM`` checkpoint file; ``cls`` when it is ``cls`` or none is recorded.
+
+    ``cls`` is also the answer when ``path`` is not a local file or not a weights-only checkpoint:
+    Lightning's own loading then reports what is wrong.
+    """
+    if not isinstance(path, str | os.PathLike) or not os.path.isfile(path):
+        return cls
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises several types here; Lightning's loading names the problem
+        return cls
+    name = (ckpt.get("continual_model") or {}).get("class_path") if isinstance(ckpt, dict) else None
+    if not name or name == hparams.class_path(cls):
+        return cls
+    module, _, qualname = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"{path} was written by {name}, which is not importable here ({err}): set PYTHONPATH to the "
+            "directory that holds its module, or install your package"
+        ) from err
 
 
 def _as_config(value: Any, cls: type) -> Any:

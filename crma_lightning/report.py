@@ -12,6 +12,7 @@ lists each non-finite loss-matrix entry, and the status of a finished run says s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -327,9 +328,23 @@ def model_settings(model: Any) -> dict[str, Any]:
         "adapter": model.adapter,
         "task_adapters": model.task_adapters,
         "lora": hp["lora"],
-        "crma": hp["crma"] if model.adapter == "crma" else None,
+        "crma": None if model.crma_config is None else dataclasses.asdict(model.crma_config),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in model.parameters()),
+        "adapted_modules": adapted_modules(model.attached_adapters),
+    }
+
+
+def adapted_modules(attached: Any) -> dict[str, Any]:
+    """Which modules carry adapters (what ``target_modules: all-linear`` or a name list resolved to).
+
+    ``lora_targets``: the distinct names of the LoRA-wrapped linears; ``lora``: their paths; ``crma``:
+    the decoder blocks CRMA follows (``attach_adapters``' record of what it attached).
+    """
+    return {
+        "lora_targets": sorted({name.rsplit(".", 1)[-1] for name in attached.lora_modules}),
+        "lora": list(attached.lora_modules),
+        "crma": list(attached.crma_blocks),
     }
 
 

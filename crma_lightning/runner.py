@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from crma_lightning import _compat, hparams, resume_settings
 from crma_lightning.adapters.serialization import atomic_write
@@ -44,6 +45,7 @@ from crma_lightning.parallel.dist import is_global_zero, owns_run_dir
 from crma_lightning.parallel.export import export_adapters
 from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses, write_report
 from crma_lightning.resume_settings import refuse_optimizer_class_change, write_stage_configs
+from crma_lightning.run_config import python_run_config
 from crma_lightning.run_lock import RunLock, describe
 from crma_lightning.sampling import resume_batches
 from crma_lightning.stage_trainers import StageTrainers, check_budget, with_default_callbacks
@@ -73,7 +75,9 @@ class ContinualRunner:
         save_stage_adapters: Write all adapters as safetensors after every stage.
         config: The run's configuration, copied into the report (the CLI passes the parsed YAML).
         config_text: The resolved configuration as YAML, written to ``run_dir/config.yaml`` once every
-            up-front check has passed (the CLI passes it; ``None``: no file).
+            up-front check has passed (the CLI passes it). ``None`` (a run made from Python): built from
+            the model, the data module and these settings (:mod:`crma_lightning.run_config`), so the
+            after-training commands read the run like one made by ``crma-lightning fit``.
     """
 
     def __init__(
@@ -146,6 +150,16 @@ class ContinualRunner:
         """
         if self._resume_choice is not None:
             return  # already done
+        if self.config_text is None:
+            run = {
+                "dir": str(self.run_dir),
+                "resume": self.resume,
+                "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
+                "save_stage_adapters": self.save_stage_adapters,
+            }
+            self.config_text = python_run_config(
+                model, datamodule, run, self.trainer_kwargs, self.seed, routing=self.routing
+            )
         self.checkpoints.check_writable()
         check_context(model.model, datamodule.max_length)
         try:
@@ -154,6 +168,8 @@ class ContinualRunner:
             raise ValueError(resume_settings.name_the_domain(str(err), datamodule.specs)) from err
         for spec in datamodule.specs:
             check_budget(self.trainer_kwargs, spec.max_steps, domain=spec.name)
+        if is_global_zero():
+            log.info("domains, in training order:\n  %s", "\n  ".join(datamodule.describe()))
         self.state.domains = datamodule.domain_names
         self.state.identity = {
             "model": model.identity(),
@@ -275,8 +291,16 @@ class ContinualRunner:
                 raise
         report = self._write_report(model, datamodule, "complete")
         if is_global_zero():  # TensorBoard's HParams tab: the settings with the run's final numbers
-            data = {"domains": ",".join(datamodule.domain_names), "batch_size": datamodule.batch_size}
-            hparams.log_final_hparams(self.loggers, {**model.hparams, "data": data, "run_seed": self.seed}, report)
+            data = {
+                "domains": ",".join(datamodule.domain_names),
+                "batch_size": datamodule.batch_size,
+                "max_length": datamodule.max_length,
+            }
+            budget = {k: self.trainer_kwargs.get(k) for k in ("max_steps", "max_epochs", "accumulate_grad_batches")}
+            domain_steps = {s.name: s.max_steps for s in datamodule.specs if s.max_steps is not None}
+            trainer = {k: v for k, v in {**budget, "domain_max_steps": domain_steps or None}.items() if v is not None}
+            settings = {**model.hparams, "data": data, "trainer": trainer, "optimizer": model.optimizer_settings}
+            hparams.log_final_hparams(self.loggers, {**settings, "run_seed": self.seed}, report)
         return report
 
     def _write_config(self, mid_stage: bool) -> None:
@@ -324,7 +348,16 @@ class ContinualRunner:
             model.nonfinite.stage = domain  # skipped steps are counted, and reported, per stage
             trainer = self._make_trainer(stage, dm, for_fit=True)
             if trainer.is_global_zero:
-                log.info("stage %d/%d: %s", stage + 1, dm.num_stages, domain)
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                total = sum(p.numel() for p in model.parameters())
+                log.info(
+                    "stage %d/%d: %s (%s trainable parameters of %s)",
+                    stage + 1,
+                    dm.num_stages,
+                    domain,
+                    get_human_readable_count(trainable),
+                    get_human_readable_count(total),
+                )
             t0 = time.perf_counter()
             trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if mid_stage else None, weights_only=True)
             resume_from = None  # only the first stage after a restart resumes mid-stage

@@ -9,6 +9,7 @@ budget and the default callbacks.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,8 @@ class StageTrainers:
             kwargs["num_sanity_val_steps"] = 0
         if not for_fit or self._summary_shown:
             kwargs["enable_model_summary"] = False  # the model does not change between stages
+        elif kwargs.get("enable_model_summary") is None and not verbose():
+            kwargs["enable_model_summary"] = False  # quiet by default: the stage line counts the parameters
         self._summary_shown |= for_fit
         kwargs["enable_checkpointing"] = any(isinstance(cb, ModelCheckpoint) for cb in self.callbacks)
         label = f"stage {stage + 1}/{dm.num_stages}: {dm.domain_names[stage]}"
@@ -105,6 +108,11 @@ class StageTrainers:
         self._made += 1
         _compat.set_logging_step(trainer, step_offset)
         return trainer
+
+
+def verbose() -> bool:
+    """``CRMA_VERBOSE=1``: the libraries' own info lines, progress bars and Lightning's model summary are shown."""
+    return os.environ.get("CRMA_VERBOSE", "") not in ("", "0")
 
 
 def with_default_callbacks(callbacks: list[Callback]) -> list[Callback]:

@@ -7,6 +7,8 @@ by every stage (``shared``). CRMA adapters are not task adapters: they train in 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
@@ -21,7 +23,9 @@ from crma_lightning.adapters import (
 )
 from crma_lightning.adapters.lora import check_adapter_name
 
-TASK_ADAPTER_MODES = ("shared", "per_task")
+TaskAdapterMode = Literal["shared", "per_task"]
+"""One LoRA trained through every stage, or a fresh one per task (earlier ones frozen)."""
+TASK_ADAPTER_MODES: tuple[str, ...] = get_args(TaskAdapterMode)
 SHARED_ADAPTER = "shared"
 
 

@@ -67,3 +67,21 @@ def load_tokenizer(
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_difference(data: PreTrainedTokenizerBase, model: PreTrainedTokenizerBase) -> str | None:
+    """How the data's tokenizer differs from the model's (vocabulary, EOS), or ``None`` when they agree.
+
+    Token ids index the model's embeddings: rows tokenised with another vocabulary train and evaluate
+    on the wrong tokens without any error, so a data module's own tokenizer must be the model's.
+    """
+    if data is model:
+        return None
+    if len(data) != len(model):
+        return f"{len(data)} tokens vs the model's {len(model)}"
+    if data.eos_token_id != model.eos_token_id:
+        return f"EOS id {data.eos_token_id} vs the model's {model.eos_token_id}"
+    if data.get_vocab() != model.get_vocab():
+        different = sorted(set(data.get_vocab().items()) ^ set(model.get_vocab().items()))[:3]
+        return f"the vocabularies differ (e.g. {different})"
+    return None

@@ -77,10 +77,20 @@ def test_cli_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("fit", "--config", str(tiny_config(tmp_path, run_dir)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stage 1/2: prose" in proc.stdout and "stage 2/2: arithmetic" in proc.stdout
+    assert "stage 1/2: prose (" in proc.stdout and "stage 2/2: arithmetic (" in proc.stdout
+    assert "trainable parameters of" in proc.stdout  # the one-line model summary
+    # Quiet by default: none of the libraries' lines that are the same on every command.
+    for noise in ("Seed set to", "litlogger", "Total FLOPs", "`Trainer.fit` stopped"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    # The resolved domain list, with each domain's row type, is printed before training starts.
+    assert "1. prose: built-in domain 'prose', text rows" in proc.stdout
+    assert proc.stdout.index("2. arithmetic: built-in domain 'arithmetic', text rows") < proc.stdout.index("stage 1/2")
     assert "| after stage | prose | arithmetic |" in proc.stdout  # the report table is printed
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "complete" and len(report["loss_matrix"]["values"]) == 3
+    adapted = report["config"]["model"]["adapted_modules"]
+    assert adapted["lora_targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert len(adapted["lora"]) == 2 * 7 and len(adapted["crma"]) == 2  # 2 decoder layers
     assert (run_dir / "report.md").read_text().count("| base |") == 1
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["init_args"]["adapter"] == "crma"
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -98,9 +108,30 @@ def test_cli_end_to_end(tmp_path):
     hp = session[0].hparams
     assert hp["adapter"].string_value == "crma" and hp["lora/r"].number_value == 8
     assert hp["data/domains"].string_value == "prose,arithmetic"
+    # The budget, the sequence length and the learning rate the run trained with.
+    assert hp["trainer/max_steps"].number_value == 3 and hp["data/max_length"].number_value == 32
+    assert hp["optimizer/lr"].number_value == pytest.approx(1e-3) and "AdamW" in hp["optimizer/class"].string_value
     final = [e.value for e in events.Scalars("hp/drift_mean")]
     assert final == [pytest.approx(report["metrics"]["drift_mean"], rel=1e-5)]
     assert "hp/plasticity_mean" in set(events.Tags()["scalars"])
+
+
+def test_library_noise_is_quiet_by_default_and_shown_with_crma_verbose(monkeypatch, caplog):
+    import logging
+
+    import lightning as L
+
+    from crma_lightning.cli import run_with_exit_codes
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.delenv("CRMA_VERBOSE", raising=False)
+    run_with_exit_codes(lambda args: L.seed_everything(3), [])
+    assert "Seed set to 3" not in caplog.text
+    monkeypatch.setenv("CRMA_VERBOSE", "1")
+    run_with_exit_codes(lambda args: L.seed_everything(4), [])
+    assert "Seed set to 4" in caplog.text
+    monkeypatch.delenv("CRMA_VERBOSE")
+    run_with_exit_codes(lambda args: None, [])  # quiet again for the tests that follow
 
 
 def test_print_config_round_trip(tmp_path):
@@ -131,10 +162,41 @@ def test_every_shipped_config_parses(path):
     assert cfg["model"]["class_path"].endswith("ContinualLM") or "class_path" in cfg["model"]
 
 
+FIRST_DOMAINS = [
+    {"name": "qa", "path": "qa.jsonl", "prompt_field": "question", "response_field": "answer"},
+    {"name": "logs", "builtin": "code", "max_steps": 7},
+]
+LATER_DOMAINS = [{"name": "logs_pq", "path": "logs.parquet"}, {"name": "logs_ds", "hub": "./saved"}]
+
+
+def test_a_later_yaml_domain_list_replaces_the_earlier_one_whole(tmp_path):
+    """Same length as the earlier list: not merged entry by entry (no inherited prompt_field, no two sources)."""
+    first, later = tmp_path / "first.yaml", tmp_path / "later.yaml"
+    first.write_text(yaml.safe_dump({"data": {"domains": FIRST_DOMAINS}}))
+    later.write_text(yaml.safe_dump({"data": {"domains": LATER_DOMAINS}}))
+    cfg = yaml.safe_load(
+        print_config("--config", str(CONFIGS / "demo.yaml"), "--config", str(first), "--config", str(later))
+    )
+    assert cfg["data"]["domains"] == LATER_DOMAINS
+
+
+def test_a_command_line_domain_list_replaces_the_configs_whole(tmp_path):
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump({"data": {"domains": FIRST_DOMAINS}}))
+    given = "[{name: logs_pq, path: logs.parquet}, {name: logs_ds, hub: ./saved}]"
+    cfg = yaml.safe_load(print_config("--config", str(first), f"--data.domains={given}"))
+    assert cfg["data"]["domains"] == LATER_DOMAINS
+    cfg = yaml.safe_load(print_config("--config", str(first), "--data.domains=[prose, code]"))
+    assert cfg["data"]["domains"] == ["prose", "code"]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("--model.init_args.adaptor=lora", "adaptor"),
+        ("--model.init_args.adapter=crmaa", "crmaa"),
+        ("--data.domains=[{name: m, pth: x.jsonl}]", "domain 'm' has unknown keys ['pth']"),
+        ("--data.domains=[{name: m, builtin: prose, max_steps: many}]", "domain 'm': max_steps='many' is invalid"),
         ("--data.batch_size=eight", "batch_size"),
         ("--run.dirr=x", "dirr"),
     ],

@@ -327,3 +327,40 @@ def test_mid_epoch_resume_counts_rows_and_refuses_a_changed_global_batch():
     assert len(list(doubled.sampler)) == 64 - 24
     with pytest.raises(ValueError, match="consumed 24 rows, not a whole number of global batches of 16"):
         loader(16).load_state_dict(state)
+
+
+def test_hub_accepts_a_local_dataset_directory_and_save_to_disk_directories(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from crma_lightning.domains import load_raw
+
+    rows = {"text": [f"row {i} " * 5 for i in range(30)]}
+    (tmp_path / "files").mkdir()
+    _write_jsonl(tmp_path / "files" / "train.jsonl", [{"text": t} for t in rows["text"]])
+    train, holdout = load_raw(DomainSpec(name="d", hub=str(tmp_path / "files")))
+    assert len(train) + len(holdout) == 30  # a directory of data files, read by load_dataset
+    DatasetDict(
+        {"train": Dataset.from_dict(rows), "test": Dataset.from_dict({"text": ["held out " * 5] * 4})}
+    ).save_to_disk(str(tmp_path / "dict"))
+    train, holdout = load_raw(DomainSpec(name="d", hub=str(tmp_path / "dict"), holdout_split="test"))
+    assert len(train) == 30 and holdout["text"] == ["held out " * 5] * 4
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    train, holdout = load_raw(DomainSpec(name="d", hub=str(tmp_path / "one"), holdout_fraction=0.2))
+    assert (len(train), len(holdout)) == (24, 6)
+    with pytest.raises(ValueError, match=r"holds one split .* holdout_split='test'"):
+        load_raw(DomainSpec(name="d", hub=str(tmp_path / "one"), holdout_split="test"))
+    with pytest.raises(ValueError, match=r"has splits \['test', 'train'\], not 'validation'"):
+        load_raw(DomainSpec(name="d", hub=str(tmp_path / "dict"), holdout_split="validation"))
+
+
+def test_the_data_modules_own_tokenizer_must_be_the_models():
+    from crma_lightning.tokenizer import byte_tokenizer
+
+    model_tokenizer = byte_tokenizer()
+    _dm(["arithmetic"], max_chars_per_domain=4000).prepare(model_tokenizer)  # "byte" twice: the same tokenizer
+    other = byte_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": ["<|sep|>"]})
+    dm = SequentialDomainDataModule(domains=["arithmetic"], tokenizer=other, max_chars_per_domain=4000)
+    with pytest.raises(ValueError, match=r"is not the model's tokenizer \(260 tokens vs the model's 259\)"):
+        dm.prepare(model_tokenizer)
+    assert not dm.train_sets  # refused before anything was tokenised

@@ -547,7 +547,7 @@ def test_rows_without_text_are_dropped_with_a_warning_and_counted(tmp_path, caps
         ),
         (
             lambda c: c["data"].update(domains=[{"name": "p", "builtin": "prose", "sorce": "x"}]),
-            "Option 'sorce' is not accepted",  # jsonargparse checks DomainSpec's fields while parsing
+            "domain 'p' has unknown keys ['sorce']",
         ),
         (lambda c: c["data"].update(max_eval_rows=0), "max_eval_rows=0 is invalid"),
         (lambda c: c["data"].update(max_chars_per_domain=-5), "max_chars_per_domain=-5 is invalid"),

@@ -428,3 +428,19 @@ def test_replay_state_keeps_labels_only_for_masked_rows():
     restored = Replay(buffer_size=6, ratio=0.5)
     restored.load_state_dict(state)
     assert restored.buffer == replay.buffer
+
+
+def test_a_method_states_the_task_adapters_it_needs_and_is_checked_before_the_model_loads(tmp_path):
+    """No method is special-cased by name: any method's `required_task_adapters` is checked up front."""
+    from crma_lightning.methods import ContinualMethod
+    from crma_lightning.module import ContinualLM
+
+    class PerTaskOnly(ContinualMethod):
+        name = "per_task_only"
+        required_task_adapters = "per_task"
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError, match=r"method per_task_only needs task_adapters='per_task' .*got 'shared'"):
+        ContinualLM(model_name_or_path=missing, adapter="lora", task_adapters="shared", method=PerTaskOnly())
+    with pytest.raises(ValueError, match=r"method olora needs task_adapters='per_task' .*got 'shared'"):
+        ContinualLM(model_name_or_path=missing, adapter="lora", task_adapters="shared", method=OLoRA())

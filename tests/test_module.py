@@ -300,3 +300,58 @@ def test_load_from_checkpoint_rebuilds_the_method_from_its_hyperparameters(tmp_p
     restored = ContinualLM.load_from_checkpoint(path, weights_only=True)
     assert isinstance(restored.method, EWC) and restored.method.config() == m.method.config()
     assert restored.hparams["method"] == {"name": "ewc", "lam": 5.0, "fisher_samples": 3, "online": True, "gamma": 1.0}
+
+
+def test_adapter_type_is_checked_before_the_base_model_loads(tmp_path):
+    """A typo in `adapter` must not cost a base-model load (minutes for a 7B) before it is reported."""
+    with pytest.raises(ValueError, match=r"adapter='crmaa' is not supported: expected one of \['lora', 'crma'\]"):
+        ContinualLM(model_name_or_path=str(tmp_path / "no-such-model"), adapter="crmaa")
+
+
+def test_resume_and_adapter_files_check_the_same_crma_settings(tmp_path):
+    from crma_lightning.adapters import CRMAConfig
+    from crma_lightning.adapters.serialization import read_crma_settings
+    from crma_lightning.compatibility import model_identity_differences
+    from crma_lightning.parallel.export import export_adapters
+
+    m = make(adapter="crma", crma={"g_max": 0.2, "sinkhorn_iters": 7})
+    assert (
+        m.identity()["crma"]
+        == m.crma_config.identity()
+        == {
+            "form": "write",
+            "norm": "spectral",
+            "n_streams": 4,
+            "stream_rank": 4,
+            "g_max": 0.2,
+        }
+    )
+    assert make(adapter="lora").crma_config is None and make(adapter="lora").identity()["crma"] is None
+    # A checkpoint whose identity recorded every CRMA field (older runs) still resumes; a changed
+    # solver setting is not a difference for either check, a changed g_max is for both.
+    old_style = {**m.identity(), "crma": {**vars(CRMAConfig(g_max=0.2)), "sinkhorn_iters": 9}}
+    assert model_identity_differences(old_style, m.identity()) == []
+    other = make(adapter="crma", crma={"g_max": 0.3})
+    assert model_identity_differences(m.identity(), other.identity()) == [
+        "crma: checkpoint {'form': 'write', 'norm': 'spectral', 'n_streams': 4, 'stream_rank': 4, 'g_max': 0.2} "
+        "vs now {'form': 'write', 'norm': 'spectral', 'n_streams': 4, 'stream_rank': 4, 'g_max': 0.3}"
+    ]
+    # Every adapter-file writer records the CRMA settings (the sharding-aware export included).
+    path = export_adapters(m.model, tmp_path / "a.safetensors", metadata={"stage": 1})
+    assert read_crma_settings(path) == {"version": 2, **vars(m.crma_config)}
+
+
+def test_the_batch_and_the_per_row_token_loss_are_one_definition():
+    from crma_lightning.losses import row_token_losses
+    from crma_lightning.methods.base import lm_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 9, 11), torch.randint(0, 11, (3, 9))
+    labels[0, :4] = -100
+    labels[2, 6:] = -100
+    total, count = ContinualLM.token_losses(logits, labels)
+    rows, counts = row_token_losses(logits, labels)
+    assert torch.allclose(rows.sum(), total) and int(counts.sum()) == int(count) == 3 * 8 - 3 - 3
+    m = make(adapter="lora")
+    batch = batches(1)[0]
+    assert torch.equal(lm_loss(m, batch), m.compute_loss(batch, m(batch["input_ids"], batch["attention_mask"])))

@@ -7,9 +7,11 @@ decoder layer. Nothing in this package imports Lightning.
 from crma_lightning.adapters.crma import CRMAAdapter, CRMABlock, CRMAConfig, sinkhorn
 from crma_lightning.adapters.inject import (
     ADAPTER_TYPES,
+    AdapterType,
     AttachedAdapters,
     adapter_parameter_names,
     attach_adapters,
+    check_adapter_type,
     crma_adapters,
     detach_adapters,
     find_decoder_layers,
@@ -42,6 +44,7 @@ from crma_lightning.adapters.switching import (
 
 __all__ = [
     "ADAPTER_TYPES",
+    "AdapterType",
     "AttachedAdapters",
     "CRMAAdapter",
     "CRMABlock",
@@ -54,6 +57,7 @@ __all__ = [
     "add_lora_adapter",
     "attach_adapters",
     "check_adapter_name",
+    "check_adapter_type",
     "crma_adapters",
     "delete_lora_adapter",
     "detach_adapters",

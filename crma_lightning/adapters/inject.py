@@ -13,6 +13,7 @@ import re
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -21,7 +22,15 @@ from crma_lightning.adapters.crma import CRMAAdapter, CRMABlock, CRMAConfig
 from crma_lightning.adapters.crma_batch import clear_step_factors, precompute_step_factors
 from crma_lightning.adapters.lora import LINEAR_TYPES, LoRAConfig, LoRALinear, check_adapter_name
 
-ADAPTER_TYPES = ("lora", "crma")
+AdapterType = Literal["lora", "crma"]
+"""What is attached: LoRA on the target linears, or LoRA plus CRMA after every decoder block."""
+ADAPTER_TYPES: tuple[str, ...] = get_args(AdapterType)
+
+
+def check_adapter_type(adapter: str) -> None:
+    """``ValueError`` naming ``adapter`` and the choices unless it is one of :data:`ADAPTER_TYPES`."""
+    if adapter not in ADAPTER_TYPES:
+        raise ValueError(f"adapter={adapter!r} is not supported: expected one of {list(ADAPTER_TYPES)}")
 
 
 @dataclass
@@ -231,8 +240,7 @@ def attach_adapters(
         ValueError: Bad adapter type, name, LoRA/CRMA hyper-parameter or target pattern; or the model
             already has adapters. The model is unchanged.
     """
-    if adapter not in ADAPTER_TYPES:
-        raise ValueError(f"adapter={adapter!r} is not supported: expected one of {list(ADAPTER_TYPES)}")
+    check_adapter_type(adapter)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     lora = lora or LoRAConfig()

@@ -105,7 +105,8 @@ def write_adapter_file(
     tensors: dict[str, torch.Tensor],
     path: str | os.PathLike,
     metadata: dict | None = None,
-    crma: CRMAConfig | None = None,
+    *,
+    crma: CRMAConfig | None,
 ) -> Path:
     """The one writer of adapter files: ``tensors`` (full, by parameter name) as safetensors, atomically.
 
@@ -117,7 +118,8 @@ def write_adapter_file(
         path: Destination ``.safetensors`` file.
         metadata: User metadata, stored as JSON under :data:`METADATA_KEY`.
         crma: The CRMA config the tensors were trained with (:func:`crma_config_of`), stored as JSON under
-            :data:`CRMA_METADATA_KEY`; pass it whenever the tensors include CRMA adapters.
+            :data:`CRMA_METADATA_KEY`; ``None`` only for a model without CRMA. Required, so that no writer
+            leaves a CRMA file without the settings :func:`load_adapters` checks.
     """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", METADATA_KEY: json.dumps(metadata or {}, default=str)}

@@ -1,9 +1,10 @@
 """Callbacks a ``ContinualLM`` attaches to every trainer itself (``configure_callbacks``).
 
 They hold behaviour a user must not lose by overriding a module hook without calling ``super()``:
-skipping non-finite optimizer steps, and restoring the training task's adapter after a validation
-that switched adapters per domain. Lightning appends a module's own callbacks after the trainer's,
-so both run after ``GradientStability`` and ``ZClip``.
+skipping non-finite optimizer steps, restoring the training task's adapter after a validation that
+switched adapters per domain, and following the data module's stage in a plain ``trainer.fit`` loop.
+Lightning appends a module's own callbacks after the trainer's, so they run after
+``GradientStability`` and ``ZClip``.
 """
 
 from __future__ import annotations
@@ -47,3 +48,38 @@ class RestoreTrainingAdapter(L.Callback):
         task = getattr(pl_module, "current_task", None)
         if task is not None:
             pl_module.activate_task(task)
+
+
+class FollowDataModuleStage(L.Callback):
+    """The plain-Lightning path: ``dm.set_stage(i)`` then ``trainer.fit(model, datamodule=dm)`` trains task ``i``.
+
+    At the start of a ``fit`` whose data module names a current domain (``SequentialDomainDataModule``:
+    ``domain_names``, ``current_domain``) that is not the module's current task, the module registers
+    every domain's adapter (``prepare_tasks``) and begins that task, before the optimizer is built; when
+    the ``fit`` finishes it ends the task (the method's ``on_task_end``, e.g. EWC's Fisher, with the
+    stage's batches). A stage driver that already began the task (:class:`~crma_lightning.runner.ContinualRunner`)
+    is left alone: nothing happens then, and it ends the task itself.
+    """
+
+    def __init__(self) -> None:
+        self._began: tuple[int, str] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._began = None
+        datamodule = getattr(trainer, "datamodule", None)
+        if stage != "fit" or not hasattr(datamodule, "current_domain") or not hasattr(pl_module, "begin_task"):
+            return
+        task = datamodule.current_domain
+        if pl_module.current_task == task:
+            return  # begun by the caller (the stage driver, or begin_task by hand)
+        if set(datamodule.domain_names) - set(pl_module.tasks):
+            pl_module.prepare_tasks(list(datamodule.domain_names))
+        pl_module.begin_task(task)
+        self._began = (datamodule.stage, task)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._began is None or trainer.interrupted:
+            return
+        (stage, task), self._began = self._began, None
+        datamodule = trainer.datamodule
+        pl_module.end_task(task, train_batches=datamodule.fisher_batches(stage), train_rows=datamodule.train_sets[task])

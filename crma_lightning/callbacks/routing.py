@@ -4,7 +4,7 @@ The oracle evaluation (:class:`~crma_lightning.callbacks.evaluation.DomainEvalua
 with domain ``j``'s adapter: it is told each example's task. With ``mode: perplexity`` this callback
 also routes every held-out sequence of the evaluations that fill the loss matrix: the first ``P``
 tokens (``prefix_tokens``) are scored under each adapter trained so far, the lowest loss picks the
-adapter, and the rest of the sequence is scored with it (:func:`crma_lightning.methods.route_batch`).
+adapter, and the rest of the sequence is scored with it (:func:`crma_lightning.routing.route_batch`).
 It runs after the module's ``validation_step`` on the same batch, so the oracle numbers are untouched.
 
 Per matrix row ``s`` and domain ``j`` it records the routed loss ``L~[s][j]``, the oracle loss on the
@@ -24,7 +24,7 @@ import torch
 
 from crma_lightning import _compat, metrics
 from crma_lightning.callbacks.stages import log_to_loggers
-from crma_lightning.methods.routing import (
+from crma_lightning.routing import (
     DEFAULT_PREFIX_TOKENS,
     NONE,
     ORACLE,

@@ -4,6 +4,10 @@
 subcommand, write ``cli/<name>.py`` with a ``run_<name>(args)`` function and register it in
 :data:`COMMANDS`; errors are turned into exit codes here, the same way for every subcommand.
 
+Quiet by default: Lightning's tips, its "Seed set to N" and "`Trainer.fit` stopped" lines and
+transformers' loading/writing progress bars are left out, and the model summary is one line of
+parameter counts. ``CRMA_VERBOSE=1`` shows everything the libraries print.
+
 Exit codes: 0 done, 1 the run failed, 2 bad configuration or input, or an environment problem (full
 disk, unwritable directory, missing model, offline hub): one line naming the key or path, no traceback
 (set ``CRMA_DEBUG=1`` for the traceback); 3 every stage ran but a held-out loss is NaN/inf; 128 +
@@ -77,6 +81,9 @@ def run_with_exit_codes(command: Callable[[list[str]], Any], args: list[str]) ->
 
     _compat.silence_known_library_warnings()
     _log_to_stdout()
+    from crma_lightning.stage_trainers import verbose
+
+    _library_verbosity(verbose())
     try:
         command(args)
     except RunInterrupted as err:
@@ -119,6 +126,36 @@ def _log_to_stdout() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+class _DropNoise(logging.Filter):
+    """Drops info lines of Lightning's that say nothing about this run (the same on every command)."""
+
+    NOISE = ("Seed set to ", "💡 Tip", "litlogger", "`Trainer.fit` stopped: `max_steps=")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not any(n in record.getMessage() for n in self.NOISE)
+
+
+def _library_verbosity(verbose: bool) -> None:
+    """Quiet (the default): filter Lightning's noise lines, no transformers progress bars. Verbose: all of it."""
+    from transformers.utils import logging as transformers_logging
+
+    names = (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+    )
+    for name in names:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _DropNoise)]:
+            logger.removeFilter(old)
+        if not verbose:
+            logger.addFilter(_DropNoise())
+    if verbose:
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
 
 
 ENVIRONMENT_ERRNOS = frozenset(

@@ -10,6 +10,7 @@ callbacks and run settings into a :class:`~crma_lightning.runner.ContinualRunner
 
 from __future__ import annotations
 
+import re
 from argparse import ArgumentError
 from dataclasses import dataclass
 from itertools import pairwise
@@ -78,6 +79,16 @@ class CRMALightningCLI(LightningCLI):
             run=False,
             **kwargs,
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's parsing; a ``class_path`` that does not import becomes one line saying how to fix it."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            hint = import_hint(str(err))
+            if hint is None:
+                raise
+            raise ValueError(hint) from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunConfig, "run")
@@ -173,6 +184,43 @@ def check_config_files(args: list[str]) -> None:
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ValueError(f"config file {path} is not valid YAML:{where}: {problem}") from None
+
+
+_CLASS_PATH_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\s*([^\n]*)")
+
+
+def import_hint(message: str) -> str | None:
+    """For the parser's "Problem with given class_path" error: what is not importable and how to fix it, on one line.
+
+    ``None`` for any other error. A subclass of ``ContinualLM`` (or a method, optimizer, ...) named by
+    ``class_path`` must be importable by the process that reads the configuration - ``fit``, and later
+    ``evaluate``/``generate``/``export`` on the run directory.
+    """
+    matches = list(_CLASS_PATH_PROBLEM.finditer(message))
+    if not matches:
+        return None
+    match = matches[-1]  # the innermost: a method's class_path inside the model's reports through both
+    path, problem = match.group(1), match.group(2).strip()
+    module = path.rpartition(".")[0]
+    missing = re.search(r"No module named '([^']+)'", problem)
+    if not missing and "has no attribute" not in problem and "cannot import name" not in problem:
+        return None  # the class imported; the problem is one of its arguments
+    if module == "__main__":
+        return (
+            f"class_path {path!r} was defined in a script (__main__), which no other process can import: "
+            "move the class into a module and set PYTHONPATH to its directory, or install your package"
+        )
+    if missing and (module == missing.group(1) or module.startswith(missing.group(1) + ".")):
+        return (
+            f"class_path {path!r} is not importable (no module named {missing.group(1)!r}): set PYTHONPATH to "
+            "the directory that holds it, or install your package (pip install -e .)"
+        )
+    if missing:
+        return f"class_path {path!r}: its module imports {missing.group(1)!r}, which is not installed ({problem})"
+    return (
+        f"class_path {path!r} is not importable ({problem}): check the name, and set PYTHONPATH to the directory "
+        "that holds the module or install your package"
+    )
 
 
 def parser_message(message: str) -> str:

@@ -14,18 +14,6 @@ from crma_lightning.methods.base import ContinualMethod
 from crma_lightning.methods.ewc import EWC, fisher_diagonal
 from crma_lightning.methods.olora import OLoRA, orthogonality_penalty
 from crma_lightning.methods.replay import Replay, ReplayDataset, ReplaySampler, replay_indices
-from crma_lightning.methods.routing import (
-    DEFAULT_PREFIX_TOKENS,
-    NONE,
-    ORACLE,
-    PERPLEXITY,
-    ROUTING_MODES,
-    RoutedBatch,
-    route_batch,
-    routing_accuracy,
-    scored_labels,
-    validate_routing,
-)
 
 METHODS: dict[str, type[ContinualMethod]] = {"none": ContinualMethod, "replay": Replay, "ewc": EWC, "olora": OLoRA}
 
@@ -47,25 +35,15 @@ def build_method(name: str, **kwargs: Any) -> ContinualMethod:
 
 
 __all__ = [
-    "DEFAULT_PREFIX_TOKENS",
     "EWC",
     "METHODS",
-    "NONE",
-    "ORACLE",
-    "PERPLEXITY",
-    "ROUTING_MODES",
     "ContinualMethod",
     "OLoRA",
     "Replay",
     "ReplayDataset",
     "ReplaySampler",
-    "RoutedBatch",
     "build_method",
     "fisher_diagonal",
     "orthogonality_penalty",
     "replay_indices",
-    "route_batch",
-    "routing_accuracy",
-    "scored_labels",
-    "validate_routing",
 ]

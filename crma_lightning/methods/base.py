@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from crma_lightning.losses import token_losses
 
 Batch = dict[str, Any]
 """A collated batch: ``input_ids``/``attention_mask``/``labels`` ``(B, T)`` (labels -100 not scored), ``domain``."""
@@ -41,6 +42,16 @@ class ContinualMethod:
     """
 
     name: str = "none"
+    required_task_adapters: str | None = None
+    """The ``task_adapters`` mode the method needs (``"per_task"``: one LoRA per task), ``None`` for either;
+    checked by :meth:`check_task_adapters` when the module is built, before any model loads."""
+
+    def check_task_adapters(self, mode: str) -> None:
+        """Raise ``ValueError`` when the method cannot run with ``task_adapters=mode``."""
+        needed = self.required_task_adapters
+        if needed is not None and mode != needed:
+            what = " (one LoRA per task)" if needed == "per_task" else ""
+            raise ValueError(f"method {self.name} needs task_adapters={needed!r}{what}, got {mode!r}")
 
     def setup(self, module: nn.Module) -> None:
         """Called once before the first stage; check that the module suits the method here."""
@@ -159,44 +170,6 @@ def lm_loss(module: nn.Module, batch: Batch) -> torch.Tensor:
     logits = getattr(out, "logits", out)  # a ContinualLM returns logits, a transformers model an output object
     total, count = token_losses(logits, batch["labels"].to(logits.device))
     return total / count.clamp_min(1)
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and target-token count (the same as ``ContinualLM.token_losses``)."""
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return total, (shift_labels != -100).sum()
-
-
-def check_number(
-    name: str,
-    value: Any,
-    low: float,
-    high: float | None = None,
-    *,
-    integer: bool = False,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``low (<|<=) value (<|<=) high``."""
-    is_number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    ok = is_number and (value > low if low_open else value >= low)
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        lo = f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f" and {'<' if high_open else '<='} {high}"
-        raise ValueError(f"{name}={value!r} is invalid: expected {kind} {lo}{hi}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming ``name``, ``value`` and the valid choices unless ``value in choices``."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is invalid: expected one of {list(choices)}")
 
 
 LossFn = Callable[[Batch], torch.Tensor]

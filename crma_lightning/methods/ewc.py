@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from crma_lightning.checks import check_number
 from crma_lightning.methods.base import (
     Batch,
     ContinualMethod,
-    check_number,
     lm_loss,
     named_parameters,
     trainable_named_parameters,

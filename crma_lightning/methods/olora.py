@@ -25,7 +25,8 @@ from torch import nn
 
 from crma_lightning.adapters.inject import lora_adapter_names, lora_layers
 from crma_lightning.adapters.switching import set_active_adapters, set_adapter_trainable
-from crma_lightning.methods.base import Batch, ContinualMethod, adapter_name, check_number, inner_model
+from crma_lightning.checks import check_number
+from crma_lightning.methods.base import Batch, ContinualMethod, adapter_name, inner_model
 
 
 def orthogonality_penalty(earlier: Sequence[torch.Tensor], current: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,7 @@ class OLoRA(ContinualMethod):
     """
 
     name = "olora"
+    required_task_adapters = "per_task"
 
     def __init__(self, lam: float = 0.5) -> None:
         check_number("olora lam", lam, 0.0)
@@ -56,9 +58,7 @@ class OLoRA(ContinualMethod):
         return {"lam": self.lam}
 
     def setup(self, module: nn.Module) -> None:
-        mode = getattr(module, "task_adapters", "per_task")
-        if mode != "per_task":
-            raise ValueError(f"method olora needs task_adapters='per_task' (one LoRA per task), got {mode!r}")
+        self.check_task_adapters(getattr(module, "task_adapters", "per_task"))
         if not any(True for _ in lora_layers(inner_model(module))):
             raise ValueError("method olora needs LoRA layers; the model has none")
 

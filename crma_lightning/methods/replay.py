@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from crma_lightning.methods.base import Batch, ContinualMethod, check_choice, check_number
+from crma_lightning.checks import check_choice, check_number
+from crma_lightning.methods.base import Batch, ContinualMethod
 from crma_lightning.sampling import GlobalBatchSampler
 
 SELECTIONS = ("reservoir", "per_domain")

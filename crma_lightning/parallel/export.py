@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from crma_lightning.adapters import adapter_state_dict
-from crma_lightning.adapters.serialization import write_adapter_file
+from crma_lightning.adapters.serialization import crma_config_of, write_adapter_file
 from crma_lightning.parallel.dist import has_dtensors
 from crma_lightning.parallel.fsdp1 import fsdp1_gather_params, has_fsdp1_modules
 from crma_lightning.parallel.gather import clean_parameter_name, gather_full_state
@@ -29,5 +29,5 @@ def export_adapters(
     else:
         tensors = adapter_state_dict(model)
     if write:
-        write_adapter_file(tensors, path, metadata)
+        write_adapter_file(tensors, path, metadata, crma=crma_config_of(model))
     return Path(path)

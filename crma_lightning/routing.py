@@ -1,5 +1,8 @@
 """Task-agnostic evaluation: pick each held-out sequence's adapter without being told its domain (docs/method.md).
 
+An evaluation policy, not a continual-learning method: the ``routing:`` callback
+(:mod:`crma_lightning.callbacks.routing`) and ``generate --routing`` (:mod:`crma_lightning.generation`) use it.
+
 ``evaluation.routing`` modes:
 
 * ``oracle`` - domain ``j`` is evaluated with domain ``j``'s adapter (task identity given; the default).
@@ -21,9 +24,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from crma_lightning.methods.base import check_choice, check_number
+from crma_lightning.checks import check_choice, check_number
+from crma_lightning.losses import row_token_losses
 
 ORACLE = "oracle"
 PERPLEXITY = "perplexity"
@@ -65,14 +68,6 @@ def scored_labels(labels: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
     out = labels.clone()
     out[:, :prefix_tokens] = -100
     return out
-
-
-def row_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed next-token cross-entropy ``(B,)`` and per-row target counts ``(B,)`` (-100 ignored)."""
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
-    losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-    return losses.sum(dim=1), (shift_labels != -100).sum(dim=1)  # (B,), (B,)
 
 
 @torch.no_grad()
