@@ -7,9 +7,56 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from crma_lightning.methods.routing import row_token_losses
+
+
+class StopOnStrings(StoppingCriteria):
+    """Per row: done once the text generated after the prompt holds one of ``stop`` (decoded as it grows)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_len: int, stop: list[str]) -> None:
+        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, list(stop)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        done = [any(s in t for s in self.stop) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    device: torch.device,
+    stop: list[str] | None = None,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Continue each prompt (token ids) with ``model.generate`` in one left-padded batch; returns the new text.
+
+    Greedy unless ``generate_kwargs`` say otherwise. ``stop``: a row stops once its new text holds one of
+    these strings (the text is returned whole; cut it with ``task_metrics.cut_at_stop``). The caller
+    activates the adapter. ``max_new_tokens`` defaults to 32, ``pad_token_id`` to the tokenizer's (or
+    EOS). The model's train/eval mode is restored whatever happens.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompt_ids)
+    # Left padding: every row's next token follows its last prompt token.
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], dtype=torch.long, device=device)
+    generate_kwargs.setdefault("max_new_tokens", 32)
+    generate_kwargs.setdefault("pad_token_id", pad)
+    generate_kwargs.setdefault("do_sample", False)
+    if stop:
+        generate_kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, width, stop)])
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
+        return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -23,22 +70,10 @@ def generate_text(
     """Continue each prompt with ``model.generate`` (eval mode, left padding); returns only the new text.
 
     The caller activates the adapter. ``generate_kwargs`` are ``transformers``' (``max_new_tokens``
-    defaults to 32, ``pad_token_id`` to the tokenizer's). The model's train/eval mode and the
-    tokenizer's padding side are restored whatever happens.
+    defaults to 32, ``pad_token_id`` to the tokenizer's). See :func:`generate_from_ids`.
     """
-    was_training = model.training
-    side = tokenizer.padding_side
-    model.eval()
-    try:
-        tokenizer.padding_side = "left"  # generation continues after the last token of every row
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        generate_kwargs.setdefault("max_new_tokens", 32)
-        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        out = model.generate(**enc, **generate_kwargs)
-        return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return generate_from_ids(model, tokenizer, ids, device, **generate_kwargs)
 
 
 @torch.no_grad()
