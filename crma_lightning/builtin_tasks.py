@@ -30,6 +30,14 @@ def _lcg(seed: int):
         yield state >> 33
 
 
+def _fnv1a(text: str) -> int:
+    """32-bit FNV-1a hash of ``text`` (stable everywhere, unlike ``hash()``, which is salted per process)."""
+    h = 0x811C9DC5
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
 def words(seed: int, count: int, min_len: int = 3, max_len: int = 5) -> list[str]:
     """``count`` words over :data:`ALPHABET`, lengths in ``[min_len, max_len]``, from the LCG seeded with ``seed``."""
     stream = _lcg(seed)
@@ -45,6 +53,7 @@ def _shift(word: str) -> str:
 
 
 TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "copy": ("copy", lambda w: w),
     "first": ("first letter of", lambda w: w[0]),
     "last": ("last letter of", lambda w: w[-1]),
     "length": ("length of", lambda w: str(len(w))),
@@ -60,6 +69,6 @@ def task_rows(task: str, count: int, seed: int = 0) -> dict[str, list[str]]:
     if task not in TASKS:
         raise ValueError(f"unknown built-in task {task!r}: expected one of {sorted(TASKS)}")
     instruction, answer = TASKS[task]
-    # Each task its own stream: adding a task never changes another's rows.
-    ws = words(seed * 1000 + sorted(TASKS).index(task) + 1, count)
+    # Each task its own stream, seeded by its name: adding a task never changes another's rows.
+    ws = words(_fnv1a(task) + seed, count)
     return {"prompt": [f"{instruction} {w}\n= " for w in ws], "response": [f"{answer(w)}\n" for w in ws]}
