@@ -358,6 +358,14 @@ def _routing_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     m = routing.get("metrics_routed", {})
     lines += ["", f"- routed mean drift: **{_fmt(m.get('drift_mean'), 2, '%')}**; routed BWT: {_fmt(m.get('bwt'))}"]
+    scores = routing.get("score_matrix_routed")
+    if scores:
+        s = routing.get("score_metrics_routed", {})
+        final = ", ".join(f"{d} {_fmt(v, 3)}" for d, v in zip(domains, scores[-1], strict=True))
+        lines.append(
+            f"- routed task scores after the last stage: {final}; routed AP: **{_fmt(s.get('ap'), 3)}**, "
+            f"routed BWT_score: {_fmt(s.get('bwt_score'), 3)}"
+        )
     return lines
 
 

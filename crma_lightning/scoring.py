@@ -14,6 +14,7 @@ caller sums the returned pairs over ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.domains import SCORED_COLUMN, SEGMENTS_COLUMN
 from crma_lightning.generation import generate_from_ids
+from crma_lightning.methods.routing import row_token_losses
 from crma_lightning.parallel.dist import distributed_ready
 from crma_lightning.task_metrics import TaskMetric, cut_at_stop, row_scores
 
@@ -52,7 +54,7 @@ def score_rows(
     return rows
 
 
-def _shard(rows: list[dict[str, Any]], world: int, rank: int, batch_size: int) -> tuple[list[dict], list[bool]]:
+def shard_rows(rows: list[dict[str, Any]], world: int, rank: int, batch_size: int) -> tuple[list[dict], list[bool]]:
     """This rank's rows, padded to the same number of batches on every rank; and which rows count."""
     mine = rows[rank::world]
     longest = len(rows[0::world])
@@ -118,8 +120,57 @@ def domain_score_sums(
     rank: int = 0,
 ) -> tuple[float, int]:
     """(sum of row scores, rows scored) of this rank's shard, with the currently active adapter."""
-    mine, counts = _shard(rows, world, rank, batch_size)
+    mine, counts = shard_rows(rows, world, rank, batch_size)
     # Ranks step generation together only in a real process group (a simulated shard has none).
     preds = predictions(model, tokenizer, metric, mine, device, batch_size, synced=world > 1 and distributed_ready())
     scores = row_scores(metric, preds, [r["reference"] for r in mine])
+    return float(sum(s for s, c in zip(scores, counts) if c)), sum(counts)
+
+
+@torch.no_grad()
+def prompt_losses(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], device: torch.device, batch_size: int
+) -> torch.Tensor:
+    """Mean next-token loss of each row's prompt ``(N,)`` with the active adapter (0 for a 1-token prompt)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(rows), batch_size):
+        prompts = [r["prompt_ids"] for r in rows[i : i + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=device)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=device)
+        labels = ids.masked_fill(mask == 0, -100)
+        total, count = row_token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+        out.append(total / count.clamp_min(1))
+    return torch.cat(out).cpu()
+
+
+def routed_score_sums(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    metric: TaskMetric,
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    batch_size: int,
+    candidates: dict[str, Callable[[], None]],
+    world: int = 1,
+    rank: int = 0,
+) -> tuple[float, int]:
+    """:func:`domain_score_sums` with each prompt answered by the adapter chosen by perplexity routing.
+
+    The chosen adapter is the candidate under which the whole prompt has the lowest mean loss. Every
+    candidate answers every row of the shard and the routed one's answer is kept: the same forwards on
+    every rank whatever the routing chose (sharded models need that), at the price of one generation
+    per candidate.
+    """
+    mine, counts = shard_rows(rows, world, rank, batch_size)
+    synced = world > 1 and distributed_ready()
+    losses, answers = [], []
+    for activate in candidates.values():
+        activate()
+        losses.append(prompt_losses(model, tokenizer, mine, device, batch_size))
+        answers.append(predictions(model, tokenizer, metric, mine, device, batch_size, synced=synced))
+    choice = torch.stack(losses).argmin(dim=0).tolist()
+    routed = [answers[k][i] for i, k in enumerate(choice)]
+    scores = row_scores(metric, routed, [r["reference"] for r in mine])
     return float(sum(s for s, c in zip(scores, counts) if c)), sum(counts)

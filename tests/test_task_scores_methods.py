@@ -61,7 +61,8 @@ def test_every_arrangement_and_method_fills_the_score_matrix(tmp_path, adapter, 
         assert values[2][0] == values[1][0]  # FROZEN: task 1's adapter is untouched by stage 2
 
 
-def test_scores_with_perplexity_routing_on_are_the_oracle_ones(tmp_path):
+@pytest.mark.parametrize("task_adapters", ["shared", "per_task"])
+def test_perplexity_routing_adds_routed_scores_and_leaves_the_oracle_ones(tmp_path, task_adapters):
     plain = ContinualRunner(run_dir=tmp_path / "a", trainer_kwargs=dict(TRAINER), resume="never")
     routed = ContinualRunner(
         run_dir=tmp_path / "b",
@@ -69,9 +70,15 @@ def test_scores_with_perplexity_routing_on_are_the_oracle_ones(tmp_path):
         resume="never",
         callbacks=[RoutedEvaluation(mode="perplexity", prefix_tokens=8)],
     )
-    a = plain.run(_model("lora", "per_task"), _data())
-    b = routed.run(_model("lora", "per_task"), _data())
+    a = plain.run(_model("lora", task_adapters), _data())
+    b = routed.run(_model("lora", task_adapters), _data())
     assert _complete(a) == _complete(b)
+    routed_scores = b["routing"]["score_matrix_routed"]
+    assert len(routed_scores) == 3 and None not in routed_scores[2]
+    assert b["routing"]["score_metrics_routed"]["ap"] is not None
+    if task_adapters == "shared":  # one candidate adapter: routing has nothing to choose
+        assert routed_scores[1:] == _complete(b)[1:]
+    assert "routed AP" in (tmp_path / "b" / "report.md").read_text()
 
 
 class _Crash(L.Callback):
