@@ -53,10 +53,44 @@ def generate_from_ids(
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
+        if _is_fsdp1_root(model):  # its `generate` is the inner model's, which skips the root's unsharding
+            out = _greedy_through_forward(model, ids, mask, generate_kwargs, tokenizer.eos_token_id)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
         return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     finally:
         model.train(was_training)
+
+
+def _is_fsdp1_root(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def _greedy_through_forward(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any], eos: int | None
+) -> torch.Tensor:
+    """Greedy decoding by full forwards of ``model`` itself (no KV cache): for wrappers such as an FSDP1 root.
+
+    Exactly ``max_new_tokens`` steps on every process (sharded forwards must match across ranks; the
+    caller cuts the text at its stop strings). Left padding is handled with explicit position ids, as
+    ``generate`` does. Rows that produced EOS continue with padding (dropped when decoding).
+    """
+    if kwargs.get("do_sample"):
+        raise ValueError("sampling is not supported for an FSDP1-wrapped model; generate greedily")
+    pad = kwargs["pad_token_id"]
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(kwargs["max_new_tokens"]):
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        token = logits[:, -1].argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        if eos is not None:
+            done |= token == eos
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # what follows EOS is discarded anyway
+    return ids
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Task scores under several processes, for ``tests/test_task_scores_dist.py`` (run as a script, never under pytest).
 
     python tests/dist_scores_job.py fsdp2 OUT_DIR     # FSDP2, 2 CPU processes
+    python tests/dist_scores_job.py fsdp1 OUT_DIR     # FSDP1, 2 CPU processes
     python tests/dist_scores_job.py ddp OUT_DIR       # DDP, 2 CPU processes
 
 A 2-stage CRMA + per-task LoRA run on two built-in tasks, 5 held-out rows each in batches of 2 (2 ranks: 3

@@ -72,6 +72,21 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
     assert generate_from_ids(model, tok, prompts, torch.device("cpu"), max_new_tokens=6) == batched  # greedy
 
 
+def test_greedy_decoding_through_forward_equals_generate():
+    # The path taken for an FSDP1 root, whose `generate` would skip the root's unsharding.
+    from crma_lightning.generation import _greedy_through_forward
+
+    model, tok = tiny_llama(vocab_size=259), byte_tokenizer()
+    prompts = [list(b"ab"), list(b"hello there"), list(b"xyz q")]
+    expected = generate_from_ids(model, tok, prompts, torch.device("cpu"), max_new_tokens=6)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[256] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = _greedy_through_forward(model, ids, mask, {"max_new_tokens": 6, "pad_token_id": 256}, tok.eos_token_id)
+    assert tok.batch_decode(out[:, width:], skip_special_tokens=True) == expected
+
+
 def test_stop_strings_end_generation_and_cut_the_prediction():
     model, tok = tiny_llama(vocab_size=259), byte_tokenizer()
     free = generate_from_ids(model, tok, [list(b"abc")], torch.device("cpu"), max_new_tokens=12)[0]

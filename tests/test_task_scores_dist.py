@@ -1,4 +1,4 @@
-"""Task scores on 2 CPU processes (DDP, FSDP2) equal the single-process ones (each rank scores a shard)."""
+"""Task scores on 2 CPU processes (DDP, FSDP2, FSDP1) equal the single-process ones (each rank scores a shard)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
 def test_two_process_scores_equal_one_process(tmp_path, single, strategy, monkeypatch):
     import test_distributed
 
