@@ -55,6 +55,26 @@ def test_score_rows_carry_the_training_prompt_ids_and_the_reference():
     assert rows[0]["reference"] == text.split()[3][0]  # the word's first letter, without the "\n"
 
 
+def test_chat_rows_are_scored_on_their_last_assistant_turn(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w.upper()}]}
+        for w in ("ab", "cd", "ef", "gh", "ij", "kl")
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    spec = {"name": "chat", "path": str(path), "holdout_path": str(path), "metric": {"name": "exact_match"}}
+    dm = SequentialDomainDataModule(domains=[spec], max_length=32, batch_size=2)
+    dm.prepare(byte_tokenizer())
+    first = dm.score_rows["chat"][0]
+    assert byte_tokenizer().decode(first["prompt_ids"]) == "<|user|>\nsay ab\n<|assistant|>\n"
+    assert first["reference"] == "AB"  # the assistant content, cut at the stop string "\n"
+
+
+def test_a_bad_metric_is_refused_when_the_domains_are_given():
+    with pytest.raises(ValueError, match=r"domain 'q': metric name='bleu' is unknown"):
+        SequentialDomainDataModule(domains=[{"name": "q", "builtin": "first", "metric": "bleu"}])
+
+
 def test_a_metric_on_plain_text_rows_is_refused_in_prepare():
     dm = SequentialDomainDataModule(
         domains=[{"name": "prose", "builtin": "prose", "metric": "exact_match"}], max_chars_per_domain=3000
