@@ -126,6 +126,8 @@ class SequentialDomainDataModule(L.LightningDataModule):
         self.holdout_tokens: dict[str, int] = {}
         self.dropped_rows: dict[str, dict[str, int]] = {}
         self.row_formats: dict[str, dict[str, Any]] = {}
+        self.task_metrics: dict[str, Any] = {}  # domain -> TaskMetric, for the domains that declare one
+        self.score_rows: dict[str, list[dict[str, Any]]] = {}  # domain -> held-out prompts and references
 
     # -------------------------------------------------------------- domains and stages
     @property
@@ -197,6 +199,8 @@ class SequentialDomainDataModule(L.LightningDataModule):
         holdout_tokens: dict[str, int] = {}
         dropped: dict[str, dict[str, int]] = {}
         formats: dict[str, dict[str, Any]] = {}
+        task_metrics: dict[str, Any] = {}
+        scored_rows: dict[str, list[dict[str, Any]]] = {}
         for spec in self.specs:
             ready = prepare_domain(
                 spec,
@@ -212,8 +216,11 @@ class SequentialDomainDataModule(L.LightningDataModule):
             holdout_tokens[spec.name], formats[spec.name] = ready.holdout_tokens, ready.row_format
             if ready.dropped:
                 dropped[spec.name] = ready.dropped
+            if ready.metric is not None:
+                task_metrics[spec.name], scored_rows[spec.name] = ready.metric, ready.score_rows
         self.train_sets, self.eval_sets, self.dropped_rows = train_sets, eval_sets, dropped
         self.holdout_tokens, self.row_formats = holdout_tokens, formats
+        self.task_metrics, self.score_rows = task_metrics, scored_rows
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare(self._model_tokenizer())
@@ -406,6 +413,9 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 entry["holdout_rows"] = len(self.eval_sets[spec.name])
                 entry["holdout_tokens"] = self.holdout_tokens[spec.name]
                 entry["rows_sha256"] = rows_digest(self.train_sets[spec.name], self.eval_sets[spec.name])
+                if spec.name in self.task_metrics:  # the metric with its defaults filled in, and its rows
+                    entry["metric"] = self.task_metrics[spec.name].to_dict()
+                    entry["score_rows"] = len(self.score_rows[spec.name])
                 entry.update(formats)
             if spec.name in self.dropped_rows:
                 entry["dropped_rows"] = dict(self.dropped_rows[spec.name])

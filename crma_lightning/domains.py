@@ -38,6 +38,8 @@ import numpy as np
 from datasets import Dataset, load_dataset, load_from_disk
 
 from crma_lightning.builtin_domains import BUILTIN_DOMAINS, builtin_documents
+from crma_lightning.builtin_tasks import TASKS, task_rows
+from crma_lightning.task_metrics import as_task_metric
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 ROW_COLUMN = "__crma_row__"
@@ -58,7 +60,10 @@ class DomainSpec:
 
     Attributes:
         name: Unique name; used for the domain's adapter, log keys and report columns.
-        builtin: Name of a built-in demo domain (``prose``, ``code``, ``arithmetic``, ``unicode``).
+        builtin: Name of a built-in demo domain (``prose``, ``code``, ``arithmetic``, ``unicode``) or of a
+            built-in task (``first``, ``last``, ``length``, ``reverse``, ``shift``, ``sort``:
+            :mod:`crma_lightning.builtin_tasks`; prompt/response rows, ``exact_match`` unless ``metric`` says
+            otherwise, :data:`BUILTIN_TASK_ROWS` rows of which the first ``holdout_fraction`` are held out).
         path: Local file, glob or list of files; format from the extension unless ``format`` is set.
         hub: Dataset id on the Hugging Face Hub (``datasets.load_dataset(hub, hub_config, split=split)``).
         hub_config: Configuration name of the hub dataset.
@@ -81,6 +86,10 @@ class DomainSpec:
         holdout_fraction: Otherwise, this fraction of the training rows is held out (fixed seed).
         max_examples: Keep at most this many training rows (after the held-out split).
         max_steps: Optimizer steps for this domain's stage (overrides the trainer's ``max_steps``).
+        metric: Task metric scored by generation after every stage (prompt/response and chat rows): a
+            name (``exact_match``, ``accuracy``, ``rouge_l``, ``token_f1``, a registered one) or a mapping of
+            :class:`~crma_lightning.task_metrics.TaskMetric` fields (``normalize``, ``labels``,
+            ``label_mode``, ``max_new_tokens``, ``stop``, ``eval_rows``). ``None``: loss only.
     """
 
     name: str
@@ -101,6 +110,7 @@ class DomainSpec:
     holdout_fraction: float = 0.1
     max_examples: int | None = None
     max_steps: int | None = None
+    metric: str | dict[str, Any] | None = None
 
     def source(self) -> str:
         """Human-readable description of where the rows come from (for messages and the report)."""
@@ -111,12 +121,25 @@ class DomainSpec:
         return f"hub dataset {self.hub!r}" + (f" ({self.hub_config})" if self.hub_config else "")
 
 
+BUILTIN_TASK_ROWS = 2000
+"""Rows generated per built-in task (training and held-out together)."""
+
+
+def _task_defaults(spec: DomainSpec) -> DomainSpec:
+    """A built-in task's row format and metric, where the spec leaves them unset."""
+    if spec.builtin not in TASKS or spec.response_field:
+        return spec
+    from dataclasses import replace
+
+    return replace(spec, prompt_field="prompt", response_field="response", metric=spec.metric or "exact_match")
+
+
 def as_domain_spec(value: DomainSpec | str | dict) -> DomainSpec:
-    """Accept a :class:`DomainSpec`, a dict of its fields, or a built-in domain's name."""
+    """Accept a :class:`DomainSpec`, a dict of its fields, or a built-in domain's or task's name."""
     if isinstance(value, DomainSpec):
-        return value
+        return _task_defaults(value)
     if isinstance(value, str):
-        return DomainSpec(name=value, builtin=value)
+        return _task_defaults(DomainSpec(name=value, builtin=value))
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(DomainSpec.__dataclass_fields__))
         if unknown:
@@ -129,7 +152,7 @@ def as_domain_spec(value: DomainSpec | str | dict) -> DomainSpec:
         for key, given in value.items():
             if not _has_type(given, _FIELD_TYPES[key]):
                 raise ValueError(f"domain {value['name']!r}: {key}={given!r} is invalid: expected {_FIELD_TYPES[key]}")
-        return DomainSpec(**value)
+        return _task_defaults(DomainSpec(**value))
     raise ValueError(f"domain {value!r} is invalid: expected a built-in name, a mapping or a DomainSpec")
 
 
@@ -144,6 +167,10 @@ def _has_type(value: Any, hint: Any) -> bool:
         return any(_has_type(value, arg) for arg in args)
     if origin is list:
         return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is Any:
+        return True
     if hint is type(None):
         return value is None
     if hint is float:
@@ -178,10 +205,10 @@ def validate_domains(specs: Sequence[DomainSpec]) -> None:
             raise ValueError(
                 f"domain {spec.name!r} must have exactly one source among builtin/path/hub, got {sources or 'none'}"
             )
-        if spec.builtin and spec.builtin not in BUILTIN_DOMAINS:
+        if spec.builtin and spec.builtin not in BUILTIN_DOMAINS and spec.builtin not in TASKS:
             raise ValueError(
                 f"domain {spec.name!r}: unknown built-in domain {spec.builtin!r}; expected one of "
-                f"{sorted(BUILTIN_DOMAINS)}, or give a `path` or `hub` source"
+                f"{sorted(BUILTIN_DOMAINS)} or a built-in task among {sorted(TASKS)}, or give a `path` or `hub` source"
             )
         if spec.format and spec.format not in set(_FILE_BUILDERS.values()):
             raise ValueError(
@@ -204,6 +231,7 @@ def validate_domains(specs: Sequence[DomainSpec]) -> None:
                 "`prompt_field` (a column) or `template` (rendered over the row)"
                 + (", not both" if spec.prompt_field else "")
             )
+        as_task_metric(spec.metric, spec.name)
         for key in ("max_examples", "max_steps"):
             value = getattr(spec, key)
             if value is not None and value < 1:
@@ -332,6 +360,13 @@ def describe_row(spec: DomainSpec, part: str, row: int) -> str:
 
 def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> tuple[Dataset, Dataset]:
     """``(train, holdout)`` rows of one domain, before text extraction."""
+    if spec.builtin in TASKS:  # generated rows; the first ones held out (no shuffle: the LCG's order)
+        full = _numbered(Dataset.from_dict(task_rows(spec.builtin, BUILTIN_TASK_ROWS)))
+        n_hold = max(1, round(BUILTIN_TASK_ROWS * spec.holdout_fraction))
+        holdout, train = full.select(range(n_hold)), full.select(range(n_hold, len(full)))
+        if spec.max_examples is not None:
+            train = train.select(range(min(spec.max_examples, len(train))))
+        return train, holdout
     if spec.builtin:
         full = Dataset.from_dict({"text": builtin_documents(spec.builtin, max_chars)})
     elif spec.path:
@@ -361,7 +396,7 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
 
 
 # Fields added after checkpoints recorded sources: left out while at their defaults, so older runs resume.
-_LATER_FIELDS = {"prompt_field": None, "response_field": None, "messages_field": "messages"}
+_LATER_FIELDS = {"prompt_field": None, "response_field": None, "messages_field": "messages", "metric": None}
 
 
 def source_identity(spec: DomainSpec) -> dict[str, Any]:

@@ -80,10 +80,15 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def final_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """The run's outcome as HParams metrics (finite values only): forgetting, plasticity, stability, routing."""
+    """The run's outcome as HParams metrics (finite values only).
+
+    Forgetting, plasticity, stability, routing, and the task scores (AP, BWT_score, mean forgetting) when
+    domains have a metric.
+    """
     metrics = report.get("metrics") or {}
     run = (report.get("gradients") or {}).get("run") or {}
     routed = ((report.get("routing") or {}).get("metrics_routed")) or {}
+    scores = report.get("score_matrix") or {}
     candidates = {
         "hp/drift_mean": metrics.get("drift_mean"),
         "hp/base_relative_forgetting_mean": metrics.get("base_relative_forgetting_mean"),
@@ -92,6 +97,9 @@ def final_metrics(report: Mapping[str, Any]) -> dict[str, float]:
         "hp/grad_norm_cv": run.get("cv"),
         "hp/grad_norm_peak_over_median": run.get("peak_over_median"),
         "hp/drift_mean_routed": routed.get("drift_mean"),
+        "hp/ap": scores.get("ap"),
+        "hp/bwt_score": scores.get("bwt_score"),
+        "hp/forgetting_mean": scores.get("forgetting_mean"),
     }
     return {k: float(v) for k, v in candidates.items() if isinstance(v, int | float) and math.isfinite(v)}
 

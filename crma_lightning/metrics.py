@@ -311,6 +311,51 @@ def summarize(matrix: Matrix, domains: Sequence[str], upto: int | None = None) -
     }
 
 
+# ---------------------------------------------------------------------- task scores
+def summarize_scores(matrix: Matrix, domains: Sequence[str], upto: int | None = None) -> dict[str, Any]:
+    """The task-score metrics of a score matrix ``S`` (same layout as the loss matrix; higher is better).
+
+    docs/metrics.md, with ``T = upto``: ``ap`` = mean over trained ``j`` of ``S[T][j]``; ``bwt_score`` = mean
+    over ``j < T`` of ``S[T][j] − S[j][j]`` (negative = forgetting); ``forgetting[j]`` =
+    ``max_{j ≤ s < T} S[s][j] − S[T][j]`` for ``j < T``; ``fwt_score`` = mean over ``j > 1`` of
+    ``S[j−1][j] − S[0][j]`` (needs future domains evaluated); ``score_plasticity[j]`` = ``S[j][j]``.
+    Domains without a metric have ``None`` entries, and every mean skips them.
+
+    Raises:
+        ValueError: Invalid matrix or ``upto``, or ``domains`` not one name per column.
+    """
+    rows, upto = _check(matrix, upto)
+    names = [str(d) for d in domains]
+    if len(names) != len(rows[0]):
+        raise ValueError(f"got {len(names)} domain names {names} for a score matrix with {len(rows[0])} columns")
+
+    def keyed(values: list[float | None]) -> dict[str, float | None]:
+        return dict(zip(names, values))
+
+    def forgetting_of(c: int) -> float | None:
+        past = [rows[s][c] for s in range(c + 1, upto) if rows[s][c] is not None]
+        return None if not past or rows[upto][c] is None else max(past) - rows[upto][c]
+
+    changes = [
+        rows[upto][c] - rows[c + 1][c]
+        for c in range(upto - 1)
+        if rows[upto][c] is not None and rows[c + 1][c] is not None
+    ]
+    forward = [rows[c][c] - rows[0][c] for c in range(1, upto) if rows[c][c] is not None and rows[0][c] is not None]
+    forgetting = [forgetting_of(c) for c in range(upto - 1)]
+    plastic = [rows[c + 1][c] for c in range(upto)]
+    return {
+        "score_matrix": rows,
+        "ap": _mean([rows[upto][c] for c in range(upto)]),
+        "bwt_score": _mean(changes),
+        "fwt_score": _mean(forward),
+        "forgetting": keyed(forgetting),
+        "forgetting_mean": _mean(forgetting),
+        "score_plasticity": keyed(plastic),
+        "score_plasticity_mean": _mean(plastic),
+    }
+
+
 __all__ = [
     "base_relative_forgetting",
     "bwt",
@@ -323,4 +368,5 @@ __all__ = [
     "plasticity",
     "stability_gain",
     "summarize",
+    "summarize_scores",
 ]

@@ -11,20 +11,23 @@ def _row_labels(n_rows: int, domains: list[str]) -> list[str]:
     return ["base"] + [f"after {i}: {domains[i - 1]}" for i in range(1, n_rows)]
 
 
-def loss_matrix_image(matrix: list[list[float | None]], domains: list[str]) -> np.ndarray:
+def loss_matrix_image(
+    matrix: list[list[float | None]], domains: list[str], higher_is_better: bool = False
+) -> np.ndarray:
     """``(H, W, 3)`` uint8 heatmap of ``matrix`` (rows: base, after stage 1..; columns: domains).
 
+    ``higher_is_better``: a score matrix (the colour scale is reversed and the title says "task score").
     Missing entries are grey. With matplotlib the cells are annotated with their values; without it
     the image is a plain colour grid (the numbers are in the text summary and ``report.md``).
     """
     values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
     try:
-        return _matplotlib_image(values, domains)
+        return _matplotlib_image(values, domains, higher_is_better)
     except ImportError:
-        return _numpy_image(values)
+        return _numpy_image(-values if higher_is_better else values)
 
 
-def _matplotlib_image(values: np.ndarray, domains: list[str]) -> np.ndarray:
+def _matplotlib_image(values: np.ndarray, domains: list[str], higher_is_better: bool = False) -> np.ndarray:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -33,17 +36,19 @@ def _matplotlib_image(values: np.ndarray, domains: list[str]) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)  # an off-screen canvas: no GUI backend, no global pyplot state
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(values)
-    image = ax.imshow(masked, cmap="viridis_r", aspect="auto")
+    cmap = "viridis" if higher_is_better else "viridis_r"  # good cells are yellow in both
+    image = ax.imshow(masked, cmap=cmap, aspect="auto")
     ax.set_xticks(range(cols), domains, rotation=30, ha="right")
     ax.set_yticks(range(rows), _row_labels(rows, domains))
     lo, hi = np.nanmin(values), np.nanmax(values)
     for r in range(rows):
         for c in range(cols):
             if not math.isnan(values[r, c]):
-                light = hi > lo and (values[r, c] - lo) / (hi - lo) < 0.5  # viridis_r is light at low values
+                share = (values[r, c] - lo) / (hi - lo) if hi > lo else 0.0
+                light = hi > lo and (share > 0.5 if higher_is_better else share < 0.5)  # the yellow end
                 color = "black" if light else "white"
                 ax.text(c, r, f"{values[r, c]:.3f}", ha="center", va="center", color=color, fontsize=8)
-    ax.set_title("held-out loss (lower is better)")
+    ax.set_title("task score (higher is better)" if higher_is_better else "held-out loss (lower is better)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     canvas.draw()

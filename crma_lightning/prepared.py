@@ -7,7 +7,7 @@ token, rows dropped because they are blank or have nothing to score (counted and
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from datasets import Dataset
@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.domains import SCORED, DomainSpec, load_raw
 from crma_lightning.rows import extract_text
+from crma_lightning.scoring import score_rows
+from crma_lightning.task_metrics import TaskMetric, as_task_metric
 from crma_lightning.tokenization import scored_targets, tokenize
 
 
@@ -29,6 +31,8 @@ class PreparedDomain:
         dropped: Rows dropped per reason (``train_blank``, ``holdout_too_short``, ...); only non-zero counts.
         row_format: ``rows`` (``text``, ``prompt_response`` or ``chat``), what was ``scored``, the chat
             template used and the scored token counts.
+        metric: The domain's task metric (``None``: loss only).
+        score_rows: Held-out prompts and references scored with ``metric`` (:func:`crma_lightning.scoring.score_rows`).
     """
 
     train: Dataset
@@ -36,6 +40,8 @@ class PreparedDomain:
     holdout_tokens: int
     dropped: dict[str, int]
     row_format: dict[str, Any]
+    metric: TaskMetric | None = None
+    score_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def prepare_domain(
@@ -94,7 +100,10 @@ def prepare_domain(
         "train_scored_tokens": scored_targets(train),
         "holdout_scored_tokens": scored_targets(held),
     }
+    metric = as_task_metric(spec.metric, spec.name)
     return PreparedDomain(
+        metric=metric,
+        score_rows=[] if metric is None else score_rows(holdout_text, tokenizer, metric, spec.name),
         train=train,
         holdout=held,
         holdout_tokens=int(sum(len(x) for x in held["input_ids"])),  # a pass over the token lists, once

@@ -126,8 +126,12 @@ def build_report(
     config_changes: list[dict[str, Any]] | None = None,
     method: dict[str, Any] | None = None,
     routing: dict[str, Any] | None = None,
+    scores: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report dictionary (see ``docs/metrics.md`` for every field).
+
+    ``scores``: the task-score summary (``DomainEvaluation.score_summary``); ``{}``/``None``: no domain has a
+    task metric, and the report has no ``score_matrix``.
 
     ``method``: the continual method's summary (``None``: plain fine-tuning); ``routing``: the routed
     evaluation's summary (``None``: no routing callback, i.e. oracle task identity only).
@@ -158,11 +162,26 @@ def build_report(
             "config_changes": list(config_changes or []),
             "method": method,
             "routing": routing or {"mode": "oracle"},
+            **({"score_matrix": _score_section(domains, scores)} if scores else {}),
         }
     )
     if status == "complete":
         report["status"] = final_status(report)
     return report
+
+
+def _score_section(domains: list[str], scores: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``score_matrix``: the values laid out as ``loss_matrix``, and the task-score metrics."""
+    values = scores["score_matrix"]
+    return {
+        "rows": ["base"] + [f"after_stage_{i}_{d}" for i, d in enumerate(domains[: len(values) - 1], 1)],
+        "columns": list(domains),
+        "values": values,
+        "metric": scores.get("metrics", {}),
+        "definition": "values[s][j]: mean task score in [0, 1] of domain j's held-out prompts, generated greedily "
+        "with its adapter active, after stage s (s = 0: base model); null: no metric or not evaluated",
+        **{k: v for k, v in scores.items() if k not in ("score_matrix", "metrics")},
+    }
 
 
 def _fmt(value: Any, digits: int = 4, suffix: str = "") -> str:
@@ -232,6 +251,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- BWT: {_fmt(m.get('bwt'))} (loss units, negative = forgetting); "
             f"FWT: {_fmt(m.get('fwt'))}; mean plasticity: {_fmt(m.get('plasticity_mean'))}",
         ]
+    lines += _score_lines(report)
     stages = report.get("gradients", {}).get("stages", {})
     if stages:
         lines += [
@@ -260,6 +280,45 @@ def render_markdown(report: dict[str, Any]) -> str:
     for killed in report.get("killed_runs") or []:
         lines.append(f"A previous invocation was killed without a clean stop: {killed.get('holder')}.")
     return "\n".join(lines) + "\n"
+
+
+def _score_lines(report: dict[str, Any]) -> list[str]:
+    """The score matrix ``S[s][j]`` next to the loss matrix, AP, BWT_score, FWT_score, forgetting per domain."""
+    section = report.get("score_matrix")
+    if not section:
+        return []
+    domains = report["domains"]
+    names = section.get("metric", {})
+    lines = [
+        "",
+        "## Task score `S[s][j]`",
+        "",
+        "Greedy generation on held-out prompts, each domain with its own adapter; metric per domain: "
+        + ", ".join(f"{d}: `{names[d]}`" for d in domains if d in names)
+        + ". In [0, 1], higher is better.",
+        "",
+        "| after stage | " + " | ".join(domains) + " |",
+        "|---" * (len(domains) + 1) + "|",
+    ]
+    for r, row in enumerate(section["values"]):
+        label = "base" if r == 0 else f"{r}: {domains[r - 1]}"
+        lines.append(f"| {label} | " + " | ".join(_fmt(v, 3) for v in row) + " |")
+    forgetting = section.get("forgetting") or {}
+    lines += [
+        "",
+        f"- AP (mean final score): **{_fmt(section.get('ap'), 3)}**; BWT_score: {_fmt(section.get('bwt_score'), 3)} "
+        f"(negative = forgetting); FWT_score: {_fmt(section.get('fwt_score'), 3)}",
+        "- forgetting `max_s S[s][j] − S[T][j]`: "
+        + (", ".join(f"{d} {_fmt(v, 3)}" for d, v in forgetting.items()) or "—")
+        + f" (mean {_fmt(section.get('forgetting_mean'), 3)})",
+    ]
+    timings = (report.get("timings") or {}).get("stages") or {}
+    if timings:
+        lines += ["", "| stage | train s | eval s (of which generation) |", "|---|---|---|"]
+        for name, t in timings.items():
+            times = f"{_fmt(t.get('train_s'), 1)} | {_fmt(t.get('eval_s'), 1)} ({_fmt(t.get('score_s'), 1)})"
+            lines.append(f"| {name} | {times} |")
+    return lines
 
 
 def _method_line(method: dict[str, Any] | None) -> str:
@@ -305,6 +364,14 @@ def _routing_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     m = routing.get("metrics_routed", {})
     lines += ["", f"- routed mean drift: **{_fmt(m.get('drift_mean'), 2, '%')}**; routed BWT: {_fmt(m.get('bwt'))}"]
+    scores = routing.get("score_matrix_routed")
+    if scores:
+        s = routing.get("score_metrics_routed", {})
+        final = ", ".join(f"{d} {_fmt(v, 3)}" for d, v in zip(domains, scores[-1], strict=True))
+        lines.append(
+            f"- routed task scores after the last stage: {final}; routed AP: **{_fmt(s.get('ap'), 3)}**, "
+            f"routed BWT_score: {_fmt(s.get('bwt_score'), 3)}"
+        )
     return lines
 
 

@@ -369,7 +369,8 @@ class ContinualRunner:
             eval_s = time.perf_counter() - t0
             self.state.timings[domain] = {
                 "train_s": train_s + self.state.timings.get(domain, {}).get("train_s", 0.0) * mid_stage,
-                "eval_s": eval_s,
+                "eval_s": eval_s,  # loss and task scores together
+                "score_s": self.evaluation.score_seconds.get(stage + 1, 0.0),  # of which generation
                 "steps": int(trainer.global_step),
             }
             self.state.completed = stage + 1
@@ -445,6 +446,7 @@ class ContinualRunner:
             config_changes=self.state.config_changes,
             method=model.method_summary(),
             routing=None if self.routing is None else self.routing.summary(),
+            scores=evaluation.score_summary(upto=self.state.completed) if evaluation.matrix else {},
         )
         if self.state.killed_runs:
             report["killed_runs"] = list(self.state.killed_runs)

@@ -1,8 +1,9 @@
-"""``DomainEvaluation``: per-domain held-out loss, the loss matrix, forgetting metrics, heatmap."""
+"""``DomainEvaluation``: per-domain held-out loss and task score, the loss and score matrices, forgetting metrics."""
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -11,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import SumMetric
 
-from crma_lightning import _compat, metrics
+from crma_lightning import _compat, metrics, scoring
 from crma_lightning.parallel.dist import distributed_ready
 from crma_lightning.plotting import loss_matrix_image
 from crma_lightning.report import summarize_losses
@@ -27,6 +28,13 @@ class DomainEvaluation(L.Callback):
     next standalone validation fills that row, and the ``cl/*`` metrics and the ``cl/loss_matrix``
     heatmap are logged. The matrix is part of the callback's checkpoint state.
 
+    Domains with a task ``metric`` (``datamodule.task_metrics``) are also scored when a row is filled:
+    their held-out prompts are continued greedily with the domain's adapter
+    (:func:`crma_lightning.scoring.domain_score_sums`, each rank a shard, sums reduced over ranks), giving
+    the score matrix ``S[s][j]`` (``scores``), ``val/<domain>/<metric>``, ``cl/ap``, ``cl/bwt_score``,
+    ``cl/fwt_score``, ``cl/forgetting_mean`` and the ``cl/score_matrix`` heatmap. ``score_seconds[row]``
+    is the generation's wall time.
+
     Args:
         log_heatmap: Log the matrix as a TensorBoard image (and as a Markdown text table).
     """
@@ -39,6 +47,10 @@ class DomainEvaluation(L.Callback):
         self._pending_row: int | None = None
         self._metrics: dict[str, tuple[SumMetric, SumMetric]] = {}
         self.last_losses: dict[str, float] = {}
+        self.scores: list[list[float | None]] = []
+        self.score_metrics: dict[str, str] = {}  # domain -> metric name (its log key)
+        self.score_seconds: dict[int, float] = {}
+        self.last_scores: dict[str, float] = {}
 
     # ------------------------------------------------------------------ driver API
     def start_run(self, domains: list[str]) -> None:
@@ -81,6 +93,19 @@ class DomainEvaluation(L.Callback):
             return {}
         upto = len(self.matrix) - 1 if upto is None else upto
         return metrics.summarize(self.matrix, self.domains, upto=upto)
+
+    def score_summary(self, upto: int | None = None) -> dict[str, Any]:
+        """The task-score metrics (:func:`metrics.summarize_scores`) so far; ``{}`` when no domain is scored."""
+        if not self.scores or not self.score_metrics:
+            return {}
+        upto = min(len(self.scores), len(self.matrix)) - 1 if upto is None else upto
+        rows = [list(r) for r in self.scores[: upto + 1]]
+        rows += [[None] * len(self.domains) for _ in range(upto + 1 - len(rows))]
+        return {
+            "metrics": dict(self.score_metrics),
+            **metrics.summarize_scores(rows, self.domains, upto=upto),
+            "eval_seconds": {str(r): v for r, v in sorted(self.score_seconds.items()) if r <= upto},
+        }
 
     # ------------------------------------------------------------------ accumulation
     def _sums(self, domain: str, device: torch.device) -> tuple[SumMetric, SumMetric]:
@@ -138,8 +163,46 @@ class DomainEvaluation(L.Callback):
             self.tokens[domain] = int(count)
         self.last_losses = losses
         if self._pending_row is not None and trainer.state.fn == "validate":
+            self._score(trainer, pl_module, self._pending_row, order)
             self._record_row(trainer, self._pending_row, losses)
             self._pending_row = None
+
+    # ------------------------------------------------------------------ task scores
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, row: int, order: list[str]) -> None:
+        """Fill score-matrix row ``row`` for the domains of ``order`` that have a task metric."""
+        datamodule = getattr(trainer, "datamodule", None)
+        task_metrics = getattr(datamodule, "task_metrics", None) or {}
+        scored = [d for d in order if d in task_metrics]  # the same on every rank
+        self.last_scores = {}
+        if not scored:
+            return
+        t0 = time.perf_counter()
+        sums = []
+        for domain in scored:
+            pl_module.activate_task(domain if domain in pl_module.tasks else None)  # as validation_step does
+            total, count = scoring.domain_score_sums(
+                pl_module.model,
+                pl_module.tokenizer,
+                task_metrics[domain],
+                datamodule.score_rows[domain],
+                pl_module.device,
+                datamodule.eval_batch_size,
+                world=trainer.world_size,
+                rank=trainer.global_rank,
+            )
+            sums.append([total, float(count)])
+        local = torch.tensor(sums, dtype=torch.float64, device=pl_module.device)
+        reduced = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
+        while len(self.scores) <= row:
+            self.scores.append([None] * len(self.domains))
+        for domain, (total, count) in zip(scored, reduced, strict=True):
+            self.score_metrics[domain] = task_metrics[domain].name
+            value = total / max(count, 1.0)
+            self.last_scores[domain] = value
+            if domain in self.domains:
+                self.scores[row][self.domains.index(domain)] = value
+            pl_module.log(f"val/{domain}/{task_metrics[domain].name}", value, add_dataloader_idx=False)
+        self.score_seconds[row] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the matrix
     def _record_row(self, trainer: L.Trainer, row: int, losses: dict[str, float]) -> None:
@@ -168,6 +231,9 @@ class DomainEvaluation(L.Callback):
             "cl/base_forgetting_mean": summary.get("base_relative_forgetting_mean"),
             "cl/plasticity_mean": summary.get("plasticity_mean"),
         }
+        scores = self.score_summary(upto=row) if row < len(self.scores) else {}
+        for key in ("ap", "bwt_score", "fwt_score", "forgetting_mean"):
+            scalars[f"cl/{key}"] = scores.get(key)
         scalars = {k: float(v) for k, v in scalars.items() if v is not None}
         for logger in trainer.loggers:
             if scalars:
@@ -176,6 +242,9 @@ class DomainEvaluation(L.Callback):
                 image = loss_matrix_image(self.matrix, self.domains)
                 logger.experiment.add_image("cl/loss_matrix", image, global_step=step, dataformats="HWC")
                 logger.experiment.add_text("cl/loss_matrix_table", self.markdown_table(), global_step=step)
+                if scores:
+                    image = loss_matrix_image(self.scores, self.domains, higher_is_better=True)
+                    logger.experiment.add_image("cl/score_matrix", image, global_step=step, dataformats="HWC")
 
     def markdown_table(self) -> str:
         """The matrix so far as a Markdown table (rows: base, after stage i; columns: domains).
@@ -193,9 +262,19 @@ class DomainEvaluation(L.Callback):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {"domains": list(self.domains), "matrix": [list(r) for r in self.matrix], "tokens": dict(self.tokens)}
+        return {
+            "domains": list(self.domains),
+            "matrix": [list(r) for r in self.matrix],
+            "tokens": dict(self.tokens),
+            "scores": [list(r) for r in self.scores],
+            "score_metrics": dict(self.score_metrics),
+            "score_seconds": {str(k): v for k, v in self.score_seconds.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.domains = list(state_dict.get("domains", []))
         self.matrix = [list(r) for r in state_dict.get("matrix", [])]
         self.tokens = dict(state_dict.get("tokens", {}))
+        self.scores = [list(r) for r in state_dict.get("scores", [])]
+        self.score_metrics = dict(state_dict.get("score_metrics", {}))
+        self.score_seconds = {int(k): float(v) for k, v in state_dict.get("score_seconds", {}).items()}

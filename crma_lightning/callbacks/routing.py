@@ -7,6 +7,10 @@ tokens (``prefix_tokens``) are scored under each adapter trained so far, the low
 adapter, and the rest of the sequence is scored with it (:func:`crma_lightning.routing.route_batch`).
 It runs after the module's ``validation_step`` on the same batch, so the oracle numbers are untouched.
 
+Domains with a task ``metric`` also get a routed score matrix ``S~[s][j]``: each held-out prompt is answered
+by the adapter under which the prompt has the lowest mean loss
+(:func:`crma_lightning.scoring.routed_score_sums`).
+
 Per matrix row ``s`` and domain ``j`` it records the routed loss ``L~[s][j]``, the oracle loss on the
 same targets (positions ``>= P``, the domain's own adapter) and the routing accuracy (fraction of
 ``j``'s sequences routed to ``j``'s adapter). Tasks whose adapters are the same (``shared``, O-LoRA's
@@ -22,7 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from crma_lightning import _compat, metrics
+from crma_lightning import _compat, metrics, scoring
 from crma_lightning.callbacks.stages import log_to_loggers
 from crma_lightning.routing import (
     DEFAULT_PREFIX_TOKENS,
@@ -49,6 +53,7 @@ class RoutedEvaluation(L.Callback):
         matrix: Routed loss matrix ``L~[s][j]`` (row 0: base model), ``None`` where not evaluated.
         oracle_matrix: The oracle loss on the routed targets (positions ``>= P``), same layout.
         accuracy: Routing accuracy per row and domain; ``None`` for the base row and untrained domains.
+        scores: Routed task scores ``S~[s][j]`` of the domains with a metric (``None`` elsewhere).
     """
 
     def __init__(self, mode: str = ORACLE, prefix_tokens: int = DEFAULT_PREFIX_TOKENS) -> None:
@@ -58,6 +63,7 @@ class RoutedEvaluation(L.Callback):
         self.matrix: list[list[float | None]] = []
         self.oracle_matrix: list[list[float | None]] = []
         self.accuracy: list[list[float | None]] = []
+        self.scores: list[list[float | None]] = []
         self._row: int | None = None
         self._candidates: dict[str, str | None] = {}  # candidate label -> a task that activates it
         self._own: dict[str, str] = {}  # domain -> the label of its own adapter(s)
@@ -137,7 +143,40 @@ class RoutedEvaluation(L.Callback):
         local = torch.stack([self._sums.get(d, zeros) for d in order])  # (D, 5)
         total = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
         self._record(trainer, self._row, dict(zip(order, total, strict=True)))
+        self._score(trainer, pl_module, self._row, order)
         self._row = None
+
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, row: int, order: list[str]) -> None:
+        """Routed task scores of row ``row`` for the domains of ``order`` that have a metric."""
+        dm = trainer.datamodule
+        task_metrics = getattr(dm, "task_metrics", None) or {}
+        scored = [d for d in order if d in task_metrics]
+        if not scored:
+            return
+        candidates = {label: (lambda t=task: pl_module.activate_task(t)) for label, task in self._candidates.items()}
+        sums = [
+            scoring.routed_score_sums(
+                pl_module.model,
+                pl_module.tokenizer,
+                task_metrics[d],
+                dm.score_rows[d],
+                pl_module.device,
+                dm.eval_batch_size,
+                candidates,
+                world=trainer.world_size,
+                rank=trainer.global_rank,
+            )
+            for d in scored
+        ]
+        local = torch.tensor(sums, dtype=torch.float64, device=pl_module.device)
+        total = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
+        while len(self.scores) <= row:
+            self.scores.append([None] * len(self.domains))
+        scalars = {}
+        for domain, (value, count) in zip(scored, total, strict=True):
+            self.scores[row][self.domains.index(domain)] = value / max(count, 1.0)
+            scalars[f"val/{domain}/{task_metrics[domain].name}_routed"] = value / max(count, 1.0)
+        log_to_loggers(trainer, [(_compat.logging_step(trainer), scalars)])
 
     def _record(self, trainer: L.Trainer, row: int, sums: dict[str, list[float]]) -> None:
         for table in (self.matrix, self.oracle_matrix, self.accuracy):
@@ -181,6 +220,15 @@ class RoutedEvaluation(L.Callback):
         last = self.accuracy[rows - 1] if rows else []
         out["routing_accuracy_final"] = dict(zip(self.domains, last, strict=True))
         out["metrics_routed"] = self.summary_metrics(upto=rows - 1)
+        if self.scores:
+            scores = [list(r) for r in self.scores[:rows]]
+            scores += [[None] * len(self.domains) for _ in range(rows - len(scores))]
+            out["score_matrix_routed"] = scores
+            out["score_metrics_routed"] = {
+                k: v
+                for k, v in metrics.summarize_scores(scores, self.domains, upto=rows - 1).items()
+                if k != "score_matrix"
+            }
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -191,6 +239,7 @@ class RoutedEvaluation(L.Callback):
             "matrix": [list(r) for r in self.matrix],
             "oracle_matrix": [list(r) for r in self.oracle_matrix],
             "accuracy": [list(r) for r in self.accuracy],
+            "scores": [list(r) for r in self.scores],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -204,3 +253,4 @@ class RoutedEvaluation(L.Callback):
         self.matrix = [list(r) for r in state_dict.get("matrix", [])]
         self.oracle_matrix = [list(r) for r in state_dict.get("oracle_matrix", [])]
         self.accuracy = [list(r) for r in state_dict.get("accuracy", [])]
+        self.scores = [list(r) for r in state_dict.get("scores", [])]

@@ -4,7 +4,8 @@ Reads each run's ``report.json`` (nothing is re-evaluated; run ``crma-lightning 
 refresh a report). The table holds, per run: status, domains, the continual method, mean drift (oracle
 task identity) and, for runs evaluated with ``routing: perplexity``, the routed mean drift and mean
 routing accuracy, mean base-relative forgetting, BWT, FWT, mean plasticity, and the gradient norm's
-variance and coefficient of variation (std / mean) over the run. The settings are the ``config``
+variance and coefficient of variation (std / mean) over the run, and for runs whose domains have a task
+metric the task-score AP, BWT_score and mean forgetting (docs/metrics.md). The settings are the ``config``
 sections of the reports, flattened to dotted keys; every key whose value is not the same in all runs is
 listed. Runs on different domains are compared all the same, with a warning: their means average over
 different domains.
@@ -30,6 +31,9 @@ COLUMNS = {
     "bwt": "BWT",
     "fwt": "FWT",
     "plasticity_mean": "mean plasticity",
+    "ap": "AP (task score)",
+    "bwt_score": "BWT_score",
+    "forgetting_mean": "mean score forgetting",
     "grad_norm_var": "grad-norm variance",
     "grad_norm_cv": "grad-norm CV",
 }
@@ -113,6 +117,7 @@ def compare(names: list[str], reports: list[dict[str, Any]]) -> dict[str, Any]:
         mean, std = grads.get("mean"), grads.get("std")
         routing = report.get("routing") or {}
         accuracy = [a for a in (routing.get("routing_accuracy_final") or {}).values() if _finite(a)]
+        scores = report.get("score_matrix") or {}
         runs.append(
             {
                 "run": name,
@@ -124,6 +129,7 @@ def compare(names: list[str], reports: list[dict[str, Any]]) -> dict[str, Any]:
                 "drift_mean_routed": (routing.get("metrics_routed") or {}).get("drift_mean"),
                 "routing_accuracy_mean": sum(accuracy) / len(accuracy) if accuracy else None,
                 "plasticity_mean": m.get("plasticity_mean"),
+                **{k: scores.get(k) for k in ("ap", "bwt_score", "forgetting_mean")},
                 "grad_norm_var": grads.get("var"),
                 "grad_norm_cv": std / mean if _finite(std) and _finite(mean) and mean else None,
                 "drift": m.get("drift") or {},

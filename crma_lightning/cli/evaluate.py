@@ -61,8 +61,12 @@ def run_evaluate(args: list[str]) -> None:
     plan = _plan(run, opts)
     out = writable_dir(opts.out or run.path / "evaluation")  # after the checks, before the evaluation
     t0 = time.perf_counter()
-    matrix, sources, completed = evaluate_rows(run, model, dm, plan, routes, opts.accelerator)
-    report = _report(run, model, dm, matrix, sources, completed, time.perf_counter() - t0)
+    from crma_lightning.callbacks.evaluation import DomainEvaluation
+
+    evaluation = DomainEvaluation(log_heatmap=False)  # also fills the score matrix of domains with a metric
+    matrix, sources, completed = evaluate_rows(run, model, dm, plan, routes, opts.accelerator, evaluation)
+    scores = evaluation.score_summary(upto=completed) if dm.domain_names == run.domains else {}
+    report = _report(run, model, dm, matrix, sources, completed, time.perf_counter() - t0, scores)
     report["evaluation"]["routes"] = {d: t for d, t in routes.items()}
     report["status"] = "evaluated" + final_status(report).removeprefix("complete")  # names a non-finite loss
     markdown = _markdown(report, run)
@@ -126,6 +130,7 @@ def evaluate_rows(
     plan: list[tuple[int, Path | None]],
     routes: dict[str, str | None],
     accelerator: str | None = None,
+    evaluation: Any = None,
 ) -> tuple[list[list[float | None]], dict[str, str], int]:
     """Evaluate the rows of ``plan``; returns the loss matrix, the source of each row, and the last row.
 
@@ -141,7 +146,7 @@ def evaluate_rows(
     dm.prepare(model.tokenizer)
     model.prepare_tasks(run.domains)
     model.evaluation_tasks = dict(routes)
-    evaluation = DomainEvaluation(log_heatmap=False)
+    evaluation = DomainEvaluation(log_heatmap=False) if evaluation is None else evaluation
     evaluation.start_run(dm.domain_names)
     kwargs = run.trainer_kwargs
     trainer = L.Trainer(
@@ -172,7 +177,7 @@ def evaluate_rows(
     return matrix[: last + 1], sources, last
 
 
-def _report(run, model, dm, matrix, sources, completed, seconds) -> dict[str, Any]:
+def _report(run, model, dm, matrix, sources, completed, seconds, scores=None) -> dict[str, Any]:
     from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses
 
     comparable = dm.domain_names == run.domains
@@ -188,6 +193,7 @@ def _report(run, model, dm, matrix, sources, completed, seconds) -> dict[str, An
         data=dm.summary(),
         timings={"total_s": seconds},
         nonfinite={},
+        scores=scores,
     )
     report["total_stages"] = len(run.domains)
     report["loss_matrix"]["rows"] = ["base"] + [f"after_stage_{i}_{d}" for i, d in enumerate(run.domains, 1)]

@@ -1,0 +1,176 @@
+"""Task scores of held-out prompts: the rows to score, and one domain's score with the active adapter.
+
+A domain with a ``metric`` (:mod:`crma_lightning.task_metrics`) keeps, besides its tokenised held-out
+rows, up to ``eval_rows`` *score rows*: the prompt's token ids - exactly the ids the training rows
+carry, each segment tokenised on its own - and the reference text (the last scored segment, cut at the
+first stop string). :func:`domain_score_sums` continues the prompts greedily (or ranks the labels by
+loss) with whatever adapter the caller activated and returns the summed row scores and the row count.
+
+Across processes each rank scores rows ``rank, rank + world, ...``; every rank runs as many batches
+(a short shard is padded with a repeated row that counts for nothing) and generation keeps every rank
+stepping until all are done (``synced_gpus``), so sharded models (FSDP) see matching collectives. The
+caller sums the returned pairs over ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from crma_lightning.domains import SCORED_COLUMN, SEGMENTS_COLUMN
+from crma_lightning.generation import generate_from_ids
+from crma_lightning.losses import row_token_losses
+from crma_lightning.parallel.dist import distributed_ready
+from crma_lightning.task_metrics import TaskMetric, cut_at_stop, row_scores
+
+
+def score_rows(
+    held_text: Dataset, tokenizer: PreTrainedTokenizerBase, metric: TaskMetric, domain: str
+) -> list[dict[str, Any]]:
+    """The first ``metric.eval_rows`` held-out rows as ``{"prompt_ids", "reference"}``.
+
+    ``held_text``: the held-out rows after :func:`~crma_lightning.rows.extract_text` (segments and
+    scored flags). The prompt is every segment before the last scored one; the reference is that segment.
+    """
+    if SEGMENTS_COLUMN not in held_text.column_names:
+        raise ValueError(
+            f"domain {domain!r}: metric {metric.name!r} needs prompt/response or chat rows (a prompt to continue "
+            "and a reference to compare with); its rows are plain text"
+        )
+    rows = []
+    part = held_text.select(range(min(metric.eval_rows, len(held_text))))
+    for segments, scored in zip(part[SEGMENTS_COLUMN], part[SCORED_COLUMN]):
+        last = max(i for i, flag in enumerate(scored) if flag)
+        prompt = segments[:last]
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        rows.append({"prompt_ids": [t for x in ids for t in x], "reference": cut_at_stop(segments[last], metric.stop)})
+    if not any(r["prompt_ids"] for r in rows):
+        raise ValueError(f"domain {domain!r}: metric {metric.name!r}: the held-out rows have empty prompts")
+    return rows
+
+
+def shard_rows(rows: list[dict[str, Any]], world: int, rank: int, batch_size: int) -> tuple[list[dict], list[bool]]:
+    """This rank's rows, padded to the same number of batches on every rank; and which rows count."""
+    mine = rows[rank::world]
+    longest = len(rows[0::world])
+    batches = -(-longest // batch_size)
+    pad = batches * batch_size - len(mine) if batches else 0
+    filler = mine[-1] if mine else rows[0]
+    return mine + [filler] * pad, [True] * len(mine) + [False] * pad
+
+
+@torch.no_grad()
+def _label_choices(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], labels: list[str], device: torch.device
+) -> list[str]:
+    """Per row, the label with the lowest summed token loss after the prompt (one forward per row)."""
+    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    chosen = []
+    for row in rows:
+        seqs = [row["prompt_ids"] + ids for ids in label_ids]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+        start = len(row["prompt_ids"])
+        totals = []
+        for k, lab in enumerate(label_ids):
+            pos = torch.arange(start - 1, start - 1 + len(lab), device=device)
+            totals.append(-logp[k, pos, torch.tensor(lab, device=device)].sum())
+        chosen.append(labels[int(torch.stack(totals).argmin())])
+    return chosen
+
+
+def predictions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    metric: TaskMetric,
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    batch_size: int,
+    synced: bool = False,
+) -> list[str]:
+    """The prediction of each row: generated text cut at the first stop string, or (``loss`` mode) a label."""
+    if metric.name == "accuracy" and metric.label_mode == "loss":
+        return _label_choices(model, tokenizer, rows, metric.labels or [], device)
+    out: list[str] = []
+    for i in range(0, len(rows), batch_size):
+        batch = [r["prompt_ids"] for r in rows[i : i + batch_size]]
+        texts = generate_from_ids(
+            model, tokenizer, batch, device, max_new_tokens=metric.max_new_tokens, stop=metric.stop, synced_gpus=synced
+        )
+        out.extend(cut_at_stop(t, metric.stop) for t in texts)
+    return out
+
+
+def domain_score_sums(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    metric: TaskMetric,
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    batch_size: int,
+    world: int = 1,
+    rank: int = 0,
+) -> tuple[float, int]:
+    """(sum of row scores, rows scored) of this rank's shard, with the currently active adapter."""
+    mine, counts = shard_rows(rows, world, rank, batch_size)
+    # Ranks step generation together only in a real process group (a simulated shard has none).
+    preds = predictions(model, tokenizer, metric, mine, device, batch_size, synced=world > 1 and distributed_ready())
+    scores = row_scores(metric, preds, [r["reference"] for r in mine])
+    return float(sum(s for s, c in zip(scores, counts) if c)), sum(counts)
+
+
+@torch.no_grad()
+def prompt_losses(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], device: torch.device, batch_size: int
+) -> torch.Tensor:
+    """Mean next-token loss of each row's prompt ``(N,)`` with the active adapter (0 for a 1-token prompt)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(rows), batch_size):
+        prompts = [r["prompt_ids"] for r in rows[i : i + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=device)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=device)
+        labels = ids.masked_fill(mask == 0, -100)
+        total, count = row_token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+        out.append(total / count.clamp_min(1))
+    return torch.cat(out).cpu()
+
+
+def routed_score_sums(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    metric: TaskMetric,
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    batch_size: int,
+    candidates: dict[str, Callable[[], None]],
+    world: int = 1,
+    rank: int = 0,
+) -> tuple[float, int]:
+    """:func:`domain_score_sums` with each prompt answered by the adapter chosen by perplexity routing.
+
+    The chosen adapter is the candidate under which the whole prompt has the lowest mean loss. Every
+    candidate answers every row of the shard and the routed one's answer is kept: the same forwards on
+    every rank whatever the routing chose (sharded models need that), at the price of one generation
+    per candidate.
+    """
+    mine, counts = shard_rows(rows, world, rank, batch_size)
+    synced = world > 1 and distributed_ready()
+    losses, answers = [], []
+    for activate in candidates.values():
+        activate()
+        losses.append(prompt_losses(model, tokenizer, mine, device, batch_size))
+        answers.append(predictions(model, tokenizer, metric, mine, device, batch_size, synced=synced))
+    choice = torch.stack(losses).argmin(dim=0).tolist()
+    routed = [answers[k][i] for i, k in enumerate(choice)]
+    scores = row_scores(metric, routed, [r["reference"] for r in mine])
+    return float(sum(s for s, c in zip(scores, counts) if c)), sum(counts)
