@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.domains import (
     DomainSpec,
+    DomainValue,
     as_domain_spec,
     describe_row,
     domain_config,
@@ -72,7 +73,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         # Typed as plain mappings, not DomainSpec, on purpose: jsonargparse merges a later list of
         # dataclasses into an earlier one of the same length entry by entry (a domain would inherit
         # the previous one's fields); mappings are replaced whole and checked by `as_domain_spec`.
-        domains: list[str | dict[str, Any] | DomainSpec] | None = None,
+        domains: list[str | dict[str, DomainValue] | DomainSpec] | None = None,
         tokenizer: str | None = None,
         max_length: int = 128,
         packing: bool = True,

@@ -46,6 +46,14 @@ ROW_COLUMN = "__crma_row__"
 """Column that carries each row's position in its source through the held-out split (for messages)."""
 SEGMENTS_COLUMN = "segments"
 """Column of masked rows after :func:`extract_text`: the row's text as a list of segments."""
+_Scalar = str | int | float | bool | None
+DomainValue = _Scalar | list[_Scalar] | dict[str, _Scalar | list[_Scalar] | dict[str, _Scalar | list[_Scalar]]]
+"""A value in a domain mapping (``data.domains`` entries), typed for the config parser.
+
+Not ``Any``: jsonargparse parses a string typed ``Any`` as YAML, so a template ``"Text: {text}"`` or a
+stop string ``"Q: "`` would arrive as a mapping. ``str`` first in each union keeps strings as written.
+"""
+
 SCORED_COLUMN = "scored"
 """Column of masked rows: per segment after :func:`extract_text`, per token after :func:`tokenize`."""
 ROW_FORMATS = ("text", "prompt_response", "chat")

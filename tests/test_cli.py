@@ -116,20 +116,31 @@ def test_cli_end_to_end(tmp_path):
     assert "hp/plasticity_mean" in set(events.Tags()["scalars"])
 
 
-def test_library_noise_is_quiet_by_default_and_shown_with_crma_verbose(monkeypatch, caplog):
+def test_library_noise_is_quiet_by_default_and_shown_with_crma_verbose(monkeypatch):
     import logging
 
     import lightning as L
 
     from crma_lightning.cli import run_with_exit_codes
 
-    caplog.set_level(logging.INFO)
-    monkeypatch.delenv("CRMA_VERBOSE", raising=False)
-    run_with_exit_codes(lambda args: L.seed_everything(3), [])
-    assert "Seed set to 3" not in caplog.text
-    monkeypatch.setenv("CRMA_VERBOSE", "1")
-    run_with_exit_codes(lambda args: L.seed_everything(4), [])
-    assert "Seed set to 4" in caplog.text
+    # A handler on Lightning's seed logger itself: whether its records reach the root logger (pytest's
+    # caplog) depends on which test imported Lightning first, so caplog could see nothing either way.
+    seen: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
+    seed_logger.addHandler(handler)
+    monkeypatch.setattr(seed_logger, "level", logging.INFO)
+    monkeypatch.setattr(seed_logger, "disabled", False)
+    try:
+        monkeypatch.delenv("CRMA_VERBOSE", raising=False)
+        run_with_exit_codes(lambda args: L.seed_everything(3), [])
+        assert not any("Seed set to 3" in m for m in seen), seen
+        monkeypatch.setenv("CRMA_VERBOSE", "1")
+        run_with_exit_codes(lambda args: L.seed_everything(4), [])
+        assert any("Seed set to 4" in m for m in seen), seen
+    finally:
+        seed_logger.removeHandler(handler)
     monkeypatch.delenv("CRMA_VERBOSE")
     run_with_exit_codes(lambda args: None, [])  # quiet again for the tests that follow
 
