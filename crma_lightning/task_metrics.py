@@ -18,6 +18,12 @@ Built-in metrics (``name``):
   because torchmetrics only has it inside ``SQuAD``, with fixed English normalisation (articles dropped).
 * any name registered with :func:`register_metric` - a ``callable(prediction, reference) -> float``.
 
+Only ROUGE-L comes from torchmetrics. Exact match and token F1 exist there only inside ``SQuAD``, whose
+normalisation is fixed (English articles and punctuation dropped), and label accuracy needs the
+generated text mapped to a label first, after which it is a mean of 0/1 row scores; so these are
+written here, with the normalisation as options. Every metric is a mean of per-row scores, which is
+what makes the sums exact to reduce across processes.
+
 Normalisation (``normalize``, for ``exact_match``, ``accuracy`` and ``token_f1``): ``strip`` (outer
 whitespace), ``lowercase``, ``collapse_whitespace`` (runs of whitespace become one space), all on by
 default; ``remove_punctuation`` (Unicode punctuation removed) off by default.

@@ -169,7 +169,8 @@ def test_score_matrix_in_report_tensorboard_checkpoint_and_hparams(tmp_path):
     assert report["timings"]["stages"]["last"]["score_s"] > 0
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["score_matrix"]["values"] == values
-    assert "## Task score `S[s][j]`" in (tmp_path / "run" / "report.md").read_text()
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "## Task score `S[s][j]`" in markdown and "| stage | train s | eval s (of which generation) |" in markdown
     ckpt = torch.load(runner.checkpoints.stage(1, "last"), weights_only=True, map_location="cpu")
     state = next(v for k, v in ckpt["callbacks"].items() if "DomainEvaluation" in k)
     assert state["scores"] == values and state["score_metrics"]["last"] == "accuracy"
@@ -178,6 +179,7 @@ def test_score_matrix_in_report_tensorboard_checkpoint_and_hparams(tmp_path):
     assert {"val/first/exact_match", "val/last/accuracy", "cl/ap", "cl/bwt_score"} <= set(tags["scalars"])
     assert "cl/score_matrix" in tags["images"]
     assert [e.value for e in events.Scalars("cl/ap")][-1] == pytest.approx(section["ap"])
+    assert [e.value for e in events.Scalars("hp/ap")] == [pytest.approx(section["ap"])]  # the HParams tab
     from crma_lightning.hparams import final_metrics
 
     assert final_metrics(report)["hp/ap"] == pytest.approx(section["ap"])

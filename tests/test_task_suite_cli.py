@@ -49,6 +49,8 @@ def test_fit_evaluate_compare_on_the_task_suite(tmp_path, capsys):
     assert again["ap"] == scores["ap"] and again["bwt_score"] == scores["bwt_score"]
 
     capsys.readouterr()
-    main(["compare", str(run_dir), str(tmp_path / "ev")])
+    main(["compare", str(run_dir), str(tmp_path / "ev"), "--out", str(tmp_path / "cmp")])
     table = capsys.readouterr().out
     assert "AP (task score)" in table and "BWT_score" in table
+    runs = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"]
+    assert [r["ap"] for r in runs] == [scores["ap"], again["ap"]]

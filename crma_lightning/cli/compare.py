@@ -72,7 +72,9 @@ def run_compare(args: list[str]) -> None:
     try:
         from crma_lightning.plotting import save_comparison_chart
 
-        panels = {COLUMNS[k]: [r[k] if _finite(r[k]) else None for r in comparison["runs"]] for k in _CHART}
+        # The task-score panel only when some run has task scores.
+        keys = [k for k in _CHART if k != "ap" or any(_finite(r["ap"]) for r in comparison["runs"])]
+        panels = {COLUMNS[k]: [r[k] if _finite(r[k]) else None for r in comparison["runs"]] for k in keys}
         save_comparison_chart(str(out / "comparison.png"), names, panels)
         written.append("comparison.png")
     except ImportError:
@@ -80,7 +82,7 @@ def run_compare(args: list[str]) -> None:
     print(f"Written to {out}: {', '.join(written)}")
 
 
-_CHART = ("drift_mean", "plasticity_mean", "grad_norm_var", "grad_norm_cv")
+_CHART = ("drift_mean", "plasticity_mean", "ap", "grad_norm_var", "grad_norm_cv")
 
 
 def _read(run: Path) -> dict[str, Any]:
