@@ -53,6 +53,9 @@ class DomainEvaluation(L.Callback):
         self.last_scores: dict[str, float] = {}
 
     # ------------------------------------------------------------------ driver API
+    stage_names: list[str] | None = None
+    """The run's domains in training order, when the columns are other domains (``evaluate --data``)."""
+
     def start_run(self, domains: list[str]) -> None:
         """Fix the column order; a restored matrix must have been written for the same domains."""
         if self.domains and self.domains != list(domains):
@@ -211,7 +214,8 @@ class DomainEvaluation(L.Callback):
         self.matrix[row] = [losses.get(d, self.matrix[row][i]) for i, d in enumerate(self.domains)]
         if not trainer.is_global_zero:
             return
-        after = "the base model" if row == 0 else f"stage {row} ({self.domains[row - 1]})"
+        names = self.stage_names or self.domains  # `evaluate --data`: columns are not the run's stages
+        after = "the base model" if row == 0 else f"stage {row}" + (f" ({names[row - 1]})" if row <= len(names) else "")
         for domain, value in losses.items():
             if not math.isfinite(value):
                 rank_zero_warn(

@@ -148,6 +148,7 @@ def evaluate_rows(
     model.evaluation_tasks = dict(routes)
     evaluation = DomainEvaluation(log_heatmap=False) if evaluation is None else evaluation
     evaluation.start_run(dm.domain_names)
+    evaluation.stage_names = list(run.domains)
     kwargs = run.trainer_kwargs
     trainer = L.Trainer(
         accelerator=accelerator or kwargs.get("accelerator") or "auto",
