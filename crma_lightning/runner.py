@@ -185,6 +185,10 @@ class ContinualRunner:
         path, ckpt = self._resume_choice
         if path is not None and ckpt is not None and not CheckpointStore.is_stage_checkpoint(path):
             refuse_optimizer_class_change(path, ckpt, self.config_text, datamodule.domain_names)
+        if ckpt is not None and self.routing is not None:  # before any work: routed numbers need the same routing
+            saved = (ckpt.get("callbacks") or {}).get(self.routing.state_key)
+            if saved:
+                self.routing.check_resumable(saved)
 
     def run(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
         """Run every remaining stage; returns the final report (also written to ``run_dir``).

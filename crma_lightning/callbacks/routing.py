@@ -366,15 +366,27 @@ class RoutedEvaluation(L.Callback):
             "accuracy": [list(r) for r in self.accuracy],
             "scores": [list(r) for r in self.scores],
             "confusion": list(self.confusion),
+            "prototype": dict(self.prototype_settings),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def check_resumable(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` when a checkpoint's routed numbers were made with other routing settings."""
         saved = (state_dict.get("mode"), state_dict.get("prefix_tokens"))
         if state_dict.get("matrix") and saved != (self.mode, self.prefix_tokens):
             raise ValueError(
                 f"checkpoint was evaluated with routing mode={saved[0]!r}, prefix_tokens={saved[1]!r}; this run has "
                 f"mode={self.mode!r}, prefix_tokens={self.prefix_tokens!r} (use the original settings or a new run dir)"
             )
+        fitted = {k: (state_dict.get("prototype") or {}).get(k) for k in ("layer", "pooling")}
+        wanted = {k: self.prototype_settings[k] for k in fitted}
+        if self.mode == PROTOTYPE and state_dict.get("matrix") and fitted != wanted:
+            raise ValueError(
+                f"checkpoint's routing statistics were fitted with {fitted}; this run has {wanted} "
+                "(use the original settings or a new run dir)"
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_resumable(state_dict)
         self.domains = list(state_dict.get("domains", []))
         self.matrix = [list(r) for r in state_dict.get("matrix", [])]
         self.oracle_matrix = [list(r) for r in state_dict.get("oracle_matrix", [])]

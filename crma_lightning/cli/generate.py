@@ -2,7 +2,8 @@
 
 The model is rebuilt from the run's ``config.yaml`` and a stage checkpoint is loaded (default: the
 newest), then ``ContinualLM.generate`` continues each prompt with the task's LoRA adapter active
-(CRMA, in a CRMA run, is always on). Sampling options are passed to ``transformers``' ``generate``.
+(CRMA, in a CRMA run, is always on). ``--routing [perplexity|prototype]`` chooses the task per prompt
+instead. Sampling options are passed to ``transformers``' ``generate``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,19 @@ SAMPLING_OPTIONS = {
 """Options passed on to ``transformers``' ``generate`` when given (``--do_sample`` is a flag)."""
 
 
+_SCORES = {"perplexity": "prompt_losses", "prototype": "prototype_distances"}
+"""The JSON key of each routing mode's per-task scores (lower wins)."""
+
+
+def bare_routing_flag(args: list[str]) -> list[str]:
+    """``--routing`` not followed by a mode means ``--routing=perplexity`` (so ``--routing PROMPT`` keeps working)."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--routing" and (i + 1 == len(out) or out[i + 1] not in _SCORES):
+            out[i] = "--routing=perplexity"
+    return out
+
+
 def build_parser() -> CommandParser:
     """The ``generate`` options."""
     parser = CommandParser(
@@ -35,8 +49,12 @@ def build_parser() -> CommandParser:
     pick.add_argument("--task", help="the domain whose adapter generates (one of the run's domains)")
     pick.add_argument(
         "--routing",
-        action="store_true",
-        help="choose the task per prompt: the trained task whose adapter gives the prompt the lowest loss",
+        nargs="?",
+        const="perplexity",
+        choices=["perplexity", "prototype"],
+        help="choose the task per prompt without a label: perplexity (default; the trained task whose adapter "
+        "gives the prompt the lowest loss, one forward per task) or prototype (the task whose training rows' "
+        "base-model features are nearest; one base forward; needs a run trained with routing: prototype)",
     )
     parser.add_argument("--stage", type=int, help="use the model after this stage (default: the newest checkpoint)")
     for name, kind in SAMPLING_OPTIONS.items():
@@ -53,7 +71,7 @@ def run_generate(args: list[str]) -> None:
     """Parse ``args`` (what follows ``generate``), generate, print."""
     import torch
 
-    opts = build_parser().parse_args(args)
+    opts = build_parser().parse_args(bare_routing_flag(args))
     run = RunDirectory(opts.run)
     model, _ = run.build(prog="crma-lightning generate")
     if not opts.routing:
@@ -71,7 +89,7 @@ def run_generate(args: list[str]) -> None:
     if opts.do_sample:
         kwargs["do_sample"] = True
     trained = run.domains[: ckpt_info.stage]
-    routes = [model.route(p, trained) if opts.routing else (opts.task, None) for p in opts.prompt]
+    routes = [model.route(p, trained, mode=opts.routing) if opts.routing else (opts.task, None) for p in opts.prompt]
     texts: list[str] = [""] * len(opts.prompt)
     torch.manual_seed(opts.seed)
     for task in dict.fromkeys(t for t, _ in routes):  # one batch per task (one batch without --routing)
@@ -84,7 +102,7 @@ def run_generate(args: list[str]) -> None:
             texts[i] = text
     if opts.json:
         out = [
-            {"prompt": p, "text": t, "task": task, **({"prompt_losses": losses} if losses else {})}
+            {"prompt": p, "text": t, "task": task, **({_SCORES[opts.routing]: losses} if losses else {})}
             for p, t, (task, losses) in zip(opts.prompt, texts, routes)
         ]
         print(json.dumps(out, ensure_ascii=False))
