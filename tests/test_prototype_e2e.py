@@ -99,3 +99,23 @@ def test_a_resume_with_other_routing_statistics_settings_is_refused(tmp_path):
     other = proto_config(tmp_path / "run")
     other["routing"]["pooling"] = "last"
     assert fit(tmp_path / "other.yaml", other) == 2
+
+
+def test_prototype_routing_gives_routed_task_scores(tmp_path):
+    from test_task_scores_methods import TRAINER, _complete, _data, _model
+
+    from crma_lightning.callbacks.routing import RoutedEvaluation
+    from crma_lightning.runner import ContinualRunner
+
+    runner = ContinualRunner(
+        run_dir=tmp_path / "run",
+        trainer_kwargs=dict(TRAINER),
+        resume="never",
+        callbacks=[RoutedEvaluation(mode="prototype", prefix_tokens=8, estimator="nearest")],
+    )
+    report = runner.run(_model("lora", "per_task"), _data())
+    oracle, routed = _complete(report), report["routing"]["score_matrix_routed"]
+    assert len(routed) == 3 and None not in routed[2] and report["routing"]["score_metrics_routed"]["ap"] is not None
+    assert routed[1][0] == oracle[1][0]  # after stage 1 there is one candidate: routing has nothing to choose
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "mode: prototype" in config and "estimator: nearest" in config
