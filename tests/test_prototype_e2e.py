@@ -119,3 +119,25 @@ def test_prototype_routing_gives_routed_task_scores(tmp_path):
     assert routed[1][0] == oracle[1][0]  # after stage 1 there is one candidate: routing has nothing to choose
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "mode: prototype" in config and "estimator: nearest" in config
+
+
+def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys):
+    fitted = report_of(run_dir)["routing"]
+    main(["evaluate", "--run", str(run_dir), "--routing", "prototype", "--out", str(tmp_path / "proto")])
+    again = json.loads((tmp_path / "proto" / "report.json").read_text())["routing"]
+    assert again["mode"] == "prototype" and again["prefix_tokens"] == 8  # the run's settings by default
+    assert again["confusion_final"] == fitted["confusion_final"]  # the checkpoint's statistics, the same choices
+    for got, want in zip(again["loss_matrix_routed"], fitted["loss_matrix_routed"], strict=True):
+        assert [g is None for g in got] == [w is None for w in want]
+        assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-6)
+    main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "perplexity", "--out", str(tmp_path / "ppl")])
+    ppl = json.loads((tmp_path / "ppl" / "report.json").read_text())["routing"]
+    assert ppl["mode"] == "perplexity" and set(ppl["routing_accuracy_final"]) == set(DOMAINS)
+    from crma_lightning.cli.compare import compare
+
+    row = compare(["fit"], [report_of(run_dir)])["runs"][0]
+    assert row["routing"] == "prototype" and row["drift_mean_routed"] == fitted["metrics_routed"]["drift_mean"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--run", str(run_dir), "--prefix_tokens", "4"])
+    assert exit_info.value.code == 2 and "--prefix_tokens needs --routing" in capsys.readouterr().err

@@ -44,6 +44,15 @@ def build_parser() -> CommandParser:
         help="other held-out data: a YAML/JSON list of domains (data.domains fields, plus an optional "
         "`task:` naming the adapter to use), or a YAML file holding that list",
     )
+    parser.add_argument(
+        "--routing",
+        choices=["perplexity", "prototype"],
+        help="also evaluate without task labels: each held-out sequence routed by perplexity or by the base "
+        "model's features (prototype; statistics from the checkpoint, else fitted on the run's training rows)",
+    )
+    parser.add_argument(
+        "--prefix_tokens", type=int, help="tokens read to route (default: the run's routing.prefix_tokens, else 32)"
+    )
     parser.add_argument("--out", help="output directory (default: RUN/evaluation)")
     parser.add_argument("--accelerator", help="Lightning accelerator (default: the run's trainer.accelerator)")
     return parser
@@ -58,15 +67,20 @@ def run_evaluate(args: list[str]) -> None:
     for task in routes.values():
         if task is not None:
             run.check_task(task)
+    routing = _routing(run, opts)
     plan = _plan(run, opts)
     out = writable_dir(opts.out or run.path / "evaluation")  # after the checks, before the evaluation
     t0 = time.perf_counter()
     from crma_lightning.callbacks.evaluation import DomainEvaluation
 
     evaluation = DomainEvaluation(log_heatmap=False)  # also fills the score matrix of domains with a metric
-    matrix, sources, completed = evaluate_rows(run, model, dm, plan, routes, opts.accelerator, evaluation)
+    matrix, sources, completed = evaluate_rows(
+        run, model, dm, plan, routes, opts.accelerator, evaluation, [routing] if routing is not None else []
+    )
     scores = evaluation.score_summary(upto=completed) if dm.domain_names == run.domains else {}
     report = _report(run, model, dm, matrix, sources, completed, time.perf_counter() - t0, scores)
+    if routing is not None:
+        report["routing"] = routing.summary(upto=completed)
     report["evaluation"]["routes"] = {d: t for d, t in routes.items()}
     report["status"] = "evaluated" + final_status(report).removeprefix("complete")  # names a non-finite loss
     markdown = _markdown(report, run)
@@ -79,6 +93,24 @@ def run_evaluate(args: list[str]) -> None:
     print(f"Written: {out / 'report.json'}, {out / 'report.md'}")
     if report.get("nonfinite_evaluations"):  # as fit: a diverged adapter is exit 3
         raise NonFiniteResults(f"{report['status']}; see {out / 'report.md'}")
+
+
+def _routing(run: RunDirectory, opts: Any) -> Any:
+    """The routed evaluation asked for with ``--routing`` (``None``: oracle only); the run's settings by default."""
+    if opts.routing is None:
+        if opts.prefix_tokens is not None:
+            raise ValueError("--prefix_tokens needs --routing perplexity or --routing prototype")
+        return None
+    if opts.data:
+        raise ValueError("--routing evaluates the run's own domains (their training rows fit the routing); drop --data")
+    from crma_lightning.callbacks.routing import RoutedEvaluation
+    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
+
+    saved = run.routing
+    same = saved is not None and saved.mode == opts.routing == "prototype"
+    prefix = opts.prefix_tokens or (saved.prefix_tokens if saved is not None and saved.mode != "oracle" else None)
+    settings = dict(saved.prototype_settings) if same and prefix == saved.prefix_tokens else {}
+    return RoutedEvaluation(mode=opts.routing, prefix_tokens=prefix or DEFAULT_PREFIX_TOKENS, **settings)
 
 
 def parse_data(value: str) -> tuple[list[Any], dict[str, str | None]]:
@@ -131,6 +163,7 @@ def evaluate_rows(
     routes: dict[str, str | None],
     accelerator: str | None = None,
     evaluation: Any = None,
+    callbacks: list[Any] | None = None,
 ) -> tuple[list[list[float | None]], dict[str, str], int]:
     """Evaluate the rows of ``plan``; returns the loss matrix, the source of each row, and the last row.
 
@@ -138,6 +171,7 @@ def evaluate_rows(
     checkpoint was verified and loaded by the run's one loader (:meth:`RunDirectory.load`). With the
     run's own domains the matrix is ``fit``'s; with other domains (``--data``) it has one column per
     given domain, every one evaluated in every row, each with the adapter ``routes`` (or its name) gives.
+    ``callbacks``: more callbacks of the evaluation (``--routing``: the routed evaluation).
     """
     import lightning as L
 
@@ -155,7 +189,7 @@ def evaluate_rows(
         precision=kwargs.get("precision"),
         limit_val_batches=kwargs.get("limit_val_batches"),
         inference_mode=kwargs.get("inference_mode", True),
-        callbacks=[evaluation],
+        callbacks=[evaluation, *(callbacks or [])],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -168,6 +202,8 @@ def evaluate_rows(
     for row, path in plan:
         if path is not None:
             row = run.load(model, path)
+        elif getattr(model, "router", None) is not None:
+            model.router = None  # the freshly built model: no routing statistics yet
         model.activate_task(None)
         evaluation.evaluate_row(trainer, model, dm, row, all_domains=not same_domains)
         sources[str(row)] = str(path) if path is not None else f"freshly built model (seed {run.seed})"
