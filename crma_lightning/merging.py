@@ -59,10 +59,14 @@ def ties_merge(deltas: Sequence[torch.Tensor], density: float = DEFAULT_DENSITY,
 def merged_deltas(
     model: nn.Module, adapters: Sequence[str], how: str, density: float = DEFAULT_DENSITY, scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
-    """Per LoRA layer name, the merged update of ``adapters`` (``how``: ``mean`` or ``ties``)."""
+    """Per LoRA layer name, the merged update of ``adapters`` (``how``: ``mean`` or ``ties``).
+
+    A merge of one adapter is that adapter (``mean``) or its trimmed update (``ties``): the merged model after
+    the first stage of a run.
+    """
     check_choice("merge", how, MERGES)
-    if len(set(adapters)) < 2:
-        raise ValueError(f"merging needs at least 2 different task adapters, got {list(adapters)}")
+    if not adapters or len(set(adapters)) < len(adapters):
+        raise ValueError(f"merging needs different task adapters, got {list(adapters)}")
     out = {}
     for name, layer in lora_layers(model):
         deltas = [task_delta(layer, a) for a in adapters]

@@ -336,6 +336,8 @@ def _routing_line(routing: dict[str, Any] | None) -> str:
         return "oracle task identity (each domain scored with its own adapter)"
     if mode == "none":
         return "no task identity needed (every task activates the same adapters)"
+    if mode == "merged":
+        return f"MERGED: one adapter merged ({routing.get('merge')}) from the tasks trained so far, for every domain"
     how = "by the base model's hidden states (prototype)" if mode == "prototype" else "by perplexity"
     return f"routed {how} on the first {routing.get('prefix_tokens')} tokens, and oracle"
 
