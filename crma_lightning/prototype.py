@@ -324,3 +324,30 @@ def load_router(path: str | os.PathLike) -> PrototypeRouter:
     return PrototypeRouter.from_state(
         {"settings": json.loads(meta["settings"]), "tasks": json.loads(meta["tasks"]), **state}
     )
+
+
+@torch.no_grad()
+def fit_missing_tasks(
+    router: PrototypeRouter,
+    model: nn.Module,
+    activate: Callable[[str | None], None],
+    train_rows: dict[str, Sequence[Sequence[int]]],
+    tasks: Sequence[str],
+    batch_size: int,
+    pad: int,
+    device: torch.device,
+) -> list[str]:
+    """Fit (in one process) the statistics of every task of ``tasks`` the router lacks; returns those tasks.
+
+    For a run trained without ``routing: prototype``: its training rows give the statistics after the fact.
+    """
+    missing = [t for t in tasks if t not in router.tasks]
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_off(model, activate):
+            for task in missing:
+                router.add_task(task, local_task_sums(router, model, train_rows[task], batch_size, device, pad))
+    finally:
+        model.train(was_training)
+    return missing

@@ -151,3 +151,18 @@ def test_evaluate_merged_scores_every_domain_with_the_merge_so_far(run_dir, tmp_
     assert merged[0] == pytest.approx(fitted[0], rel=1e-6)  # row 0: the base model
     assert merged[1][0] == pytest.approx(fitted[1][0], rel=1e-6)  # a mean of one adapter is that adapter
     assert all(v is not None for v in merged[2]) and merged[2] != pytest.approx(fitted[2], rel=1e-6)
+
+
+def test_generate_prototype_fits_the_statistics_of_a_run_trained_without_them(run_dir, capsys):
+    """(In this file for its run: per-task LoRAs trained without ``routing: prototype``.)"""
+    import json
+
+    from crma_lightning.cli import main
+
+    prompts = ["12 + 7 = 19\n40 - 8 = 32\n", "The old house stood at the end of the lane."]
+    main(["generate", "--run", str(run_dir), "--routing", "prototype", "--max_new_tokens", "2", "--json", *prompts])
+    captured = capsys.readouterr()
+    assert "statistics fitted on the run's training rows for ['prose', 'arithmetic']" in captured.err
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert [o["task"] for o in out] == ["arithmetic", "prose"]
+    assert all(set(o["prototype_distances"]) == {"prose", "arithmetic"} for o in out)

@@ -29,6 +29,33 @@ _SCORES = {"perplexity": "prompt_losses", "prototype": "prototype_distances"}
 """The JSON key of each routing mode's per-task scores (lower wins)."""
 
 
+def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[str]) -> None:
+    """Give ``model`` prototype statistics for ``tasks``: the checkpoint's, else fitted on the run's training rows.
+
+    With the run's ``routing`` settings when it was trained with ``mode: prototype``, else the defaults.
+    """
+    import sys
+
+    from crma_lightning.prototype import PrototypeRouter, fit_missing_tasks
+    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
+
+    if model.router is not None and all(t in model.router.tasks for t in tasks):
+        return
+    if model.router is None:
+        saved = run.routing if run.routing is not None and run.routing.mode == "prototype" else None
+        settings = dict(saved.prototype_settings) if saved is not None else {}
+        prefix = saved.prefix_tokens if saved is not None else DEFAULT_PREFIX_TOKENS
+        model.router = PrototypeRouter(prefix, **settings)
+    dm.prepare(model.tokenizer)
+    tokenizer = model.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = {t: dm.train_sets[t]["input_ids"] for t in tasks}
+    fitted = fit_missing_tasks(
+        model.router, model.model, model.activate_task, rows, tasks, dm.eval_batch_size, pad, model.device
+    )
+    print(f"prototype routing statistics fitted on the run's training rows for {fitted}", file=sys.stderr)
+
+
 def bare_routing_flag(args: list[str]) -> list[str]:
     """``--routing`` not followed by a mode means ``--routing=perplexity`` (so ``--routing PROMPT`` keeps working)."""
     out = list(args)
@@ -54,7 +81,8 @@ def build_parser() -> CommandParser:
         choices=["perplexity", "prototype"],
         help="choose the task per prompt without a label: perplexity (default; the trained task whose adapter "
         "gives the prompt the lowest loss, one forward per task) or prototype (the task whose training rows' "
-        "base-model features are nearest; one base forward; needs a run trained with routing: prototype)",
+        "base-model features are nearest; one base forward; statistics from the checkpoint, else fitted on "
+        "the run's training rows)",
     )
     parser.add_argument("--stage", type=int, help="use the model after this stage (default: the newest checkpoint)")
     for name, kind in SAMPLING_OPTIONS.items():
@@ -73,7 +101,7 @@ def run_generate(args: list[str]) -> None:
 
     opts = build_parser().parse_args(bare_routing_flag(args))
     run = RunDirectory(opts.run)
-    model, _ = run.build(prog="crma-lightning generate")
+    model, dm = run.build(prog="crma-lightning generate")
     if not opts.routing:
         run.check_task(opts.task)
     ckpt_info = run.stage_checkpoint(opts.stage)
@@ -89,6 +117,8 @@ def run_generate(args: list[str]) -> None:
     if opts.do_sample:
         kwargs["do_sample"] = True
     trained = run.domains[: ckpt_info.stage]
+    if opts.routing == "prototype":
+        fit_router_if_missing(run, model, dm, trained)
     routes = [model.route(p, trained, mode=opts.routing) if opts.routing else (opts.task, None) for p in opts.prompt]
     texts: list[str] = [""] * len(opts.prompt)
     torch.manual_seed(opts.seed)
