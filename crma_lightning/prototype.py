@@ -177,6 +177,11 @@ class PrototypeRouter:
         self.tasks.append(task)
         self._solver = None
 
+    def configure(self, estimator: str, shrinkage: float) -> None:
+        """Change how the stored statistics are read (the statistics themselves stay)."""
+        validate_prototype(self.layer, self.pooling, estimator, shrinkage)
+        self.estimator, self.shrinkage, self._solver = estimator, shrinkage, None
+
     # ------------------------------------------------------------------ choosing
     def _means_precision(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._solver is None:

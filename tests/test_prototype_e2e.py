@@ -121,15 +121,22 @@ def test_prototype_routing_gives_routed_task_scores(tmp_path):
     assert "mode: prototype" in config and "estimator: nearest" in config
 
 
-def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys):
+def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeypatch):
+    from crma_lightning import prototype
+
     fitted = report_of(run_dir)["routing"]
-    main(["evaluate", "--run", str(run_dir), "--routing", "prototype", "--out", str(tmp_path / "proto")])
+    with monkeypatch.context() as patch:  # the checkpoints' statistics are used: nothing is fitted again
+        patch.setattr(prototype, "local_task_sums", lambda *a, **k: pytest.fail("statistics fitted again"))
+        main(["evaluate", "--run", str(run_dir), "--routing", "prototype", "--out", str(tmp_path / "proto")])
     again = json.loads((tmp_path / "proto" / "report.json").read_text())["routing"]
     assert again["mode"] == "prototype" and again["prefix_tokens"] == 8  # the run's settings by default
     assert again["confusion_final"] == fitted["confusion_final"]  # the checkpoint's statistics, the same choices
     for got, want in zip(again["loss_matrix_routed"], fitted["loss_matrix_routed"], strict=True):
         assert [g is None for g in got] == [w is None for w in want]
         assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-6)
+    main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "prototype", "--prefix_tokens", "4"])
+    other = json.loads((run_dir / "evaluation" / "report.json").read_text())["routing"]  # refitted at P = 4
+    assert other["prefix_tokens"] == 4 and sum(other["confusion_final"]["counts"]["prose"]) == 6
     main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "perplexity", "--out", str(tmp_path / "ppl")])
     ppl = json.loads((tmp_path / "ppl" / "report.json").read_text())["routing"]
     assert ppl["mode"] == "perplexity" and set(ppl["routing_accuracy_final"]) == set(DOMAINS)

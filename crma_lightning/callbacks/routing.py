@@ -144,8 +144,7 @@ class RoutedEvaluation(L.Callback):
                     "(use the original settings or a new run dir)"
                 )
             router.prefix_tokens, router.layer, router.pooling = wanted.values()
-            router.estimator, router.shrinkage = settings["estimator"], settings["shrinkage"]
-            router._solver = None  # the estimator may have changed
+            router.configure(settings["estimator"], settings["shrinkage"])
         return router
 
     def _fit_prototypes(self, trainer: L.Trainer, pl_module: L.LightningModule, trained: list[str]) -> None:

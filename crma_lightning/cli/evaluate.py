@@ -231,10 +231,11 @@ def evaluate_rows(
             _drop_merged(model)  # the checkpoint has no such adapter
         if path is not None:
             row = run.load(model, path)
-        if merge is not None:
-            _use_merged(model, run.domains[:row], merge)
         elif getattr(model, "router", None) is not None:
             model.router = None  # the freshly built model: no routing statistics yet
+        if merge is not None:
+            _use_merged(model, run.domains[:row], merge)
+        _refit_other_statistics(model, callbacks or [])
         model.activate_task(None)
         evaluation.evaluate_row(trainer, model, dm, row, all_domains=not same_domains)
         sources[str(row)] = str(path) if path is not None else f"freshly built model (seed {run.seed})"
@@ -242,6 +243,16 @@ def evaluate_rows(
     width = len(dm.domain_names)
     matrix = [list(r) for r in evaluation.matrix] + [[None] * width] * (last + 1 - len(evaluation.matrix))
     return matrix[: last + 1], sources, last
+
+
+def _refit_other_statistics(model: Any, callbacks: list[Any]) -> None:
+    """Drop the checkpoint's prototype statistics when ``--routing prototype`` asks for other ones (refitted)."""
+    router = getattr(model, "router", None)
+    for cb in callbacks:
+        if getattr(cb, "mode", None) == "prototype" and router is not None:
+            wanted = {"prefix_tokens": cb.prefix_tokens, **cb.prototype_settings}
+            if any(router.settings()[k] != wanted[k] for k in ("prefix_tokens", "layer", "pooling")):
+                model.router = None
 
 
 def _drop_merged(model: Any) -> None:
