@@ -58,6 +58,15 @@ def test_statistics_are_in_the_checkpoint_and_beside_the_adapters(run_dir):
     assert first["tasks"] == ["prose"] and torch.equal(first["sums"][0], ckpt["sums"][0])  # fitted once per task
     exported = load_router(run_dir / "adapters" / "stage-02-arithmetic.router.safetensors")
     assert exported.tasks == DOMAINS and torch.equal(exported.second, ckpt["second"])
+    from crma_lightning.checkpoints import CheckpointStore
+
+    manifest = CheckpointStore(run_dir).manifest
+    assert manifest.is_recorded(run_dir / "adapters" / "stage-02-arithmetic.router.safetensors")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert "routing/confusion/text_summary" in events.Tags()["tensors"]
 
 
 def test_generate_routes_with_one_base_forward(run_dir, capsys):
