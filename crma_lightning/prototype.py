@@ -37,8 +37,9 @@ POOLINGS = ("mean", "last", "mean_last")
 """``mean``: mean over the prefix's real tokens; ``last``: its last real token; ``mean_last``: both, concatenated."""
 ESTIMATORS = ("mahalanobis", "nearest")
 DEFAULT_LAYER = -1
-"""Hidden state read by default: the last layer's (``hidden_states[-1]``), chosen by measurement (benchmarks.md)."""
+"""Hidden state read by default: the last layer's; the layers measured within noise on the demo base (benchmarks.md)."""
 DEFAULT_POOLING = "mean"
+"""Within 0.05 of the best pooling at every layer measured; last-token pooling was unstable (docs/benchmarks.md)."""
 DEFAULT_SHRINKAGE = 0.1
 
 
