@@ -166,3 +166,12 @@ def test_generate_prototype_fits_the_statistics_of_a_run_trained_without_them(ru
     out = json.loads(captured.out.strip().splitlines()[-1])
     assert [o["task"] for o in out] == ["arithmetic", "prose"]
     assert all(set(o["prototype_distances"]) == {"prose", "arithmetic"} for o in out)
+    from crma_lightning.run_dir import RunDirectory
+
+    run = RunDirectory(run_dir)
+    model, _ = run.build()
+    run.load(model, run.stage_checkpoint(None).path)
+    with pytest.raises(ValueError, match="needs the routing statistics"):  # in Python nothing is fitted for you
+        model.route(prompts[0], mode="prototype")
+    with pytest.raises(ValueError, match="'perplexity' or 'prototype', got 'nearest'"):
+        model.route(prompts[0], mode="nearest")
