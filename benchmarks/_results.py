@@ -153,7 +153,7 @@ def _routing_numbers(routing: dict[str, Any] | None, domains: list[str], run: di
         )
         return out
     matrix = routing.get("loss_matrix_routed")
-    if mode != "perplexity" or not matrix:
+    if mode not in ("perplexity", "prototype") or not matrix:
         why = "not evaluated routed (routing mode 'oracle' for this setting)"
         for key in (*keys, "drift_mean_oracle_same_targets", "routing_accuracy_mean", "routing_accuracy_final"):
             out[key] = Null(why)

@@ -92,9 +92,12 @@ def build_method(mode: str, seed: int, cfg: dict[str, Any]) -> ContinualMethod |
 
 
 def routing_mode(mode: str, cfg: dict[str, Any]) -> str:
-    """``RoutedEvaluation`` mode of ``mode``'s runs (``cfg["routing"] = False``: perplexity becomes oracle)."""
+    """``RoutedEvaluation`` mode of ``mode``'s runs (``cfg["routing"] = False``: perplexity becomes oracle;
+    ``cfg["router"] = "prototype"``: the routed settings are routed by prototype instead of perplexity)."""
     wanted = SETTINGS[mode]["routing"]
-    return "oracle" if wanted == "perplexity" and not cfg.get("routing", True) else wanted
+    if wanted == "perplexity" and not cfg.get("routing", True):
+        return "oracle"
+    return cfg.get("router", "perplexity") if wanted == "perplexity" else wanted
 
 
 def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +113,8 @@ def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
     if method is not None and "seed" in getattr(method, "__dict__", {}):
         out["method"]["seed"] = "the run's seed"
     mode_ = routing_mode(mode, cfg)
-    out["routing"] = {"mode": mode_, **({"prefix_tokens": cfg["prefix_tokens"]} if mode_ == "perplexity" else {})}
+    routed = mode_ in ("perplexity", "prototype")
+    out["routing"] = {"mode": mode_, **({"prefix_tokens": cfg["prefix_tokens"]} if routed else {})}
     return out
 
 

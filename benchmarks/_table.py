@@ -78,7 +78,7 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
         else:
             gain = heldout = over = "—"
         routing = cfg["routing"]["mode"]
-        if routing == "perplexity":
+        if routing in ("perplexity", "prototype"):
             routed = _ms(row["drift_mean_routed_pct"], "+.3f")
             acc = _ms(row["routing_accuracy_mean"], ".3f")
         elif routing == "none":
@@ -91,9 +91,10 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
             f"| {heldout} | {_ms(row['grad_var'], '.3g')} | {gain} "
             f"| {_ms(row['step_median_ms'], '.1f')} | {over} | {_bytes(row['method_state_bytes'])} |"
         )
-    routed_modes = [m for m in agg["modes"] if setup["modes"][m]["routing"]["mode"] == "perplexity"]
+    routed_modes = [m for m in agg["modes"] if setup["modes"][m]["routing"]["mode"] in ("perplexity", "prototype")]
     if routed_modes:
-        lines += ["", f"Routed evaluation (perplexity routing on the first {setup['routing']['prefix_tokens']} "
+        router = setup["modes"][routed_modes[0]]["routing"]["mode"]
+        lines += ["", f"Routed evaluation ({router} routing on the first {setup['routing']['prefix_tokens']} "
                   "tokens; routed and oracle drift on the same targets, positions >= P):"]  # fmt: skip
         for mode in routed_modes:
             row = agg["modes"][mode]

@@ -16,7 +16,8 @@ directory ``<out>/seed<s>/<SETTING>``; ``--settings`` picks them (default: the f
 
 ``--settings ablation`` is NAIVE, FROZEN and the four ablation variants; ``--settings all`` is every one.
 FROZEN and MODULAR are also evaluated task-agnostically (``RoutedEvaluation(mode="perplexity")``, routing
-on the first ``--prefix-tokens`` tokens of each held-out row); the shared settings and O-LORA need no
+on the first ``--prefix-tokens`` tokens of each held-out row; ``--router prototype``: by the base model's
+features, :mod:`crma_lightning.prototype`); the shared settings and O-LORA need no
 routing (checked with ``mode="none"``): their routed numbers are the oracle ones.
 
 Within each seed the runs take turns one optimizer step at a time (``--interleave step``), so the
@@ -115,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mix-g-max", type=float, default=0.5, help="the -mix ablation settings: CRMA g_max")
     g.add_argument("--prefix-tokens", type=int, help="routed evaluation: prefix tokens P (default 32; tiny 8)")
     g.add_argument("--no-routing", action="store_true", help="skip the routed evaluation of FROZEN and MODULAR")
+    g.add_argument(
+        "--router",
+        choices=("perplexity", "prototype"),
+        default="perplexity",
+        help="how FROZEN and MODULAR are routed (prototype: the base model's features, default settings)",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local Hugging Face model path (default: the built-in pretrained tiny Llama)")
     g.add_argument("--tokenizer", help="tokenizer path (default: the model's own)")
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "log_every_n_steps": 10, "grad_warmup": args.grad_warmup, "prefix_tokens": args.prefix_tokens,
         "routing": not args.no_routing, "replay_buffer": args.replay_buffer, "replay_ratio": args.replay_ratio,
         "ewc_lam": args.ewc_lam, "ewc_fisher_samples": args.ewc_fisher_samples, "olora_lam": args.olora_lam,
-        "mix_g_max": args.mix_g_max,
+        "mix_g_max": args.mix_g_max, "router": args.router,
     }  # fmt: skip
     modes = list(args.settings)
     per_seed: dict[str, Any] = {}

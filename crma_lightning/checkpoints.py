@@ -397,6 +397,9 @@ class CheckpointStore:
             return
         if path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:  # exported after the checkpoint: this stage's
             self.manifest.record(path)
+            router = path.with_name(path.stem + ".router.safetensors")  # prototype routing statistics, if any
+            if router.is_file():
+                self.manifest.record(router)
 
     def set_aside_after(self, path: Path) -> Path | None:
         """Move the files of the stages after stage checkpoint ``path`` to ``abandoned/<time>/`` (rank 0).

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from crma_lightning.losses import row_token_losses
+from crma_lightning.prototype import PrototypeRouter, adapters_off
 
 
 class StopOnStrings(StoppingCriteria):
@@ -140,6 +141,44 @@ def route_prompt(
     return min(losses, key=losses.__getitem__), losses
 
 
+@torch.no_grad()
+def prototype_route(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    device: torch.device,
+    router: PrototypeRouter | None,
+    tasks: list[str],
+    activate: Callable[[str | None], None],
+) -> tuple[str, dict[str, float]]:
+    """Prototype routing of a prompt: one forward of the base model (adapters off) over its first ``P`` tokens.
+
+    Returns the nearest task among ``tasks`` and each one's distance. ``activate``: the host's adapter switch
+    (the caller restores the adapter it needs).
+    """
+    if router is None or not router.tasks:
+        raise ValueError(
+            "prototype routing needs the routing statistics of a run trained with routing: {mode: prototype}; "
+            "this checkpoint has none (use perplexity routing)"
+        )
+    fitted = [t for t in tasks if t in router.tasks]
+    if not fitted:
+        raise ValueError(f"no routing statistics for the candidate tasks {tasks}; fitted: {router.tasks}")
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    if ids.shape[1] < 1:
+        raise ValueError(f"routing needs a prompt of at least 1 token, got {prompt!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_off(model, activate):
+            features = router.features(model, ids, None)
+    finally:
+        model.train(was_training)
+    distances = router.distances(features, fitted)[0].tolist()
+    scores = dict(zip(fitted, distances, strict=True))
+    return min(scores, key=scores.__getitem__), scores
+
+
 class TaskGeneration:
     """``generate`` and ``route``, mixed into :class:`~crma_lightning.module.ContinualLM`.
 
@@ -156,17 +195,29 @@ class TaskGeneration:
         finally:
             self.activate_task(previous)
 
-    def route(self, prompt: str, tasks: list[str] | None = None) -> tuple[str, dict[str, float]]:
-        """The task whose adapter gives ``prompt`` the lowest mean loss (perplexity routing), and each task's loss.
+    def route(
+        self, prompt: str, tasks: list[str] | None = None, mode: str = "perplexity"
+    ) -> tuple[str, dict[str, float]]:
+        """The task chosen for ``prompt`` without a task label, and each candidate's routing score (lower wins).
 
+        ``mode``: ``perplexity`` - the task whose adapter gives the prompt the lowest mean loss (one forward
+        per task; the score is that loss); ``prototype`` - the task whose training rows' base-model features
+        are nearest to the prompt's first ``P`` tokens' (one base forward; the score is the squared
+        Mahalanobis or Euclidean distance; needs a run trained with ``routing: {mode: prototype}``).
         ``tasks``: the candidates (default: every task up to the current one, or all when none is current).
         The active adapter is restored.
         """
+        if mode not in ("perplexity", "prototype"):
+            raise ValueError(f"routing mode must be 'perplexity' or 'prototype', got {mode!r}")
         if tasks is None:  # the tasks trained so far (all of them when none is current, e.g. after loading)
             current = self.current_task
             tasks = self.tasks if current is None else self.tasks[: self.tasks.index(current) + 1]
         previous = self.current_task
         try:
+            if mode == "prototype":
+                return prototype_route(
+                    self.model, self.tokenizer, prompt, self.device, self.router, tasks, self.activate_task
+                )
             candidates = {t: (lambda t=t: self.activate_task(t)) for t in tasks}
             return route_prompt(self.model, self.tokenizer, prompt, self.device, candidates)
         finally:

@@ -45,8 +45,12 @@ from crma_lightning.parallel.dist import is_global_zero
 from crma_lightning.parallel.fsdp2 import fsdp2_mixed_precision
 from crma_lightning.parallel.plain import shard_under_plain_strategy
 from crma_lightning.parallel.rank0_init import has_meta_tensors
+from crma_lightning.prototype import PrototypeRouter
 from crma_lightning.rng import rng_state, set_rng_state
 from crma_lightning.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapterMode, TaskAdapters
+
+ROUTER_KEY = "prototype_router"
+"""Checkpoint entry of the prototype routing statistics (``ContinualLM.router``)."""
 
 
 class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
@@ -165,6 +169,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         self.task_adapter_state = TaskAdapters(self.model, task_adapters, lora, seed)
         # Held-out domain -> the task whose adapter evaluates it (None: LoRA off), where not the domain's own.
         self.evaluation_tasks: dict[str, str | None] = {}
+        # Prototype routing statistics (``routing: {mode: prototype}`` fits them at each stage's end), else None.
+        self.router: PrototypeRouter | None = None
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -362,6 +368,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
             "rng": rng_state(),
         }
         checkpoint[method_hooks.CHECKPOINT_KEY] = method_hooks.save_state(self.method)
+        if self.router is not None:
+            checkpoint[ROUTER_KEY] = self.router.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("continual_model")
@@ -376,6 +384,8 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         method_hooks.load_state(self.method, checkpoint.get(method_hooks.CHECKPOINT_KEY))
         method_hooks.start_task(self)
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        saved_router = checkpoint.get(ROUTER_KEY)
+        self.router = None if saved_router is None else PrototypeRouter.from_state(saved_router)
         set_rng_state(state.get("rng"))
 
     @classmethod

@@ -336,11 +336,14 @@ def _routing_line(routing: dict[str, Any] | None) -> str:
         return "oracle task identity (each domain scored with its own adapter)"
     if mode == "none":
         return "no task identity needed (every task activates the same adapters)"
-    return f"routed by perplexity on the first {routing.get('prefix_tokens')} tokens, and oracle"
+    if mode == "merged":
+        return f"MERGED: one adapter merged ({routing.get('merge')}) from the tasks trained so far, for every domain"
+    how = "by the base model's hidden states (prototype)" if mode == "prototype" else "by perplexity"
+    return f"routed {how} on the first {routing.get('prefix_tokens')} tokens, and oracle"
 
 
 def _routing_lines(report: dict[str, Any]) -> list[str]:
-    """The routed loss matrix, routing accuracy and routed forgetting (``routing: perplexity`` only)."""
+    """The routed loss matrix, routing accuracy, routed forgetting and confusion (``perplexity``/``prototype``)."""
     routing = report.get("routing") or {}
     values = routing.get("loss_matrix_routed")
     if not values:
@@ -348,7 +351,8 @@ def _routing_lines(report: dict[str, Any]) -> list[str]:
     domains = report["domains"]
     lines = [
         "",
-        f"## Task-agnostic evaluation (routing on the first {routing['prefix_tokens']} tokens)",
+        f"## Task-agnostic evaluation ({'prototype ' if routing['mode'] == 'prototype' else ''}routing on the first "
+        f"{routing['prefix_tokens']} tokens)",
         "",
         "Routed loss `L~[s][j]` on the tokens after the prefix, and the routing accuracy (share of domain *j*'s "
         "sequences routed to *j*'s adapter).",
@@ -372,6 +376,19 @@ def _routing_lines(report: dict[str, Any]) -> list[str]:
             f"- routed task scores after the last stage: {final}; routed AP: **{_fmt(s.get('ap'), 3)}**, "
             f"routed BWT_score: {_fmt(s.get('bwt_score'), 3)}"
         )
+    confusion = routing.get("confusion_final")
+    if confusion:
+        lines += ["", "Where each domain's held-out sequences were routed after the last evaluated stage:", ""]
+        lines += confusion_lines(confusion)
+    return lines
+
+
+def confusion_lines(confusion: dict[str, Any]) -> list[str]:
+    """A markdown table of routing counts: one row per domain, one column per candidate adapter."""
+    names = confusion["candidates"]
+    lines = ["| domain (rows) → routed to | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for domain, counts in confusion["counts"].items():
+        lines.append(f"| {domain} | " + " | ".join(str(c) for c in counts) + " |")
     return lines
 
 

@@ -9,6 +9,10 @@ An evaluation policy, not a continual-learning method: the ``routing:`` callback
 * ``perplexity`` - per sequence, the first ``P`` tokens (``prefix_tokens``, default
   :data:`DEFAULT_PREFIX_TOKENS` = 32) are scored under every task adapter; the adapter with the lowest
   mean loss on them is chosen and scores the *rest* of the sequence (targets at positions ``≥ P``).
+* ``prototype`` - per sequence, one forward of the frozen base model (adapters off) over the same ``P``
+  tokens gives pooled hidden states; the task with the nearest training-set mean (shared shrunk
+  covariance, :mod:`crma_lightning.prototype`) is chosen and scores the rest: 2 forwards per sequence
+  at serving time whatever the number of tasks.
 * ``none`` - the method needs no routing: one adapter (``shared``) or all of them at once (O-LoRA).
 
 No peeking, by construction: the routing losses come from a forward pass over the prefix *alone*
@@ -30,12 +34,14 @@ from crma_lightning.losses import row_token_losses
 
 ORACLE = "oracle"
 PERPLEXITY = "perplexity"
+PROTOTYPE = "prototype"
 NONE = "none"
-ROUTING_MODES = (ORACLE, PERPLEXITY, NONE)
+ROUTING_MODES = (ORACLE, PERPLEXITY, PROTOTYPE, NONE)
 DEFAULT_PREFIX_TOKENS = 32
 """Tokens read to choose an adapter: enough for a clear signal on text, a quarter of a 128-token row."""
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (input_ids, attention_mask) -> logits
+ScoresFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # prefix (ids, mask) -> (B, K), lower wins
 
 
 class RoutedBatch(NamedTuple):
@@ -45,7 +51,8 @@ class RoutedBatch(NamedTuple):
         choices: The chosen adapter of each row, ``len == B``.
         loss_sum: Summed cross-entropy of the scored targets (positions ``≥ P``) under each row's choice.
         tokens: Number of scored targets (prefix and padding excluded).
-        prefix_losses: ``(B, K)`` mean prefix loss of each row under each of the ``K`` adapters.
+        prefix_losses: ``(B, K)`` routing score of each row for each of the ``K`` adapters, lowest chosen:
+            the mean prefix loss (perplexity) or the distance to the task's prototype (``scores_fn``).
         scored_sums: ``(B, K)`` summed loss of each row's scored targets under each adapter (column ``k``
             summed: the oracle loss on the same targets when adapter ``k`` is the rows' own).
     """
@@ -77,6 +84,7 @@ def route_batch(
     adapters: Sequence[str],
     prefix_tokens: int,
     activate: Callable[[str], None],
+    scores_fn: ScoresFn | None = None,
 ) -> RoutedBatch:
     """Perplexity routing of one batch: choose per row on the prefix, score the rest with the choice.
 
@@ -92,6 +100,8 @@ def route_batch(
         prefix_tokens: ``P``, the tokens read to choose; targets at positions ``≥ P`` are scored.
         activate: Makes adapter ``name`` the active one. It stays on the last adapter tried: the caller
             restores what it needs.
+        scores_fn: Instead of the prefix losses, ``(prefix_ids, prefix_mask) -> (B, K)`` scores (lower wins)
+            from the prefix alone, e.g. prototype distances: then no adapter runs on the prefix.
 
     Returns:
         The choices, the summed scored loss, the scored token count and the prefix losses.
@@ -106,12 +116,14 @@ def route_batch(
     rest_labels = scored_labels(labels, prefix_tokens)  # (B, T)
 
     prefix_losses, row_sums = [], []
+    given = None if scores_fn is None else scores_fn(prefix_ids, prefix_mask)  # (B, K)
     for name in adapters:
         activate(name)
-        total, count = row_token_losses(model_fn(prefix_ids, prefix_mask), prefix_labels)
-        prefix_losses.append(total / count.clamp_min(1))  # (B,) mean over the prefix's targets
+        if given is None:
+            total, count = row_token_losses(model_fn(prefix_ids, prefix_mask), prefix_labels)
+            prefix_losses.append(total / count.clamp_min(1))  # (B,) mean over the prefix's targets
         row_sums.append(row_token_losses(model_fn(ids, mask), rest_labels))
-    losses = torch.stack(prefix_losses, dim=1)  # (B, K)
+    losses = torch.stack(prefix_losses, dim=1) if given is None else given  # (B, K)
     choice = losses.argmin(dim=1)  # (B,); argmin returns the first of equal minima
     sums = torch.stack([s for s, _ in row_sums], dim=1)  # (B, K)
     counts = row_sums[0][1]  # (B,) the same targets under every adapter

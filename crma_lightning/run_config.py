@@ -69,4 +69,6 @@ def python_run_config(
     }
     if routing is not None:
         config["routing"] = {"mode": routing.mode, "prefix_tokens": routing.prefix_tokens}
+        if routing.mode == "prototype":
+            config["routing"].update(routing.prototype_settings)
     return "# written by ContinualRunner (a run made from Python)\n" + yaml.safe_dump(config, sort_keys=False)

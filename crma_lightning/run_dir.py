@@ -79,6 +79,7 @@ class RunDirectory:
             datamodule = SequentialDomainDataModule(**settings)
         self.seed = int(model.hparams["seed"])
         self.trainer_kwargs = dict(cli.runner.trainer_kwargs) if cli.runner is not None else {}
+        self.routing = cli.runner.routing if cli.runner is not None else None  # the run's routed evaluation
         self.domains = list(cli.datamodule.domain_names)
         return model, datamodule
 

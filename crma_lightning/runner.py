@@ -43,6 +43,7 @@ from crma_lightning.interrupts import RunInterrupted, StopAndSave, StopSignals
 from crma_lightning.module import ContinualLM
 from crma_lightning.parallel.dist import is_global_zero, owns_run_dir
 from crma_lightning.parallel.export import export_adapters
+from crma_lightning.prototype import ROUTER_FILE_SUFFIX, save_router
 from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses, write_report
 from crma_lightning.resume_settings import refuse_optimizer_class_change, write_stage_configs
 from crma_lightning.run_config import python_run_config
@@ -184,6 +185,10 @@ class ContinualRunner:
         path, ckpt = self._resume_choice
         if path is not None and ckpt is not None and not CheckpointStore.is_stage_checkpoint(path):
             refuse_optimizer_class_change(path, ckpt, self.config_text, datamodule.domain_names)
+        if ckpt is not None and self.routing is not None:  # before any work: routed numbers need the same routing
+            saved = (ckpt.get("callbacks") or {}).get(self.routing.state_key)
+            if saved:
+                self.routing.check_resumable(saved)
 
     def run(self, model: ContinualLM, datamodule: SequentialDomainDataModule) -> dict[str, Any]:
         """Run every remaining stage; returns the final report (also written to ``run_dir``).
@@ -407,6 +412,8 @@ class ContinualRunner:
         # Every rank joins: sharded (FSDP) adapters are gathered collectively; rank 0 writes the file.
         metadata = {"stage": stage + 1, "domain": domain, **model.identity()}
         export_adapters(model.model, path, metadata=metadata, write=trainer.is_global_zero)
+        if model.router is not None and trainer.is_global_zero:  # prototype routing statistics, beside them
+            save_router(model.router, path.with_name(path.stem + ROUTER_FILE_SUFFIX))
 
     def _restore(self, model: ContinualLM, dm: SequentialDomainDataModule) -> tuple[Path | None, bool]:
         """Load the chosen checkpoint's states; returns (path, stage_was_complete)."""

@@ -155,22 +155,28 @@ def routed_score_sums(
     candidates: dict[str, Callable[[], None]],
     world: int = 1,
     rank: int = 0,
+    choose: Callable[[list[dict[str, Any]]], list[int]] | None = None,
 ) -> tuple[float, int]:
     """:func:`domain_score_sums` with each prompt answered by the adapter chosen by perplexity routing.
 
     The chosen adapter is the candidate under which the whole prompt has the lowest mean loss. Every
     candidate answers every row of the shard and the routed one's answer is kept: the same forwards on
     every rank whatever the routing chose (sharded models need that), at the price of one generation
-    per candidate.
+    per candidate. ``choose``: instead of the prompt losses, a function giving each row's candidate index
+    (prototype routing: from the base model's features of the prompt).
     """
     mine, counts = shard_rows(rows, world, rank, batch_size)
     synced = world > 1 and distributed_ready()
     losses, answers = [], []
+    chosen = None
+    if choose is not None:  # in batches, so every rank runs as many routing forwards
+        chosen = [k for i in range(0, len(mine), batch_size) for k in choose(mine[i : i + batch_size])]
     for activate in candidates.values():
         activate()
-        losses.append(prompt_losses(model, tokenizer, mine, device, batch_size))
+        if chosen is None:
+            losses.append(prompt_losses(model, tokenizer, mine, device, batch_size))
         answers.append(predictions(model, tokenizer, metric, mine, device, batch_size, synced=synced))
-    choice = torch.stack(losses).argmin(dim=0).tolist()
+    choice = chosen if chosen is not None else torch.stack(losses).argmin(dim=0).tolist()
     routed = [answers[k][i] for i, k in enumerate(choice)]
     scores = row_scores(metric, routed, [r["reference"] for r in mine])
     return float(sum(s for s, c in zip(scores, counts) if c)), sum(counts)

@@ -107,9 +107,9 @@ def test_ties_and_validation():
         route_batch(model, batch, [], 4, model.activate)
     with pytest.raises(ValueError, match="prefix_tokens=1"):
         route_batch(model, batch, ["a"], 1, model.activate)
-    assert set(ROUTING_MODES) == {"oracle", "perplexity", "none"}
+    assert set(ROUTING_MODES) == {"oracle", "perplexity", "prototype", "none"}
     validate_routing("perplexity", 32)
-    with pytest.raises(ValueError, match=r"evaluation.routing='ppl'.*\['oracle', 'perplexity', 'none'\]"):
+    with pytest.raises(ValueError, match=r"evaluation.routing='ppl'.*\['oracle', 'perplexity', 'prototype', 'none'\]"):
         validate_routing("ppl")
     with pytest.raises(ValueError, match="prefix_tokens=0"):
         validate_routing("perplexity", 0)

@@ -7,13 +7,21 @@ tokens (``prefix_tokens``) are scored under each adapter trained so far, the low
 adapter, and the rest of the sequence is scored with it (:func:`crma_lightning.routing.route_batch`).
 It runs after the module's ``validation_step`` on the same batch, so the oracle numbers are untouched.
 
+With ``mode: prototype`` the choice comes from one forward of the frozen base model over the same prefix
+(:mod:`crma_lightning.prototype`): at each stage's evaluation the statistics of the task just trained are
+fitted on its training rows (summed over processes) and kept in the module (``ContinualLM.router``), so
+they are in the stage checkpoint and the exported adapters' directory. Every candidate adapter still runs
+one full forward on every batch here: the oracle loss on the same targets needs them, and every rank then
+runs the same forwards (FSDP). Serving (``generate``, ``ContinualLM.route``) runs 2 forwards per sequence.
+
 Domains with a task ``metric`` also get a routed score matrix ``S~[s][j]``: each held-out prompt is answered
 by the adapter under which the prompt has the lowest mean loss
 (:func:`crma_lightning.scoring.routed_score_sums`).
 
 Per matrix row ``s`` and domain ``j`` it records the routed loss ``L~[s][j]``, the oracle loss on the
-same targets (positions ``>= P``, the domain's own adapter) and the routing accuracy (fraction of
-``j``'s sequences routed to ``j``'s adapter). Tasks whose adapters are the same (``shared``, O-LoRA's
+same targets (positions ``>= P``, the domain's own adapter), the routing accuracy (fraction of
+``j``'s sequences routed to ``j``'s adapter) and the confusion counts (how many of ``j``'s sequences went
+to each candidate). Tasks whose adapters are the same (``shared``, O-LoRA's
 stack) are one candidate, so routing among them is never counted as an error. ``mode: none`` asserts
 that the evaluation needs no task identity (every task activates the same adapters) and adds nothing.
 """
@@ -26,12 +34,13 @@ from typing import Any
 import lightning as L
 import torch
 
-from crma_lightning import _compat, metrics, scoring
+from crma_lightning import _compat, metrics, prototype, scoring
 from crma_lightning.callbacks.stages import log_to_loggers
 from crma_lightning.routing import (
     DEFAULT_PREFIX_TOKENS,
     NONE,
     ORACLE,
+    PROTOTYPE,
     route_batch,
     validate_routing,
 )
@@ -48,17 +57,33 @@ class RoutedEvaluation(L.Callback):
             held-out sequence on its first ``prefix_tokens`` tokens) or ``none`` (the method needs no
             routing: checked, nothing extra).
         prefix_tokens: ``P``: tokens read to choose an adapter; only targets at positions ``>= P`` are scored.
+        layer: ``prototype``: the base model's ``hidden_states`` index pooled (-1: the last layer).
+        pooling: ``prototype``: ``mean``, ``last`` or ``mean_last`` over the prefix.
+        estimator: ``prototype``: ``mahalanobis`` (shared shrunk covariance) or ``nearest`` (Euclidean).
+        shrinkage: ``prototype``: weight of the identity in the shrunk covariance, in [0, 1].
 
     Attributes:
         matrix: Routed loss matrix ``L~[s][j]`` (row 0: base model), ``None`` where not evaluated.
         oracle_matrix: The oracle loss on the routed targets (positions ``>= P``), same layout.
         accuracy: Routing accuracy per row and domain; ``None`` for the base row and untrained domains.
         scores: Routed task scores ``S~[s][j]`` of the domains with a metric (``None`` elsewhere).
+        confusion: Per row, ``{"candidates": [...], "counts": {domain: [rows routed to each candidate]}}``.
     """
 
-    def __init__(self, mode: str = ORACLE, prefix_tokens: int = DEFAULT_PREFIX_TOKENS) -> None:
+    def __init__(
+        self,
+        mode: str = ORACLE,
+        prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+        layer: int = prototype.DEFAULT_LAYER,
+        pooling: str = prototype.DEFAULT_POOLING,
+        estimator: str = "mahalanobis",
+        shrinkage: float = prototype.DEFAULT_SHRINKAGE,
+    ) -> None:
         validate_routing(mode, prefix_tokens)
+        prototype.validate_prototype(layer, pooling, estimator, shrinkage)
         self.mode, self.prefix_tokens = mode, prefix_tokens
+        self.prototype_settings = {"layer": layer, "pooling": pooling, "estimator": estimator, "shrinkage": shrinkage}
+        self.confusion: list[dict[str, Any] | None] = []
         self.domains: list[str] = []
         self.matrix: list[list[float | None]] = []
         self.oracle_matrix: list[list[float | None]] = []
@@ -68,6 +93,7 @@ class RoutedEvaluation(L.Callback):
         self._candidates: dict[str, str | None] = {}  # candidate label -> a task that activates it
         self._own: dict[str, str] = {}  # domain -> the label of its own adapter(s)
         self._sums: dict[str, torch.Tensor] = {}
+        self._chosen: dict[str, torch.Tensor] = {}  # domain -> (K,) rows routed to each candidate
 
     # ------------------------------------------------------------------ which adapters
     @staticmethod
@@ -98,7 +124,66 @@ class RoutedEvaluation(L.Callback):
             label = "+".join(keys[task])
             self._candidates.setdefault(label, task)
             self._own[task] = label
-        self._sums = {}
+        self._sums, self._chosen = {}, {}
+        if self.mode == PROTOTYPE and self._row > 0:
+            self._fit_prototypes(trainer, pl_module, tasks[: self._row])
+
+    # ------------------------------------------------------------------ prototype statistics
+    def router(self, pl_module: L.LightningModule) -> prototype.PrototypeRouter:
+        """The module's router (created with this callback's settings; a resumed one must agree)."""
+        settings = {"prefix_tokens": self.prefix_tokens, **self.prototype_settings}
+        router = getattr(pl_module, "router", None)
+        if router is None:
+            router = pl_module.router = prototype.PrototypeRouter(**settings)
+        else:
+            fitted = {k: router.settings()[k] for k in ("prefix_tokens", "layer", "pooling")}
+            wanted = {k: settings[k] for k in fitted}
+            if router.tasks and fitted != wanted:
+                raise ValueError(
+                    f"the checkpoint's routing statistics were fitted with {fitted}; this run has {wanted} "
+                    "(use the original settings or a new run dir)"
+                )
+            router.prefix_tokens, router.layer, router.pooling = wanted.values()
+            router.configure(settings["estimator"], settings["shrinkage"])
+        return router
+
+    def _fit_prototypes(self, trainer: L.Trainer, pl_module: L.LightningModule, trained: list[str]) -> None:
+        """Fit the statistics of every trained task that has none yet (the stage just trained), on every rank."""
+        router = self.router(pl_module)
+        dm = trainer.datamodule
+        pad = dm.tokenizer.pad_token_id if dm.tokenizer.pad_token_id is not None else (dm.tokenizer.eos_token_id or 0)
+        for task in trained:
+            if task in router.tasks:
+                continue
+            rows = dm.train_sets[task]["input_ids"]
+            with prototype.adapters_off(pl_module.model, pl_module.activate_task):
+                local = prototype.local_task_sums(
+                    router,
+                    pl_module.model,
+                    rows,
+                    dm.eval_batch_size,
+                    pl_module.device,
+                    pad,
+                    world=trainer.world_size,
+                    rank=trainer.global_rank,
+                )
+            router.add_task(task, trainer.strategy.reduce(local, reduce_op="sum"))
+
+    def _prototype_scores(self, pl_module: L.LightningModule) -> Any:
+        """``(prefix_ids, prefix_mask) -> (B, K)`` distances to the candidates (``None`` unless prototype)."""
+        if self.mode != PROTOTYPE:
+            return None
+        if self._row == 0:  # one candidate (the base model): nothing to choose
+            return lambda ids, mask: torch.zeros(ids.shape[0], 1, device=ids.device)
+        router = pl_module.router
+        groups = {label: [t for t, own in self._own.items() if own == label] for label in self._candidates}
+
+        def scores(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            with prototype.adapters_off(pl_module.model, pl_module.activate_task):
+                features = router.features(pl_module.model, ids, mask)
+            return prototype.candidate_scores(router, features, groups)
+
+        return scores
 
     # ------------------------------------------------------------------ accumulation
     def on_validation_batch_end(
@@ -120,16 +205,21 @@ class RoutedEvaluation(L.Callback):
             labels,
             self.prefix_tokens,
             lambda label: pl_module.activate_task(self._candidates[label]),
+            scores_fn=self._prototype_scores(pl_module),
         )
         domain = batch["domain"]
         own = BASE if self._row == 0 else self._own.get(domain)  # None: a domain not trained yet
         # Counted on the device (no host sync per batch): rows with a prefix target are real (not padding).
         real = (batch["labels"][:, 1 : self.prefix_tokens] != -100).any(dim=1).to(routed.prefix_losses.device)
+        picked = routed.prefix_losses.argmin(dim=1)  # the choice route_batch made
+        chosen = torch.zeros(len(labels), dtype=torch.float64, device=pl_module.device)
+        chosen.index_add_(0, picked[real].to(pl_module.device), torch.ones_like(picked[real], dtype=torch.float64))
+        self._chosen[domain] = self._chosen.get(domain, torch.zeros_like(chosen)) + chosen.to(pl_module.device)
         if own is None:  # a domain not trained yet: nothing counts as correct, no oracle loss
             correct, oracle = real.new_zeros(()), routed.loss_sum.new_zeros(())
         else:
             k = labels.index(own)
-            correct = (real & (routed.prefix_losses.argmin(dim=1) == k)).sum()  # the choice route_batch made
+            correct = (real & (picked == k)).sum()
             oracle = routed.scored_sums[:, k].sum()
         values = [routed.loss_sum, oracle, routed.tokens, correct, real.sum()]
         row = torch.stack([v.to(device=pl_module.device, dtype=torch.float64) for v in values])
@@ -143,8 +233,25 @@ class RoutedEvaluation(L.Callback):
         local = torch.stack([self._sums.get(d, zeros) for d in order])  # (D, 5)
         total = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
         self._record(trainer, self._row, dict(zip(order, total, strict=True)))
+        self._record_confusion(trainer, pl_module, self._row, order)
         self._score(trainer, pl_module, self._row, order)
         self._row = None
+
+    def _record_confusion(self, trainer: L.Trainer, pl_module: L.LightningModule, row: int, order: list[str]) -> None:
+        """Rows of each domain routed to each candidate, summed over processes; logged as a TensorBoard figure."""
+        labels = list(self._candidates)
+        zeros = torch.zeros(len(labels), dtype=torch.float64, device=pl_module.device)
+        local = torch.stack([self._chosen.get(d, zeros) for d in order])  # (D, K)
+        total = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
+        names = [self._candidates[label] or BASE for label in labels]  # a task that the candidate serves
+        while len(self.confusion) <= row:
+            self.confusion.append(None)
+        self.confusion[row] = {
+            "candidates": names,
+            "counts": {d: [round(c) for c in counts] for d, counts in zip(order, total, strict=True)},
+        }
+        if trainer.is_global_zero and row > 0:
+            log_confusion(trainer, self.confusion[row], row)
 
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, row: int, order: list[str]) -> None:
         """Routed task scores of row ``row`` for the domains of ``order`` that have a metric."""
@@ -154,6 +261,16 @@ class RoutedEvaluation(L.Callback):
         if not scored:
             return
         candidates = {label: (lambda t=task: pl_module.activate_task(t)) for label, task in self._candidates.items()}
+        scores_fn = self._prototype_scores(pl_module)
+        choose = None
+        if scores_fn is not None:
+            pad = pl_module.tokenizer.pad_token_id
+            pad = pad if pad is not None else (pl_module.tokenizer.eos_token_id or 0)
+
+            def choose(rows: list[dict[str, Any]]) -> list[int]:
+                ids, mask = prototype.right_padded([r["prompt_ids"] for r in rows], pad, pl_module.device)
+                return scores_fn(ids, mask).argmin(dim=1).tolist()
+
         sums = [
             scoring.routed_score_sums(
                 pl_module.model,
@@ -165,6 +282,7 @@ class RoutedEvaluation(L.Callback):
                 candidates,
                 world=trainer.world_size,
                 rank=trainer.global_rank,
+                choose=choose,
             )
             for d in scored
         ]
@@ -211,6 +329,8 @@ class RoutedEvaluation(L.Callback):
         if self.mode == ORACLE:
             return out
         out["prefix_tokens"] = self.prefix_tokens
+        if self.mode == PROTOTYPE:
+            out["prototype"] = dict(self.prototype_settings)
         if self.mode == NONE or not self.matrix:
             return out
         rows = len(self.matrix) if upto is None else upto + 1
@@ -220,6 +340,10 @@ class RoutedEvaluation(L.Callback):
         last = self.accuracy[rows - 1] if rows else []
         out["routing_accuracy_final"] = dict(zip(self.domains, last, strict=True))
         out["metrics_routed"] = self.summary_metrics(upto=rows - 1)
+        confusion = [c for c in self.confusion[:rows] if c is not None]
+        if confusion:
+            out["confusion"] = list(self.confusion[:rows]) + [None] * (rows - len(self.confusion[:rows]))
+            out["confusion_final"] = confusion[-1]
         if self.scores:
             scores = [list(r) for r in self.scores[:rows]]
             scores += [[None] * len(self.domains) for _ in range(rows - len(scores))]
@@ -240,17 +364,43 @@ class RoutedEvaluation(L.Callback):
             "oracle_matrix": [list(r) for r in self.oracle_matrix],
             "accuracy": [list(r) for r in self.accuracy],
             "scores": [list(r) for r in self.scores],
+            "confusion": list(self.confusion),
+            "prototype": dict(self.prototype_settings),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def check_resumable(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` when a checkpoint's routed numbers were made with other routing settings."""
         saved = (state_dict.get("mode"), state_dict.get("prefix_tokens"))
         if state_dict.get("matrix") and saved != (self.mode, self.prefix_tokens):
             raise ValueError(
                 f"checkpoint was evaluated with routing mode={saved[0]!r}, prefix_tokens={saved[1]!r}; this run has "
                 f"mode={self.mode!r}, prefix_tokens={self.prefix_tokens!r} (use the original settings or a new run dir)"
             )
+        fitted = {k: (state_dict.get("prototype") or {}).get(k) for k in ("layer", "pooling")}
+        wanted = {k: self.prototype_settings[k] for k in fitted}
+        if self.mode == PROTOTYPE and state_dict.get("matrix") and fitted != wanted:
+            raise ValueError(
+                f"checkpoint's routing statistics were fitted with {fitted}; this run has {wanted} "
+                "(use the original settings or a new run dir)"
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_resumable(state_dict)
         self.domains = list(state_dict.get("domains", []))
         self.matrix = [list(r) for r in state_dict.get("matrix", [])]
         self.oracle_matrix = [list(r) for r in state_dict.get("oracle_matrix", [])]
         self.accuracy = [list(r) for r in state_dict.get("accuracy", [])]
         self.scores = [list(r) for r in state_dict.get("scores", [])]
+        self.confusion = list(state_dict.get("confusion", []))
+
+
+def log_confusion(trainer: L.Trainer, confusion: dict[str, Any], row: int) -> None:
+    """The confusion counts as a TensorBoard text table ``routing/confusion`` (rows: domains; columns: choices)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from crma_lightning.report import confusion_lines
+
+    text = "\n".join(confusion_lines(confusion))
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text("routing/confusion", text, global_step=_compat.logging_step(trainer))

@@ -2,8 +2,9 @@
 
 Reads each run's ``report.json`` (nothing is re-evaluated; run ``crma-lightning evaluate`` first to
 refresh a report). The table holds, per run: status, domains, the continual method, mean drift (oracle
-task identity) and, for runs evaluated with ``routing: perplexity``, the routed mean drift and mean
-routing accuracy, mean base-relative forgetting, BWT, FWT, mean plasticity, and the gradient norm's
+task identity) and, for runs evaluated with ``routing: perplexity`` or ``prototype``, the routed mean drift,
+mean routing accuracy, the routing mode and the routed task-score AP, mean base-relative forgetting,
+BWT, FWT, mean plasticity, and the gradient norm's
 variance and coefficient of variation (std / mean) over the run, and for runs whose domains have a task
 metric the task-score AP, BWT_score and mean forgetting (docs/metrics.md). The settings are the ``config``
 sections of the reports, flattened to dotted keys; every key whose value is not the same in all runs is
@@ -27,11 +28,13 @@ COLUMNS = {
     "drift_mean": "mean drift %",
     "drift_mean_routed": "routed mean drift %",
     "routing_accuracy_mean": "routing accuracy",
+    "routing": "routed by",
     "base_relative_forgetting_mean": "mean base-rel. forgetting %",
     "bwt": "BWT",
     "fwt": "FWT",
     "plasticity_mean": "mean plasticity",
     "ap": "AP (task score)",
+    "ap_routed": "routed AP",
     "bwt_score": "BWT_score",
     "forgetting_mean": "mean score forgetting",
     "grad_norm_var": "grad-norm variance",
@@ -130,6 +133,8 @@ def compare(names: list[str], reports: list[dict[str, Any]]) -> dict[str, Any]:
                 **{k: m.get(k) for k in ("drift_mean", "base_relative_forgetting_mean", "bwt", "fwt")},
                 "drift_mean_routed": (routing.get("metrics_routed") or {}).get("drift_mean"),
                 "routing_accuracy_mean": sum(accuracy) / len(accuracy) if accuracy else None,
+                "routing": routing.get("mode", "oracle"),
+                "ap_routed": (routing.get("score_metrics_routed") or {}).get("ap"),
                 "plasticity_mean": m.get("plasticity_mean"),
                 **{k: scores.get(k) for k in ("ap", "bwt_score", "forgetting_mean")},
                 "grad_norm_var": grads.get("var"),

@@ -44,6 +44,22 @@ def build_parser() -> CommandParser:
         help="other held-out data: a YAML/JSON list of domains (data.domains fields, plus an optional "
         "`task:` naming the adapter to use), or a YAML file holding that list",
     )
+    parser.add_argument(
+        "--routing",
+        choices=["perplexity", "prototype"],
+        help="also evaluate without task labels: each held-out sequence routed by perplexity or by the base "
+        "model's features (prototype; statistics from the checkpoint, else fitted on the run's training rows)",
+    )
+    parser.add_argument(
+        "--merge",
+        choices=["mean", "ties"],
+        help="evaluate MERGED: every domain with one adapter merged from the tasks trained so far (per-task runs)",
+    )
+    parser.add_argument("--density", type=float, default=0.2, help="--merge ties: share of each update kept (0.2)")
+    parser.add_argument("--scale", type=float, default=1.0, help="--merge ties: factor of the merged update (1.0)")
+    parser.add_argument(
+        "--prefix_tokens", type=int, help="tokens read to route (default: the run's routing.prefix_tokens, else 32)"
+    )
     parser.add_argument("--out", help="output directory (default: RUN/evaluation)")
     parser.add_argument("--accelerator", help="Lightning accelerator (default: the run's trainer.accelerator)")
     return parser
@@ -58,15 +74,24 @@ def run_evaluate(args: list[str]) -> None:
     for task in routes.values():
         if task is not None:
             run.check_task(task)
+    routing = _routing(run, opts)
+    merge = _merge(model, opts)
     plan = _plan(run, opts)
     out = writable_dir(opts.out or run.path / "evaluation")  # after the checks, before the evaluation
     t0 = time.perf_counter()
     from crma_lightning.callbacks.evaluation import DomainEvaluation
 
     evaluation = DomainEvaluation(log_heatmap=False)  # also fills the score matrix of domains with a metric
-    matrix, sources, completed = evaluate_rows(run, model, dm, plan, routes, opts.accelerator, evaluation)
+    matrix, sources, completed = evaluate_rows(
+        run, model, dm, plan, routes, opts.accelerator, evaluation, [routing] if routing is not None else [], merge
+    )
     scores = evaluation.score_summary(upto=completed) if dm.domain_names == run.domains else {}
     report = _report(run, model, dm, matrix, sources, completed, time.perf_counter() - t0, scores)
+    if routing is not None:
+        report["routing"] = routing.summary(upto=completed)
+    if merge is not None:
+        report["evaluation"]["merge"] = merge
+        report["routing"] = {"mode": "merged", **merge}  # the evaluation policy: no task identity at all
     report["evaluation"]["routes"] = {d: t for d, t in routes.items()}
     report["status"] = "evaluated" + final_status(report).removeprefix("complete")  # names a non-finite loss
     markdown = _markdown(report, run)
@@ -79,6 +104,37 @@ def run_evaluate(args: list[str]) -> None:
     print(f"Written: {out / 'report.json'}, {out / 'report.md'}")
     if report.get("nonfinite_evaluations"):  # as fit: a diverged adapter is exit 3
         raise NonFiniteResults(f"{report['status']}; see {out / 'report.md'}")
+
+
+def _merge(model: Any, opts: Any) -> dict[str, Any] | None:
+    """The ``--merge`` settings (``None``: each domain with its own adapter), checked before any work."""
+    if opts.merge is None:
+        return None
+    if opts.routing or opts.data:
+        raise ValueError("--merge evaluates one merged adapter on the run's own domains: drop --routing and --data")
+    if model.task_adapters != "per_task":
+        raise ValueError(f"--merge merges per-task adapters; this run has task_adapters={model.task_adapters!r}")
+    if not 0.0 < opts.density <= 1.0:
+        raise ValueError(f"--density {opts.density} is invalid: expected a share in (0, 1]")
+    return {"merge": opts.merge, **({"density": opts.density, "scale": opts.scale} if opts.merge == "ties" else {})}
+
+
+def _routing(run: RunDirectory, opts: Any) -> Any:
+    """The routed evaluation asked for with ``--routing`` (``None``: oracle only); the run's settings by default."""
+    if opts.routing is None:
+        if opts.prefix_tokens is not None:
+            raise ValueError("--prefix_tokens needs --routing perplexity or --routing prototype")
+        return None
+    if opts.data:
+        raise ValueError("--routing evaluates the run's own domains (their training rows fit the routing); drop --data")
+    from crma_lightning.callbacks.routing import RoutedEvaluation
+    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
+
+    saved = run.routing
+    same = saved is not None and saved.mode == opts.routing == "prototype"
+    prefix = opts.prefix_tokens or (saved.prefix_tokens if saved is not None and saved.mode != "oracle" else None)
+    settings = dict(saved.prototype_settings) if same and prefix == saved.prefix_tokens else {}
+    return RoutedEvaluation(mode=opts.routing, prefix_tokens=prefix or DEFAULT_PREFIX_TOKENS, **settings)
 
 
 def parse_data(value: str) -> tuple[list[Any], dict[str, str | None]]:
@@ -131,6 +187,8 @@ def evaluate_rows(
     routes: dict[str, str | None],
     accelerator: str | None = None,
     evaluation: Any = None,
+    callbacks: list[Any] | None = None,
+    merge: dict[str, Any] | None = None,
 ) -> tuple[list[list[float | None]], dict[str, str], int]:
     """Evaluate the rows of ``plan``; returns the loss matrix, the source of each row, and the last row.
 
@@ -138,6 +196,9 @@ def evaluate_rows(
     checkpoint was verified and loaded by the run's one loader (:meth:`RunDirectory.load`). With the
     run's own domains the matrix is ``fit``'s; with other domains (``--data``) it has one column per
     given domain, every one evaluated in every row, each with the adapter ``routes`` (or its name) gives.
+    ``callbacks``: more callbacks of the evaluation (``--routing``: the routed evaluation). ``merge``
+    (``--merge``): row ``s`` evaluates every domain with the merge of the adapters of the ``s`` tasks trained
+    (row 0: the base model).
     """
     import lightning as L
 
@@ -156,7 +217,7 @@ def evaluate_rows(
         precision=kwargs.get("precision"),
         limit_val_batches=kwargs.get("limit_val_batches"),
         inference_mode=kwargs.get("inference_mode", True),
-        callbacks=[evaluation],
+        callbacks=[evaluation, *(callbacks or [])],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -167,8 +228,15 @@ def evaluate_rows(
     sources: dict[str, str] = {}
     last = 0
     for row, path in plan:
+        if merge is not None:
+            _drop_merged(model)  # the checkpoint has no such adapter
         if path is not None:
             row = run.load(model, path)
+        elif getattr(model, "router", None) is not None:
+            model.router = None  # the freshly built model: no routing statistics yet
+        if merge is not None:
+            _use_merged(model, run.domains[:row], merge)
+        _refit_other_statistics(model, callbacks or [])
         model.activate_task(None)
         evaluation.evaluate_row(trainer, model, dm, row, all_domains=not same_domains)
         sources[str(row)] = str(path) if path is not None else f"freshly built model (seed {run.seed})"
@@ -176,6 +244,37 @@ def evaluate_rows(
     width = len(dm.domain_names)
     matrix = [list(r) for r in evaluation.matrix] + [[None] * width] * (last + 1 - len(evaluation.matrix))
     return matrix[: last + 1], sources, last
+
+
+def _refit_other_statistics(model: Any, callbacks: list[Any]) -> None:
+    """Drop the checkpoint's prototype statistics when ``--routing prototype`` asks for other ones (refitted)."""
+    router = getattr(model, "router", None)
+    for cb in callbacks:
+        if getattr(cb, "mode", None) == "prototype" and router is not None:
+            wanted = {"prefix_tokens": cb.prefix_tokens, **cb.prototype_settings}
+            if any(router.settings()[k] != wanted[k] for k in ("prefix_tokens", "layer", "pooling")):
+                model.router = None
+
+
+def _drop_merged(model: Any) -> None:
+    from crma_lightning.adapters import delete_lora_adapter, lora_adapter_names
+    from crma_lightning.merging import MERGED_ADAPTER
+
+    if MERGED_ADAPTER in lora_adapter_names(model.model):
+        delete_lora_adapter(model.model, MERGED_ADAPTER)
+    model.evaluation_tasks = {}
+
+
+def _use_merged(model: Any, tasks: list[str], merge: dict[str, Any]) -> None:
+    """Add the merge of ``tasks``' adapters and evaluate every domain with it (no tasks: the base model)."""
+    from crma_lightning.merging import MERGED_ADAPTER, add_merged_adapter
+
+    if not tasks:
+        model.evaluation_tasks = {t: None for t in model.tasks}
+        return
+    ties = {k: merge[k] for k in ("density", "scale") if k in merge}
+    add_merged_adapter(model.model, [model.adapter_for(t) for t in tasks], merge["merge"], **ties)
+    model.evaluation_tasks = {t: MERGED_ADAPTER for t in model.tasks}
 
 
 def _report(run, model, dm, matrix, sources, completed, seconds, scores=None) -> dict[str, Any]:
@@ -213,6 +312,12 @@ def _markdown(report: dict[str, Any], run: RunDirectory) -> str:
     from crma_lightning.report import render_markdown
 
     title = f"# crma_lightning evaluation of {run.path}"
+    merge = report["evaluation"].get("merge")
+    if merge:
+        title += (
+            f"\n\nMERGED ({merge['merge']}): row *s* evaluates every domain with one adapter merged from the "
+            "adapters of the tasks trained by stage *s*."
+        )
     if report["domains"] == run.domains:
         body = render_markdown(report).split("\n", 1)[1]
         return f"{title}\n{body}"

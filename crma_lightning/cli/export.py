@@ -1,5 +1,9 @@
 """``crma-lightning export``: one task's adapter as a PEFT adapter directory or a merged HF model.
 
+``--merge mean|ties`` instead of ``--task`` exports one adapter merged from every task adapter the stage
+trained (:mod:`crma_lightning.merging`; ``--density`` and ``--scale`` tune TIES) in either format: a model
+that needs no task label and no routing.
+
 * ``--format peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` for
   ``peft.PeftModel.from_pretrained(base, OUT)``. A run whose base model was built from ``model_config``
   has no hub id to name, so its (seeded, randomly initialised) base is saved next to it in
@@ -34,7 +38,16 @@ def build_parser() -> CommandParser:
         description="Export one task's LoRA adapter of a run as a PEFT adapter or a merged model directory.",
     )
     parser.add_argument("--run", required=True, help="run directory (run.dir of the fit run)")
-    parser.add_argument("--task", required=True, help="the domain whose adapter is exported")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="the domain whose adapter is exported")
+    which.add_argument(
+        "--merge",
+        choices=["mean", "ties"],
+        help="export one adapter merged from every task adapter trained by the stage (no routing needed): "
+        "mean (task arithmetic) or ties (TIES-merging)",
+    )
+    parser.add_argument("--density", type=float, default=0.2, help="--merge ties: share of each update kept (0.2)")
+    parser.add_argument("--scale", type=float, default=1.0, help="--merge ties: factor of the merged update (1.0)")
     parser.add_argument("--format", required=True, choices=["peft", "merged"], help="peft or merged")
     parser.add_argument("--stage", type=int, help="use the model after this stage (default: the newest checkpoint)")
     parser.add_argument(
@@ -55,7 +68,8 @@ def run_export(args: list[str]) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not opts.overwrite:
         raise ValueError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
     model, _ = run.build(prog="crma-lightning export")
-    run.check_task(opts.task)
+    if opts.task is not None:
+        run.check_task(opts.task)
     if model.adapter == "crma" and not opts.drop_crma:
         raise ValueError(
             f"the run at {run.path} uses CRMA adapters, which a {opts.format} export cannot hold (CRMA mixes the "
@@ -63,27 +77,52 @@ def run_export(args: list[str]) -> None:
             "export the LoRA part only, whose outputs differ from the run's model"
         )
     ckpt_info = run.stage_checkpoint(opts.stage)
-    run.check_task(opts.task, ckpt_info.stage)
+    if opts.task is not None:
+        run.check_task(opts.task, ckpt_info.stage)
+    else:
+        _check_merge(model, run.domains[: ckpt_info.stage], opts)
     writable_dir(out)  # after every check: a refused export leaves no empty OUT behind
     run.load(model, ckpt_info.path)
     model.eval()
+    task = opts.task
+    if opts.merge is not None:
+        from crma_lightning.merging import MERGED_ADAPTER, add_merged_adapter
+
+        tasks = run.domains[: ckpt_info.stage]
+        add_merged_adapter(model.model, [model.adapter_for(t) for t in tasks], opts.merge, opts.density, opts.scale)
+        task = MERGED_ADAPTER
     info = {
         "run": str(run.path.resolve()),
         "checkpoint": str(ckpt_info.path),
         "stage": ckpt_info.stage,
-        "task": opts.task,
-        "adapter": model.adapter_for(opts.task),
+        "task": task,
+        "adapter": model.adapter_for(task),
+        **({"merge": opts.merge, "merged_tasks": tasks} if opts.merge else {}),
+        **({"density": opts.density, "scale": opts.scale} if opts.merge == "ties" else {}),
         "format": opts.format,
         "crma_dropped": model.adapter == "crma",
     }
     if opts.format == "peft":
-        export_peft(model, opts.task, out, info)
+        export_peft(model, task, out, info)
     else:
-        export_merged(model, opts.task, out)
+        export_merged(model, task, out)
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
-    print(f"Exported task {opts.task!r} (stage {ckpt_info.stage}, {opts.format}) to {out}")
+    what = f"task {task!r}" if opts.merge is None else f"the {opts.merge} merge of {tasks}"
+    print(f"Exported {what} (stage {ckpt_info.stage}, {opts.format}) to {out}")
     if info["crma_dropped"]:
         print("Note: CRMA was dropped (--drop_crma): the exported model's outputs differ from the run's.")
+
+
+def _check_merge(model: Any, tasks: list[str], opts: Any) -> None:
+    """``--merge`` needs per-task LoRA adapters, at least 2 trained tasks, and sane TIES settings."""
+    if model.task_adapters != "per_task":
+        raise ValueError(f"--merge merges per-task adapters; this run has task_adapters={model.task_adapters!r}")
+    if len(tasks) < 2:
+        raise ValueError(f"--merge needs at least 2 trained tasks at that stage, got {tasks}")
+    if "merged" in tasks:
+        raise ValueError("--merge names its adapter 'merged', which is one of this run's domains")
+    if not 0.0 < opts.density <= 1.0:
+        raise ValueError(f"--density {opts.density} is invalid: expected a share in (0, 1]")
 
 
 def export_peft(model: Any, task: str, out: Path, info: dict[str, Any]) -> None:

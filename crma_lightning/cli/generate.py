@@ -2,7 +2,8 @@
 
 The model is rebuilt from the run's ``config.yaml`` and a stage checkpoint is loaded (default: the
 newest), then ``ContinualLM.generate`` continues each prompt with the task's LoRA adapter active
-(CRMA, in a CRMA run, is always on). Sampling options are passed to ``transformers``' ``generate``.
+(CRMA, in a CRMA run, is always on). ``--routing [perplexity|prototype]`` chooses the task per prompt
+instead. Sampling options are passed to ``transformers``' ``generate``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,46 @@ SAMPLING_OPTIONS = {
 """Options passed on to ``transformers``' ``generate`` when given (``--do_sample`` is a flag)."""
 
 
+_SCORES = {"perplexity": "prompt_losses", "prototype": "prototype_distances"}
+"""The JSON key of each routing mode's per-task scores (lower wins)."""
+
+
+def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[str]) -> None:
+    """Give ``model`` prototype statistics for ``tasks``: the checkpoint's, else fitted on the run's training rows.
+
+    With the run's ``routing`` settings when it was trained with ``mode: prototype``, else the defaults.
+    """
+    import sys
+
+    from crma_lightning.prototype import PrototypeRouter, fit_missing_tasks
+    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
+
+    if model.router is not None and all(t in model.router.tasks for t in tasks):
+        return
+    if model.router is None:
+        saved = run.routing if run.routing is not None and run.routing.mode == "prototype" else None
+        settings = dict(saved.prototype_settings) if saved is not None else {}
+        prefix = saved.prefix_tokens if saved is not None else DEFAULT_PREFIX_TOKENS
+        model.router = PrototypeRouter(prefix, **settings)
+    dm.prepare(model.tokenizer)
+    tokenizer = model.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = {t: dm.train_sets[t]["input_ids"] for t in tasks}
+    fitted = fit_missing_tasks(
+        model.router, model.model, model.activate_task, rows, tasks, dm.eval_batch_size, pad, model.device
+    )
+    print(f"prototype routing statistics fitted on the run's training rows for {fitted}", file=sys.stderr)
+
+
+def bare_routing_flag(args: list[str]) -> list[str]:
+    """``--routing`` not followed by a mode means ``--routing=perplexity`` (so ``--routing PROMPT`` keeps working)."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--routing" and (i + 1 == len(out) or out[i + 1] not in _SCORES):
+            out[i] = "--routing=perplexity"
+    return out
+
+
 def build_parser() -> CommandParser:
     """The ``generate`` options."""
     parser = CommandParser(
@@ -35,8 +76,13 @@ def build_parser() -> CommandParser:
     pick.add_argument("--task", help="the domain whose adapter generates (one of the run's domains)")
     pick.add_argument(
         "--routing",
-        action="store_true",
-        help="choose the task per prompt: the trained task whose adapter gives the prompt the lowest loss",
+        nargs="?",
+        const="perplexity",
+        choices=["perplexity", "prototype"],
+        help="choose the task per prompt without a label: perplexity (default; the trained task whose adapter "
+        "gives the prompt the lowest loss, one forward per task) or prototype (the task whose training rows' "
+        "base-model features are nearest; one base forward; statistics from the checkpoint, else fitted on "
+        "the run's training rows)",
     )
     parser.add_argument("--stage", type=int, help="use the model after this stage (default: the newest checkpoint)")
     for name, kind in SAMPLING_OPTIONS.items():
@@ -53,9 +99,9 @@ def run_generate(args: list[str]) -> None:
     """Parse ``args`` (what follows ``generate``), generate, print."""
     import torch
 
-    opts = build_parser().parse_args(args)
+    opts = build_parser().parse_args(bare_routing_flag(args))
     run = RunDirectory(opts.run)
-    model, _ = run.build(prog="crma-lightning generate")
+    model, dm = run.build(prog="crma-lightning generate")
     if not opts.routing:
         run.check_task(opts.task)
     ckpt_info = run.stage_checkpoint(opts.stage)
@@ -71,7 +117,9 @@ def run_generate(args: list[str]) -> None:
     if opts.do_sample:
         kwargs["do_sample"] = True
     trained = run.domains[: ckpt_info.stage]
-    routes = [model.route(p, trained) if opts.routing else (opts.task, None) for p in opts.prompt]
+    if opts.routing == "prototype":
+        fit_router_if_missing(run, model, dm, trained)
+    routes = [model.route(p, trained, mode=opts.routing) if opts.routing else (opts.task, None) for p in opts.prompt]
     texts: list[str] = [""] * len(opts.prompt)
     torch.manual_seed(opts.seed)
     for task in dict.fromkeys(t for t, _ in routes):  # one batch per task (one batch without --routing)
@@ -84,7 +132,7 @@ def run_generate(args: list[str]) -> None:
             texts[i] = text
     if opts.json:
         out = [
-            {"prompt": p, "text": t, "task": task, **({"prompt_losses": losses} if losses else {})}
+            {"prompt": p, "text": t, "task": task, **({_SCORES[opts.routing]: losses} if losses else {})}
             for p, t, (task, losses) in zip(opts.prompt, texts, routes)
         ]
         print(json.dumps(out, ensure_ascii=False))

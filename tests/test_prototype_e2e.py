@@ -1,0 +1,159 @@
+"""``routing: {mode: prototype}`` end to end through ``crma-lightning fit`` and ``generate`` (DESIGN §3.4).
+
+One tiny 2-domain run (prose, arithmetic: per-task LoRAs), then: the report's routed numbers and confusion,
+the statistics in the stage checkpoint and beside the exported adapters, ``generate --routing prototype``
+and a mid-stage resume that ends with bit-identical statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_faults import config, load_checkpoint, report_of, results
+from test_methods_e2e import fit
+
+from crma_lightning.cli import main
+from crma_lightning.prototype import load_router
+
+DOMAINS = ["prose", "arithmetic"]
+ROUTING = {"mode": "prototype", "prefix_tokens": 8}
+
+
+def proto_config(run_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    model = {"adapter": "lora", "task_adapters": "per_task"}
+    cfg = config(run_dir, domains=DOMAINS, steps=3, model=model, data={"max_eval_rows": 6}, **kwargs)
+    cfg["routing"] = dict(ROUTING)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("prototype")
+    assert fit(tmp / "fit.yaml", proto_config(tmp / "run")) == 0
+    return tmp / "run"
+
+
+def test_report_has_routed_numbers_and_a_confusion_matrix(run_dir):
+    routing = report_of(run_dir)["routing"]
+    assert routing["mode"] == "prototype" and routing["prototype"]["estimator"] == "mahalanobis"
+    confusion = routing["confusion_final"]
+    assert confusion["candidates"] == DOMAINS
+    counts = confusion["counts"]
+    accuracy = routing["routing_accuracy_final"]
+    for j, domain in enumerate(DOMAINS):  # the accuracy is the confusion's diagonal share
+        assert accuracy[domain] == pytest.approx(counts[domain][j] / sum(counts[domain]))
+    assert sum(counts["prose"]) > 0 and all(v is not None for v in routing["loss_matrix_routed"][-1])
+    markdown = (run_dir / "report.md").read_text()
+    assert "prototype routing on the first 8 tokens" in markdown and "routed to" in markdown
+
+
+def test_statistics_are_in_the_checkpoint_and_beside_the_adapters(run_dir):
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "stage-02-arithmetic.ckpt")["prototype_router"]
+    assert ckpt["tasks"] == DOMAINS and ckpt["settings"]["prefix_tokens"] == 8
+    first = load_checkpoint(run_dir / "checkpoints" / "stage-01-prose.ckpt")["prototype_router"]
+    assert first["tasks"] == ["prose"] and torch.equal(first["sums"][0], ckpt["sums"][0])  # fitted once per task
+    exported = load_router(run_dir / "adapters" / "stage-02-arithmetic.router.safetensors")
+    assert exported.tasks == DOMAINS and torch.equal(exported.second, ckpt["second"])
+    from crma_lightning.checkpoints import CheckpointStore
+
+    manifest = CheckpointStore(run_dir).manifest
+    assert manifest.is_recorded(run_dir / "adapters" / "stage-02-arithmetic.router.safetensors")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert "routing/confusion/text_summary" in events.Tags()["tensors"]
+
+
+def test_generate_routes_with_one_base_forward(run_dir, capsys):
+    prompts = ["12 + 7 = 19\n40 - 8 = 32\n", "The old house stood at the end of the lane."]
+    main(["generate", "--run", str(run_dir), "--routing", "prototype", "--max_new_tokens", "2", "--json", *prompts])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for o in out:
+        distances = o["prototype_distances"]
+        assert set(distances) == set(DOMAINS) and o["task"] == min(distances, key=distances.get)
+    from crma_lightning.run_dir import RunDirectory
+
+    run = RunDirectory(run_dir)
+    model, _ = run.build()
+    run.load(model, run.stage_checkpoint(None).path)
+    calls = []
+    model.model.register_forward_hook(lambda *_: calls.append(1))
+    task, distances = model.route(prompts[0], mode="prototype")
+    assert calls == [1] and task == out[0]["task"] and distances == pytest.approx(out[0]["prototype_distances"])
+
+
+def test_a_mid_stage_resume_ends_with_bit_identical_statistics(tmp_path, run_dir):
+    crash = proto_config(tmp_path / "run", model_class="fault_injection.FailingLM", run={"checkpoint_every_n_steps": 1})
+    crash["model"]["init_args"].update(fail_task="arithmetic", fail_step=2)
+    assert fit(tmp_path / "crash.yaml", crash) == 1
+    assert fit(tmp_path / "resume.yaml", proto_config(tmp_path / "run")) == 0
+    assert results(report_of(tmp_path / "run")) == results(report_of(run_dir))
+    assert report_of(tmp_path / "run")["routing"] == report_of(run_dir)["routing"]
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "stage-02-arithmetic.ckpt")["prototype_router"]
+    whole = load_checkpoint(run_dir / "checkpoints" / "stage-02-arithmetic.ckpt")["prototype_router"]
+    assert resumed["tasks"] == whole["tasks"]
+    for key in ("counts", "sums", "second"):
+        assert torch.equal(resumed[key], whole[key])
+
+
+def test_a_resume_with_other_routing_statistics_settings_is_refused(tmp_path):
+    crash = proto_config(tmp_path / "run", model_class="fault_injection.FailingLM", run={"checkpoint_every_n_steps": 1})
+    crash["model"]["init_args"].update(fail_task="arithmetic", fail_step=2)
+    assert fit(tmp_path / "crash.yaml", crash) == 1
+    other = proto_config(tmp_path / "run")
+    other["routing"]["pooling"] = "last"
+    assert fit(tmp_path / "other.yaml", other) == 2
+
+
+def test_prototype_routing_gives_routed_task_scores(tmp_path):
+    from test_task_scores_methods import TRAINER, _complete, _data, _model
+
+    from crma_lightning.callbacks.routing import RoutedEvaluation
+    from crma_lightning.runner import ContinualRunner
+
+    runner = ContinualRunner(
+        run_dir=tmp_path / "run",
+        trainer_kwargs=dict(TRAINER),
+        resume="never",
+        callbacks=[RoutedEvaluation(mode="prototype", prefix_tokens=8, estimator="nearest")],
+    )
+    report = runner.run(_model("lora", "per_task"), _data())
+    oracle, routed = _complete(report), report["routing"]["score_matrix_routed"]
+    assert len(routed) == 3 and None not in routed[2] and report["routing"]["score_metrics_routed"]["ap"] is not None
+    assert routed[1][0] == oracle[1][0]  # after stage 1 there is one candidate: routing has nothing to choose
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "mode: prototype" in config and "estimator: nearest" in config
+
+
+def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeypatch):
+    from crma_lightning import prototype
+
+    fitted = report_of(run_dir)["routing"]
+    with monkeypatch.context() as patch:  # the checkpoints' statistics are used: nothing is fitted again
+        patch.setattr(prototype, "local_task_sums", lambda *a, **k: pytest.fail("statistics fitted again"))
+        main(["evaluate", "--run", str(run_dir), "--routing", "prototype", "--out", str(tmp_path / "proto")])
+    again = json.loads((tmp_path / "proto" / "report.json").read_text())["routing"]
+    assert again["mode"] == "prototype" and again["prefix_tokens"] == 8  # the run's settings by default
+    assert again["confusion_final"] == fitted["confusion_final"]  # the checkpoint's statistics, the same choices
+    for got, want in zip(again["loss_matrix_routed"], fitted["loss_matrix_routed"], strict=True):
+        assert [g is None for g in got] == [w is None for w in want]
+        assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-6)
+    main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "prototype", "--prefix_tokens", "4"])
+    other = json.loads((run_dir / "evaluation" / "report.json").read_text())["routing"]  # refitted at P = 4
+    assert other["prefix_tokens"] == 4 and sum(other["confusion_final"]["counts"]["prose"]) == 6
+    main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "perplexity", "--out", str(tmp_path / "ppl")])
+    ppl = json.loads((tmp_path / "ppl" / "report.json").read_text())["routing"]
+    assert ppl["mode"] == "perplexity" and set(ppl["routing_accuracy_final"]) == set(DOMAINS)
+    from crma_lightning.cli.compare import compare
+
+    row = compare(["fit"], [report_of(run_dir)])["runs"][0]
+    assert row["routing"] == "prototype" and row["drift_mean_routed"] == fitted["metrics_routed"]["drift_mean"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--run", str(run_dir), "--prefix_tokens", "4"])
+    assert exit_info.value.code == 2 and "--prefix_tokens needs --routing" in capsys.readouterr().err

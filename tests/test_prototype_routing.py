@@ -1,0 +1,148 @@
+"""Prototype routing (DESIGN §3.4): right task on separable domains, exact state, prefix only, rank-split sums."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from crma_lightning.adapters import LoRAConfig, add_lora_adapter, attach_adapters, set_active_adapter
+from crma_lightning.prototype import (
+    PrototypeRouter,
+    adapters_off,
+    candidate_scores,
+    load_router,
+    local_task_sums,
+    pool,
+    save_router,
+)
+from crma_lightning.routing import ROUTING_MODES, route_batch
+
+P = 8
+RANGES = {"a": (0, 6), "b": (40, 46), "c": (80, 86)}  # disjoint small vocabularies: separable domains
+
+
+def _rows(domain: str, n: int, length: int, seed: int) -> list[list[int]]:
+    lo, hi = RANGES[domain]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, (n, length), generator=gen).tolist()
+
+
+def _fitted(model, estimator: str = "mahalanobis", world: int = 1, **kwargs) -> PrototypeRouter:
+    router = PrototypeRouter(P, estimator=estimator, **kwargs)
+    for i, domain in enumerate(RANGES):
+        sums = [
+            local_task_sums(router, model, _rows(domain, 24, 12, i), 5, torch.device("cpu"), 0, world, r)
+            for r in range(world)
+        ]
+        router.add_task(domain, sum(sums))
+    return router
+
+
+@pytest.mark.parametrize(("estimator", "layer"), [("mahalanobis", -1), ("nearest", 0)])
+def test_picks_the_right_task_on_separable_domains(estimator, layer):
+    model = tiny_llama()
+    router = _fitted(model, estimator, layer=layer)
+    assert router.tasks == ["a", "b", "c"] and router.counts.tolist() == [24.0, 24.0, 24.0]
+    for i, domain in enumerate(RANGES):
+        ids = torch.tensor(_rows(domain, 10, 20, 100 + i))  # held-out rows, longer than the prefix
+        choice = router.distances(router.features(model, ids, None)).argmin(dim=1)
+        assert choice.tolist() == [i] * 10, (domain, choice)
+
+
+def test_means_and_covariance_equal_a_hand_computation():
+    features = {"a": torch.randn(7, 3, dtype=torch.float64), "b": torch.randn(5, 3, dtype=torch.float64) + 2}
+    router = PrototypeRouter(P, shrinkage=0.25)
+    for name, x in features.items():
+        router.add_task(name, PrototypeRouter.row_sums(x))
+    means = torch.stack([x.mean(dim=0) for x in features.values()])
+    centred = torch.cat([x - x.mean(dim=0) for x in features.values()])
+    cov = centred.T @ centred / (12 - 2)
+    cov = 0.75 * cov + 0.25 * torch.trace(cov) / 3 * torch.eye(3, dtype=torch.float64)
+    probe = torch.randn(4, 3, dtype=torch.float64)
+    diff = probe[:, None] - means[None]
+    expected = torch.einsum("bkh,hg,bkg->bk", diff, torch.linalg.inv(cov), diff)
+    assert torch.allclose(router.distances(probe), expected, rtol=1e-9, atol=1e-9)
+    # A candidate serving several tasks is as near as the nearest of them.
+    both = candidate_scores(router, probe, {"x": ["a", "b"]})
+    assert torch.equal(both[:, 0], router.distances(probe).min(dim=1).values)
+
+
+def test_padding_rows_count_for_nothing_and_a_rank_split_sums_to_one_process():
+    model = tiny_llama()
+    rows = _rows("a", 11, 12, 0)  # 11 rows: with 2 ranks and batches of 4, rank 1 pads its shard
+    one = local_task_sums(PrototypeRouter(P), model, rows, 4, torch.device("cpu"), 0)
+    split = [local_task_sums(PrototypeRouter(P), model, rows, 4, torch.device("cpu"), 0, 2, r) for r in range(2)]
+    assert split[0][0] == 6 and split[1][0] == 5  # row counts: the padded row is not counted
+    assert torch.allclose(split[0] + split[1], one, rtol=1e-12, atol=1e-10)
+    pooled = pool(torch.ones(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]]), "mean_last")
+    assert pooled.shape == (2, 8) and pooled.dtype == torch.float64
+
+
+def test_statistics_survive_a_checkpoint_and_a_file_bit_for_bit(tmp_path):
+    model = tiny_llama()
+    router = _fitted(model, layer=1, pooling="mean_last")
+    buffer = io.BytesIO()
+    torch.save(router.state_dict(), buffer)
+    buffer.seek(0)
+    back = PrototypeRouter.from_state(torch.load(buffer, weights_only=True))
+    from_file = load_router(save_router(router, tmp_path / "r.safetensors"))
+    probe = router.features(model, torch.tensor(_rows("c", 3, 9, 7)), None)
+    for other in (back, from_file):
+        assert other.settings() == router.settings() and other.tasks == router.tasks
+        for key in ("counts", "sums", "second"):
+            assert torch.equal(getattr(other, key), getattr(router, key))
+        assert torch.equal(other.distances(probe), router.distances(probe))
+    with pytest.raises(ValueError, match="fitted with"):
+        PrototypeRouter(P, layer=0).load_state_dict(router.state_dict())
+
+
+def test_the_scored_tokens_are_never_read():
+    """Routing on a batch reads its first P tokens only: changing every later token changes no choice."""
+    model = tiny_llama()
+    attach_adapters(model, "lora", LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]), None, adapter_name="a")
+    add_lora_adapter(model, "b", LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    router = _fitted(model)
+    rows = _rows("a", 3, 16, 50) + _rows("b", 3, 16, 51)
+    ids = torch.tensor(rows)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    swapped = ids.clone()
+    swapped[:, P:] = torch.tensor(_rows("b", 3, 8, 52) + _rows("a", 3, 8, 53))  # the other domain after P
+    other = {"input_ids": swapped, "attention_mask": torch.ones_like(ids), "labels": swapped.clone()}
+    seen: list[int] = []
+
+    def scores(prefix_ids, prefix_mask):
+        seen.append(prefix_ids.shape[1])
+        with adapters_off(model, lambda name: set_active_adapter(model, name)):
+            return candidate_scores(router, router.features(model, prefix_ids, prefix_mask), {"a": ["a"], "b": ["b"]})
+
+    def model_fn(i, m):
+        return model(input_ids=i, attention_mask=m).logits
+
+    def run(b):
+        return route_batch(model_fn, b, ["a", "b"], P, lambda n: set_active_adapter(model, n), scores_fn=scores)
+
+    first, second = run(batch), run(other)
+    assert seen == [P, P]
+    assert first.choices == ["a"] * 3 + ["b"] * 3 == second.choices
+    assert torch.equal(first.prefix_losses, second.prefix_losses)
+    assert "prototype" in ROUTING_MODES
+
+
+def test_bad_settings_and_missing_statistics_are_refused():
+    with pytest.raises(ValueError, match=r"routing\.pooling"):
+        PrototypeRouter(P, pooling="max")
+    with pytest.raises(ValueError, match=r"routing\.estimator"):
+        PrototypeRouter(P, estimator="knn")
+    with pytest.raises(ValueError, match=r"routing\.layer"):
+        PrototypeRouter(P, layer=1.5)
+    router = PrototypeRouter(P)
+    with pytest.raises(ValueError, match="no task statistics"):
+        router.distances(torch.zeros(1, 4))
+    router.add_task("a", PrototypeRouter.row_sums(torch.ones(2, 4)))
+    with pytest.raises(ValueError, match="no routing statistics for tasks"):
+        router.distances(torch.zeros(1, 4), ["b"])
+    with pytest.raises(ValueError, match="out of range"):
+        PrototypeRouter(P, layer=9).features(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), None)
