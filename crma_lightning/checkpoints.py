@@ -36,6 +36,7 @@ from crma_lightning.compatibility import check_compatible
 from crma_lightning.manifest import DamagedFile, Manifest
 from crma_lightning.parallel.dist import is_global_zero
 from crma_lightning.parallel.gather import clean_parameter_name
+from crma_lightning.prototype import ROUTER_FILE_SUFFIX
 from crma_lightning.resume_settings import OptimizerSettings, record_stage_configs
 
 RESUME_MODES = ("auto", "never")
@@ -397,7 +398,7 @@ class CheckpointStore:
             return
         if path.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns:  # exported after the checkpoint: this stage's
             self.manifest.record(path)
-            router = path.with_name(path.stem + ".router.safetensors")  # prototype routing statistics, if any
+            router = path.with_name(path.stem + ROUTER_FILE_SUFFIX)  # prototype routing statistics, if any
             if router.is_file():
                 self.manifest.record(router)
 

@@ -127,6 +127,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         self.holdout_tokens: dict[str, int] = {}
         self.dropped_rows: dict[str, dict[str, int]] = {}
         self.row_formats: dict[str, dict[str, Any]] = {}
+        self._digests: dict[str, tuple[tuple[int, int], str]] = {}  # content_digests() per domain, by dataset
         self.task_metrics: dict[str, Any] = {}  # domain -> TaskMetric, for the domains that declare one
         self.score_rows: dict[str, list[dict[str, Any]]] = {}  # domain -> held-out prompts and references
 
@@ -343,7 +344,15 @@ class SequentialDomainDataModule(L.LightningDataModule):
         mid-run would give a base row and a stage row measured on different held-out text. Empty
         before :meth:`prepare`.
         """
-        return {name: rows_digest(self.train_sets[name], self.eval_sets[name]) for name in self.train_sets}
+        out = {}
+        for name, train in self.train_sets.items():
+            held = self.eval_sets[name]
+            key = (id(train), id(held))  # the same Dataset objects: the same rows (every report write asks)
+            cached = self._digests.get(name)
+            if cached is None or cached[0] != key:
+                self._digests[name] = cached = (key, rows_digest(train, held))
+            out[name] = cached[1]
+        return out
 
     def config(self) -> dict[str, Any]:
         """The init arguments that rebuild this data module: the ``data:`` section of a run's ``config.yaml``.
@@ -413,7 +422,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 entry["train_rows"] = len(self.train_sets[spec.name])
                 entry["holdout_rows"] = len(self.eval_sets[spec.name])
                 entry["holdout_tokens"] = self.holdout_tokens[spec.name]
-                entry["rows_sha256"] = rows_digest(self.train_sets[spec.name], self.eval_sets[spec.name])
+                entry["rows_sha256"] = self.content_digests()[spec.name]
                 if spec.name in self.task_metrics:  # the metric with its defaults filled in, and its rows
                     entry["metric"] = self.task_metrics[spec.name].to_dict()
                     entry["score_rows"] = len(self.score_rows[spec.name])

@@ -31,6 +31,21 @@ DEFAULT_DENSITY = 0.2
 MERGED_ADAPTER = "merged"
 
 
+def check_merge(task_adapters: str, tasks: Sequence[str], density: float, min_tasks: int = 2) -> None:
+    """Refuse a merge before any work: it needs per-task LoRAs, ``min_tasks`` tasks, no task named ``merged``.
+
+    Shared by ``export --merge`` and ``evaluate --merge``.
+    """
+    if task_adapters != "per_task":
+        raise ValueError(f"--merge merges per-task adapters; this run has task_adapters={task_adapters!r}")
+    if len(tasks) < min_tasks:
+        raise ValueError(f"--merge needs at least {min_tasks} trained tasks at that stage, got {list(tasks)}")
+    if MERGED_ADAPTER in tasks:
+        raise ValueError(f"--merge names its adapter {MERGED_ADAPTER!r}, which is one of this run's domains")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"--density {density} is invalid: expected a share in (0, 1]")
+
+
 def task_delta(layer: nn.Module, name: str) -> torch.Tensor:
     """``s B A`` of adapter ``name`` in ``layer`` (float32, ``out x in`` in the factors' own orientation)."""
     return layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float() * layer.scaling[name]

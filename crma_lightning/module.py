@@ -230,7 +230,9 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
 
     def activate_task(self, task: str | None) -> None:
         """Activate ``task``'s adapter(s) (the method's choice, else the task's own); ``None``: LoRA off."""
-        self.task_adapter_state.activate(task, method_hooks.active_adapters(self, task))
+        # The method chooses for the run's tasks only: another adapter (a merge) is activated as itself.
+        chosen = method_hooks.active_adapters(self, task) if task is None or task in self.tasks else None
+        self.task_adapter_state.activate(task, chosen)
 
     def end_task(self, task: str, train_batches: Any = None, train_rows: Any = None) -> None:
         """Stage ``task`` finished training: :meth:`on_task_end`, then the method's (batches in a fixed order, rows)."""

@@ -444,3 +444,23 @@ def test_a_method_states_the_task_adapters_it_needs_and_is_checked_before_the_mo
         ContinualLM(model_name_or_path=missing, adapter="lora", task_adapters="shared", method=PerTaskOnly())
     with pytest.raises(ValueError, match=r"method olora needs task_adapters='per_task' .*got 'shared'"):
         ContinualLM(model_name_or_path=missing, adapter="lora", task_adapters="shared", method=OLoRA())
+
+
+def test_a_merged_adapter_is_activated_as_itself_under_olora():
+    # `evaluate --merge` on an O-LoRA run: the method chooses the adapters of the run's tasks (its stack),
+    # but the merge is not a task - activating it must give the merged adapter alone, not O-LoRA's stack.
+    from crma_lightning.merging import MERGED_ADAPTER, add_merged_adapter
+    from crma_lightning.module import ContinualLM
+
+    module = ContinualLM(
+        model_config=TINY_LLAMA_CONFIG, adapter="lora", task_adapters="per_task", seed=0, method=OLoRA()
+    )
+    module.prepare_tasks(["d0", "d1"])
+    for index, task in enumerate(["d0", "d1"]):
+        module.begin_task(task)
+        module.method.on_task_end(module, task, index, train_batches=iter(()))
+    add_merged_adapter(module.model, ["d0", "d1"], "mean")
+    module.activate_task("d0")
+    assert active_adapter_names(module.model) == ["d0", "d1"]  # O-LoRA's stack for a task
+    module.activate_task(MERGED_ADAPTER)
+    assert active_adapter_names(module.model) == [MERGED_ADAPTER]

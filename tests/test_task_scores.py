@@ -183,3 +183,28 @@ def test_score_matrix_in_report_tensorboard_checkpoint_and_hparams(tmp_path):
     from crma_lightning.hparams import final_metrics
 
     assert final_metrics(report)["hp/ap"] == pytest.approx(section["ap"])
+
+
+def test_scores_are_generated_with_the_adapter_the_evaluation_names(monkeypatch):
+    # `evaluate --merge` / `--data ... task:` set ContinualLM.evaluation_tasks: the losses use it, and so must
+    # the scores (they were generated with each domain's own adapter under a MERGED title before).
+    from types import SimpleNamespace
+
+    from crma_lightning.callbacks.evaluation import DomainEvaluation
+
+    dm, model = _data(), _model()
+    dm.prepare(model.tokenizer)
+    model.prepare_tasks(dm.domain_names)
+    model.evaluation_tasks = {"first": "last", "last": None}
+    used = []
+    activate = model.activate_task
+    monkeypatch.setattr(model, "activate_task", lambda task: (used.append(task), activate(task)))
+    evaluation = DomainEvaluation(log_heatmap=False)
+    evaluation.start_run(dm.domain_names)
+    trainer = SimpleNamespace(
+        datamodule=dm, world_size=1, global_rank=0, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t)
+    )
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)
+    evaluation._score(trainer, model, 0, dm.domain_names)
+    assert used == ["last", None]
+    assert evaluation.scores[0][0] is not None and evaluation.scores[0][1] is not None

@@ -182,7 +182,7 @@ class DomainEvaluation(L.Callback):
         t0 = time.perf_counter()
         sums = []
         for domain in scored:
-            pl_module.activate_task(domain if domain in pl_module.tasks else None)  # as validation_step does
+            pl_module.activate_task(pl_module.evaluation_task(domain))  # as validation_step does (merged, --data)
             total, count = scoring.domain_score_sums(
                 pl_module.model,
                 pl_module.tokenizer,

@@ -75,7 +75,7 @@ def run_evaluate(args: list[str]) -> None:
         if task is not None:
             run.check_task(task)
     routing = _routing(run, opts)
-    merge = _merge(model, opts)
+    merge = _merge(model, run.domains, opts)
     plan = _plan(run, opts)
     out = writable_dir(opts.out or run.path / "evaluation")  # after the checks, before the evaluation
     t0 = time.perf_counter()
@@ -106,16 +106,15 @@ def run_evaluate(args: list[str]) -> None:
         raise NonFiniteResults(f"{report['status']}; see {out / 'report.md'}")
 
 
-def _merge(model: Any, opts: Any) -> dict[str, Any] | None:
+def _merge(model: Any, tasks: list[str], opts: Any) -> dict[str, Any] | None:
     """The ``--merge`` settings (``None``: each domain with its own adapter), checked before any work."""
     if opts.merge is None:
         return None
     if opts.routing or opts.data:
         raise ValueError("--merge evaluates one merged adapter on the run's own domains: drop --routing and --data")
-    if model.task_adapters != "per_task":
-        raise ValueError(f"--merge merges per-task adapters; this run has task_adapters={model.task_adapters!r}")
-    if not 0.0 < opts.density <= 1.0:
-        raise ValueError(f"--density {opts.density} is invalid: expected a share in (0, 1]")
+    from crma_lightning.merging import check_merge
+
+    check_merge(model.task_adapters, tasks, opts.density, min_tasks=1)
     return {"merge": opts.merge, **({"density": opts.density, "scale": opts.scale} if opts.merge == "ties" else {})}
 
 
@@ -133,7 +132,7 @@ def _routing(run: RunDirectory, opts: Any) -> Any:
     saved = run.routing
     same = saved is not None and saved.mode == opts.routing == "prototype"
     prefix = opts.prefix_tokens or (saved.prefix_tokens if saved is not None and saved.mode != "oracle" else None)
-    settings = dict(saved.prototype_settings) if same and prefix == saved.prefix_tokens else {}
+    settings = dict(saved.prototype_settings) if same else {}  # --prefix_tokens overrides the prefix only
     return RoutedEvaluation(mode=opts.routing, prefix_tokens=prefix or DEFAULT_PREFIX_TOKENS, **settings)
 
 

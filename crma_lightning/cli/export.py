@@ -80,7 +80,9 @@ def run_export(args: list[str]) -> None:
     if opts.task is not None:
         run.check_task(opts.task, ckpt_info.stage)
     else:
-        _check_merge(model, run.domains[: ckpt_info.stage], opts)
+        from crma_lightning.merging import check_merge
+
+        check_merge(model.task_adapters, run.domains[: ckpt_info.stage], opts.density)
     writable_dir(out)  # after every check: a refused export leaves no empty OUT behind
     run.load(model, ckpt_info.path)
     model.eval()
@@ -111,18 +113,6 @@ def run_export(args: list[str]) -> None:
     print(f"Exported {what} (stage {ckpt_info.stage}, {opts.format}) to {out}")
     if info["crma_dropped"]:
         print("Note: CRMA was dropped (--drop_crma): the exported model's outputs differ from the run's.")
-
-
-def _check_merge(model: Any, tasks: list[str], opts: Any) -> None:
-    """``--merge`` needs per-task LoRA adapters, at least 2 trained tasks, and sane TIES settings."""
-    if model.task_adapters != "per_task":
-        raise ValueError(f"--merge merges per-task adapters; this run has task_adapters={model.task_adapters!r}")
-    if len(tasks) < 2:
-        raise ValueError(f"--merge needs at least 2 trained tasks at that stage, got {tasks}")
-    if "merged" in tasks:
-        raise ValueError("--merge names its adapter 'merged', which is one of this run's domains")
-    if not 0.0 < opts.density <= 1.0:
-        raise ValueError(f"--density {opts.density} is invalid: expected a share in (0, 1]")
 
 
 def export_peft(model: Any, task: str, out: Path, info: dict[str, Any]) -> None:
