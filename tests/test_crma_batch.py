@@ -164,3 +164,22 @@ def test_ops_crma_adds_per_step_barely_grow_with_depth():
     # The scheme it replaced (every block its own factors) grows ~linearly: the same check fails for it.
     old_shallow, old_deep = (bench.crma_added_ops(layers, hidden=32, seq=8, per_block=True) for layers in (4, 16))
     assert old_deep["work"] > 3 * old_shallow["work"] > 3 * shallow["work"]
+
+
+def test_without_autograd_unchanged_factors_are_reused_and_changed_ones_rebuilt():
+    # Generation runs one forward per token with the parameters unchanged: the factors are built once.
+    model = _model(layers=4, form="write", g_max=0.3)
+    adapters = [a for _, a in crma_adapters(model)]
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        assert crma_batch.precompute_step_factors(adapters) == 4
+        assert crma_batch.precompute_step_factors(adapters) == 0  # reused
+        adapters[1].mix_logits.add_(0.5)  # changed in place: that block's factors are stale
+        assert crma_batch.precompute_step_factors(adapters) == 1
+        batched = model(input_ids=ids).logits
+        with crma_batch.per_block_factors():
+            assert crma_batch.precompute_step_factors(adapters) == 0  # none kept inside per_block_factors
+            assert all(crma_batch._STEP.get(a) is None for a in adapters)
+            per_block = model(input_ids=ids).logits
+    assert torch.allclose(batched, per_block, atol=1e-5)
+    assert crma_batch.precompute_step_factors(adapters) == 4  # with autograd: always rebuilt

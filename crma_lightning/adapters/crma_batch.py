@@ -160,10 +160,15 @@ def precompute_step_factors(adapters: Iterable[nn.Module]) -> int:
     """Compute the factors of all full (unsharded) ``adapters`` together; returns how many were batched.
 
     Adapters are grouped by settings, device and dtype (normally one group: all blocks of a model).
-    Earlier cached factors of these adapters are replaced (dropped inside :func:`per_block_factors`).
+    Earlier cached factors of these adapters are replaced (dropped inside :func:`per_block_factors`), except
+    without autograd, where factors whose parameters are unchanged are kept.
     """
     groups: dict[tuple, list[nn.Module]] = {}
+    reuse = _BATCHING[0] and not torch.is_grad_enabled()  # generation, evaluation: parameters unchanged
     for adapter in adapters:
+        entry = _STEP.get(adapter)
+        if reuse and entry is not None and entry[2] == _stamp(adapter):
+            continue  # no parameter replaced or changed in place since these factors were built
         _STEP.pop(adapter, None)
         if _BATCHING[0] and _batchable(adapter):
             groups.setdefault(_group_key(adapter), []).append(adapter)
