@@ -213,7 +213,7 @@ class RoutedEvaluation(L.Callback):
         real = (batch["labels"][:, 1 : self.prefix_tokens] != -100).any(dim=1).to(routed.prefix_losses.device)
         picked = routed.prefix_losses.argmin(dim=1)  # the choice route_batch made
         chosen = torch.zeros(len(labels), dtype=torch.float64, device=pl_module.device)
-        chosen.index_add_(0, picked[real].to(pl_module.device), torch.ones_like(picked[real], dtype=torch.float64))
+        chosen.index_add_(0, picked.to(pl_module.device), real.to(pl_module.device, torch.float64))  # padding adds 0
         self._chosen[domain] = self._chosen.get(domain, torch.zeros_like(chosen)) + chosen.to(pl_module.device)
         if own is None:  # a domain not trained yet: nothing counts as correct, no oracle loss
             correct, oracle = real.new_zeros(()), routed.loss_sum.new_zeros(())
