@@ -214,6 +214,8 @@ class ContinualRunner:
     def _previous_run_killed(self) -> dict[str, Any] | None:
         """The earlier invocation, when it was killed: its lock file stayed, or its report still says ``running``."""
         report = self.run_dir / "report.json"
+        if not self.lock.enabled:  # the other processes of a multi-process run: rank 0 notices it
+            return None
         try:
             status = json.loads(report.read_text()).get("status") if report.is_file() else None
         except (OSError, ValueError):

@@ -528,3 +528,22 @@ def test_the_refusal_for_other_domains_or_sources_is_short_and_names_the_change(
     [line] = [line for line in stderr.splitlines() if "error:" in line]
     assert "data.sources.prose.template: checkpoint None vs now 'Text: {text}'" in line, line
     assert "data.sources.code" not in line and len(line) < 600, line
+
+
+# ---------------------------------------------------------------------------------------------- 9: README demo
+def test_ci_checks_the_readme_demo_with_the_kernels_the_readme_names():
+    import importlib.util
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("readme_demo", root / "benchmarks" / "readme_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pins = " ".join(f"{k}={v}" for k, v in module.PINNED_KERNELS.items())
+    ci = (root / ".ci" / "run").read_text()
+    exported = re.search(r"^export (.+)$", ci, re.MULTILINE)
+    assert exported and exported.group(1).split() == pins.split(), "CI must run the demo with the README's pins"
+    demo_lines = [line for line in ci.splitlines() if line.startswith("crma-lightning fit")]
+    assert demo_lines and ci.index(exported.group(0)) < ci.index(demo_lines[0]), "pinned before the demo runs"
+    assert ci.index("unset " + " ".join(module.PINNED_KERNELS)) > ci.index("readme_demo.py --check")
+    assert f"`{pins}`" in (root / "README.md").read_text(), "the README names the pins that reproduce its numbers"
