@@ -26,6 +26,7 @@ from crma_lightning.domains import SCORED_COLUMN, SEGMENTS_COLUMN
 from crma_lightning.generation import generate_from_ids
 from crma_lightning.losses import row_token_losses
 from crma_lightning.parallel.dist import distributed_ready
+from crma_lightning.prototype import right_padded
 from crma_lightning.task_metrics import TaskMetric, cut_at_stop, row_scores
 
 
@@ -74,9 +75,7 @@ def _label_choices(
     chosen = []
     for row in rows:
         seqs = [row["prompt_ids"] + ids for ids in label_ids]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        ids, mask = right_padded(seqs, pad, device)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
         start = len(row["prompt_ids"])
         totals = []
@@ -136,9 +135,7 @@ def prompt_losses(
     out = []
     for i in range(0, len(rows), batch_size):
         prompts = [r["prompt_ids"] for r in rows[i : i + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=device)
-        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=device)
+        ids, mask = right_padded(prompts, pad, device)
         labels = ids.masked_fill(mask == 0, -100)
         total, count = row_token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
         out.append(total / count.clamp_min(1))
