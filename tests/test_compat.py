@@ -121,3 +121,27 @@ def test_dataset_fingerprint_changes_with_content():
     b = Dataset.from_dict({"x": [1, 3]})
     assert isinstance(_compat.dataset_fingerprint(a), str)
     assert _compat.dataset_fingerprint(a) != _compat.dataset_fingerprint(b)
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({"RANK": "3", "LOCAL_RANK": "1", "NODE_RANK": "1"}, 3),
+        ({"LOCAL_RANK": "1"}, 1),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, 4),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "2"}, 2),  # width unknown: still not rank 0
+        ({"LOCAL_RANK": "0", "GROUP_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 2),
+        ({}, 0),
+    ],
+)
+def test_global_rank_before_a_process_group_tells_nodes_apart(monkeypatch, env, rank):
+    # Lightning's launcher sets LOCAL_RANK and NODE_RANK, not RANK: node 1's first process is not rank 0,
+    # so it neither takes the run directory's lock nor writes config.yaml or moves checkpoints.
+    from crma_lightning.parallel import dist
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert dist.global_rank() == rank
+    assert dist.is_global_zero() == (rank == 0) == dist.owns_run_dir()

@@ -24,10 +24,22 @@ def distributed_ready() -> bool:
 
 
 def global_rank() -> int:
-    """This process's global rank; before a process group exists, the launcher's ``RANK`` (else 0)."""
+    """This process's global rank; before a process group exists, what the launcher's variables say.
+
+    ``RANK`` when set (torchrun). Lightning's own launcher sets only ``LOCAL_RANK`` and ``NODE_RANK``
+    (``GROUP_RANK`` under torchelastic): on node ``n > 0`` the rank is ``n * LOCAL_WORLD_SIZE + LOCAL_RANK``,
+    and never 0 even when the node's width is unknown - so no other node's first process takes itself for
+    rank 0 and writes the run directory (on a shared file system) before the process group exists.
+    """
     if distributed_ready():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    if node == 0:
+        return local
+    return node * (int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or local + 1) + local
 
 
 def is_global_zero() -> bool:
@@ -36,13 +48,8 @@ def is_global_zero() -> bool:
 
 
 def owns_run_dir() -> bool:
-    """Whether this process is the one that locks and writes the run directory: global rank 0 on node 0.
-
-    Before a process group exists a launcher's ``LOCAL_RANK`` alone would make every node's first
-    process "rank 0"; ``NODE_RANK``/``GROUP_RANK`` tell them apart (a run directory on a shared file system).
-    """
-    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
-    return is_global_zero() and node == "0"
+    """Whether this process is the one that locks and writes the run directory: global rank 0."""
+    return is_global_zero()
 
 
 def is_dtensor(value: Any) -> bool:
