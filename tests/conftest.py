@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,30 @@ class MemoryLogger(Logger):
 
     def with_key(self, key: str) -> list[tuple[dict[str, float], int]]:
         return [(m, s) for m, s in self.records if key in m]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A complete run of two CRMA stages (prose, code), 3 steps each (the reliability tests copy it)."""
+    from test_faults import config, write_config
+
+    from crma_lightning.cli import main
+
+    tmp = tmp_path_factory.mktemp("finished")
+    path = write_config(tmp / "c.yaml", config(tmp / "run"))
+    try:
+        main(["fit", "--config", str(path)])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None)
+    return tmp / "run"
+
+
+def copy_run(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the finished run, and its config file (pointing at the copy)."""
+    import shutil
+
+    from test_faults import config, write_config
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    return run_dir, write_config(tmp_path / "c.yaml", config(run_dir))

@@ -56,6 +56,16 @@ dist_job = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dist_job)
 
 
+def load_job(name: str):
+    """``tests/<name>.py`` (a job script the distributed tests also run in subprocesses) as a module."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def launch(strategy: str, out: Path) -> dict:
     """Run ``dist_job.py strategy out`` in its own session; kill the whole group on timeout."""
     out.mkdir(parents=True, exist_ok=True)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import REPO, launch
+from test_distributed import REPO, launch, load_job
 
-_spec = importlib.util.spec_from_file_location("dist_prototype_job", REPO / "tests" / "dist_prototype_job.py")
-job = importlib.util.module_from_spec(_spec)
-sys.path.insert(0, str(REPO / "tests"))
-_spec.loader.exec_module(job)
+job = load_job("dist_prototype_job")
 
 
 @pytest.fixture(scope="module")

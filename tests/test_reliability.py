@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,31 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_faults import _env, config, load_checkpoint, report_of, run_main, write_config
 
 from crma_lightning.adapters import read_adapter_metadata
-from crma_lightning.cli import main
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A complete run of two CRMA stages (prose, code), 3 steps each."""
-    tmp = tmp_path_factory.mktemp("finished")
-    path = write_config(tmp / "c.yaml", config(tmp / "run"))
-    try:
-        main(["fit", "--config", str(path)])
-    except SystemExit as exit_info:
-        assert exit_info.code in (0, None)
-    return tmp / "run"
-
-
-def copy_run(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """A copy of the finished run, and its config file (pointing at the copy)."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(finished, run_dir)
-    return run_dir, write_config(tmp_path / "c.yaml", config(run_dir))
 
 
 def files_of(run_dir: Path) -> dict[Path, bytes]:

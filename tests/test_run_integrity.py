@@ -6,11 +6,11 @@ One finished two-stage CRMA run (module fixture) is copied for each test that da
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_run
 from test_faults import config, report_of, run_main, write_config
 from test_reliability import _overwrite_inside_tensors, files_of
 
@@ -19,25 +19,6 @@ from crma_lightning.cli import main
 from crma_lightning.manifest import Manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A complete run of two CRMA stages (prose, code), 3 steps each."""
-    tmp = tmp_path_factory.mktemp("finished")
-    path = write_config(tmp / "c.yaml", config(tmp / "run"))
-    try:
-        main(["fit", "--config", str(path)])
-    except SystemExit as exit_info:
-        assert exit_info.code in (0, None)
-    return tmp / "run"
-
-
-def copy_run(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
-    run_dir = tmp_path / "run"
-    shutil.copytree(finished, run_dir)
-    return run_dir, write_config(tmp_path / "c.yaml", config(run_dir))
-
 
 def command(capsys, *args: str) -> tuple[int, str]:
     """An after-training command in-process: (exit code, its one ``error:`` line or the whole stderr)."""

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import REPO, assert_matrices_close, launch
+from test_distributed import REPO, assert_matrices_close, launch, load_job
 
-_spec = importlib.util.spec_from_file_location("dist_scores_job", REPO / "tests" / "dist_scores_job.py")
-job = importlib.util.module_from_spec(_spec)
-sys.path.insert(0, str(REPO / "tests"))
-_spec.loader.exec_module(job)
+job = load_job("dist_scores_job")
 
 
 @pytest.fixture(scope="module")
