@@ -8,16 +8,27 @@ implicit backward) are computed for all blocks at once, so only the per-token pa
 block forward and their gradients - grows with depth; the ratio at 16 vs 4 layers shows how much.
 ``--per-block`` measures the old scheme (every block computing its own factors) for comparison.
 
+``--fsdp2`` counts the same under FSDP2 (``apply_fsdp2``: every block and the root sharded, as in a run) on 2
+gloo CPU processes (``--world``), on rank 0: there the adapters' shards are gathered in one collective and
+their gradients reduce-scattered in one (``crma_lightning/adapters/crma_shards.py``). Collectives (``c10d::``
+ops) are counted with the ops that do work.
+
 Example::
 
     python benchmarks/crma_ops.py                       # 4 and 16 layers, hidden 128, CPU, seconds
     python benchmarks/crma_ops.py --layers 4,16,64 --per-block
+    python benchmarks/crma_ops.py --fsdp2 --per-block   # 2 gloo processes
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,7 +66,7 @@ def step_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int]:
     """``(all ops, ops that do work)`` recorded by the profiler in one forward + backward of ``model``.
 
     Ops are counted where they are dispatched (the CPU side), also on a GPU: each one that does work is a
-    kernel launch there.
+    kernel launch there. Collectives (``c10d::``) count as ops that do work.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -64,19 +75,61 @@ def step_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model(input_ids=ids, labels=ids).loss.backward()
     model.zero_grad(set_to_none=True)
-    names = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    names = [e.name for e in prof.events() if e.name.startswith(("aten::", "c10d::"))]
     return len(names), sum(name not in VIEW_OPS for name in names)
 
 
 def crma_added_ops(
-    layers: int, hidden: int = 128, seq: int = 16, per_block: bool = False, device: str = "cpu"
+    layers: int,
+    hidden: int = 128,
+    seq: int = 16,
+    per_block: bool = False,
+    device: str = "cpu",
+    shard: Callable[[torch.nn.Module], object] | None = None,
 ) -> dict[str, int]:
-    """Ops of a LoRA+CRMA step minus those of the same LoRA step, at ``layers`` blocks."""
+    """Ops of a LoRA+CRMA step minus those of the same LoRA step, at ``layers`` blocks (``shard``: e.g. FSDP2)."""
     ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    lora_all, lora_work = step_ops(build(layers, hidden, "lora").to(device), ids)
-    with per_block_factors() if per_block else contextlib.nullcontext():
-        crma_all, crma_work = step_ops(build(layers, hidden, "crma").to(device), ids)
+    counts = {}
+    for adapter in ("lora", "crma"):
+        model = build(layers, hidden, adapter).to(device)
+        if shard is not None:
+            shard(model)
+        with per_block_factors() if per_block and adapter == "crma" else contextlib.nullcontext():
+            counts[adapter] = step_ops(model, ids)
+    (lora_all, lora_work), (crma_all, crma_work) = counts["lora"], counts["crma"]
     return {"all": crma_all - lora_all, "work": crma_work - lora_work}
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, jobs: list, hidden: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from crma_lightning.parallel.fsdp2 import apply_fsdp2
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        results = [crma_added_ops(d, hidden, per_block=pb, shard=lambda m: apply_fsdp2(m, mesh)) for d, pb in jobs]
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_added_ops(jobs: list[tuple[int, bool]], hidden: int = 128, world: int = 2) -> list[dict[str, int]]:
+    """:func:`crma_added_ops` under FSDP2 on ``world`` gloo CPU processes, one ``(layers, per_block)`` per job."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ops.json")
+        mp.spawn(_fsdp2_worker, args=(world, port, jobs, hidden, out), nprocs=world)
+        with open(out) as f:
+            return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,16 +138,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--per-block", action="store_true", help="also measure every block computing its own factors")
     p.add_argument("--device", default="cpu", help="e.g. cuda")
+    p.add_argument("--fsdp2", action="store_true", help="under FSDP2 on --world gloo CPU processes")
+    p.add_argument("--world", type=int, default=2, help="processes for --fsdp2")
     args = p.parse_args(argv)
     depths = [int(x) for x in args.layers.split(",")]
     schemes = {"batched": False, **({"per-block": True} if args.per_block else {})}
     results: dict[str, dict[int, dict[str, int]]] = {}
+    where = f"FSDP2 on {args.world} gloo CPU processes (rank 0)" if args.fsdp2 else args.device
     print(f"ops CRMA adds to one forward+backward (LoRA r=8 all-linear + CRMA defaults), hidden {args.hidden}, "
-          f"{args.device}, torch {torch.__version__}")  # fmt: skip
+          f"{where}, torch {torch.__version__}")  # fmt: skip
+    if args.fsdp2:
+        jobs = [(d, pb) for pb in schemes.values() for d in depths]
+        counts = iter(fsdp2_added_ops(jobs, args.hidden, args.world))
+        measured = {scheme: {d: next(counts) for d in depths} for scheme in schemes}
     print("| factors | layers | ops added (all) | per block | ratio to first | ops added (doing work) | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for scheme, per_block in schemes.items():
-        results[scheme] = {d: crma_added_ops(d, args.hidden, per_block=per_block, device=args.device) for d in depths}
+        if args.fsdp2:
+            results[scheme] = measured[scheme]
+        else:
+            results[scheme] = {
+                d: crma_added_ops(d, args.hidden, per_block=per_block, device=args.device) for d in depths
+            }
         first = results[scheme][depths[0]]
         for d in depths:
             r = results[scheme][d]

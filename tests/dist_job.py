@@ -254,10 +254,27 @@ def fsdp1_dtypes(model: ContinualLM) -> dict:
     return {what: {kind: sorted(d) for kind, d in kinds.items()} for what, kinds in seen.items()}
 
 
+def count_factor_sources() -> dict:
+    """Counts, from now on, of CRMA forwards with the step's batched factors and with their own factors."""
+    from crma_lightning.adapters import crma
+
+    counts, apply = {"batched": 0, "own": 0}, crma.apply_step_factors
+
+    def counting(adapter, flat):
+        out = apply(adapter, flat)
+        counts["batched" if out is not None else "own"] += 1
+        return out
+
+    crma.apply_step_factors = counting
+    return counts
+
+
 def main(strategy: str, out: Path) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     result: dict = {"strategy": strategy}
+    factor_sources = count_factor_sources()
     ref, model = run(out / "ref", strategy)
+    result["factor_sources"] = dict(factor_sources)
     result["ref"] = ref["loss_matrix"]["values"]
     result["world_size"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if strategy in ("fsdp2", "fsdp1"):

@@ -218,6 +218,15 @@ def test_fsdp2_really_shards_every_block_and_the_root(fsdp2):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("job", ["fsdp2", "ddp"])
+def test_sharded_crma_blocks_use_the_factors_of_all_blocks_computed_together(request, job):
+    # Under FSDP2 the adapters' shards are gathered in one collective at the model's pre-forward; no block
+    # computes its own factors, in training (activation checkpointing's recomputation included) or evaluation.
+    sources = request.getfixturevalue(job)[1]["factor_sources"]
+    assert sources["batched"] > 0 and sources["own"] == 0, sources
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("job", ["fsdp2", "fsdp1", "ddp"])
 def test_logged_gradient_norm_matches_single_process(request, single, job):
     out, _ = request.getfixturevalue(job)

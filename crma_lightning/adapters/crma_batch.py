@@ -16,8 +16,10 @@ forward asks :func:`step_factors` for its ``(R, E)``; it gets them only while th
 the grad mode allows it, else ``None`` and it computes its own, as before. So an optimizer step, a loaded
 state dict or a direct call of one block outside the model's forward can never see stale factors, and the
 recomputation of a block under (non-reentrant) activation checkpointing reuses the step's factors, whose
-gradient then flows through the one batched backward. Sharded adapters (FSDP2 ``DTensor`` parameters,
-FSDP1 flat-parameter shards) are not full matrices at the model's pre-forward: they keep the per-block path.
+gradient then flows through the one batched backward. Under FSDP2 the adapters' parameters are ``DTensor``
+shards at the model's pre-forward: all of them are gathered in one collective first, and their gradients
+reduce-scattered in one (:mod:`crma_lightning.adapters.crma_shards`). FSDP1's flat-parameter shards (views
+into a unit's flat buffer, gathered by FSDP1 only inside the unit's forward) keep the per-block path.
 
 Pure PyTorch; the cache is a weak mapping, so it never keeps adapters alive nor travels with a
 ``deepcopy``/``state_dict`` of the model.
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from crma_lightning import _compat
+from crma_lightning.adapters.crma_shards import gather_full, is_fsdp2_shard
 from crma_lightning.adapters.matrices import frobenius_normalize, orthonormal_rows, spectral_normalize
 from crma_lightning.adapters.sinkhorn import sinkhorn
 
@@ -89,28 +92,58 @@ class _ReadWrite(torch.autograd.Function):
         return grad_flat, grad_read_t, grad_effective_t, None, None
 
 
-# adapter -> (its group, its index in the group, the stamp of its parameters when the group was built)
-_STEP: weakref.WeakKeyDictionary[nn.Module, tuple[_StepGroup, int, tuple]] = weakref.WeakKeyDictionary()
+# adapter -> (its group, its index in the group, the tensors it was built from, their stamp then)
+_STEP: weakref.WeakKeyDictionary[nn.Module, tuple[_StepGroup, int, list[torch.Tensor], tuple]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _params(adapter: nn.Module) -> list[torch.Tensor]:
     return list(adapter.parameters(recurse=False))
 
 
-def _stamp(adapter: nn.Module) -> tuple:
-    """What must not change for cached factors to stay valid: each parameter's identity, storage and version."""
-    return tuple((id(p), p.data_ptr(), _compat.tensor_version(p)) for p in _params(adapter))
+def _stamp(tensors: list[torch.Tensor]) -> tuple:
+    """What must not change for cached factors to stay valid: each tensor's identity, storage and version.
+
+    For an FSDP2 shard, the ``DTensor``'s and its local tensor's (an optimizer step or a loaded state dict
+    changes them in place, or replaces the parameter).
+    """
+    stamp = []
+    with torch.no_grad():  # to_local without an autograd node
+        for p in tensors:
+            local = p.to_local() if is_fsdp2_shard(p) else p
+            stamp.append((id(p), local.data_ptr(), _compat.tensor_version(p), _compat.tensor_version(local)))
+    return tuple(stamp)
 
 
-def _batchable(adapter: nn.Module) -> bool:
-    """Whether ``adapter`` holds its full matrices as plain tensors (not FSDP2 ``DTensor``s or FSDP1 shards)."""
+def _unchanged(adapter: nn.Module, entry: tuple) -> bool:
+    """Whether the tensors ``entry`` was built from are unchanged and (unless FSDP2 shards) still ``adapter``'s.
+
+    Under FSDP2 the adapter holds, inside its block's forward, unsharded copies of the shards the entry was
+    gathered from: the shards are what is checked.
+    """
+    sources, stamp = entry[2], entry[3]
+    if not is_fsdp2_shard(sources[0]) and any(p is not q for p, q in zip(_params(adapter), sources, strict=True)):
+        return False
+    return _stamp(sources) == stamp
+
+
+def _layout(adapter: nn.Module) -> str | None:
+    """``"plain"``: full matrices as plain tensors; ``"sharded"``: FSDP2 dim-0 shards of them; else ``None``.
+
+    ``None`` (FSDP1 flat-parameter shards, other layouts, meta tensors) keeps the per-block path.
+    """
     c, d = adapter.config, adapter.hidden_size
     nk = c.n_streams * c.stream_rank
     expected = {"read_weight": (nk, d), "write_weight": (d, nk), "mix_logits": (c.n_streams,) * 2, "gate_logit": (1,)}
-    for name, p in adapter.named_parameters(recurse=False):
-        if type(p.data) is not torch.Tensor or tuple(p.shape) != expected.get(name) or p.device.type == "meta":
-            return False
-    return True
+    params = list(adapter.named_parameters(recurse=False))
+    if any(tuple(p.shape) != expected.get(name) or p.device.type == "meta" for name, p in params):
+        return None
+    if all(type(p.data) is torch.Tensor for _, p in params):
+        return "plain"
+    if all(is_fsdp2_shard(p) for _, p in params) and len({p.device_mesh for _, p in params}) == 1:
+        return "sharded"
+    return None
 
 
 def _group_key(adapter: nn.Module) -> tuple:
@@ -119,25 +152,28 @@ def _group_key(adapter: nn.Module) -> tuple:
     return (*settings, c.newton_steps, c.sinkhorn_backward, adapter.hidden_size, p.device, p.dtype)
 
 
-def _build(adapters: list[nn.Module]) -> _StepGroup:
-    """The batched factors of adapters sharing one :func:`_group_key` (the per-block formulas, on a batch)."""
+def _build(adapters: list[nn.Module], values: dict[nn.Module, dict[str, torch.Tensor]]) -> _StepGroup:
+    """The batched factors of adapters sharing one :func:`_group_key` (the per-block formulas, on a batch).
+
+    ``values``: per adapter, its full parameters by name (the parameters themselves, or gathered shards).
+    """
     c, d = adapters[0].config, adapters[0].hidden_size
     n, k, layers = c.n_streams, c.stream_rank, len(adapters)
-    reads = torch.stack([a.read_weight for a in adapters])  # (L, n·k, d)
+    reads = torch.stack([values[a]["read_weight"] for a in adapters])  # (L, n·k, d)
     if c.form == "mix":
         read = orthonormal_rows(reads)
         write = read.mT  # (L, d, n·k)
     else:
         normalize = spectral_normalize if c.norm == "spectral" else frobenius_normalize
-        writes = torch.stack([a.write_weight for a in adapters]).mT  # (L, n·k, d)
+        writes = torch.stack([values[a]["write_weight"] for a in adapters]).mT  # (L, n·k, d)
         both = normalize(torch.cat([reads, writes]))  # (2L, n·k, d): one eigh for all blocks
         read, write = both[:layers], both[layers:].mT
-    logits = torch.stack([a.mix_logits for a in adapters])  # (L, n, n)
+    logits = torch.stack([values[a]["mix_logits"] for a in adapters])  # (L, n, n)
     m = sinkhorn(logits, c.sinkhorn_iters, c.exact_sinkhorn, c.sinkhorn_backward == "implicit", c.newton_steps)
     m = m.float()
     if c.form == "mix":
         m = m - torch.eye(n, device=m.device)
-    gate = c.g_max * torch.sigmoid(torch.cat([a.gate_logit for a in adapters]).float())  # (L,)
+    gate = c.g_max * torch.sigmoid(torch.cat([values[a]["gate_logit"] for a in adapters]).float())  # (L,)
     w = write.float().reshape(layers, d, n, k)
     effective = gate[:, None, None] * torch.einsum("ldic,lij->ldjc", w, m).reshape(layers, d, n * k)
     return _StepGroup(reads=read.float(), effective=effective, grad=torch.is_grad_enabled())
@@ -157,40 +193,63 @@ def per_block_factors() -> Iterator[None]:
 
 
 def precompute_step_factors(adapters: Iterable[nn.Module]) -> int:
-    """Compute the factors of all full (unsharded) ``adapters`` together; returns how many were batched.
+    """Compute the factors of all full or FSDP2-sharded ``adapters`` together; returns how many were batched.
 
-    Adapters are grouped by settings, device and dtype (normally one group: all blocks of a model).
-    Earlier cached factors of these adapters are replaced (dropped inside :func:`per_block_factors`), except
-    without autograd, where factors whose parameters are unchanged are kept.
+    Adapters are grouped by settings, device and dtype (normally one group: all blocks of a model). FSDP2
+    shards are first gathered, all adapters' in one collective (:mod:`.crma_shards`): every rank must then
+    call this with the same adapters, as every rank runs the model's forward under FSDP2. Earlier cached
+    factors of these adapters are replaced (dropped inside :func:`per_block_factors`), except without
+    autograd, where factors whose (unsharded) parameters are unchanged are kept - a decision local to a rank,
+    hence never taken for shards, whose gathering every rank must join.
     """
     groups: dict[tuple, list[nn.Module]] = {}
+    sharded: list[nn.Module] = []
     reuse = _BATCHING[0] and not torch.is_grad_enabled()  # generation, evaluation: parameters unchanged
     for adapter in adapters:
         entry = _STEP.get(adapter)
-        if reuse and entry is not None and entry[2] == _stamp(adapter):
+        layout = _layout(adapter) if _BATCHING[0] else None
+        if reuse and layout == "plain" and entry is not None and _unchanged(adapter, entry):
             continue  # no parameter replaced or changed in place since these factors were built
         _STEP.pop(adapter, None)
-        if _BATCHING[0] and _batchable(adapter):
+        if layout is not None:
             groups.setdefault(_group_key(adapter), []).append(adapter)
+            if layout == "sharded":
+                sharded.append(adapter)
+    values = {a: dict(a.named_parameters(recurse=False)) for members in groups.values() for a in members}
+    if sharded:
+        _gather_sharded(sharded, values)
     for members in groups.values():
-        group = _build(members)
+        group = _build(members, values)
         for i, adapter in enumerate(members):
-            _STEP[adapter] = (group, i, _stamp(adapter))
+            sources = _params(adapter)
+            _STEP[adapter] = (group, i, sources, _stamp(sources))
     return sum(len(m) for m in groups.values())
+
+
+def _gather_sharded(adapters: list[nn.Module], values: dict[nn.Module, dict[str, torch.Tensor]]) -> None:
+    """Replace the shards in ``values`` by full tensors: one gather per mesh and dtype (normally one in all)."""
+    batches: dict[tuple, list[tuple[nn.Module, str, torch.Tensor]]] = {}
+    for adapter in adapters:
+        for name, p in values[adapter].items():
+            batches.setdefault((id(p.device_mesh), p.dtype), []).append((adapter, name, p))
+    for batch in batches.values():
+        for (adapter, name, _), full in zip(batch, gather_full([p for _, _, p in batch]), strict=True):
+            values[adapter][name] = full
 
 
 def apply_step_factors(adapter: nn.Module, flat: torch.Tensor) -> torch.Tensor | None:
     """``h + g W vec(M s)`` (or the mix form) for ``flat`` ``(T, d)`` from this step's batched factors.
 
-    ``None`` (the adapter computes its own factors) unless they are valid: no parameter of the adapter was
-    replaced or changed in place since the batch was built, and the batch was built with autograd when it is
-    needed now (gradient enabled and a parameter trains).
+    ``None`` (the adapter computes its own factors) unless they are valid: no parameter the batch was built
+    from was replaced or changed in place since, and the batch was built with autograd when it is needed now
+    (gradient enabled and a parameter trains). Under FSDP2 the adapter's parameters here are the block's
+    unsharded copies of the shards the batch was gathered from, which are the ones checked.
     """
     entry = _STEP.get(adapter)
     if entry is None:
         return None
-    group, index, stamp = entry
-    if _stamp(adapter) != stamp:
+    group, index = entry[:2]
+    if not _unchanged(adapter, entry):
         _STEP.pop(adapter, None)
         return None
     if not group.grad and torch.is_grad_enabled() and any(p.requires_grad for p in _params(adapter)):
