@@ -269,6 +269,24 @@ def count_factor_sources() -> dict:
     return counts
 
 
+def fsdp2_crma_ops() -> dict:
+    """Ops CRMA adds to a step under FSDP2 (``benchmarks/crma_ops.py``, tiny sizes) at 4 and 16 layers, by depth."""
+    import importlib.util
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from crma_lightning.parallel.fsdp2 import apply_fsdp2
+
+    spec = importlib.util.spec_from_file_location("crma_ops", Path(__file__).parents[1] / "benchmarks" / "crma_ops.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    return {
+        layers: bench.crma_added_ops(layers, hidden=32, seq=8, shard=lambda m: apply_fsdp2(m, mesh))
+        for layers in (4, 16)
+    }
+
+
 def main(strategy: str, out: Path) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     result: dict = {"strategy": strategy}
@@ -310,6 +328,7 @@ def main(strategy: str, out: Path) -> None:
         report, lora_model = run(out / "lora_bf16", strategy, mixed_precision="bf16", adapter="lora")
         result["lora_bf16"] = report["loss_matrix"]["values"]
         result["lora_sharding"] = sharding_facts(lora_model)
+        result["fsdp2_crma_ops"] = fsdp2_crma_ops()
     if strategy in ("fsdp2", "ddp"):
         for method in METHODS:
             report, _ = run(out / method, strategy, method=method)

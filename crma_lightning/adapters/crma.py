@@ -334,13 +334,19 @@ class CRMABlock(nn.Module):
         if not self.enabled:
             return out
         if isinstance(out, torch.Tensor):  # transformers >= 4.54 Llama/Mistral/Qwen2/GPT-2/NeoX
-            return self.crma(out)
+            return self._adapt(out)
         if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):  # (hidden, attn, cache, ...)
-            return (self.crma(out[0]), *out[1:])
+            return (self._adapt(out[0]), *out[1:])
         raise TypeError(
             f"CRMA expects a decoder layer to return a tensor or a tuple starting with the hidden states; "
             f"{type(self.base_layer).__name__} returned {type(out).__name__}"
         )
+
+    def _adapt(self, h: torch.Tensor) -> torch.Tensor:
+        # With this step's batched factors the adapter module is not called: an FSDP2 unit around it (its
+        # own, apply_fsdp2) is then never gathered - its shards were gathered with all blocks' for the batch.
+        out = apply_step_factors(self.crma, h.reshape(-1, h.shape[-1]))
+        return self.crma(h) if out is None else out.view(h.shape)
 
     def __getattr__(self, name: str):
         # Model code sometimes reads attributes of its layers (e.g. `attention_type`); forward them.

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from crma_lightning import _compat
-from crma_lightning.adapters.crma_shards import gather_full, is_fsdp2_shard
+from crma_lightning.adapters.crma_shards import gather_stacked, is_fsdp2_shard
 from crma_lightning.adapters.matrices import frobenius_normalize, orthonormal_rows, spectral_normalize
 from crma_lightning.adapters.sinkhorn import sinkhorn
 
@@ -152,28 +152,28 @@ def _group_key(adapter: nn.Module) -> tuple:
     return (*settings, c.newton_steps, c.sinkhorn_backward, adapter.hidden_size, p.device, p.dtype)
 
 
-def _build(adapters: list[nn.Module], values: dict[nn.Module, dict[str, torch.Tensor]]) -> _StepGroup:
+def _build(adapters: list[nn.Module], stacked: dict[str, torch.Tensor]) -> _StepGroup:
     """The batched factors of adapters sharing one :func:`_group_key` (the per-block formulas, on a batch).
 
-    ``values``: per adapter, its full parameters by name (the parameters themselves, or gathered shards).
+    ``stacked``: per parameter name, the adapters' full parameters stacked ``(L, ...)`` (with autograd).
     """
     c, d = adapters[0].config, adapters[0].hidden_size
     n, k, layers = c.n_streams, c.stream_rank, len(adapters)
-    reads = torch.stack([values[a]["read_weight"] for a in adapters])  # (L, n·k, d)
+    reads = stacked["read_weight"]  # (L, n·k, d)
     if c.form == "mix":
         read = orthonormal_rows(reads)
         write = read.mT  # (L, d, n·k)
     else:
         normalize = spectral_normalize if c.norm == "spectral" else frobenius_normalize
-        writes = torch.stack([values[a]["write_weight"] for a in adapters]).mT  # (L, n·k, d)
+        writes = stacked["write_weight"].mT  # (L, n·k, d)
         both = normalize(torch.cat([reads, writes]))  # (2L, n·k, d): one eigh for all blocks
         read, write = both[:layers], both[layers:].mT
-    logits = torch.stack([values[a]["mix_logits"] for a in adapters])  # (L, n, n)
+    logits = stacked["mix_logits"]  # (L, n, n)
     m = sinkhorn(logits, c.sinkhorn_iters, c.exact_sinkhorn, c.sinkhorn_backward == "implicit", c.newton_steps)
     m = m.float()
     if c.form == "mix":
         m = m - torch.eye(n, device=m.device)
-    gate = c.g_max * torch.sigmoid(torch.cat([values[a]["gate_logit"] for a in adapters]).float())  # (L,)
+    gate = c.g_max * torch.sigmoid(stacked["gate_logit"][:, 0].float())  # (L,)
     w = write.float().reshape(layers, d, n, k)
     effective = gate[:, None, None] * torch.einsum("ldic,lij->ldjc", w, m).reshape(layers, d, n * k)
     return _StepGroup(reads=read.float(), effective=effective, grad=torch.is_grad_enabled())
@@ -203,7 +203,6 @@ def precompute_step_factors(adapters: Iterable[nn.Module]) -> int:
     hence never taken for shards, whose gathering every rank must join.
     """
     groups: dict[tuple, list[nn.Module]] = {}
-    sharded: list[nn.Module] = []
     reuse = _BATCHING[0] and not torch.is_grad_enabled()  # generation, evaluation: parameters unchanged
     for adapter in adapters:
         entry = _STEP.get(adapter)
@@ -212,29 +211,17 @@ def precompute_step_factors(adapters: Iterable[nn.Module]) -> int:
             continue  # no parameter replaced or changed in place since these factors were built
         _STEP.pop(adapter, None)
         if layout is not None:
-            groups.setdefault(_group_key(adapter), []).append(adapter)
-            if layout == "sharded":
-                sharded.append(adapter)
-    values = {a: dict(a.named_parameters(recurse=False)) for members in groups.values() for a in members}
-    if sharded:
-        _gather_sharded(sharded, values)
-    for members in groups.values():
-        group = _build(members, values)
+            groups.setdefault((layout, *_group_key(adapter)), []).append(adapter)
+    for key, members in groups.items():
+        names = [name for name, _ in members[0].named_parameters(recurse=False)]
+        same = [[getattr(a, name) for a in members] for name in names]
+        # FSDP2 shards: one all-gather of every member's shards (a collective); full tensors: stacked here
+        stacks = gather_stacked(same) if key[0] == "sharded" else [torch.stack(params) for params in same]
+        group = _build(members, dict(zip(names, stacks)))
         for i, adapter in enumerate(members):
             sources = _params(adapter)
             _STEP[adapter] = (group, i, sources, _stamp(sources))
     return sum(len(m) for m in groups.values())
-
-
-def _gather_sharded(adapters: list[nn.Module], values: dict[nn.Module, dict[str, torch.Tensor]]) -> None:
-    """Replace the shards in ``values`` by full tensors: one gather per mesh and dtype (normally one in all)."""
-    batches: dict[tuple, list[tuple[nn.Module, str, torch.Tensor]]] = {}
-    for adapter in adapters:
-        for name, p in values[adapter].items():
-            batches.setdefault((id(p.device_mesh), p.dtype), []).append((adapter, name, p))
-    for batch in batches.values():
-        for (adapter, name, _), full in zip(batch, gather_full([p for _, _, p in batch]), strict=True):
-            values[adapter][name] = full
 
 
 def apply_step_factors(adapter: nn.Module, flat: torch.Tensor) -> torch.Tensor | None:

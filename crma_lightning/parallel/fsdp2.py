@@ -59,10 +59,10 @@ def apply_fsdp2(
 ) -> int:
     """``fully_shard`` every decoder block, then the root; returns how many modules were newly sharded.
 
-    A block is the :class:`CRMABlock` wrapper when CRMA is attached, so each CRMA adapter is sharded
-    (and all-gathered) together with its block - except under mixed precision, where the adapter gets a
-    float32 unit of its own inside the block. LoRA factors live inside the block's linears and are
-    sharded with it.
+    A block is the :class:`CRMABlock` wrapper when CRMA is attached; each CRMA adapter is a float32 unit of
+    its own inside it, gathered with all other blocks' adapters in one collective at the model's
+    pre-forward (:mod:`crma_lightning.adapters.crma_shards`) rather than by FSDP2. LoRA factors live inside
+    the block's linears and are sharded with it.
     Idempotent: the stage driver builds a new ``Trainer`` per stage and Lightning calls
     ``configure_model`` for every ``fit``/``validate``, so modules already sharded are skipped.
 
@@ -97,11 +97,13 @@ def apply_fsdp2(
     for block in layers:
         if is_fsdp2_module(block):
             continue
-        if policy is not None and isinstance(block, CRMABlock):
-            # CRMA keeps float32 parameters under mixed precision: its Sinkhorn and norm constraints run in
+        if isinstance(block, CRMABlock):
+            # Its own unit, so that the block's all-gather does not carry it: all blocks' CRMA shards are
+            # gathered together for the batched factors (adapters/crma_shards.py), and the block applies them
+            # without calling the adapter, whose unit is then never gathered (only when a block computes its
+            # own factors). Float32 also under mixed precision: CRMA's Sinkhorn and norm constraints run in
             # float32 by design (the structural bound needs exact unit row/column sums), and its mixing
-            # product needs one dtype. Its own unit (one small extra all-gather per block) keeps it so;
-            # inputs stay in the compute dtype, and so does its output.
+            # product needs one dtype; inputs stay in the compute dtype, and so does its output.
             fully_shard(block.crma, mesh=mesh, mp_policy=_float32_policy())
             count += 1
         if activation_checkpointing:
