@@ -17,7 +17,7 @@ Example::
 
     python benchmarks/crma_ops.py                       # 4 and 16 layers, hidden 128, CPU, seconds
     python benchmarks/crma_ops.py --layers 4,16,64 --per-block
-    python benchmarks/crma_ops.py --fsdp2 --per-block   # 2 gloo processes
+    python benchmarks/crma_ops.py --fsdp2 --per-block --out runs/bench/crma_ops_fsdp2.json   # 2 gloo processes
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu", help="e.g. cuda")
     p.add_argument("--fsdp2", action="store_true", help="under FSDP2 on --world gloo CPU processes")
     p.add_argument("--world", type=int, default=2, help="processes for --fsdp2")
+    p.add_argument("--out", default=None, help="also write the counts to this JSON file")
     args = p.parse_args(argv)
     depths = [int(x) for x in args.layers.split(",")]
     schemes = {"batched": False, **({"per-block": True} if args.per_block else {})}
@@ -172,6 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
         verdict = "meets" if work <= 1.3 else "MISSES"
         print(f"batched, {b} vs {a} layers: ratio {work:.2f} of the ops doing work ({every:.2f} of all recorded ops); "
               f"target <= 1.3 (ops doing work, 16 vs 4 layers): {verdict}")  # fmt: skip
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"settings": vars(args), "torch": torch.__version__, "ops_added": results}, f, indent=1)
     return results
 
 

@@ -16,7 +16,9 @@
 # Out of memory on a smaller GPU: lower GPU_CHECK_BATCH or set GPU_CHECK_AC=1.
 #
 # Then the issue-25 measurements (GPU_CHECK_MEASURE=0 skips them; ~5 more minutes):
-#   * ops CRMA adds per step at 4 and 16 layers, batched factors vs per block (benchmarks/crma_ops.py);
+#   * ops CRMA adds per step at 4 and 16 layers, batched factors vs per block (benchmarks/crma_ops.py), on the
+#     GPU and under FSDP2 (--fsdp2: 2 gloo CPU processes);
+#   * CRMA/LoRA step time in the continual benchmark's model (hidden 128, 4 layers, LoRA on all linears);
 #   * CRMA/LoRA step time, batched vs per block, and LoRA+CRMA with its decoder layers torch.compile'd vs
 #     eager, bf16 base, hidden 1024 and 2048 (benchmarks/overhead.py --per-block --compile);
 #   * peak host RSS per rank at start-up, every rank loading vs init_on_rank0, FSDP2, on a 1.2 GiB base
@@ -135,6 +137,12 @@ done
 if [[ "${GPU_CHECK_MEASURE:-1}" == 1 ]]; then
     echo "==== gpu_check: ops CRMA adds per step ===="
     python benchmarks/crma_ops.py --device cuda --layers 4,16 --per-block || failed+=("crma_ops")
+    echo "==== gpu_check: ops CRMA adds per step under FSDP2 (2 gloo CPU processes; ops dispatched per rank) ===="
+    python benchmarks/crma_ops.py --fsdp2 --layers 4,16 --per-block || failed+=("crma_ops_fsdp2")
+    echo "==== gpu_check: CRMA/LoRA step time, the continual benchmark's model (hidden 128) ===="
+    python benchmarks/overhead.py --device cuda --hidden 128 --intermediate 256 --layers 4 --heads 4 --vocab 256 \
+        --seq 128 --batch 8 --targets all-linear --rank 8 --no-peft --per-block --steps 30 --warmup 5 \
+        || failed+=("overhead_continual")
     echo "==== gpu_check: CRMA/LoRA step time ===="
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --widths 1024,2048 --seq 1024 --batch 8 \
         --no-peft --per-block --compile --steps 20 --warmup 5 || failed+=("overhead")
