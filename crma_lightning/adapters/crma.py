@@ -315,7 +315,9 @@ class CRMABlock(nn.Module):
     """A decoder layer followed by its CRMA adapter on the hidden-state output.
 
     Wrapping (rather than a forward hook) keeps the adapter inside the block, so FSDP's per-block
-    wrapping shards the adapter with its block and activation checkpointing covers it.
+    wrapping shards the adapter with its block (as a unit of its own inside it) and activation
+    checkpointing covers it. With this step's batched factors valid, the block applies them without
+    calling the adapter module (so FSDP2 never gathers the adapter's unit; its hooks do not run).
 
     Attributes:
         base_layer: The original decoder layer.
