@@ -19,24 +19,22 @@ here; any other layout (HSDP, tensor parallelism) keeps the per-block path. Pure
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
-
-try:  # torch without distributed support has no DTensor
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - every torch build the project supports has it
-    dist, DTensor, Shard = None, None, None
+import torch.distributed as dist
 
 
 def is_fsdp2_shard(p: torch.Tensor) -> bool:
     """Whether ``p`` is a ``DTensor`` sharded along dim 0 over a 1-D mesh (FSDP2's data-parallel layout)."""
+    # No DTensor exists unless its module was imported: a single-process model does not pay for importing it.
+    dtensor = sys.modules.get("torch.distributed.tensor")
     return (
-        DTensor is not None
-        and isinstance(p, DTensor)
+        dtensor is not None
+        and isinstance(p, dtensor.DTensor)
         and p.device_mesh.ndim == 1
-        and tuple(p.placements) == (Shard(0),)
+        and tuple(p.placements) == (dtensor.Shard(0),)
         and p.ndim >= 1
     )
 
