@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rotate the order every round (A,B,C; B,C,A; ...) to cancel any position-in-round bias",
     )
     p.add_argument("--profile", action="store_true", help="print the top ops of one profiled step per variant")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time CRMA's parts alone (all blocks' factors forward+backward; one block's read/write "
+        "forward+backward), minimum over the timed rounds, interleaved with the steps",
+    )
     p.add_argument("--crma-form", default="write", choices=FORMS)
     p.add_argument("--crma-norm", default="spectral", choices=NORMS)
     p.add_argument("--crma-iters", type=int, default=CRMAConfig.sinkhorn_iters, help="Sinkhorn iterations")
@@ -153,6 +159,31 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, lr: float, per_block: b
     return step, sum(p.numel() for p in params)
 
 
+def crma_parts(model: torch.nn.Module, ids: torch.Tensor) -> dict:
+    """Callables timing CRMA's two parts alone: all blocks' batched factors, and one block's read/write."""
+    from crma_lightning.adapters import crma_adapters
+    from crma_lightning.adapters.crma_batch import _build, _ReadWrite
+
+    adapters = [a for _, a in crma_adapters(model)]
+    names = [name for name, _ in adapters[0].named_parameters(recurse=False)]
+
+    def factors() -> None:
+        group = _build(adapters, {n: torch.stack([getattr(a, n) for a in adapters]) for n in names})
+        (group.reads.sum() + group.effective.sum()).backward()
+
+    group = _build(adapters, {n: torch.stack([getattr(a, n) for a in adapters]) for n in names})
+    read_t, effective_t, read, effective = (part[0].detach() for part in group.slices(torch.float32))
+    read_t, effective_t = read_t.requires_grad_(), effective_t.requires_grad_()
+    hidden = adapters[0].hidden_size
+    flat = torch.randn(ids.numel(), hidden, device=ids.device, requires_grad=True)
+    grad = torch.randn(ids.numel(), hidden, device=ids.device)
+
+    def read_write() -> None:
+        _ReadWrite.apply(flat, read_t, effective_t, read, effective).backward(grad)
+
+    return {"factors": factors, "read_write": read_write}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -200,7 +231,9 @@ def measure(args: argparse.Namespace) -> dict:
     steps, trainable = {}, {}
     for name, model in variants.items():
         steps[name], trainable[name] = make_step(model, ids, args.lr, per_block=name == "crma_per_block")
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    if args.breakdown:
+        steps.update(crma_parts(variants["crma"], ids))
+    times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for i in range(args.warmup + args.steps):
         order = names[i % len(names) :] + names[: i % len(names)] if args.rotate else names
@@ -269,6 +302,14 @@ def measure(args: argparse.Namespace) -> dict:
     for name in variants:
         print(
             f"| {labels[name]:<22} | {trainable[name]:>16,} | {median[name]:>10.1f} | {result['min_ms'][name]:>9.1f} |"
+        )
+    if args.breakdown:
+        added = result["min_ms"]["crma"] - result["min_ms"]["lora"]
+        parts = result["min_ms"]["factors"] + args.layers * result["min_ms"]["read_write"]
+        print(
+            f"CRMA's parts (min ms): all blocks' factors fwd+bwd {result['min_ms']['factors']:.2f}, one block's "
+            f"read/write fwd+bwd {result['min_ms']['read_write']:.2f}; factors + {args.layers} blocks = {parts:.2f} "
+            f"of the {added:.2f} between the fastest LoRA+CRMA and the fastest LoRA step"
         )
     pairs = [
         ("crma_over_lora", "CRMA / LoRA"),
