@@ -141,7 +141,7 @@ if [[ "${GPU_CHECK_MEASURE:-1}" == 1 ]]; then
     python benchmarks/crma_ops.py --fsdp2 --layers 4,16 --per-block || failed+=("crma_ops_fsdp2")
     echo "==== gpu_check: CRMA/LoRA step time, the continual benchmark's model (hidden 128) ===="
     python benchmarks/overhead.py --device cuda --hidden 128 --intermediate 256 --layers 4 --heads 4 --vocab 256 \
-        --seq 128 --batch 8 --targets all-linear --rank 8 --no-peft --per-block --steps 30 --warmup 5 \
+        --seq 128 --batch 8 --targets all-linear --rank 8 --no-peft --per-block --breakdown --steps 30 --warmup 5 \
         || failed+=("overhead_continual")
     echo "==== gpu_check: CRMA/LoRA step time ===="
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --widths 1024,2048 --seq 1024 --batch 8 \
