@@ -105,8 +105,8 @@ def _params(adapter: nn.Module) -> list[torch.Tensor]:
 def _stamp(tensors: list[torch.Tensor]) -> tuple:
     """What must not change for cached factors to stay valid: each tensor's identity, storage and version.
 
-    For an FSDP2 shard, the ``DTensor``'s and its local tensor's (an optimizer step or a loaded state dict
-    changes them in place, or replaces the parameter).
+    For an FSDP2 shard, the ``DTensor``'s version and its local tensor's storage and version (an optimizer
+    step or a loaded state dict changes the ``DTensor`` in place, or replaces the parameter).
     """
     stamp = []
     with torch.no_grad():  # to_local without an autograd node
@@ -119,8 +119,9 @@ def _stamp(tensors: list[torch.Tensor]) -> tuple:
 def _unchanged(adapter: nn.Module, entry: tuple) -> bool:
     """Whether the tensors ``entry`` was built from are unchanged and (unless FSDP2 shards) still ``adapter``'s.
 
-    Under FSDP2 the adapter holds, inside its block's forward, unsharded copies of the shards the entry was
-    gathered from: the shards are what is checked.
+    Under FSDP2 the adapter may hold unsharded copies of the shards the entry was gathered from (while FSDP2
+    has its unit gathered): the shards are what is checked - an optimizer step or a loaded state dict bumps
+    the ``DTensor``'s version counter (its local tensor's stays unchanged).
     """
     sources, stamp = entry[2], entry[3]
     if not is_fsdp2_shard(sources[0]) and any(p is not q for p, q in zip(_params(adapter), sources, strict=True)):
