@@ -61,6 +61,58 @@ def resolve_domains(data_dir: Path | None, names: list[str] | None) -> list[str]
     return chosen
 
 
+def check_pretrain_disjoint(domains: list[str], pretrain: list[str] | None) -> None:
+    """Refuse ``--pretrain-builtin`` names that are not built-in domains or that are benchmark domains.
+
+    Protocol v2's point is a base that has never seen the benchmark's text; a built-in domain that is also
+    a benchmark domain would be pretrained on. Called before any work (no directory touched).
+
+    Raises:
+        ValueError: An unknown, repeated or overlapping name (the message names it).
+    """
+    if not pretrain:
+        return
+    unknown = [n for n in pretrain if n not in BUILTIN_DOMAINS]
+    if unknown:
+        raise ValueError(
+            f"--pretrain-builtin {unknown}: not built-in domains; expected some of {sorted(BUILTIN_DOMAINS)}"
+        )
+    if len(set(pretrain)) != len(pretrain):
+        raise ValueError(f"--pretrain-builtin lists a domain twice: {pretrain}")
+    overlap = [n for n in pretrain if n in domains]
+    if overlap:
+        raise ValueError(
+            f"--pretrain-builtin {overlap} overlaps the benchmark domains {domains}: the base would be pretrained "
+            "on the text it is tested on; pretrain on built-in domains outside --domains"
+        )
+
+
+def _texts(path: str) -> set[str]:
+    with open(path, encoding="utf-8") as f:
+        return {json.loads(line)["text"] for line in f if line.strip()}
+
+
+def check_texts_disjoint(general: list[dict[str, Any]], specs: list[dict[str, Any]]) -> None:
+    """Refuse a pretraining mix that shares a text record with a benchmark domain (train or held-out file).
+
+    The name check (:func:`check_pretrain_disjoint`) misses a ``--data-dir`` domain that holds a copy of a
+    built-in one under another name; this compares the records themselves. Called before the base is
+    pretrained.
+
+    Raises:
+        ValueError: Names the pretraining domain, the benchmark domain and the number of shared records.
+    """
+    for g in general:
+        seen = _texts(g["path"])
+        for spec in specs:
+            shared = sum(len(seen & _texts(spec[key])) for key in ("path", "holdout_path"))
+            if shared:
+                raise ValueError(
+                    f"--pretrain-builtin {g['name']!r} shares {shared} text record(s) with benchmark domain "
+                    f"{spec['name']!r}: the base would be pretrained on the text it is tested on"
+                )
+
+
 def _write_jsonl(path: Path, texts: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:

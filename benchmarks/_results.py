@@ -75,6 +75,7 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
     out: dict[str, Any] = {"status": "complete", "run_dir": raw["run_dir"], "domains": domains}
     out["loss_matrix"] = [[_or_null(v, "not evaluated (future domain)") for v in row] for row in matrix]
     out["final_losses"] = dict(zip(domains, matrix[-1]))
+    out["base_losses"] = {d: _or_null(v, "base not evaluated") for d, v in zip(domains, matrix[0])}  # L[0]
     for key in ("drift", "base_relative_forgetting", "plasticity"):
         out[key] = {d: _or_null(v, "undefined for the last domain") for d, v in m[key].items()}
     out["drift_mean"] = _or_null(m["drift_mean"], "fewer than two stages")
@@ -287,7 +288,22 @@ def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
     for pair in per_seed[seeds[0]]["pairs"]:
         agg["pairs"][pair] = {f: stats([_get(per_seed[s]["pairs"], pair, f) for s in seeds]) for f in PAIR_FIELDS}
+    agg["base_loss"] = base_losses(per_seed)
     return agg
+
+
+def base_losses(per_seed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``L[0][j]`` per domain: the base's held-out loss before any stage, over every seed and setting.
+
+    Every setting of a seed starts from the same base and held-out rows, so the values differ only by
+    what an adapter at initialisation adds (nothing: B = 0, W~ = 0); ``max - min`` shows it.
+    """
+    values: dict[str, list[Any]] = {}
+    for seed in per_seed.values():
+        for run in seed["runs"].values():
+            for domain, v in (run.get("base_losses") or {}).items():
+                values.setdefault(domain, []).append(v)
+    return {d: stats(v) for d, v in values.items()}
 
 
 def verdicts(agg: dict[str, Any]) -> dict[str, Any]:

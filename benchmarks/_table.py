@@ -45,6 +45,18 @@ def _bytes(s: dict[str, Any]) -> str:
     return "0" if value == 0 else f"{value / 1e6:.2f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
 
 
+def _base_line(base: dict[str, Any]) -> str:
+    """The base's ``L[0]`` per domain (mean over seeds and settings, with the spread between them)."""
+    if not base:
+        return "Base L[0]: not evaluated."
+    parts = [f"{d} {_f(s['mean'], '.4f')}" if s["n"] else f"{d} —" for d, s in base.items()]
+    spread = max((s["max"] - s["min"] for s in base.values() if s["n"]), default=0.0)
+    return (
+        f"Base L[0] (held-out loss of the base before any stage, per domain): {', '.join(parts)} "
+        f"(largest spread over seeds and settings: {spread:.2g})."
+    )
+
+
 def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]) -> str:
     """``results.md``: setup line, the table, the pair definitions and the targets."""
     setup = results["setup"]
@@ -57,6 +69,8 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
         f"{setup['steps']} steps/stage, batch {setup['batch_size']} x {setup['max_length']} tokens, "
         f"LoRA r={setup['lora_r']} on {setup['lora_targets']}, AdamW lr {setup['lr']}; seeds {setup['seeds']}; "
         f"{setup['machine']}; step interleaving: {setup['interleave']}; wall {results['wall_s'] / 60:.1f} min.",
+        "",
+        _base_line(agg.get("base_loss") or {}),
         "",
         "| setting | adapter, task adapters (+ method) | mean drift % oracle (mean ± std [min, max]) "
         "| mean drift % routed | routing accuracy | base-rel. forgetting % | plasticity (mean L[j][j]) "

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _bench_data import domain_specs, fingerprint, resolve_domains
+from _bench_data import check_pretrain_disjoint, check_texts_disjoint, domain_specs, fingerprint, resolve_domains
 from _pretrain import PretrainSettings, pretrained_base
 from _results import aggregate, pair_numbers, run_numbers, to_json, verdicts
 from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, describe, run_seed
@@ -262,6 +262,8 @@ def base_model(args: argparse.Namespace, specs: list[dict[str, Any]], device: st
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the content of ``results.json``."""
     args = parse_args(argv)
+    names = resolve_domains(args.data_dir, args.domains)
+    check_pretrain_disjoint(names, args.pretrain_builtin)  # protocol v2: before any work
     _quiet()
     t_start = time.perf_counter()
     git_start = _git_state()  # the shared checkout may move while a long run is going: record both ends
@@ -277,12 +279,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for d in old:
         shutil.rmtree(d)
     out.mkdir(parents=True, exist_ok=True)
-    names = resolve_domains(args.data_dir, args.domains)
     specs = domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
     # Protocol v2 (--pretrain-builtin): the base's general text is disjoint from the benchmark domains.
     general = specs
     if args.pretrain_builtin:
         general = domain_specs(args.pretrain_builtin, None, args.cache_dir, args.max_chars)
+        check_texts_disjoint(general, specs)
     base = base_model(args, general, device)
     targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
     cfg = {

@@ -86,6 +86,9 @@ class DomainSpec:
             loss covers the response and its EOS only. The prompt is ``prompt_field``'s value or the
             ``template`` rendered over the row (exactly one of the two), and the response follows it
             directly, so put any separator (``"\\nAnswer: "``) at the end of the prompt.
+        response_labels: The words of a class-index response column: ``response_field`` holds integers (a
+            ``datasets.ClassLabel``, as in ``ag_news``) and row ``i``'s response is ``response_labels[label]``,
+            e.g. the label words of an instruction benchmark. ``None``: the column holds the response text.
         messages_field: Column holding chat rows: a list of ``{"role": str, "content": str}`` messages.
             Used when the rows have no ``text_field`` column (and neither ``template`` nor
             ``response_field`` is set); only the assistant messages are scored.
@@ -112,6 +115,7 @@ class DomainSpec:
     template: str | None = None
     prompt_field: str | None = None
     response_field: str | None = None
+    response_labels: list[str] | None = None
     messages_field: str = "messages"
     holdout_path: str | list[str] | None = None
     holdout_split: str | None = None
@@ -239,6 +243,17 @@ def validate_domains(specs: Sequence[DomainSpec]) -> None:
                 "`prompt_field` (a column) or `template` (rendered over the row)"
                 + (", not both" if spec.prompt_field else "")
             )
+        if spec.response_labels is not None:
+            labels = spec.response_labels
+            if not spec.response_field:
+                raise ValueError(
+                    f"domain {spec.name!r}: response_labels needs a response_field (the column of class indices)"
+                )
+            blank = not all(isinstance(x, str) and x.strip() for x in labels)
+            if not labels or len(set(labels)) != len(labels) or blank:
+                raise ValueError(
+                    f"domain {spec.name!r}: response_labels={labels!r} is invalid: expected distinct non-blank strings"
+                )
         as_task_metric(spec.metric, spec.name)
         for key in ("max_examples", "max_steps"):
             value = getattr(spec, key)
@@ -404,7 +419,13 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
 
 
 # Fields added after checkpoints recorded sources: left out while at their defaults, so older runs resume.
-_LATER_FIELDS = {"prompt_field": None, "response_field": None, "messages_field": "messages", "metric": None}
+_LATER_FIELDS = {
+    "prompt_field": None,
+    "response_field": None,
+    "response_labels": None,
+    "messages_field": "messages",
+    "metric": None,
+}
 
 
 def source_identity(spec: DomainSpec) -> dict[str, Any]:

@@ -159,6 +159,16 @@ def _check_messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
     return messages
 
 
+def _label_word(value: Any, labels: list[str], field: str, where: str) -> str:
+    """``labels[value]`` for a class-index response (``response_labels``); a clear error for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(labels):
+        raise ValueError(
+            f"{where}: field {field!r} is {value!r}, expected a class index in [0, {len(labels) - 1}] "
+            f"(response_labels has {len(labels)} words)"
+        )
+    return labels[value]
+
+
 def _extract_masked(
     spec: DomainSpec,
     ds: Dataset,
@@ -192,7 +202,10 @@ def _extract_masked(
                     prompt = spec.template.format(**{k: batch[k][i] for k in columns})
                 else:
                     prompt = string(batch[spec.prompt_field][i], spec.prompt_field, where, allow_blank=True)
-                response = string(batch[spec.response_field][i], spec.response_field, where, allow_blank=False)
+                value = batch[spec.response_field][i]
+                if spec.response_labels is not None:
+                    value = _label_word(value, spec.response_labels, spec.response_field, where)
+                response = string(value, spec.response_field, where, allow_blank=False)
                 segments, scored = _merge([prompt, response], [False, True])
             else:
                 messages = _check_messages(batch[spec.messages_field][i], spec.messages_field, where)

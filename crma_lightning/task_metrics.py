@@ -16,6 +16,9 @@ Built-in metrics (``name``):
   non-alphanumerics as spaces).
 * ``token_f1`` - SQuAD-style bag-of-tokens F1 over whitespace tokens of the normalised texts. Written here
   because torchmetrics only has it inside ``SQuAD``, with fixed English normalisation (articles dropped).
+* ``edit_similarity`` - ``2·LCS(p, r) / (|p| + |r|)`` over characters (both empty: 1): the ratio of
+  ``python-Levenshtein``/``fuzzywuzzy``'s ``fuzz.ratio`` (an InDel-distance ratio), which TRACE scores its
+  code task (Py150) with, as a fraction instead of a rounded percentage. Not normalised.
 * any name registered with :func:`register_metric` - a ``callable(prediction, reference) -> float``.
 
 Only ROUGE-L comes from torchmetrics. Exact match and token F1 exist there only inside ``SQuAD``, whose
@@ -38,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-BUILTIN_METRICS = ("exact_match", "accuracy", "rouge_l", "token_f1")
+BUILTIN_METRICS = ("exact_match", "accuracy", "rouge_l", "token_f1", "edit_similarity")
 LABEL_MODES = ("generate", "loss")
 NORMALIZE_OPTIONS = {"strip": True, "lowercase": True, "collapse_whitespace": True, "remove_punctuation": False}
 """The normalisation switches and their defaults."""
@@ -187,6 +190,20 @@ def token_f1(prediction: str, reference: str, options: Mapping[str, bool] | None
     return 2 * precision * recall / (precision + recall)
 
 
+def edit_similarity(prediction: str, reference: str) -> float:
+    """``2·LCS / (|prediction| + |reference|)`` over characters: 1 - InDel distance / total length (both empty: 1)."""
+    total = len(prediction) + len(reference)
+    if total == 0:
+        return 1.0
+    previous = [0] * (len(reference) + 1)  # LCS by rows: O(|p|·|r|) time, O(|r|) memory
+    for a in prediction:
+        current = [0]
+        for j, b in enumerate(reference):
+            current.append(previous[j] + 1 if a == b else max(previous[j + 1], current[j]))
+        previous = current
+    return 2 * previous[-1] / total
+
+
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
     """ROUGE-L F-measure of each (prediction, reference) pair, from ``torchmetrics``."""
     from torchmetrics.functional.text import rouge_score
@@ -210,6 +227,8 @@ def row_scores(metric: TaskMetric, predictions: list[str], references: list[str]
         return [token_f1(p, r, opts) for p, r in zip(predictions, references)]
     if metric.name == "rouge_l":
         return rouge_l(predictions, references)
+    if metric.name == "edit_similarity":
+        return [edit_similarity(p, r) for p, r in zip(predictions, references)]
     if metric.name == "accuracy":
         out = []
         for p, r in zip(predictions, references):

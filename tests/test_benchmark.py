@@ -160,3 +160,51 @@ def test_refuses_to_mix_with_earlier_runs(tiny_results):
     bench, _, argv, _ = tiny_results
     with pytest.raises(SystemExit, match="already holds runs"):
         bench.main(argv)
+
+
+def test_base_l0_is_reported_per_domain(tiny_results):
+    _, root, _, payload = tiny_results
+    l0 = {d: [] for d in ("prose", "code")}
+    for seed in payload["per_seed"].values():
+        for run in seed["runs"].values():
+            assert run["base_losses"] == dict(zip(run["domains"], run["loss_matrix"][0]))  # row 0 = base
+            for d, v in run["base_losses"].items():
+                l0[d].append(v)
+    base = payload["aggregates"]["base_loss"]
+    for d, values in l0.items():
+        assert base[d]["n"] == len(values) == 2 * len(MODES)
+        assert base[d]["mean"] == pytest.approx(sum(values) / len(values))
+        # One base, one held-out set per seed: an adapter at initialisation changes nothing.
+        assert base[d]["max"] - base[d]["min"] < 1e-4
+    table = (root / "out" / "results.md").read_text()
+    assert (
+        f"Base L[0] (held-out loss of the base before any stage, per domain): prose {base['prose']['mean']:.4f}"
+        in table
+    )
+
+
+def test_pretrain_builtin_must_be_disjoint_from_the_domains(tmp_path):
+    bench = _load_benchmark()
+    out = tmp_path / "out"
+    argv = ["--tiny", "--domains", "prose", "code", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(
+        ValueError, match=r"--pretrain-builtin \['code'\] overlaps the benchmark domains \['prose', 'code'\]"
+    ):
+        bench.main([*argv, "--pretrain-builtin", "arithmetic", "code"])
+    with pytest.raises(ValueError, match=r"--pretrain-builtin \['medical'\]: not built-in domains"):
+        bench.main([*argv, "--pretrain-builtin", "medical"])
+    assert not out.exists() and not (tmp_path / "cache").exists()  # refused before any work
+
+    from _bench_data import check_texts_disjoint
+
+    def write(name, texts):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        return str(path)
+
+    general = [{"name": "prose", "path": write("prose", ["a b c", "d e f"])}]
+    clean = {"name": "medical", "path": write("m-train", ["x"]), "holdout_path": write("m-hold", ["y"])}
+    check_texts_disjoint(general, [clean])  # nothing shared: passes
+    copy = {"name": "prose2", "path": write("p-train", ["z"]), "holdout_path": write("p-hold", ["d e f", "q"])}
+    with pytest.raises(ValueError, match=r"'prose' shares 1 text record\(s\) with benchmark domain 'prose2'"):
+        check_texts_disjoint(general, [clean, copy])

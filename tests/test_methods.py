@@ -380,6 +380,42 @@ def test_olora_penalty_matches_hand_computation_and_vanishes_when_orthogonal():
     assert olora.penalty(model).item() == 0.0
 
 
+def test_olora_l2_term_matches_hand_computation_from_the_first_task_and_is_checkpointed():
+    model = tiny_llama()
+    attach_adapters(model, "lora", LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="t0")
+    add_lora_adapter(model, "t1", LoRAConfig(r=2), trainable=True)
+    layers = [layer for _, layer in lora_layers(model)]
+    with torch.no_grad():  # hand-checkable weights: ‖A‖_F = 5 (a 3-4-0 row), ‖B‖_F = 2 (four entries of 1)
+        for layer in layers:
+            for name in ("t0", "t1"):
+                layer.lora_A[name].weight.zero_()
+                layer.lora_B[name].weight.zero_()
+            layer.lora_A["t0"].weight[0, :2] = torch.tensor([3.0, 4.0])
+            layer.lora_B["t0"].weight[:2, :2] = 1.0
+            layer.lora_A["t1"].weight[1, 0] = 2.0  # A_0 A_1ᵀ = [[0, 6], [0, 0]]: ‖·‖_F² = 36
+    olora = OLoRA(lam=0.5, lam2=0.1)
+    olora.on_task_start(model, "t0", 0)
+    # First task: no earlier adapter, so the L2 term alone: 0.1 · Σ_layers (5 + 2).
+    torch.testing.assert_close(olora.penalty(model), torch.tensor(0.1 * 7.0 * len(layers)))
+    olora.on_task_end(model, "t0", 0, train_batches=iter(()))
+    olora.on_task_start(model, "t1", 1)
+    # Second task: 0.5 · 36 + 0.1 · (‖A_1‖_F + ‖B_1‖_F) = 18 + 0.1 · (2 + 0), per layer.
+    penalty = olora.penalty(model)
+    torch.testing.assert_close(penalty, torch.tensor((18.0 + 0.2) * len(layers)))
+    penalty.backward()
+    for layer in layers:  # d‖B‖_F at B = 0 is 0 (not NaN); d‖A_1‖_F/dA_1 = A_1/‖A_1‖_F
+        assert torch.equal(layer.lora_B["t1"].weight.grad, torch.zeros_like(layer.lora_B["t1"].weight))
+        assert torch.isfinite(layer.lora_A["t1"].weight.grad).all()
+    assert OLoRA(lam=0.5).penalty(model) is None  # lam2 = 0 (the default) and no task started: nothing
+    assert OLoRA().config() == {"lam": 0.5, "lam2": 0.0}
+    restored = OLoRA(lam=0.5, lam2=0.1)
+    restored.load_state_dict(_roundtrip(olora.state_dict()))
+    with pytest.raises(ValueError, match=r"olora: checkpoint was written with lam2=0\.1, this run has lam2=0\.0"):
+        OLoRA(lam=0.5).load_state_dict(_roundtrip(olora.state_dict()))
+    with pytest.raises(ValueError, match=r"lam2=-1"):
+        OLoRA(lam2=-1)
+
+
 def test_olora_on_a_continual_lm_and_its_requirements():
     from crma_lightning.module import ContinualLM
 

@@ -123,3 +123,12 @@ def test_score_summary_skips_domains_without_a_metric():
     s = [[None, 0.0], [None, 0.1], [None, 0.9]]
     out = metrics.summarize_scores(s, ["text", "qa"])
     assert out["ap"] == pytest.approx(0.9) and out["bwt_score"] is None and out["forgetting"] == {"text": None}
+
+
+def test_edit_similarity_by_hand():
+    # LCS("kitten", "sitting") = "ittn" (4): 2 * 4 / (6 + 7), python-Levenshtein's ratio (fuzz.ratio 62).
+    assert task_metrics.edit_similarity("kitten", "sitting") == pytest.approx(8 / 13)
+    assert task_metrics.edit_similarity("", "") == 1.0 and task_metrics.edit_similarity("abc", "") == 0.0
+    assert task_metrics.edit_similarity("x = 1", "x = 1") == 1.0
+    metric = task_metrics.as_task_metric("edit_similarity", "py")
+    assert task_metrics.row_scores(metric, ["abcd", "ab"], ["abcd", "ba"]) == [1.0, 0.5]

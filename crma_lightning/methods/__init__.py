@@ -12,7 +12,7 @@ from typing import Any
 
 from crma_lightning.methods.base import ContinualMethod
 from crma_lightning.methods.ewc import EWC, fisher_diagonal
-from crma_lightning.methods.olora import OLoRA, orthogonality_penalty
+from crma_lightning.methods.olora import OLoRA, l2_penalty, orthogonality_penalty
 from crma_lightning.methods.replay import Replay, ReplayDataset, ReplaySampler, replay_indices
 
 METHODS: dict[str, type[ContinualMethod]] = {"none": ContinualMethod, "replay": Replay, "ewc": EWC, "olora": OLoRA}
@@ -44,6 +44,7 @@ __all__ = [
     "ReplaySampler",
     "build_method",
     "fisher_diagonal",
+    "l2_penalty",
     "orthogonality_penalty",
     "replay_indices",
 ]
