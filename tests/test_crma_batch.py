@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -183,3 +184,61 @@ def test_without_autograd_unchanged_factors_are_reused_and_changed_ones_rebuilt(
             per_block = model(input_ids=ids).logits
     assert torch.allclose(batched, per_block, atol=1e-5)
     assert crma_batch.precompute_step_factors(adapters) == 4  # with autograd: always rebuilt
+
+
+def _simulated_gather(world: int, rows: int, monkeypatch) -> None:
+    """The shard gather and gradient reduce-scatter on ``world`` simulated ranks, checked against full tensors.
+
+    The collectives are replaced by two-phase fakes (every rank's buffer recorded, then delivered), so the
+    padding and reordering of uneven ``torch.chunk`` shards (some ranks partly padded or empty) is exercised
+    without processes.
+    """
+    from crma_lightning.adapters import crma_shards
+
+    torch.manual_seed(rows)
+    fulls = [torch.randn(rows, 3, dtype=torch.float64) for _ in range(2)]  # L = 2 parameters of shape (rows, 3)
+    grads = [torch.randn(2, rows, 3, dtype=torch.float64) for _ in range(world)]  # each rank's upstream grad
+    sent: dict[str, list[torch.Tensor]] = {"gather": [], "scatter": []}
+    state = {"phase": "record", "rank": 0}
+
+    def all_gather(out, mine, group=None):
+        if state["phase"] == "record":
+            sent["gather"].append(mine.clone())
+        else:
+            out.copy_(torch.cat(sent["gather"]))
+
+    def reduce_scatter(out, flat, group=None):
+        if state["phase"] == "record":
+            sent["scatter"].append(flat.clone())
+        else:
+            out.copy_(sum(f.view(world, -1)[state["rank"]] for f in sent["scatter"]))
+
+    monkeypatch.setattr(crma_shards.dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(crma_shards.dist, "all_gather_into_tensor", all_gather)
+    monkeypatch.setattr(crma_shards.dist, "reduce_scatter_tensor", reduce_scatter)
+    shards = [[list(torch.chunk(f, world))[r] if r < len(torch.chunk(f, world)) else f[:0] for f in fulls]
+              for r in range(world)]  # fmt: skip
+
+    def run(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        state["rank"] = rank
+        stack = torch.stack(shards[rank]).requires_grad_(True)  # (L, local, 3)
+        (full,) = crma_shards._GatherStacked.apply(None, [fulls[0].shape], stack)
+        (full * grads[rank]).sum().backward()
+        return full.detach(), stack.grad
+
+    for rank in range(world):  # phase 1: every rank's buffers
+        run(rank)
+    state["phase"] = "deliver"
+    mean_grad = sum(grads) / world
+    for rank in range(world):
+        full, grad = run(rank)
+        torch.testing.assert_close(full, torch.stack(fulls), rtol=0, atol=0)
+        lo = rank * math.ceil(rows / world)
+        torch.testing.assert_close(grad, mean_grad[:, lo : lo + shards[rank][0].shape[0]], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("rows", [1, 5, 7, 16])
+def test_shard_gather_handles_uneven_and_empty_shards(world, rows, monkeypatch):
+    """Rows 1/5/7/16 over 1 or 3 ranks: full, partly padded and empty shards all gather and reduce exactly."""
+    _simulated_gather(world, rows, monkeypatch)

@@ -274,7 +274,7 @@ class CRMAAdapter(nn.Module):
         """Apply the adapter to hidden states ``h`` of shape ``(..., d)``; returns the same shape and dtype."""
         flat = h.reshape(-1, self.hidden_size)  # (tokens, d), a view for contiguous h
         out = apply_step_factors(self, flat)  # with this step's factors, computed for all blocks at once
-        if out is None:  # called outside the model's forward, sharded, or parameters changed since
+        if out is None:  # called outside the model's forward, FSDP1/HSDP-sharded, or parameters changed since
             read, write = self.factors()  # (n·k, d), (d, n·k)
             effective = self.effective_write(write=write).to(h.dtype)  # (d, n·k)
             # addmm folds the residual add into the write matmul: h + s Eᵀ in one pass over h.

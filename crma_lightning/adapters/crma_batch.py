@@ -124,7 +124,11 @@ def _unchanged(adapter: nn.Module, entry: tuple) -> bool:
     the ``DTensor``'s version counter (its local tensor's stays unchanged).
     """
     sources, stamp = entry[2], entry[3]
-    if not is_fsdp2_shard(sources[0]) and any(p is not q for p, q in zip(_params(adapter), sources, strict=True)):
+    current = _params(adapter)
+    # Identity is skipped only while FSDP2 has the unit gathered (its parameters are then plain copies of the
+    # shards); a replaced shard (load_state_dict(assign=True), re-sharding) is a new DTensor and must not match.
+    gathered = is_fsdp2_shard(sources[0]) and not any(is_fsdp2_shard(p) for p in current)
+    if not gathered and any(p is not q for p, q in zip(current, sources, strict=True)):
         return False
     return _stamp(sources) == stamp
 
@@ -142,7 +146,8 @@ def _layout(adapter: nn.Module) -> str | None:
         return None
     if all(type(p.data) is torch.Tensor for _, p in params):
         return "plain"
-    if all(is_fsdp2_shard(p) for _, p in params) and len({p.device_mesh for _, p in params}) == 1:
+    # One mesh and one dtype: the gather is one collective over one group, and its buffer has one dtype.
+    if all(is_fsdp2_shard(p) for _, p in params) and len({(p.device_mesh, p.dtype) for _, p in params}) == 1:
         return "sharded"
     return None
 
@@ -150,7 +155,8 @@ def _layout(adapter: nn.Module) -> str | None:
 def _group_key(adapter: nn.Module) -> tuple:
     c, p = adapter.config, adapter.read_weight
     settings = (c.form, c.norm, c.n_streams, c.stream_rank, c.g_max, c.sinkhorn_iters, c.exact_sinkhorn)
-    return (*settings, c.newton_steps, c.sinkhorn_backward, adapter.hidden_size, p.device, p.dtype)
+    mesh = p.device_mesh if is_fsdp2_shard(p) else None  # adapters on different meshes never share a gather
+    return (*settings, c.newton_steps, c.sinkhorn_backward, adapter.hidden_size, p.device, p.dtype, mesh)
 
 
 def _build(adapters: list[nn.Module], stacked: dict[str, torch.Tensor]) -> _StepGroup:

@@ -77,10 +77,13 @@ class _GatherStacked(torch.autograd.Function):
             # (L, D, ...) -> rows padded to world·c -> (world, L·c·...): rank j's rows [j·c, (j+1)·c) of every block
             padded = _pad_rows(grad, world * c)
             parts.append(padded.reshape(grad.shape[0], world, -1).transpose(0, 1).reshape(world, -1))
-        flat = torch.cat(parts, dim=1)  # (world, total): what rank j receives is row j
+        # (world, total): what rank j receives is row j. Summed in float32 whatever the gradients' dtype, as the
+        # adapter's FSDP2 unit would reduce (parallel/fsdp2.py gives it reduce_dtype float32); tiny, so cheap.
+        flat = torch.cat(parts, dim=1)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
         mine = flat.new_empty(flat.shape[1])
         dist.reduce_scatter_tensor(mine, flat.view(-1), group=ctx.group)
-        mine = mine / world  # FSDP2 averages gradients over the data-parallel ranks
+        mine = (mine / world).to(like.dtype)  # FSDP2 averages gradients over the data-parallel ranks
         out, offset = [], 0
         for grad, shape, c, local in zip(grads, ctx.shapes, ctx.chunks, ctx.local_rows):
             size = grad.shape[0] * c * math.prod(shape[1:])

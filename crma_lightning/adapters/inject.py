@@ -305,7 +305,8 @@ def crma_step_pre_hook(model: nn.Module, args: object) -> None:
     """Forward pre-hook: all enabled CRMA blocks' factors for this forward, batched (:mod:`.crma_batch`).
 
     A plain module-level function (not a closure over the adapters), so a ``deepcopy`` of the model
-    computes its own adapters' factors. Adapters that are sharded keep computing their own.
+    computes its own adapters' factors. Adapters sharded otherwise than FSDP2's 1-D ``Shard(0)`` (FSDP1's flat
+    parameters, HSDP) keep computing their own.
     """
     adapters = [m.crma for m in model.modules() if isinstance(m, CRMABlock) and m.enabled]
     precompute_step_factors(a for a in adapters if isinstance(a, CRMAAdapter))
