@@ -119,13 +119,30 @@ def base_features(
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     hidden = out.hidden_states
     indices = layer_indices(layer, len(hidden))
-    width = len(indices) * hidden[0].shape[-1] * (1 if pooling in ("mean", "last") else 2)
+    _check_width(len(indices), hidden[0].shape[-1], layer, pooling)
+    return torch.cat([pool(hidden[i], mask, pooling) for i in indices], dim=1)
+
+
+def _check_width(layers: int, hidden: int, layer: Any, pooling: str) -> None:
+    width = layers * hidden * (1 if pooling in ("mean", "last") else 2)
     if width > MAX_FEATURES:
         raise ValueError(
-            f"routing features of {width} dimensions (routing.layer {layer!r} x hidden {hidden[0].shape[-1]} x "
-            f"pooling {pooling!r}) exceed {MAX_FEATURES}: set routing.layer to one or a few layers (e.g. -1)"
+            f"routing features of {width} dimensions (routing.layer {layer!r}: {layers} hidden states x hidden size "
+            f"{hidden} x pooling {pooling!r}) exceed {MAX_FEATURES}: set routing.layer to one or a few layers "
+            "(e.g. -1, or [-3, -2, -1]) or pooling: mean"
         )
-    return torch.cat([pool(hidden[i], mask, pooling) for i in indices], dim=1)
+
+
+def check_model(config: Any, layer: Any, pooling: str) -> None:
+    """Refuse, before any training, settings the model's config makes invalid (a layer out of range, too wide).
+
+    ``config``: a Hugging Face config with ``hidden_size`` and ``num_hidden_layers`` (others: nothing checked
+    here; :func:`base_features` checks at the first routing forward).
+    """
+    hidden, count = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if not isinstance(hidden, int) or not isinstance(count, int):
+        return
+    _check_width(len(layer_indices(layer, count + 1)), hidden, layer, pooling)
 
 
 @contextmanager

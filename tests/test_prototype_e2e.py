@@ -149,6 +149,14 @@ def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeyp
     main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "perplexity", "--out", str(tmp_path / "ppl")])
     ppl = json.loads((tmp_path / "ppl" / "report.json").read_text())["routing"]
     assert ppl["mode"] == "perplexity" and set(ppl["routing_accuracy_final"]) == set(DOMAINS)
+    assert ppl["routing_forwards_final"] == 3 and again["routing_forwards_final"] == 2  # K + 1 vs 2 (K = 2)
+    # The hybrid with a margin no row reaches falls back on every row: perplexity routing's choices and losses.
+    args = ["--stage", "2", "--routing", "prototype", "--fallback_margin", "1e9", "--out", str(tmp_path / "hybrid")]
+    main(["evaluate", "--run", str(run_dir), *args])
+    hybrid = json.loads((tmp_path / "hybrid" / "report.json").read_text())["routing"]
+    assert hybrid["fallback_margin"] == 1e9 and hybrid["fallback_share_final"] == {d: 1.0 for d in DOMAINS}
+    assert hybrid["confusion_final"] == ppl["confusion_final"] and hybrid["routing_forwards_final"] == 4
+    assert hybrid["loss_matrix_routed"][2] == pytest.approx(ppl["loss_matrix_routed"][2], rel=1e-6)
     from crma_lightning.cli.compare import compare
 
     row = compare(["fit"], [report_of(run_dir)])["runs"][0]
@@ -157,3 +165,13 @@ def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--run", str(run_dir), "--prefix_tokens", "4"])
     assert exit_info.value.code == 2 and "--prefix_tokens needs --routing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--run", str(run_dir), "--routing", "perplexity", "--fallback_margin", "1"])
+    assert exit_info.value.code == 2 and "fallback_margin" in capsys.readouterr().err
+
+
+def test_a_layer_the_model_lacks_is_refused_before_the_first_step(tmp_path):
+    cfg = proto_config(tmp_path / "run")
+    cfg["routing"]["layer"] = [0, 9]  # the tiny model has hidden_states 0..2
+    assert fit(tmp_path / "bad.yaml", cfg) == 2
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))  # nothing trained, nothing written

@@ -112,6 +112,15 @@ class RoutedEvaluation(L.Callback):
         names = None if method is None else method.active_adapters(pl_module, task)
         return tuple(names) if names is not None else (pl_module.adapter_for(task),)
 
+    def check_model(self, model: Any) -> None:
+        """Refuse prototype settings ``model`` (the Hugging Face model) cannot serve: a layer it lacks, too wide.
+
+        Called by the stage driver's up-front checks, before anything is trained or written.
+        """
+        if self.mode == PROTOTYPE:
+            settings = self.prototype_settings
+            prototype.check_model(getattr(model, "config", None), settings["layer"], settings["pooling"])
+
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._row = None
         if self.mode == ORACLE or trainer.sanity_checking or trainer.state.fn != "validate":
