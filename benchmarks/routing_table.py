@@ -71,8 +71,9 @@ def main() -> None:
     parser.add_argument("--prefix_tokens", type=int, default=32)
     parser.add_argument("--fallback_margin", type=float, default=HYBRID_MARGIN)
     parser.add_argument("--reuse", action="store_true", help="keep evaluations already written")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds to read (default: every seed directory)")
     opts = parser.parse_args()
-    seeds = sorted(opts.bench.glob("seed*"))
+    seeds = sorted(opts.bench.glob("seed*")) if opts.seeds is None else [opts.bench / f"seed{s}" for s in opts.seeds]
     table: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for seed in seeds:
         for setting in opts.settings:
