@@ -287,8 +287,10 @@ class PrototypeRouter:
             raise ValueError(f"no routing statistics for tasks {missing}; fitted: {self.tasks}")
         means, precision = self._means_precision(features.device)
         idx = torch.tensor([self.tasks.index(t) for t in names], device=features.device)
-        diff = features.double()[:, None, :] - means[idx][None]  # (B, K, H), on the features' device
-        return torch.einsum("bkh,hg,bkg->bk", diff, precision, diff)
+        x, m = features.double(), means[idx]  # (B, H), (K, H), on the features' device
+        # (x - m)^T S^-1 (x - m) expanded: one (B, H) x (H, H) product per batch instead of one per task.
+        xs, ms = x @ precision, m @ precision
+        return (xs * x).sum(dim=1, keepdim=True) - 2 * xs @ m.T + (ms * m).sum(dim=1)[None]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
