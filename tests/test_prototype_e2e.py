@@ -143,9 +143,14 @@ def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeyp
     for got, want in zip(again["loss_matrix_routed"], fitted["loss_matrix_routed"], strict=True):
         assert [g is None for g in got] == [w is None for w in want]
         assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-6)
-    main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "prototype", "--prefix_tokens", "4"])
+    fits = []
+    real_sums = prototype.local_task_sums
+    with monkeypatch.context() as patch:  # other statistics (P = 4): each task fitted once, not once per row
+        patch.setattr(prototype, "local_task_sums", lambda *a, **k: fits.append(1) or real_sums(*a, **k))
+        main(["evaluate", "--run", str(run_dir), "--routing", "prototype", "--prefix_tokens", "4"])
     other = json.loads((run_dir / "evaluation" / "report.json").read_text())["routing"]  # refitted at P = 4
     assert other["prefix_tokens"] == 4 and sum(other["confusion_final"]["counts"]["prose"]) == 6
+    assert len(fits) == len(DOMAINS) and len(other["loss_matrix_routed"]) == 3
     main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "perplexity", "--out", str(tmp_path / "ppl")])
     ppl = json.loads((tmp_path / "ppl" / "report.json").read_text())["routing"]
     assert ppl["mode"] == "perplexity" and set(ppl["routing_accuracy_final"]) == set(DOMAINS)

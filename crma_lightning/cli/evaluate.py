@@ -237,6 +237,7 @@ def evaluate_rows(
     same_domains = dm.domain_names == run.domains
     sources: dict[str, str] = {}
     last = 0
+    refitted = None  # prototype statistics fitted by this evaluation (a task's do not depend on the stage)
     for row, path in plan:
         if merge is not None:
             _drop_merged(model)  # the checkpoint has no such adapter
@@ -247,8 +248,14 @@ def evaluate_rows(
         if merge is not None:
             _use_merged(model, run.domains[:row], merge)
         _refit_other_statistics(model, callbacks or [])
+        earlier = refitted is not None and row > 0 and set(refitted.tasks) <= set(run.domains[:row])
+        if getattr(model, "router", None) is None and earlier:  # an earlier row's tasks: fitted once, not per row
+            model.router = refitted
+        loaded = getattr(model, "router", None)
         model.activate_task(None)
         evaluation.evaluate_row(trainer, model, dm, row, all_domains=not same_domains)
+        if getattr(model, "router", None) is not None and (model.router is not loaded or loaded is refitted):
+            refitted = model.router
         sources[str(row)] = str(path) if path is not None else f"freshly built model (seed {run.seed})"
         last = max(last, row)
     width = len(dm.domain_names)
