@@ -162,6 +162,7 @@ def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeyp
     assert hybrid["fallback_margin"] == 1e9 and hybrid["fallback_share_final"] == {d: 1.0 for d in DOMAINS}
     assert hybrid["confusion_final"] == ppl["confusion_final"] and hybrid["routing_forwards_final"] == 4
     assert hybrid["loss_matrix_routed"][2] == pytest.approx(ppl["loss_matrix_routed"][2], rel=1e-6)
+    assert "(hybrid: perplexity for 1.000 of the sequences)" in (tmp_path / "hybrid" / "report.md").read_text()
     from crma_lightning.cli.compare import compare
 
     row = compare(["fit"], [report_of(run_dir)])["runs"][0]
