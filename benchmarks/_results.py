@@ -65,7 +65,7 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
         raw: What ``_runs._run_one`` returned.
         time_skip: Steps at the start of each stage left out of the step-time median.
     """
-    report, failed = raw["report"], raw["error"]
+    report, failed = raw["report"], raw["error"]  # MERGED: an `evaluate --merge` report (_merged.py)
     if report is None or report.get("status") != "complete":
         why = f"run did not complete: {failed or (report or {}).get('status')}"
         return {"status": Null(why), "error": failed or Null("no exception was raised")}
@@ -76,6 +76,8 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
     out["loss_matrix"] = [[_or_null(v, "not evaluated (future domain)") for v in row] for row in matrix]
     out["final_losses"] = dict(zip(domains, matrix[-1]))
     out["base_losses"] = {d: _or_null(v, "base not evaluated") for d, v in zip(domains, matrix[0])}  # L[0]
+    finals = [v for v in matrix[-1] if _num(v)]
+    out["final_loss_mean"] = _or_null(statistics.fmean(finals) if finals else None, "no final-row loss")
     for key in ("drift", "base_relative_forgetting", "plasticity"):
         out[key] = {d: _or_null(v, "undefined for the last domain") for d, v in m[key].items()}
     out["drift_mean"] = _or_null(m["drift_mean"], "fewer than two stages")
@@ -83,8 +85,8 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
     out["bwt"] = _or_null(m["bwt"], "fewer than two stages")
     out["fwt"] = _or_null(m["fwt"], "future domains are not evaluated (eval_domains='seen'; --eval-domains all)")
     out["plasticity_mean"] = m["plasticity_mean"]
-    grads = report["gradients"]
-    stage_stats = grads["stages"]
+    grads = report.get("gradients") or {}  # MERGED is not trained: no gradients
+    stage_stats = grads.get("stages", {})
     variances = [s["var"] for s in stage_stats.values() if _num(s["var"])]
     out["grad"] = {
         "stages": {
@@ -92,8 +94,8 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
             for k, s in stage_stats.items()
         },
         "var_stage_mean": _or_null(statistics.fmean(variances) if variances else None, "no stage variance"),
-        "var_run": _or_null(grads["run"]["var"], "no step after warm-up"),
-        "peak": _or_null(grads["run"]["peak"], "no step after warm-up"),
+        "var_run": _or_null(grads.get("run", {}).get("var"), "no step after warm-up (or not trained)"),
+        "peak": _or_null(grads.get("run", {}).get("peak"), "no step after warm-up (or not trained)"),
     }
     times = {k: v[time_skip:] for k, v in raw["step_times"].items()}
     flat = [t for v in times.values() for t in v]
@@ -142,7 +144,7 @@ def _routing_numbers(routing: dict[str, Any] | None, domains: list[str], run: di
     mode = routing.get("mode", "oracle")
     out: dict[str, Any] = {"mode": mode, "prefix_tokens": routing.get("prefix_tokens", Null("no routed evaluation"))}
     keys = ("drift_mean_routed", "base_relative_forgetting_mean_routed", "plasticity_mean_routed")
-    if mode == "none":
+    if mode in ("none", "merged"):  # merged: one adapter for every domain, no task identity either
         out.update(
             drift_mean_routed=run["drift_mean"],
             base_relative_forgetting_mean_routed=run["base_relative_forgetting_mean"],
@@ -173,6 +175,9 @@ def _routing_numbers(routing: dict[str, Any] | None, domains: list[str], run: di
     out["routing_accuracy_final"] = {d: _or_null(v, "domain not trained") for d, v in final.items()}
     out["routing_accuracy_mean"] = _or_null(statistics.fmean(accs) if accs else None, "no trained domain routed")
     out["loss_matrix_routed"] = [[_or_null(v, "not evaluated (future domain)") for v in row] for row in matrix]
+    out["routing_forwards"] = _or_null(routing.get("routing_forwards_final"), "not recorded by this library version")
+    shares = [v for v in (routing.get("fallback_share_final") or {}).values() if _num(v)]
+    out["fallback_share"] = _or_null(statistics.fmean(shares) if shares else None, "not the hybrid")
     return out
 
 
@@ -264,6 +269,9 @@ RUN_FIELDS = {
     "base_relative_forgetting_mean_routed_pct": ("routing", "base_relative_forgetting_mean_routed"),
     "plasticity_mean_routed": ("routing", "plasticity_mean_routed"),
     "routing_accuracy_mean": ("routing", "routing_accuracy_mean"),
+    "routing_forwards": ("routing", "routing_forwards"),
+    "fallback_share": ("routing", "fallback_share"),
+    "final_loss_mean": ("final_loss_mean",),
     "method_state_bytes": ("method", "state_bytes"),
 }
 PAIR_FIELDS = (

@@ -55,12 +55,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # The write form with a larger gate (spectral norm): g_max 0.5, the capacity probe of issue 15.
     "MODULAR-g0.5": {"adapter": "crma", "task_adapters": "per_task", "crma": {"g_max": 0.5}, "routing": "oracle"},
     "CRMA-shared-g0.5": {"adapter": "crma", "task_adapters": "shared", "crma": {"g_max": 0.5}, "routing": "none"},
+    # Not trained: the FROZEN run's per-task LoRAs merged into one adapter (issue 24, ``_merged.py``).
+    "MERGED-mean": {"adapter": "lora", "task_adapters": "per_task", "merge": "mean", "routing": "merged"},
+    "MERGED-ties": {"adapter": "lora", "task_adapters": "per_task", "merge": "ties", "routing": "merged"},
 }
 """Every setting the benchmark can run, in table order. ``routing``: the run's ``RoutedEvaluation`` mode -
 ``perplexity`` for settings whose evaluation needs task identity (per-task adapters; also evaluated routed,
 next to the oracle numbers), ``none`` for settings that need none (one shared adapter, or O-LoRA's stack:
 the callback checks it, and routed = oracle), ``oracle`` for the per-task ablation variants (routing is not
-what they are compared on; it would double their evaluation cost)."""
+what they are compared on; it would double their evaluation cost), ``merged`` for the MERGED settings (one
+adapter for every domain: no task identity needed)."""
 
 MODES = SETTINGS  # the name of earlier versions
 
@@ -93,11 +97,19 @@ def build_method(mode: str, seed: int, cfg: dict[str, Any]) -> ContinualMethod |
 
 def routing_mode(mode: str, cfg: dict[str, Any]) -> str:
     """``RoutedEvaluation`` mode of ``mode``'s runs (``cfg["routing"] = False``: perplexity becomes oracle;
-    ``cfg["router"] = "prototype"``: the routed settings are routed by prototype instead of perplexity)."""
+    ``cfg["router"] = "prototype"`` or ``"hybrid"``: the routed settings are routed by prototype instead of
+    perplexity; the hybrid is prototype routing with ``cfg["fallback_margin"]``)."""
     wanted = SETTINGS[mode]["routing"]
     if wanted == "perplexity" and not cfg.get("routing", True):
         return "oracle"
-    return cfg.get("router", "perplexity") if wanted == "perplexity" else wanted
+    router = cfg.get("router", "perplexity")
+    return ("prototype" if router == "hybrid" else router) if wanted == "perplexity" else wanted
+
+
+def fallback_margin(mode: str, cfg: dict[str, Any]) -> float | None:
+    """The hybrid's margin for ``mode``'s routed evaluation (``None``: not the hybrid)."""
+    hybrid = cfg.get("router") == "hybrid" and routing_mode(mode, cfg) == "prototype"
+    return cfg.get("fallback_margin") if hybrid else None
 
 
 def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +127,10 @@ def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
     mode_ = routing_mode(mode, cfg)
     routed = mode_ in ("perplexity", "prototype")
     out["routing"] = {"mode": mode_, **({"prefix_tokens": cfg["prefix_tokens"]} if routed else {})}
+    if fallback_margin(mode, cfg) is not None:
+        out["routing"]["fallback_margin"] = fallback_margin(mode, cfg)
+    if "merge" in spec:
+        out["merge"] = {"how": spec["merge"], "of": "FROZEN", **({"density": 0.2} if spec["merge"] == "ties" else {})}
     return out
 
 
@@ -239,7 +255,9 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
         "enable_progress_bar": False,
         "enable_model_summary": False,
     }
-    routing = RoutedEvaluation(routing_mode(mode, cfg), cfg["prefix_tokens"])
+    routing = RoutedEvaluation(
+        routing_mode(mode, cfg), cfg["prefix_tokens"], fallback_margin=fallback_margin(mode, cfg)
+    )
     callbacks = [GradientStability(warmup_steps=cfg["grad_warmup"]), routing, timer]
     runner = ContinualRunner(
         run_dir=run_dir,

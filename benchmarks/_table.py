@@ -97,6 +97,8 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
             acc = _ms(row["routing_accuracy_mean"], ".3f")
         elif routing == "none":
             routed, acc = "= oracle (no routing needed)", "n/a"
+        elif routing == "merged":
+            routed, acc = "= oracle (one merged adapter)", "n/a"
         else:
             routed = acc = "not run"
         lines.append(
@@ -107,7 +109,10 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
         )
     routed_modes = [m for m in agg["modes"] if setup["modes"][m]["routing"]["mode"] in ("perplexity", "prototype")]
     if routed_modes:
-        router = setup["modes"][routed_modes[0]]["routing"]["mode"]
+        first = setup["modes"][routed_modes[0]]["routing"]
+        router = first["mode"]
+        if first.get("fallback_margin") is not None:
+            router += f" (hybrid: perplexity below a margin of {first['fallback_margin']:g})"
         lines += ["", f"Routed evaluation ({router} routing on the first {setup['routing']['prefix_tokens']} "
                   "tokens; routed and oracle drift on the same targets, positions >= P):"]  # fmt: skip
         for mode in routed_modes:
@@ -117,8 +122,11 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
                 f"targets {_ms(row['drift_mean_oracle_same_targets_pct'], '+.3f')} %, routed base-rel. forgetting "
                 f"{_ms(row['base_relative_forgetting_mean_routed_pct'], '+.2f')} %, routed plasticity "
                 f"{_ms(row['plasticity_mean_routed'], '.4f')}, routing accuracy (final row, mean over domains) "
-                f"{_ms(row['routing_accuracy_mean'], '.3f')}"
+                f"{_ms(row['routing_accuracy_mean'], '.3f')}, forwards per routed sequence "
+                f"{_ms(row['routing_forwards'], '.2f')} (hybrid's perplexity share {_ms(row['fallback_share'], '.3f')})"
             )
+    lines += ["", "Final-row mean held-out loss, all positions, oracle (MERGED: its one adapter):"]
+    lines += [f"- {mode}: {_ms(row['final_loss_mean'], '.4f')}" for mode, row in agg["modes"].items()]
     lines += [
         "",
         "Pairs (setting vs the plain-LoRA setting with the same task-adapter sharing), mean ± std over seeds:",

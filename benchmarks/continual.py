@@ -13,11 +13,13 @@ directory ``<out>/seed<s>/<SETTING>``; ``--settings`` picks them (default: the f
     O-LORA           lora + per_task    OLoRA(lam=--olora-lam): earlier LoRAs stay active, frozen
     MODULAR-v1, CRMA-shared-v1          CRMA write form with v1's Frobenius norm (ablation)
     MODULAR-mix, CRMA-shared-mix        CRMA mix form, g_max = --mix-g-max (ablation)
+    MERGED-mean, MERGED-ties            not trained: FROZEN's per-task LoRAs merged into one (needs FROZEN)
 
 ``--settings ablation`` is NAIVE, FROZEN and the four ablation variants; ``--settings all`` is every one.
 FROZEN and MODULAR are also evaluated task-agnostically (``RoutedEvaluation(mode="perplexity")``, routing
 on the first ``--prefix-tokens`` tokens of each held-out row; ``--router prototype``: by the base model's
-features, :mod:`crma_lightning.prototype`); the shared settings and O-LORA need no
+features, :mod:`crma_lightning.prototype`; ``--router hybrid``: prototype, perplexity on the near-ties
+within ``--fallback-margin``); the shared settings and O-LORA need no
 routing (checked with ``mode="none"``): their routed numbers are the oracle ones.
 
 Within each seed the runs take turns one optimizer step at a time (``--interleave step``), so the
@@ -56,10 +58,13 @@ from typing import Any
 
 import torch
 from _bench_data import check_pretrain_disjoint, check_texts_disjoint, domain_specs, fingerprint, resolve_domains
+from _merged import MERGED_OF, merged_raw
 from _pretrain import PretrainSettings, pretrained_base
 from _results import aggregate, pair_numbers, run_numbers, to_json, verdicts
 from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, describe, run_seed
 from _table import render
+
+from crma_lightning.prototype import HYBRID_MARGIN
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ≤ 30 min on a shared 2-core CPU: 4 modes x 3 seeds x 4 stages x 150 steps, 4-layer model.
@@ -118,9 +123,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-routing", action="store_true", help="skip the routed evaluation of FROZEN and MODULAR")
     g.add_argument(
         "--router",
-        choices=("perplexity", "prototype"),
+        choices=("perplexity", "prototype", "hybrid"),
         default="perplexity",
-        help="how FROZEN and MODULAR are routed (prototype: the base model's features, default settings)",
+        help="how FROZEN and MODULAR are routed (prototype: the base model's features, default settings; "
+        "hybrid: prototype, and perplexity for the sequences within --fallback-margin)",
+    )
+    g.add_argument(
+        "--fallback-margin",
+        type=float,
+        default=HYBRID_MARGIN,
+        help=f"--router hybrid: the log-odds margin below which perplexity decides (default {HYBRID_MARGIN})",
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local Hugging Face model path (default: the built-in pretrained tiny Llama)")
@@ -166,6 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds {args.seeds}: expected a number of seeds >= 1")
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     args.settings = _settings(p, args.settings)
+    merged = [m for m in args.settings if "merge" in SETTINGS[m]]
+    if merged and MERGED_OF not in args.settings:
+        p.error(f"--settings {' '.join(merged)} merge the adapters of {MERGED_OF}: add {MERGED_OF} to --settings")
     if args.domains and len(args.domains) == 1 and "," in args.domains[0]:
         args.domains = [d for d in args.domains[0].split(",") if d]
     return args
@@ -296,13 +311,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "log_every_n_steps": 10, "grad_warmup": args.grad_warmup, "prefix_tokens": args.prefix_tokens,
         "routing": not args.no_routing, "replay_buffer": args.replay_buffer, "replay_ratio": args.replay_ratio,
         "ewc_lam": args.ewc_lam, "ewc_fisher_samples": args.ewc_fisher_samples, "olora_lam": args.olora_lam,
-        "mix_g_max": args.mix_g_max, "router": args.router,
+        "mix_g_max": args.mix_g_max, "router": args.router, "fallback_margin": args.fallback_margin,
     }  # fmt: skip
     modes = list(args.settings)
+    trained = [m for m in modes if "merge" not in SETTINGS[m]]  # MERGED: evaluated after FROZEN, not trained
     per_seed: dict[str, Any] = {}
     for i, seed in enumerate(args.seed_list):
-        order = modes[i % len(modes) :] + modes[: i % len(modes)]  # rotate: no mode always goes first
+        order = trained[i % len(trained) :] + trained[: i % len(trained)]  # rotate: no mode always goes first
         raws = run_seed(seed, order, out, cfg, args.interleave)
+        for m in modes:
+            if m not in trained:
+                raws[m] = merged_raw(m, SETTINGS[m]["merge"], seed, raws[MERGED_OF], out)
         runs = {m: run_numbers(raws[m], args.time_skip) for m in modes}
         pairs = pair_numbers(runs, raws, args.time_skip, args.interleave == "step")
         per_seed[str(seed)] = {"order": order, "runs": runs, "pairs": pairs}
@@ -320,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "methods": {"replay_buffer": args.replay_buffer, "replay_ratio": args.replay_ratio, "ewc_lam": args.ewc_lam,
                     "ewc_fisher_samples": args.ewc_fisher_samples, "olora_lam": args.olora_lam,
                     "mix_g_max": args.mix_g_max},
-        "routing": {"prefix_tokens": args.prefix_tokens, "enabled": not args.no_routing},
+        "routing": {"prefix_tokens": args.prefix_tokens, "enabled": not args.no_routing, "router": args.router,
+                    **({"fallback_margin": args.fallback_margin} if args.router == "hybrid" else {})},
         "max_eval_rows": args.max_eval_rows, "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
         "time_skip": args.time_skip, "interleave": args.interleave, "device": device, "precision": args.precision,
         "git": {"at_start": git_start, "at_end": _git_state()}, "machine": _machine(device),

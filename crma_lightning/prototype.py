@@ -2,7 +2,9 @@
 
 Per task, the statistics of the frozen base model's hidden states (every adapter off, CRMA off) on the
 task's training rows, each row pooled over its first ``P`` tokens (the same prefix a routed evaluation
-reads): the row count, the sum of the pooled vectors and - shared by all tasks - the sum of their outer
+reads; the held-out rows a routed evaluation reads are cut from their text exactly as the training rows
+are, so the fitted prefixes and the routed ones are the same kind) and the pooled vectors of the chosen
+layers concatenated: the row count, the sum of the pooled vectors and - shared by all tasks - the sum of their outer
 products. From these, the class means ``m_k`` and the pooled within-task covariance
 ``S = (sum x x^T - sum_k n_k m_k m_k^T) / (N - K)``, shrunk towards a multiple of the identity
 (``(1 - a) S + a tr(S)/H I``, ``a = shrinkage``) so that it stays invertible with few rows. A sequence goes
@@ -10,12 +12,16 @@ to the task with the smallest Mahalanobis distance ``(x - m_k)^T S^-1 (x - m_k)`
 mahalanobis``, LDA without priors) or the smallest Euclidean one (``estimator: nearest``).
 
 Everything kept is a sum over rows (float64), so processes reduce it with one all-reduce (sum) and the
-statistics of ``N`` processes equal one process's up to summation order. Storage: ``K x H`` means and
-one ``H x H`` matrix (H = hidden size): ~2 KB per task and 130 KB shared for H = 128; 128 MB shared for
-H = 4096 (float64).
+statistics of ``N`` processes equal one process's up to summation order. Storage, with ``F`` feature
+dimensions (hidden size x layers read x 2 for ``mean_std``/``mean_last``): ``K x F`` means and one
+``F x F`` matrix, float64. The defaults (every hidden state, ``mean_std``) give ``F = 2 H (L + 1)``: 1,280
+and 13 MB shared for the benchmark's 4-layer H = 128 base; for a large model pick one or a few layers
+(``F`` above :data:`MAX_FEATURES` is refused with a message saying so).
 
 Serving costs 2 forwards per sequence whatever the number of tasks: one base forward over the prefix
-(features), one with the chosen adapter. Pure PyTorch: the Lightning side is in
+(features), one with the chosen adapter. A hybrid (``fallback_margin``) falls back to perplexity routing
+(one prefix forward per task) for the sequences whose two nearest tasks are closer than the margin:
+between 2 and ``T + 2`` forwards, its average reported by the routed evaluation. Pure PyTorch: the Lightning side is in
 :mod:`crma_lightning.callbacks.routing` and :class:`crma_lightning.module.ContinualLM`.
 """
 
@@ -33,20 +39,52 @@ from torch import nn
 
 from crma_lightning.checks import check_choice, check_number
 
-POOLINGS = ("mean", "last", "mean_last")
-"""``mean``: mean over the prefix's real tokens; ``last``: its last real token; ``mean_last``: both, concatenated."""
+POOLINGS = ("mean", "last", "mean_last", "mean_std")
+"""``mean``: mean over the prefix's real tokens; ``last``: its last real token; ``mean_last``: both, concatenated;
+``mean_std``: the mean and the (population) standard deviation over the real tokens, concatenated."""
 ESTIMATORS = ("mahalanobis", "nearest")
-DEFAULT_LAYER = -1
-"""Hidden state read by default: the last layer's; the layers measured within noise on the demo base (benchmarks.md)."""
-DEFAULT_POOLING = "mean"
-"""Within 0.05 of the best pooling at every layer measured; last-token pooling was unstable (docs/benchmarks.md)."""
-DEFAULT_SHRINKAGE = 0.1
+ALL_LAYERS = "all"
+DEFAULT_LAYER: int | list[int] | str = ALL_LAYERS
+"""Hidden states read by default: all of them (embeddings and every layer), concatenated - on the shared real
+corpora the most accurate of every single layer and layer set measured (docs/benchmarks.md)."""
+DEFAULT_POOLING = "mean_std"
+"""Mean and standard deviation over the prefix: the best pooling at every layer set measured on the real corpora."""
+DEFAULT_SHRINKAGE = 0.01
+"""Weight of the identity in the shrunk covariance: 0.01 beat 0.1 at every layer set and pooling measured on the
+real corpora (about 2,600 rows per task to fit; with far fewer rows than features a larger value is safer)."""
+HYBRID_MARGIN = 2.0
+"""A ``fallback_margin`` for the hybrid: on training rows held out from the fit (the shared real corpora), the
+smallest margin whose hybrid accuracy came within 0.01 of perplexity routing's (docs/benchmarks.md)."""
+MAX_FEATURES = 16384
+"""Feature dimensions refused (the shared ``F x F`` float64 matrix would take over 2 GB): choose fewer layers."""
+
+
+def _layer_list(layer: Any) -> list[int] | None:
+    """The integer indices of ``layer`` (``None`` for ``all``); raises ``ValueError`` on anything else."""
+    if layer == ALL_LAYERS:
+        return None
+    items = [layer] if isinstance(layer, int) else list(layer) if isinstance(layer, (list, tuple)) else None
+    if not items or any(not isinstance(i, int) or isinstance(i, bool) for i in items):
+        raise ValueError(
+            f"routing.layer must be a hidden_states index (-1: last), a list of them, or 'all', got {layer!r}"
+        )
+    return items
+
+
+def layer_indices(layer: Any, count: int) -> list[int]:
+    """The ``hidden_states`` indices ``layer`` names, for a model with ``count`` hidden states."""
+    items = _layer_list(layer)
+    if items is None:
+        return list(range(count))
+    for i in items:
+        if not -count <= i < count:
+            raise ValueError(f"routing.layer {i} is out of range: the model has hidden_states 0..{count - 1}")
+    return items
 
 
 def validate_prototype(layer: int, pooling: str, estimator: str, shrinkage: float) -> None:
     """Raise ``ValueError`` naming a bad prototype-routing setting."""
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"routing.layer must be an integer (a hidden_states index, -1: last), got {layer!r}")
+    _layer_list(layer)
     check_choice("routing.pooling", pooling, POOLINGS)
     check_choice("routing.estimator", estimator, ESTIMATORS)
     check_number("routing.shrinkage", shrinkage, 0.0, 1.0)
@@ -65,19 +103,48 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch
         return mean
     if pooling == "last":
         return last
+    if pooling == "mean_std":
+        var = ((hidden - mean[:, None]) ** 2 * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return torch.cat([mean, var.sqrt()], dim=1)
     return torch.cat([mean, last], dim=1)
 
 
 @torch.no_grad()
 def base_features(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, layer: int, pooling: str
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, layer: Any, pooling: str
 ) -> torch.Tensor:
-    """Pooled ``hidden_states[layer]`` of ``model`` on ``ids`` (the caller turns the adapters off)."""
+    """Pooled ``hidden_states`` of ``model`` on ``ids``, of each layer ``layer`` names, concatenated.
+
+    The caller turns the adapters off. Raises ``ValueError`` for a layer out of range, or features of more
+    than :data:`MAX_FEATURES` dimensions.
+    """
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     hidden = out.hidden_states
-    if not -len(hidden) <= layer < len(hidden):
-        raise ValueError(f"routing.layer {layer} is out of range: the model has hidden_states 0..{len(hidden) - 1}")
-    return pool(hidden[layer], mask, pooling)
+    indices = layer_indices(layer, len(hidden))
+    _check_width(len(indices), hidden[0].shape[-1], layer, pooling)
+    return torch.cat([pool(hidden[i], mask, pooling) for i in indices], dim=1)
+
+
+def _check_width(layers: int, hidden: int, layer: Any, pooling: str) -> None:
+    width = layers * hidden * (1 if pooling in ("mean", "last") else 2)
+    if width > MAX_FEATURES:
+        raise ValueError(
+            f"routing features of {width} dimensions (routing.layer {layer!r}: {layers} hidden states x hidden size "
+            f"{hidden} x pooling {pooling!r}) exceed {MAX_FEATURES}: set routing.layer to one or a few layers "
+            "(e.g. -1, or [-3, -2, -1]) or pooling: mean"
+        )
+
+
+def check_model(config: Any, layer: Any, pooling: str) -> None:
+    """Refuse, before any training, settings the model's config makes invalid (a layer out of range, too wide).
+
+    ``config``: a Hugging Face config with ``hidden_size`` and ``num_hidden_layers`` (others: nothing checked
+    here; :func:`base_features` checks at the first routing forward).
+    """
+    hidden, count = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if not isinstance(hidden, int) or not isinstance(count, int):
+        return
+    _check_width(len(layer_indices(layer, count + 1)), hidden, layer, pooling)
 
 
 @contextmanager
@@ -107,7 +174,8 @@ class PrototypeRouter:
 
     Args:
         prefix_tokens: ``P``: each row is pooled over its first ``P`` tokens (fit and routing alike).
-        layer: Index into the model's ``hidden_states`` (0: embeddings, -1: last layer).
+        layer: Index into the model's ``hidden_states`` (0: embeddings, -1: last layer), a list of indices, or
+            ``all`` (every hidden state); the pooled vectors of the layers are concatenated.
         pooling: One of :data:`POOLINGS`.
         estimator: ``mahalanobis`` (shared shrunk covariance) or ``nearest`` (Euclidean nearest mean).
         shrinkage: ``a`` in ``(1 - a) S + a tr(S)/H I``.
@@ -116,20 +184,21 @@ class PrototypeRouter:
     def __init__(
         self,
         prefix_tokens: int,
-        layer: int = DEFAULT_LAYER,
+        layer: int | list[int] | str = DEFAULT_LAYER,
         pooling: str = DEFAULT_POOLING,
         estimator: str = "mahalanobis",
         shrinkage: float = DEFAULT_SHRINKAGE,
     ) -> None:
         validate_prototype(layer, pooling, estimator, shrinkage)
         check_number("routing.prefix_tokens", prefix_tokens, 2, integer=True)
-        self.prefix_tokens, self.layer, self.pooling = prefix_tokens, layer, pooling
+        self.prefix_tokens, self.layer, self.pooling = prefix_tokens, plain_layer(layer), pooling
         self.estimator, self.shrinkage = estimator, shrinkage
         self.tasks: list[str] = []
         self.counts: torch.Tensor | None = None  # (K,) float64
         self.sums: torch.Tensor | None = None  # (K, H) float64
         self.second: torch.Tensor | None = None  # (H, H) float64, over every task's rows
-        self._solver: tuple[torch.Tensor, torch.Tensor] | None = None  # (means, precision) cache
+        self._solver: tuple[torch.Tensor, torch.Tensor] | None = None  # (means, precision) cache, on CPU
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # its copy per device
 
     # ------------------------------------------------------------------ fitting
     def settings(self) -> dict[str, Any]:
@@ -176,15 +245,22 @@ class PrototypeRouter:
             self.sums = torch.cat([self.sums, total[None]])
             self.second = self.second + second
         self.tasks.append(task)
-        self._solver = None
+        self._solver, self._on_device = None, {}
 
     def configure(self, estimator: str, shrinkage: float) -> None:
         """Change how the stored statistics are read (the statistics themselves stay)."""
         validate_prototype(self.layer, self.pooling, estimator, shrinkage)
-        self.estimator, self.shrinkage, self._solver = estimator, shrinkage, None
+        self.estimator, self.shrinkage, self._solver, self._on_device = estimator, shrinkage, None, {}
 
     # ------------------------------------------------------------------ choosing
-    def _means_precision(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _means_precision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means and precision, solved once on the CPU in float64 and kept on ``device`` (no copy per batch)."""
+        if device not in self._on_device:
+            means, precision = self._solve()
+            self._on_device[device] = (means.to(device), precision.to(device))
+        return self._on_device[device]
+
+    def _solve(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._solver is None:
             means = self.sums / self.counts[:, None]  # (K, H)
             h = means.shape[1]
@@ -209,10 +285,12 @@ class PrototypeRouter:
         missing = [t for t in names if t not in self.tasks]
         if missing:
             raise ValueError(f"no routing statistics for tasks {missing}; fitted: {self.tasks}")
-        means, precision = self._means_precision()
-        idx = torch.tensor([self.tasks.index(t) for t in names])
-        diff = features.double().cpu()[:, None, :] - means[idx][None]  # (B, K, H)
-        return torch.einsum("bkh,hg,bkg->bk", diff, precision, diff).to(features.device)
+        means, precision = self._means_precision(features.device)
+        idx = torch.tensor([self.tasks.index(t) for t in names], device=features.device)
+        x, m = features.double(), means[idx]  # (B, H), (K, H), on the features' device
+        # (x - m)^T S^-1 (x - m) expanded: one (B, H) x (H, H) product per batch instead of one per task.
+        xs, ms = x @ precision, m @ precision
+        return (xs * x).sum(dim=1, keepdim=True) - 2 * xs @ m.T + (ms * m).sum(dim=1)[None]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -228,6 +306,8 @@ class PrototypeRouter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (the settings must agree: the statistics depend on them)."""
         saved = dict(state.get("settings", {}))
+        if "layer" in saved:
+            saved["layer"] = plain_layer(saved["layer"])
         mine = self.settings()
         fitted_by = {k: saved.get(k) for k in ("prefix_tokens", "layer", "pooling")}
         if state.get("tasks") and fitted_by != {k: mine[k] for k in fitted_by}:
@@ -237,7 +317,7 @@ class PrototypeRouter:
             )
         self.tasks = list(state.get("tasks", []))
         self.counts, self.sums, self.second = state.get("counts"), state.get("sums"), state.get("second")
-        self._solver = None
+        self._solver, self._on_device = None, {}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PrototypeRouter:
@@ -255,11 +335,42 @@ def right_padded(prompts: Sequence[Sequence[int]], pad: int, device: torch.devic
     return ids, mask
 
 
+def plain_layer(layer: Any) -> int | list[int] | str:
+    """``layer`` as stored and compared: an int, ``all``, or a list of ints (a tuple becomes a list)."""
+    _layer_list(layer)
+    return list(layer) if isinstance(layer, (list, tuple)) else layer
+
+
+def margins(scores: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` half the gap between each row's two lowest scores (``inf`` with one candidate).
+
+    For squared Mahalanobis distances it is the log-odds of the nearest task against the runner-up
+    (LDA, equal priors): the hybrid falls back to perplexity routing where it is below ``fallback_margin``.
+    """
+    if scores.shape[1] < 2:
+        return torch.full(scores.shape[:1], float("inf"), dtype=scores.dtype, device=scores.device)
+    low = scores.topk(2, dim=1, largest=False).values
+    return (low[:, 1] - low[:, 0]) / 2
+
+
+def _prefixes(rows: Any, indices: Sequence[int], prefix: int) -> list[list[int]]:
+    """The first ``prefix`` token ids of ``rows[i]`` for ``i`` in ``indices``.
+
+    ``rows``: a ``datasets.Dataset`` with an ``input_ids`` column (only these rows are read) or a sequence
+    of token-id sequences.
+    """
+    if hasattr(rows, "column_names"):
+        picked = rows[list(indices)]["input_ids"] if indices else []
+    else:
+        picked = [rows[i] for i in indices]
+    return [list(r[:prefix]) for r in picked]
+
+
 @torch.no_grad()
 def local_task_sums(
     router: PrototypeRouter,
     model: nn.Module,
-    token_rows: Sequence[Sequence[int]],
+    token_rows: Any,
     batch_size: int,
     device: torch.device,
     pad: int,
@@ -268,16 +379,21 @@ def local_task_sums(
 ) -> torch.Tensor:
     """This process's :meth:`PrototypeRouter.row_sums` over rows ``rank, rank + world, ...`` of ``token_rows``.
 
-    Every process runs as many batches (a short shard repeats a row that counts for nothing), so sharded
-    models see matching collectives; sum the result over processes. The caller turns the adapters off.
+    ``token_rows``: a ``datasets.Dataset`` with an ``input_ids`` column (read one batch at a time) or a
+    sequence of token-id sequences. Every process runs as many batches (a short shard repeats a row that
+    counts for nothing), so sharded models see matching collectives; sum the result over processes. The
+    caller turns the adapters off.
     """
-    mine = [list(r)[: router.prefix_tokens] for r in token_rows[rank::world]]
-    batches = -(-len(token_rows[0::world]) // batch_size)
+    n, p = len(token_rows), router.prefix_tokens
+    if n == 0:
+        raise ValueError("no training rows to fit the routing statistics on")
+    mine = list(range(rank, n, world))
+    batches = -(-len(range(0, n, world)) // batch_size)
     real = [True] * len(mine) + [False] * (batches * batch_size - len(mine))
-    mine += [mine[-1] if mine else list(token_rows[0])[: router.prefix_tokens]] * (len(real) - len(mine))
+    mine += [mine[-1] if mine else 0] * (len(real) - len(mine))
     total = None
     for b in range(batches):
-        ids, mask = right_padded(mine[b * batch_size : (b + 1) * batch_size], pad, device)
+        ids, mask = right_padded(_prefixes(token_rows, mine[b * batch_size : (b + 1) * batch_size], p), pad, device)
         flags = torch.tensor(real[b * batch_size : (b + 1) * batch_size], device=device)
         part = router.row_sums(router.features(model, ids, mask), flags)
         total = part if total is None else total + part
@@ -337,7 +453,7 @@ def fit_missing_tasks(
     router: PrototypeRouter,
     model: nn.Module,
     activate: Callable[[str | None], None],
-    train_rows: dict[str, Sequence[Sequence[int]]],
+    train_rows: dict[str, Any],
     tasks: Sequence[str],
     batch_size: int,
     pad: int,

@@ -339,6 +339,8 @@ def _routing_line(routing: dict[str, Any] | None) -> str:
     if mode == "merged":
         return f"MERGED: one adapter merged ({routing.get('merge')}) from the tasks trained so far, for every domain"
     how = "by the base model's hidden states (prototype)" if mode == "prototype" else "by perplexity"
+    if routing.get("fallback_margin") is not None:
+        how += f", by perplexity within a margin of {routing['fallback_margin']:g} (hybrid)"
     return f"routed {how} on the first {routing.get('prefix_tokens')} tokens, and oracle"
 
 
@@ -368,6 +370,11 @@ def _routing_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     m = routing.get("metrics_routed", {})
     lines += ["", f"- routed mean drift: **{_fmt(m.get('drift_mean'), 2, '%')}**; routed BWT: {_fmt(m.get('bwt'))}"]
+    if routing.get("routing_forwards_final") is not None:
+        shares = [v for v in (routing.get("fallback_share_final") or {}).values() if v is not None]
+        hybrid = f" (hybrid: perplexity for {_fmt(sum(shares) / len(shares), 3)} of the sequences)" if shares else ""
+        forwards = _fmt(routing["routing_forwards_final"], 2)
+        lines.append(f"- forwards per routed sequence at serving time: {forwards}{hybrid}")
     scores = routing.get("score_matrix_routed")
     if scores:
         s = routing.get("score_metrics_routed", {})

@@ -12,7 +12,9 @@ An evaluation policy, not a continual-learning method: the ``routing:`` callback
 * ``prototype`` - per sequence, one forward of the frozen base model (adapters off) over the same ``P``
   tokens gives pooled hidden states; the task with the nearest training-set mean (shared shrunk
   covariance, :mod:`crma_lightning.prototype`) is chosen and scores the rest: 2 forwards per sequence
-  at serving time whatever the number of tasks.
+  at serving time whatever the number of tasks. With ``fallback_margin`` (the hybrid), the sequences whose
+  two nearest tasks are within the margin (log-odds, :func:`crma_lightning.prototype.margins`) are routed
+  by perplexity instead: between 2 and ``T + 2`` forwards per sequence.
 * ``none`` - the method needs no routing: one adapter (``shared``) or all of them at once (O-LoRA).
 
 No peeking, by construction: the routing losses come from a forward pass over the prefix *alone*
@@ -44,8 +46,18 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (input_
 ScoresFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # prefix (ids, mask) -> (B, K), lower wins
 
 
-class RoutedBatch(NamedTuple):
+class _RoutedFields(NamedTuple):
+    choices: list[str]
+    loss_sum: torch.Tensor
+    tokens: torch.Tensor
+    prefix_losses: torch.Tensor
+    scored_sums: torch.Tensor | None = None
+
+
+class RoutedBatch(_RoutedFields):
     """What :func:`route_batch` returns (a named tuple: ``routed.choices``, ``routed.loss_sum``, ...).
+
+    It unpacks into its first five attributes; ``fallback`` is an attribute only (not a tuple field).
 
     Attributes:
         choices: The chosen adapter of each row, ``len == B``.
@@ -55,19 +67,25 @@ class RoutedBatch(NamedTuple):
             the mean prefix loss (perplexity) or the distance to the task's prototype (``scores_fn``).
         scored_sums: ``(B, K)`` summed loss of each row's scored targets under each adapter (column ``k``
             summed: the oracle loss on the same targets when adapter ``k`` is the rows' own).
+        fallback: ``(B,)`` bool, the rows a hybrid routed by perplexity (``None`` without ``fallback_margin``).
     """
 
-    choices: list[str]
-    loss_sum: torch.Tensor
-    tokens: torch.Tensor
-    prefix_losses: torch.Tensor
-    scored_sums: torch.Tensor | None = None
+    fallback: torch.Tensor | None = None
 
 
-def validate_routing(mode: str, prefix_tokens: int = DEFAULT_PREFIX_TOKENS) -> None:
-    """Raise ``ValueError`` naming a bad ``mode`` or ``prefix_tokens`` (≥ 2: at least one prefix target)."""
+def validate_routing(
+    mode: str, prefix_tokens: int = DEFAULT_PREFIX_TOKENS, fallback_margin: float | None = None
+) -> None:
+    """Raise ``ValueError`` naming a bad ``mode``, ``prefix_tokens`` or ``fallback_margin``.
+
+    ``prefix_tokens`` ≥ 2 (at least one prefix target); ``fallback_margin`` ≥ 0, with prototype routing only.
+    """
     check_choice("evaluation.routing", mode, ROUTING_MODES)
     check_number("evaluation.prefix_tokens", prefix_tokens, 2, integer=True)
+    if fallback_margin is not None:
+        if mode != PROTOTYPE:
+            raise ValueError(f"routing.fallback_margin {fallback_margin} needs mode 'prototype', got mode {mode!r}")
+        check_number("routing.fallback_margin", fallback_margin, 0.0)
 
 
 def scored_labels(labels: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
@@ -85,6 +103,7 @@ def route_batch(
     prefix_tokens: int,
     activate: Callable[[str], None],
     scores_fn: ScoresFn | None = None,
+    fallback_margin: float | None = None,
 ) -> RoutedBatch:
     """Perplexity routing of one batch: choose per row on the prefix, score the rest with the choice.
 
@@ -102,6 +121,9 @@ def route_batch(
             restores what it needs.
         scores_fn: Instead of the prefix losses, ``(prefix_ids, prefix_mask) -> (B, K)`` scores (lower wins)
             from the prefix alone, e.g. prototype distances: then no adapter runs on the prefix.
+        fallback_margin: With ``scores_fn``: rows whose :func:`~crma_lightning.prototype.margins` is below
+            it are routed by their prefix losses instead (the hybrid). The prefix losses are computed for
+            every row (the same forwards on every process); the serving cost counts only the fallback rows.
 
     Returns:
         The choices, the summed scored loss, the scored token count and the prefix losses.
@@ -117,18 +139,28 @@ def route_batch(
 
     prefix_losses, row_sums = [], []
     given = None if scores_fn is None else scores_fn(prefix_ids, prefix_mask)  # (B, K)
+    hybrid = given is not None and fallback_margin is not None
     for name in adapters:
         activate(name)
-        if given is None:
+        if given is None or hybrid:
             total, count = row_token_losses(model_fn(prefix_ids, prefix_mask), prefix_labels)
             prefix_losses.append(total / count.clamp_min(1))  # (B,) mean over the prefix's targets
         row_sums.append(row_token_losses(model_fn(ids, mask), rest_labels))
     losses = torch.stack(prefix_losses, dim=1) if given is None else given  # (B, K)
+    fallback = None
+    if hybrid:
+        from crma_lightning.prototype import margins
+
+        fallback = margins(given) < fallback_margin  # (B,) near-ties of the prototype: perplexity decides
+        ppl = torch.stack(prefix_losses, dim=1).to(given.device, given.dtype)
+        losses = torch.where(fallback[:, None], ppl, given)
     choice = losses.argmin(dim=1)  # (B,); argmin returns the first of equal minima
     sums = torch.stack([s for s, _ in row_sums], dim=1)  # (B, K)
     counts = row_sums[0][1]  # (B,) the same targets under every adapter
     chosen_sum = sums.gather(1, choice[:, None].to(sums.device)).sum()
-    return RoutedBatch([adapters[i] for i in choice.tolist()], chosen_sum, counts.sum(), losses, sums)
+    out = RoutedBatch([adapters[i] for i in choice.tolist()], chosen_sum, counts.sum(), losses, sums)
+    out.fallback = fallback
+    return out
 
 
 def routing_accuracy(choices: Sequence[str], expected: str) -> float:

@@ -163,6 +163,8 @@ class ContinualRunner:
             )
         self.checkpoints.check_writable()
         check_context(model.model, datamodule.max_length)
+        if self.routing is not None:
+            self.routing.check_model(model.model)  # prototype routing: a layer the model lacks, too wide a feature
         try:
             datamodule.prepare(model.tokenizer)
         except ValueError as err:

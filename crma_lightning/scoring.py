@@ -153,6 +153,7 @@ def routed_score_sums(
     world: int = 1,
     rank: int = 0,
     choose: Callable[[list[dict[str, Any]]], list[int]] | None = None,
+    fallback: bool = False,
 ) -> tuple[float, int]:
     """:func:`domain_score_sums` with each prompt answered by the adapter chosen by perplexity routing.
 
@@ -160,7 +161,8 @@ def routed_score_sums(
     candidate answers every row of the shard and the routed one's answer is kept: the same forwards on
     every rank whatever the routing chose (sharded models need that), at the price of one generation
     per candidate. ``choose``: instead of the prompt losses, a function giving each row's candidate index
-    (prototype routing: from the base model's features of the prompt).
+    (prototype routing: from the base model's features of the prompt). ``fallback``: ``choose`` may give
+    -1 for a row (the hybrid's near-ties), which then goes by the prompt losses, computed for every row.
     """
     mine, counts = shard_rows(rows, world, rank, batch_size)
     synced = world > 1 and distributed_ready()
@@ -170,10 +172,11 @@ def routed_score_sums(
         chosen = [k for i in range(0, len(mine), batch_size) for k in choose(mine[i : i + batch_size])]
     for activate in candidates.values():
         activate()
-        if chosen is None:
+        if chosen is None or fallback:
             losses.append(prompt_losses(model, tokenizer, mine, device, batch_size))
         answers.append(predictions(model, tokenizer, metric, mine, device, batch_size, synced=synced))
-    choice = chosen if chosen is not None else torch.stack(losses).argmin(dim=0).tolist()
+    by_loss = torch.stack(losses).argmin(dim=0).tolist() if losses else []
+    choice = by_loss if chosen is None else [k if k >= 0 else by_loss[i] for i, k in enumerate(chosen)]
     routed = [answers[k][i] for i, k in enumerate(choice)]
     scores = row_scores(metric, routed, [r["reference"] for r in mine])
     return float(sum(s for s, c in zip(scores, counts) if c)), sum(counts)

@@ -208,3 +208,32 @@ def test_pretrain_builtin_must_be_disjoint_from_the_domains(tmp_path):
     copy = {"name": "prose2", "path": write("p-train", ["z"]), "holdout_path": write("p-hold", ["d e f", "q"])}
     with pytest.raises(ValueError, match=r"'prose' shares 1 text record\(s\) with benchmark domain 'prose2'"):
         check_texts_disjoint(general, [clean, copy])
+
+
+def test_merged_settings_merge_the_frozen_adapters_and_the_hybrid_is_selectable(tiny_results, tmp_path):
+    """MERGED-mean/-ties evaluate FROZEN's adapters merged (no training); a merge of one adapter is that adapter."""
+    bench, _, _, payload = tiny_results
+    import _merged
+    import _results
+    import _runs
+
+    frozen = payload["per_seed"]["0"]["runs"]["FROZEN"]
+    raw = {"report": {}, "run_dir": frozen["run_dir"], "error": None}
+    numbers = {how: _results.run_numbers(_merged.merged_raw(f"MERGED-{how}", how, 0, raw, tmp_path), 3)
+               for how in ("mean", "ties")}  # fmt: skip
+    for how, run in numbers.items():
+        assert run["status"] == "complete" and (tmp_path / "seed0" / f"MERGED-{how}" / "report.json").is_file()
+        assert run["routing"]["mode"] == "merged" and run["routing"]["drift_mean_routed"] == run["drift_mean"]
+        assert math.isfinite(run["final_loss_mean"]) and isinstance(run["grad"]["var_stage_mean"], _results.Null)
+    # After stage 1 the mean merge is the first task's adapter alone: FROZEN's own loss on domain 0.
+    assert numbers["mean"]["loss_matrix"][1][0] == pytest.approx(frozen["loss_matrix"][1][0], rel=1e-5)
+    assert numbers["ties"]["loss_matrix"][2] != numbers["mean"]["loss_matrix"][2]
+    failed = _merged.merged_raw("MERGED-mean", "mean", 0, {"report": None, "error": "boom"}, tmp_path)
+    assert failed["report"] is None and "FROZEN did not complete: boom" in failed["error"]
+    base = ["--tiny", "--out", "unused"]
+    with pytest.raises(SystemExit):  # the merge needs FROZEN's run
+        bench.parse_args([*base, "--settings", "MERGED-mean"])
+    assert bench.parse_args([*base, "--settings", "MERGED-ties", "FROZEN"]).settings == ["FROZEN", "MERGED-ties"]
+    hybrid = {"router": "hybrid", "fallback_margin": 2.0}
+    assert _runs.routing_mode("FROZEN", hybrid) == "prototype" and _runs.fallback_margin("FROZEN", hybrid) == 2.0
+    assert _runs.fallback_margin("NAIVE", hybrid) is None and _runs.describe("MERGED-mean", hybrid)["merge"]["how"]

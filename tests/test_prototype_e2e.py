@@ -143,12 +143,26 @@ def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeyp
     for got, want in zip(again["loss_matrix_routed"], fitted["loss_matrix_routed"], strict=True):
         assert [g is None for g in got] == [w is None for w in want]
         assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-6)
-    main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "prototype", "--prefix_tokens", "4"])
+    fits = []
+    real_sums = prototype.local_task_sums
+    with monkeypatch.context() as patch:  # other statistics (P = 4): each task fitted once, not once per row
+        patch.setattr(prototype, "local_task_sums", lambda *a, **k: fits.append(1) or real_sums(*a, **k))
+        main(["evaluate", "--run", str(run_dir), "--routing", "prototype", "--prefix_tokens", "4"])
     other = json.loads((run_dir / "evaluation" / "report.json").read_text())["routing"]  # refitted at P = 4
     assert other["prefix_tokens"] == 4 and sum(other["confusion_final"]["counts"]["prose"]) == 6
+    assert len(fits) == len(DOMAINS) and len(other["loss_matrix_routed"]) == 3
     main(["evaluate", "--run", str(run_dir), "--stage", "2", "--routing", "perplexity", "--out", str(tmp_path / "ppl")])
     ppl = json.loads((tmp_path / "ppl" / "report.json").read_text())["routing"]
     assert ppl["mode"] == "perplexity" and set(ppl["routing_accuracy_final"]) == set(DOMAINS)
+    assert ppl["routing_forwards_final"] == 3 and again["routing_forwards_final"] == 2  # K + 1 vs 2 (K = 2)
+    # The hybrid with a margin no row reaches falls back on every row: perplexity routing's choices and losses.
+    args = ["--stage", "2", "--routing", "prototype", "--fallback_margin", "1e9", "--out", str(tmp_path / "hybrid")]
+    main(["evaluate", "--run", str(run_dir), *args])
+    hybrid = json.loads((tmp_path / "hybrid" / "report.json").read_text())["routing"]
+    assert hybrid["fallback_margin"] == 1e9 and hybrid["fallback_share_final"] == {d: 1.0 for d in DOMAINS}
+    assert hybrid["confusion_final"] == ppl["confusion_final"] and hybrid["routing_forwards_final"] == 4
+    assert hybrid["loss_matrix_routed"][2] == pytest.approx(ppl["loss_matrix_routed"][2], rel=1e-6)
+    assert "(hybrid: perplexity for 1.000 of the sequences)" in (tmp_path / "hybrid" / "report.md").read_text()
     from crma_lightning.cli.compare import compare
 
     row = compare(["fit"], [report_of(run_dir)])["runs"][0]
@@ -157,3 +171,13 @@ def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--run", str(run_dir), "--prefix_tokens", "4"])
     assert exit_info.value.code == 2 and "--prefix_tokens needs --routing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--run", str(run_dir), "--routing", "perplexity", "--fallback_margin", "1"])
+    assert exit_info.value.code == 2 and "fallback_margin" in capsys.readouterr().err
+
+
+def test_a_layer_the_model_lacks_is_refused_before_the_first_step(tmp_path):
+    cfg = proto_config(tmp_path / "run")
+    cfg["routing"]["layer"] = [0, 9]  # the tiny model has hidden_states 0..2
+    assert fit(tmp_path / "bad.yaml", cfg) == 2
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))  # nothing trained, nothing written

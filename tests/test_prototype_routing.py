@@ -15,10 +15,11 @@ from crma_lightning.prototype import (
     candidate_scores,
     load_router,
     local_task_sums,
+    margins,
     pool,
     save_router,
 )
-from crma_lightning.routing import ROUTING_MODES, route_batch
+from crma_lightning.routing import ROUTING_MODES, route_batch, validate_routing
 
 P = 8
 RANGES = {"a": (0, 6), "b": (40, 46), "c": (80, 86)}  # disjoint small vocabularies: separable domains
@@ -146,3 +147,70 @@ def test_bad_settings_and_missing_statistics_are_refused():
         router.distances(torch.zeros(1, 4), ["b"])
     with pytest.raises(ValueError, match="out of range"):
         PrototypeRouter(P, layer=9).features(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), None)
+
+
+def test_several_layers_and_mean_std_pooling_equal_a_hand_computation(monkeypatch):
+    model = tiny_llama()
+    ids = torch.tensor(_rows("a", 2, 6, 3))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    expected = []
+    for h in (hidden[1], hidden[-1]):
+        rows = [h[0].double(), h[1, :4].double()]  # the real tokens only
+        expected.append(torch.stack([torch.cat([r.mean(0), r.std(0, correction=0)]) for r in rows]))
+    got = PrototypeRouter(6, layer=[1, -1], pooling="mean_std").features(model, ids, mask)
+    assert torch.allclose(got, torch.cat(expected, dim=1), rtol=1e-6, atol=1e-6)
+    every = PrototypeRouter(6, layer="all", pooling="mean").features(model, ids, mask)
+    assert every.shape == (2, len(hidden) * 32)  # embeddings and every layer, concatenated
+    assert PrototypeRouter(6).settings()["layer"] == "all" and PrototypeRouter(6).pooling == "mean_std"
+    import crma_lightning.prototype as prototype
+
+    monkeypatch.setattr(prototype, "MAX_FEATURES", 2 * len(hidden) * 32 - 1)  # one short of the defaults' width
+    with pytest.raises(ValueError, match="exceed"):
+        PrototypeRouter(6).features(model, ids, None)
+
+
+def test_fitting_reads_a_dataset_batch_by_batch_and_distances_stay_on_the_device():
+    from datasets import Dataset
+
+    model = tiny_llama()
+    rows = _rows("b", 9, 12, 4)
+    from_lists = local_task_sums(PrototypeRouter(P), model, rows, 4, torch.device("cpu"), 0, 2, 1)
+    dataset = Dataset.from_dict({"input_ids": rows})
+    assert torch.equal(local_task_sums(PrototypeRouter(P), model, dataset, 4, torch.device("cpu"), 0, 2, 1), from_lists)
+    router = _fitted(model)
+    probe = router.features(model, torch.tensor(_rows("c", 2, 9, 8)), None)
+    # A meta tensor cannot be copied to the host: the distances are computed where the features are.
+    assert router.distances(probe.to("meta")).device.type == "meta"
+    assert torch.equal(router.distances(probe), router.distances(probe.clone()))
+
+
+def test_the_hybrid_falls_back_to_perplexity_on_near_ties_only():
+    model = tiny_llama()
+    attach_adapters(model, "lora", LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]), None, adapter_name="a")
+    add_lora_adapter(model, "b", LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids = torch.tensor(_rows("a", 4, 16, 60))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    given = torch.tensor([[0.0, 9.0], [9.0, 0.0], [0.0, 1.0], [1.0, 0.5]])  # margins 4.5, 4.5, 0.5, 0.25
+
+    def run(margin, scores=True):
+        return route_batch(
+            lambda i, m: model(input_ids=i, attention_mask=m).logits,
+            batch,
+            ["a", "b"],
+            P,
+            lambda n: set_active_adapter(model, n),
+            scores_fn=(lambda i, m: given) if scores else None,
+            fallback_margin=margin,
+        )
+
+    by_perplexity, by_prototype = run(None, scores=False).choices, ["a", "b", "a", "b"]
+    assert run(None).choices == by_prototype and run(None).fallback is None
+    assert run(0.0).choices == by_prototype and run(0.0).fallback.tolist() == [False] * 4
+    assert run(100.0).choices == by_perplexity and run(100.0).fallback.tolist() == [True] * 4
+    middle = run(1.0)
+    assert middle.fallback.tolist() == [False, False, True, True]
+    assert middle.choices == by_prototype[:2] + by_perplexity[2:]
+    assert torch.equal(margins(given), torch.tensor([4.5, 4.5, 0.5, 0.25]))
+    with pytest.raises(ValueError, match="fallback_margin"):
+        validate_routing("perplexity", 32, fallback_margin=1.0)

@@ -10,7 +10,9 @@ It runs after the module's ``validation_step`` on the same batch, so the oracle 
 With ``mode: prototype`` the choice comes from one forward of the frozen base model over the same prefix
 (:mod:`crma_lightning.prototype`): at each stage's evaluation the statistics of the task just trained are
 fitted on its training rows (summed over processes) and kept in the module (``ContinualLM.router``), so
-they are in the stage checkpoint and the exported adapters' directory. Every candidate adapter still runs
+they are in the stage checkpoint and the exported adapters' directory. With ``fallback_margin`` (the
+hybrid) the sequences whose two nearest tasks are within the margin go by perplexity routing instead; the
+share of them is reported, and with it the serving cost in forwards per sequence. Every candidate adapter still runs
 one full forward on every batch here: the oracle loss on the same targets needs them, and every rank then
 runs the same forwards (FSDP). Serving (``generate``, ``ContinualLM.route``) runs 2 forwards per sequence.
 
@@ -46,7 +48,8 @@ from crma_lightning.routing import (
 )
 
 BASE = "<base>"  # the candidate of row 0: no task trained yet, LoRA off
-_FIELDS = 5  # per domain: routed loss sum, oracle (same targets) loss sum, scored tokens, correct rows, routed rows
+_FIELDS = 6  # per domain: routed loss sum, oracle (same targets) loss sum, scored tokens, correct rows, routed rows,
+# rows the hybrid routed by perplexity
 
 
 class RoutedEvaluation(L.Callback):
@@ -57,10 +60,13 @@ class RoutedEvaluation(L.Callback):
             held-out sequence on its first ``prefix_tokens`` tokens) or ``none`` (the method needs no
             routing: checked, nothing extra).
         prefix_tokens: ``P``: tokens read to choose an adapter; only targets at positions ``>= P`` are scored.
-        layer: ``prototype``: the base model's ``hidden_states`` index pooled (-1: the last layer).
-        pooling: ``prototype``: ``mean``, ``last`` or ``mean_last`` over the prefix.
+        layer: ``prototype``: the base model's ``hidden_states`` pooled: an index (-1: the last layer), a list
+            of indices, or ``all`` (the default: every hidden state, concatenated).
+        pooling: ``prototype``: ``mean_std`` (the default), ``mean``, ``last`` or ``mean_last`` over the prefix.
         estimator: ``prototype``: ``mahalanobis`` (shared shrunk covariance) or ``nearest`` (Euclidean).
         shrinkage: ``prototype``: weight of the identity in the shrunk covariance, in [0, 1].
+        fallback_margin: ``prototype``: the hybrid - a sequence whose two nearest tasks are within this
+            log-odds margin is routed by perplexity instead (``None``: never, 2 forwards per sequence).
 
     Attributes:
         matrix: Routed loss matrix ``L~[s][j]`` (row 0: base model), ``None`` where not evaluated.
@@ -74,14 +80,16 @@ class RoutedEvaluation(L.Callback):
         self,
         mode: str = ORACLE,
         prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
-        layer: int = prototype.DEFAULT_LAYER,
+        layer: int | list[int] | str = prototype.DEFAULT_LAYER,
         pooling: str = prototype.DEFAULT_POOLING,
         estimator: str = "mahalanobis",
         shrinkage: float = prototype.DEFAULT_SHRINKAGE,
+        fallback_margin: float | None = None,
     ) -> None:
-        validate_routing(mode, prefix_tokens)
+        validate_routing(mode, prefix_tokens, fallback_margin)
         prototype.validate_prototype(layer, pooling, estimator, shrinkage)
-        self.mode, self.prefix_tokens = mode, prefix_tokens
+        self.mode, self.prefix_tokens, self.fallback_margin = mode, prefix_tokens, fallback_margin
+        layer = prototype.plain_layer(layer)
         self.prototype_settings = {"layer": layer, "pooling": pooling, "estimator": estimator, "shrinkage": shrinkage}
         self.confusion: list[dict[str, Any] | None] = []
         self.domains: list[str] = []
@@ -89,6 +97,7 @@ class RoutedEvaluation(L.Callback):
         self.oracle_matrix: list[list[float | None]] = []
         self.accuracy: list[list[float | None]] = []
         self.scores: list[list[float | None]] = []
+        self.fallback: list[list[float | None]] = []  # share of each domain's rows the hybrid routed by perplexity
         self._row: int | None = None
         self._candidates: dict[str, str | None] = {}  # candidate label -> a task that activates it
         self._own: dict[str, str] = {}  # domain -> the label of its own adapter(s)
@@ -102,6 +111,15 @@ class RoutedEvaluation(L.Callback):
         method = getattr(pl_module, "method", None)
         names = None if method is None else method.active_adapters(pl_module, task)
         return tuple(names) if names is not None else (pl_module.adapter_for(task),)
+
+    def check_model(self, model: Any) -> None:
+        """Refuse prototype settings ``model`` (the Hugging Face model) cannot serve: a layer it lacks, too wide.
+
+        Called by the stage driver's up-front checks, before anything is trained or written.
+        """
+        if self.mode == PROTOTYPE:
+            settings = self.prototype_settings
+            prototype.check_model(getattr(model, "config", None), settings["layer"], settings["pooling"])
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._row = None
@@ -155,7 +173,7 @@ class RoutedEvaluation(L.Callback):
         for task in trained:
             if task in router.tasks:
                 continue
-            rows = dm.train_sets[task]["input_ids"]
+            rows = dm.train_sets[task]  # a Dataset: read one batch at a time
             with prototype.adapters_off(pl_module.model, pl_module.activate_task):
                 local = prototype.local_task_sums(
                     router,
@@ -206,6 +224,7 @@ class RoutedEvaluation(L.Callback):
             self.prefix_tokens,
             lambda label: pl_module.activate_task(self._candidates[label]),
             scores_fn=self._prototype_scores(pl_module),
+            fallback_margin=self.fallback_margin if self.mode == PROTOTYPE and self._row > 0 else None,
         )
         domain = batch["domain"]
         own = BASE if self._row == 0 else self._own.get(domain)  # None: a domain not trained yet
@@ -221,7 +240,8 @@ class RoutedEvaluation(L.Callback):
             k = labels.index(own)
             correct = (real & (picked == k)).sum()
             oracle = routed.scored_sums[:, k].sum()
-        values = [routed.loss_sum, oracle, routed.tokens, correct, real.sum()]
+        fell_back = real.new_zeros(()) if routed.fallback is None else (real & routed.fallback.to(real.device)).sum()
+        values = [routed.loss_sum, oracle, routed.tokens, correct, real.sum(), fell_back]
         row = torch.stack([v.to(device=pl_module.device, dtype=torch.float64) for v in values])
         self._sums[domain] = self._sums.get(domain, torch.zeros_like(row)) + row
 
@@ -230,7 +250,7 @@ class RoutedEvaluation(L.Callback):
             return
         order = list(trainer.datamodule.eval_domain_names())  # the same on every rank
         zeros = torch.zeros(_FIELDS, dtype=torch.float64, device=pl_module.device)
-        local = torch.stack([self._sums.get(d, zeros) for d in order])  # (D, 5)
+        local = torch.stack([self._sums.get(d, zeros) for d in order])  # (D, _FIELDS)
         total = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
         self._record(trainer, self._row, dict(zip(order, total, strict=True)))
         self._record_confusion(trainer, pl_module, self._row, order)
@@ -269,7 +289,11 @@ class RoutedEvaluation(L.Callback):
 
             def choose(rows: list[dict[str, Any]]) -> list[int]:
                 ids, mask = prototype.right_padded([r["prompt_ids"] for r in rows], pad, pl_module.device)
-                return scores_fn(ids, mask).argmin(dim=1).tolist()
+                distances = scores_fn(ids, mask)
+                picked = distances.argmin(dim=1)
+                if self.fallback_margin is not None:  # near-ties: -1, routed by the prompt losses instead
+                    picked = picked.masked_fill(prototype.margins(distances) < self.fallback_margin, -1)
+                return picked.tolist()
 
         sums = [
             scoring.routed_score_sums(
@@ -283,6 +307,7 @@ class RoutedEvaluation(L.Callback):
                 world=trainer.world_size,
                 rank=trainer.global_rank,
                 choose=choose,
+                fallback=choose is not None and self.fallback_margin is not None,
             )
             for d in scored
         ]
@@ -297,14 +322,16 @@ class RoutedEvaluation(L.Callback):
         log_to_loggers(trainer, [(_compat.logging_step(trainer), scalars)])
 
     def _record(self, trainer: L.Trainer, row: int, sums: dict[str, list[float]]) -> None:
-        for table in (self.matrix, self.oracle_matrix, self.accuracy):
+        for table in (self.matrix, self.oracle_matrix, self.accuracy, self.fallback):
             while len(table) <= row:
                 table.append([None] * len(self.domains))
-        for domain, (routed, oracle, tokens, correct, rows) in sums.items():
+        for domain, (routed, oracle, tokens, correct, rows, fell_back) in sums.items():
             j, trained = self.domains.index(domain), domain in self._own
             self.matrix[row][j] = routed / max(tokens, 1.0)
             self.oracle_matrix[row][j] = oracle / max(tokens, 1.0) if trained or row == 0 else None
             self.accuracy[row][j] = correct / rows if trained and rows else None
+            hybrid = self.fallback_margin is not None and self.mode == PROTOTYPE and row > 0
+            self.fallback[row][j] = fell_back / rows if hybrid and rows else None
         scalars: dict[str, float] = {}
         for domain in sums:
             j = self.domains.index(domain)
@@ -331,6 +358,8 @@ class RoutedEvaluation(L.Callback):
         out["prefix_tokens"] = self.prefix_tokens
         if self.mode == PROTOTYPE:
             out["prototype"] = dict(self.prototype_settings)
+            if self.fallback_margin is not None:
+                out["fallback_margin"] = self.fallback_margin
         if self.mode == NONE or not self.matrix:
             return out
         rows = len(self.matrix) if upto is None else upto + 1
@@ -340,6 +369,10 @@ class RoutedEvaluation(L.Callback):
         last = self.accuracy[rows - 1] if rows else []
         out["routing_accuracy_final"] = dict(zip(self.domains, last, strict=True))
         out["metrics_routed"] = self.summary_metrics(upto=rows - 1)
+        out["routing_forwards_final"] = self._forwards(rows - 1)
+        if self.mode == PROTOTYPE and self.fallback_margin is not None:
+            shares = (self.fallback[rows - 1] if len(self.fallback) >= rows else None) or []
+            out["fallback_share_final"] = dict(zip(self.domains, shares, strict=False))
         confusion = [c for c in self.confusion[:rows] if c is not None]
         if confusion:
             out["confusion"] = list(self.confusion[:rows]) + [None] * (rows - len(self.confusion[:rows]))
@@ -355,6 +388,20 @@ class RoutedEvaluation(L.Callback):
             }
         return out
 
+    def _forwards(self, row: int) -> float | None:
+        """Forwards per routed sequence at serving time after stage ``row``.
+
+        With ``K`` candidates: ``K + 1`` (perplexity: ``K`` prefix forwards, one answer), 2 (prototype),
+        ``2 + share x K`` (the hybrid).
+        """
+        k = len([c for c in (self.confusion[row] or {}).get("candidates", [])]) if row < len(self.confusion) else 0
+        if not k:
+            return None
+        if self.mode != PROTOTYPE:
+            return float(k + 1)
+        shares = [s for s in (self.fallback[row] if row < len(self.fallback) else []) if s is not None]
+        return 2.0 + (k * sum(shares) / len(shares) if shares else 0.0)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
@@ -366,6 +413,8 @@ class RoutedEvaluation(L.Callback):
             "scores": [list(r) for r in self.scores],
             "confusion": list(self.confusion),
             "prototype": dict(self.prototype_settings),
+            "fallback_margin": self.fallback_margin,
+            "fallback": [list(r) for r in self.fallback],
         }
 
     def check_resumable(self, state_dict: dict[str, Any]) -> None:
@@ -377,7 +426,13 @@ class RoutedEvaluation(L.Callback):
                 f"mode={self.mode!r}, prefix_tokens={self.prefix_tokens!r} (use the original settings or a new run dir)"
             )
         fitted = {k: (state_dict.get("prototype") or {}).get(k) for k in ("layer", "pooling")}
-        wanted = {k: self.prototype_settings[k] for k in fitted}
+        fitted["fallback_margin"] = state_dict.get("fallback_margin")
+        if fitted["layer"] is not None:
+            fitted["layer"] = prototype.plain_layer(fitted["layer"])
+        wanted = {
+            **{k: self.prototype_settings[k] for k in ("layer", "pooling")},
+            "fallback_margin": self.fallback_margin,
+        }
         if self.mode == PROTOTYPE and state_dict.get("matrix") and fitted != wanted:
             raise ValueError(
                 f"checkpoint's routing statistics were fitted with {fitted}; this run has {wanted} "
@@ -392,6 +447,7 @@ class RoutedEvaluation(L.Callback):
         self.accuracy = [list(r) for r in state_dict.get("accuracy", [])]
         self.scores = [list(r) for r in state_dict.get("scores", [])]
         self.confusion = list(state_dict.get("confusion", []))
+        self.fallback = [list(r) for r in state_dict.get("fallback", [])]
 
 
 def log_confusion(trainer: L.Trainer, confusion: dict[str, Any], row: int) -> None:

@@ -60,6 +60,12 @@ def build_parser() -> CommandParser:
     parser.add_argument(
         "--prefix_tokens", type=int, help="tokens read to route (default: the run's routing.prefix_tokens, else 32)"
     )
+    parser.add_argument(
+        "--fallback_margin",
+        type=float,
+        help="--routing prototype: route by perplexity the sequences whose two nearest tasks are within this "
+        "log-odds margin (the hybrid; default: the run's setting, else never)",
+    )
     parser.add_argument("--out", help="output directory (default: RUN/evaluation)")
     parser.add_argument("--accelerator", help="Lightning accelerator (default: the run's trainer.accelerator)")
     return parser
@@ -123,6 +129,8 @@ def _routing(run: RunDirectory, opts: Any) -> Any:
     if opts.routing is None:
         if opts.prefix_tokens is not None:
             raise ValueError("--prefix_tokens needs --routing perplexity or --routing prototype")
+        if opts.fallback_margin is not None:
+            raise ValueError("--fallback_margin needs --routing prototype")
         return None
     if opts.data:
         raise ValueError("--routing evaluates the run's own domains (their training rows fit the routing); drop --data")
@@ -133,7 +141,10 @@ def _routing(run: RunDirectory, opts: Any) -> Any:
     same = saved is not None and saved.mode == opts.routing == "prototype"
     prefix = opts.prefix_tokens or (saved.prefix_tokens if saved is not None and saved.mode != "oracle" else None)
     settings = dict(saved.prototype_settings) if same else {}  # --prefix_tokens overrides the prefix only
-    return RoutedEvaluation(mode=opts.routing, prefix_tokens=prefix or DEFAULT_PREFIX_TOKENS, **settings)
+    margin = opts.fallback_margin if opts.fallback_margin is not None else saved.fallback_margin if same else None
+    return RoutedEvaluation(
+        mode=opts.routing, prefix_tokens=prefix or DEFAULT_PREFIX_TOKENS, fallback_margin=margin, **settings
+    )
 
 
 def parse_data(value: str) -> tuple[list[Any], dict[str, str | None]]:
@@ -226,6 +237,7 @@ def evaluate_rows(
     same_domains = dm.domain_names == run.domains
     sources: dict[str, str] = {}
     last = 0
+    refitted = None  # prototype statistics fitted by this evaluation (a task's do not depend on the stage)
     for row, path in plan:
         if merge is not None:
             _drop_merged(model)  # the checkpoint has no such adapter
@@ -236,8 +248,14 @@ def evaluate_rows(
         if merge is not None:
             _use_merged(model, run.domains[:row], merge)
         _refit_other_statistics(model, callbacks or [])
+        earlier = refitted is not None and row > 0 and set(refitted.tasks) <= set(run.domains[:row])
+        if getattr(model, "router", None) is None and earlier:  # an earlier row's tasks: fitted once, not per row
+            model.router = refitted
+        loaded = getattr(model, "router", None)
         model.activate_task(None)
         evaluation.evaluate_row(trainer, model, dm, row, all_domains=not same_domains)
+        if getattr(model, "router", None) is not None and (model.router is not loaded or loaded is refitted):
+            refitted = model.router
         sources[str(row)] = str(path) if path is not None else f"freshly built model (seed {run.seed})"
         last = max(last, row)
     width = len(dm.domain_names)

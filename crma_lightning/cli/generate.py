@@ -49,7 +49,7 @@ def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[st
     dm.prepare(model.tokenizer)
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    rows = {t: dm.train_sets[t]["input_ids"] for t in tasks}
+    rows = {t: dm.train_sets[t] for t in tasks}  # Datasets: read one batch at a time
     fitted = fit_missing_tasks(
         model.router, model.model, model.activate_task, rows, tasks, dm.eval_batch_size, pad, model.device
     )
