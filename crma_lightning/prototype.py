@@ -14,9 +14,11 @@ mahalanobis``, LDA without priors) or the smallest Euclidean one (``estimator: n
 Everything kept is a sum over rows (float64), so processes reduce it with one all-reduce (sum) and the
 statistics of ``N`` processes equal one process's up to summation order. Storage, with ``F`` feature
 dimensions (hidden size x layers read x 2 for ``mean_std``/``mean_last``): ``K x F`` means and one
-``F x F`` matrix, float64. The defaults (every hidden state, ``mean_std``) give ``F = 2 H (L + 1)``: 1,280
-and 13 MB shared for the benchmark's 4-layer H = 128 base; for a large model pick one or a few layers
-(``F`` above :data:`MAX_FEATURES` is refused with a message saying so).
+``F x F`` matrix, float64. The defaults (``layer: auto``, ``mean_std``) read every hidden state while that
+stays within :data:`AUTO_FEATURES`: ``F = 2 H (L + 1)`` = 1,280 and 13 MB shared for the benchmark's 4-layer
+H = 128 base; wider models read the last hidden state only (``F = 2 H``: 8,192 and 512 MB at H = 4096 - choose
+``pooling: mean`` to halve F and quarter the matrix). ``F`` above :data:`MAX_FEATURES` is refused with a
+message saying so.
 
 Serving costs 2 forwards per sequence whatever the number of tasks: one base forward over the prefix
 (features), one with the chosen adapter. A hybrid (``fallback_margin``) falls back to perplexity routing
@@ -44,9 +46,14 @@ POOLINGS = ("mean", "last", "mean_last", "mean_std")
 ``mean_std``: the mean and the (population) standard deviation over the real tokens, concatenated."""
 ESTIMATORS = ("mahalanobis", "nearest")
 ALL_LAYERS = "all"
-DEFAULT_LAYER: int | list[int] | str = ALL_LAYERS
-"""Hidden states read by default: all of them (embeddings and every layer), concatenated - on the shared real
-corpora the most accurate of every single layer and layer set measured (docs/benchmarks.md)."""
+AUTO_LAYERS = "auto"
+DEFAULT_LAYER: int | list[int] | str = AUTO_LAYERS
+"""Hidden states read by default (``auto``): all of them (embeddings and every layer), concatenated, while that
+gives at most :data:`AUTO_FEATURES` feature dimensions - on the shared real corpora the most accurate of every
+single layer and layer set measured (docs/benchmarks.md) - and only the last one for wider models (a 7B model's
+33 hidden states of 4096 would give 270k features: a shared covariance far beyond memory)."""
+AUTO_FEATURES = 4096
+"""``auto`` reads every hidden state up to this many feature dimensions (a 128 MB float64 covariance)."""
 DEFAULT_POOLING = "mean_std"
 """Mean and standard deviation over the prefix: the best pooling at every layer set measured on the real corpora."""
 DEFAULT_SHRINKAGE = 0.01
@@ -61,20 +68,27 @@ MAX_FEATURES = 16384
 
 def _layer_list(layer: Any) -> list[int] | None:
     """The integer indices of ``layer`` (``None`` for ``all``); raises ``ValueError`` on anything else."""
-    if layer == ALL_LAYERS:
+    if layer in (ALL_LAYERS, AUTO_LAYERS):
         return None
     items = [layer] if isinstance(layer, int) else list(layer) if isinstance(layer, (list, tuple)) else None
     if not items or any(not isinstance(i, int) or isinstance(i, bool) for i in items):
         raise ValueError(
-            f"routing.layer must be a hidden_states index (-1: last), a list of them, or 'all', got {layer!r}"
+            f"routing.layer must be a hidden_states index (-1: last), a list of them, 'all' or 'auto', got {layer!r}"
         )
     return items
 
 
-def layer_indices(layer: Any, count: int) -> list[int]:
-    """The ``hidden_states`` indices ``layer`` names, for a model with ``count`` hidden states."""
+def layer_indices(layer: Any, count: int, hidden: int | None = None, pooling: str = DEFAULT_POOLING) -> list[int]:
+    """The ``hidden_states`` indices ``layer`` names, for a model with ``count`` hidden states of size ``hidden``.
+
+    ``auto``: every hidden state while ``count x hidden x (2 for two-part poolings)`` <= :data:`AUTO_FEATURES`
+    (always, when ``hidden`` is not given), else the last one.
+    """
     items = _layer_list(layer)
     if items is None:
+        per_layer = (hidden or 0) * (1 if pooling in ("mean", "last") else 2)
+        if layer == AUTO_LAYERS and count * per_layer > AUTO_FEATURES:
+            return [count - 1]
         return list(range(count))
     for i in items:
         if not -count <= i < count:
@@ -120,7 +134,7 @@ def base_features(
     """
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     hidden = out.hidden_states
-    indices = layer_indices(layer, len(hidden))
+    indices = layer_indices(layer, len(hidden), hidden[0].shape[-1], pooling)
     _check_width(len(indices), hidden[0].shape[-1], layer, pooling)
     return torch.cat([pool(hidden[i], mask, pooling) for i in indices], dim=1)
 
@@ -144,7 +158,7 @@ def check_model(config: Any, layer: Any, pooling: str) -> None:
     hidden, count = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
     if not isinstance(hidden, int) or not isinstance(count, int):
         return
-    _check_width(len(layer_indices(layer, count + 1)), hidden, layer, pooling)
+    _check_width(len(layer_indices(layer, count + 1, hidden, pooling)), hidden, layer, pooling)
 
 
 @contextmanager

@@ -162,12 +162,19 @@ def test_several_layers_and_mean_std_pooling_equal_a_hand_computation(monkeypatc
     assert torch.allclose(got, torch.cat(expected, dim=1), rtol=1e-6, atol=1e-6)
     every = PrototypeRouter(6, layer="all", pooling="mean").features(model, ids, mask)
     assert every.shape == (2, len(hidden) * 32)  # embeddings and every layer, concatenated
-    assert PrototypeRouter(6).settings()["layer"] == "all" and PrototypeRouter(6).pooling == "mean_std"
+    assert PrototypeRouter(6).settings()["layer"] == "auto" and PrototypeRouter(6).pooling == "mean_std"
     import crma_lightning.prototype as prototype
 
-    monkeypatch.setattr(prototype, "MAX_FEATURES", 2 * len(hidden) * 32 - 1)  # one short of the defaults' width
+    # auto: every hidden state while that fits AUTO_FEATURES (here 2 x 3 x 32 = 192), else the last one only.
+    auto = PrototypeRouter(6).features(model, ids, mask)
+    assert torch.equal(auto, PrototypeRouter(6, layer="all").features(model, ids, mask))
+    monkeypatch.setattr(prototype, "AUTO_FEATURES", 2 * len(hidden) * 32 - 1)
+    narrow = PrototypeRouter(6).features(model, ids, mask)
+    assert torch.equal(narrow, PrototypeRouter(6, layer=-1).features(model, ids, mask))
+    prototype.check_model(model.config, "auto", "mean_std")  # auto never exceeds MAX_FEATURES on its own
+    monkeypatch.setattr(prototype, "MAX_FEATURES", 2 * len(hidden) * 32 - 1)  # one short of all states' width
     with pytest.raises(ValueError, match="exceed"):
-        PrototypeRouter(6).features(model, ids, None)
+        PrototypeRouter(6, layer="all").features(model, ids, None)
 
 
 def test_fitting_reads_a_dataset_batch_by_batch_and_distances_stay_on_the_device():

@@ -61,7 +61,8 @@ class RoutedEvaluation(L.Callback):
             routing: checked, nothing extra).
         prefix_tokens: ``P``: tokens read to choose an adapter; only targets at positions ``>= P`` are scored.
         layer: ``prototype``: the base model's ``hidden_states`` pooled: an index (-1: the last layer), a list
-            of indices, or ``all`` (the default: every hidden state, concatenated).
+            of indices, ``all`` (every hidden state, concatenated) or ``auto`` (the default: ``all`` while that
+            gives at most 4,096 features, else the last hidden state).
         pooling: ``prototype``: ``mean_std`` (the default), ``mean``, ``last`` or ``mean_last`` over the prefix.
         estimator: ``prototype``: ``mahalanobis`` (shared shrunk covariance) or ``nearest`` (Euclidean).
         shrinkage: ``prototype``: weight of the identity in the shrunk covariance, in [0, 1].
