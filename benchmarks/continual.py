@@ -435,4 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad domains / orders: one line, before any run is written (argparse's exit code)
+        print(f"continual.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
