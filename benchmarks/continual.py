@@ -11,10 +11,22 @@ directory ``<out>/seed<s>/<SETTING>``; ``--settings`` picks them (default: the f
     REPLAY           lora + shared      NAIVE + Replay(buffer_size=--replay-buffer, ratio=--replay-ratio)
     EWC              lora + shared      NAIVE + EWC(lam=--ewc-lam, fisher_samples=--ewc-fisher-samples)
     O-LORA           lora + per_task    OLoRA(lam=--olora-lam): earlier LoRAs stay active, frozen
+    MULTITASK        lora + shared      joint training, the upper bound: every stage trains on the union of
+                                        all domains (same total budget, T x steps), evaluated like the others
     MODULAR-v1, CRMA-shared-v1          CRMA write form with v1's Frobenius norm (ablation)
     MODULAR-mix, CRMA-shared-mix        CRMA mix form, g_max = --mix-g-max (ablation)
 
-``--settings ablation`` is NAIVE, FROZEN and the four ablation variants; ``--settings all`` is every one.
+``--settings ablation`` is NAIVE, FROZEN and the four ablation variants; ``--settings v3`` the default seven
+and MULTITASK; ``--settings all`` is every one. With MULTITASK in the run, every setting X gets the share
+of NAIVE's gap to joint training it closes, ``(NAIVE - X) / (NAIVE - MULTITASK)`` on the mean final
+held-out loss (and on AP with task metrics; docs/metrics.md).
+
+Protocol v3 (issue 23): ``--orders K`` runs K fixed task orders (the given one, its reversal, a half
+rotation, ...: ``_orders.py``), each in ``<out>/order<k>/seed<s>/<SETTING>`` (K = 1 keeps
+``<out>/seed<s>/<SETTING>``); ``results.md`` shows each order's numbers and their mean over orders.
+``--suite tasks`` runs the built-in task suite of ``configs/tasks.yaml`` (first, shift, sort, length;
+its budgets and the base of ``task_suite_base.py``) and reports the score matrix: AP, BWT_score,
+forgetting and the final score of every task, per setting, order and seed.
 FROZEN and MODULAR are also evaluated task-agnostically (``RoutedEvaluation(mode="perplexity")``, routing
 on the first ``--prefix-tokens`` tokens of each held-out row; ``--router prototype``: by the base model's
 features, :mod:`crma_lightning.prototype`); the shared settings and O-LORA need no
@@ -35,6 +47,7 @@ Examples::
         --domains medical legal finance science --out runs/bench/real
     python benchmarks/continual.py --quick --out /tmp/bench-quick           # a few minutes on CPU
     python benchmarks/continual.py --settings ablation --seeds 1 --out runs/bench/ablation
+    python benchmarks/continual.py --suite tasks --settings v3 --orders 3 --out runs/bench/tasks-v3
     python benchmarks/continual.py --model /models/llama-1b --device cuda --precision bf16-mixed \\
         --steps 500 --batch-size 16 --max-length 1024 --lr 2e-4 --interleave run --out runs/bench/1b
 """
