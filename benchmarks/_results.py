@@ -78,6 +78,9 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
     out["base_losses"] = {d: _or_null(v, "base not evaluated") for d, v in zip(domains, matrix[0])}  # L[0]
     finals = [v for v in matrix[-1] if _num(v)]
     out["final_loss_mean"] = _or_null(statistics.fmean(finals) if finals else None, "no final-row loss")
+
+    out["final_loss_mean"] = _or_null(statistics.fmean(matrix[-1]) if None not in matrix[-1] else None, "missing")
+    out["scores"] = score_numbers(report)
     for key in ("drift", "base_relative_forgetting", "plasticity"):
         out[key] = {d: _or_null(v, "undefined for the last domain") for d, v in m[key].items()}
     out["drift_mean"] = _or_null(m["drift_mean"], "fewer than two stages")
@@ -116,6 +119,65 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
     out["timings"] = report["timings"]
     out["wall_s"] = raw["wall_s"]
     return out
+
+
+NO_SCORES = "no domain has a task metric (loss domains; --suite tasks scores every stage)"
+
+
+def score_numbers(report: dict[str, Any]) -> dict[str, Any]:
+    """Task scores of one run (docs/metrics.md): AP, BWT_score, forgetting, final and own-stage scores per domain.
+
+    From the report's ``score_matrix`` (``S[s][j]``, filled for domains with a ``metric``); every entry is a
+    :class:`Null` saying why when the run's domains have no metric.
+    """
+    section = report.get("score_matrix")
+    if not section:
+        keys = ("ap", "bwt_score", "forgetting_mean", "forgetting", "final", "plasticity", "matrix")
+        return {k: Null(NO_SCORES) for k in keys}
+    domains, values = section["columns"], section["values"]
+    return {
+        "ap": _or_null(section.get("ap"), "no trained domain has a score"),
+        "bwt_score": _or_null(section.get("bwt_score"), "fewer than two scored stages"),
+        "forgetting_mean": _or_null(section.get("forgetting_mean"), "fewer than two scored stages"),
+        "forgetting": {d: _or_null(v, "undefined for the last domain") for d, v in section["forgetting"].items()},
+        "final": {d: _or_null(v, "domain has no metric") for d, v in zip(domains, values[-1])},
+        "plasticity": {d: _or_null(v, "domain has no metric") for d, v in section["score_plasticity"].items()},
+        "matrix": [[_or_null(v, "not evaluated or no metric") for v in row] for row in values],
+    }
+
+
+def gap_to_joint(runs: dict[str, dict[str, Any]]) -> None:
+    """Add ``gap_to_joint`` to every run of one seed (and order): how much of NAIVE's gap to MULTITASK it closes.
+
+    ``loss`` = (NAIVE - X) / (NAIVE - MULTITASK) on the mean final held-out loss (mean over domains of
+    ``L[T][j]``); ``score`` = (AP_X - AP_NAIVE) / (AP_MULTITASK - AP_NAIVE). 0 = no better than naive
+    sequential fine-tuning, 1 = as good as joint training, > 1 = better than joint training.
+    """
+    naive, joint = runs.get("NAIVE", {}), runs.get("MULTITASK", {})
+    for run in runs.values():
+        if run.get("status") != "complete":
+            continue
+        if naive.get("status") != "complete" or joint.get("status") != "complete":
+            why = "needs NAIVE and MULTITASK complete in this seed (--settings ... NAIVE MULTITASK)"
+            run["gap_to_joint"] = {"loss": Null(why), "score": Null(why)}
+            continue
+        run["gap_to_joint"] = {
+            "loss": _or_null(
+                _closed(naive["final_loss_mean"], run["final_loss_mean"], joint["final_loss_mean"]),
+                "a mean final loss is missing, or NAIVE and MULTITASK end at the same loss",
+            ),
+            "score": _or_null(
+                _closed(naive["scores"]["ap"], run["scores"]["ap"], joint["scores"]["ap"]),
+                "no AP (no task metric), or NAIVE and MULTITASK have the same AP",
+            ),
+        }
+
+
+def _closed(naive: Any, x: Any, joint: Any) -> float | None:
+    """``(x - naive) / (joint - naive)``: the share of the naive-to-joint gap that ``x`` closes."""
+    if not (_num(naive) and _num(x) and _num(joint)) or joint == naive:
+        return None
+    return (x - naive) / (joint - naive)
 
 
 def _method_numbers(method: dict[str, Any] | None) -> dict[str, Any]:
@@ -273,6 +335,11 @@ RUN_FIELDS = {
     "fallback_share": ("routing", "fallback_share"),
     "final_loss_mean": ("final_loss_mean",),
     "method_state_bytes": ("method", "state_bytes"),
+    "gap_to_joint_loss": ("gap_to_joint", "loss"),
+    "ap": ("scores", "ap"),
+    "bwt_score": ("scores", "bwt_score"),
+    "score_forgetting_mean": ("scores", "forgetting_mean"),
+    "gap_to_joint_score": ("gap_to_joint", "score"),
 }
 PAIR_FIELDS = (
     "heldout_improvement_pct",
@@ -294,6 +361,7 @@ def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
         agg["modes"][mode] = {
             name: stats([_get(per_seed[s]["runs"][mode], *path) for s in seeds]) for name, path in RUN_FIELDS.items()
         }
+        agg["modes"][mode].update(_per_domain(per_seed, mode))
     for pair in per_seed[seeds[0]]["pairs"]:
         agg["pairs"][pair] = {f: stats([_get(per_seed[s]["pairs"], pair, f) for s in seeds]) for f in PAIR_FIELDS}
     agg["base_loss"] = base_losses(per_seed)
@@ -312,6 +380,50 @@ def base_losses(per_seed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
             for domain, v in (run.get("base_losses") or {}).items():
                 values.setdefault(domain, []).append(v)
     return {d: stats(v) for d, v in values.items()}
+
+
+def _per_domain(per_seed: dict[str, dict[str, Any]], mode: str) -> dict[str, Any]:
+    """Stats over seeds of the final held-out loss and final task score of every domain (keyed by name,
+    so runs on different task orders pool per domain)."""
+    runs = [r["runs"][mode] for r in per_seed.values()]
+    names = next((r["domains"] for r in runs if r.get("status") == "complete"), [])
+    return {
+        "final_loss": {d: stats([_get(r, "final_losses", d) for r in runs]) for d in names},
+        "final_score": {d: stats([_get(r, "scores", "final", d) for r in runs]) for d in names},
+    }
+
+
+ORDER_FIELDS = (
+    "final_loss_mean", "gap_to_joint_loss", "drift_mean_pct", "base_relative_forgetting_mean_pct", "bwt",
+    "plasticity_mean", "ap", "bwt_score", "score_forgetting_mean", "gap_to_joint_score",
+)  # fmt: skip
+"""Run fields that ``results.md`` shows per task order and as the mean over orders."""
+
+
+def over_orders(per_order: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per setting and field of :data:`ORDER_FIELDS`: each order's seed mean and their mean over orders.
+
+    Args:
+        per_order: ``{order number: {"aggregates": aggregate(that order's seeds), ...}}``.
+
+    Returns:
+        ``{mode: {field: {"per_order": [mean of order 1, ...], "mean": mean over orders, "n_orders": n}}}``;
+        an order without the number gives a :class:`Null` in ``per_order`` and is left out of the mean.
+    """
+    keys = list(per_order)
+    modes = list(per_order[keys[0]]["aggregates"]["modes"])
+    out: dict[str, Any] = {}
+    for mode in modes:
+        out[mode] = {}
+        for name in ORDER_FIELDS:
+            means = [_get(per_order[k]["aggregates"], "modes", mode, name, "mean") for k in keys]
+            finite = [m for m in means if _num(m)]
+            out[mode][name] = {
+                "per_order": [m if _num(m) else Null("no seed of this order produced the number") for m in means],
+                "mean": statistics.fmean(finite) if finite else Null("no order produced this number"),
+                "n_orders": len(finite),
+            }
+    return out
 
 
 def verdicts(agg: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "REPLAY": {"adapter": "lora", "task_adapters": "shared", "method": "replay", "routing": "none"},
     "EWC": {"adapter": "lora", "task_adapters": "shared", "method": "ewc", "routing": "none"},
     "O-LORA": {"adapter": "lora", "task_adapters": "per_task", "method": "olora", "routing": "none"},
+    # The upper bound (issue 23): NAIVE's adapter, but every stage trains on the union of all domains
+    # (``cfg["multitask_domains"]``, see _suites.multitask_specs): joint training, same total step budget.
+    "MULTITASK": {"adapter": "lora", "task_adapters": "shared", "routing": "none", "data": "union"},
     # CRMA v2 ablation (issue 15): MODULAR / CRMA-shared above are v2's defaults (write form, spectral norm,
     # g_max 0.1); "-v1" is the write form with v1's Frobenius norm; "-mix" is the mix form (g_max = --mix-g-max;
     # the mix form ignores ``norm``: its R has orthonormal rows, so there is no frobenius/spectral mix pair).
@@ -70,6 +73,9 @@ MODES = SETTINGS  # the name of earlier versions
 
 DEFAULT_SETTINGS = ["NAIVE", "FROZEN", "MODULAR", "CRMA-shared", "REPLAY", "EWC", "O-LORA"]
 """What ``continual.py`` runs without ``--settings``."""
+
+V3_SETTINGS = [*DEFAULT_SETTINGS, "MULTITASK"]
+"""``--settings v3``: the default settings and the joint-training upper bound (protocol v3)."""
 
 ABLATION_SETTINGS = ["NAIVE", "FROZEN", "CRMA-shared-v1", "MODULAR-v1", "CRMA-shared-mix", "MODULAR-mix"]
 """``--settings ablation``: the CRMA variants that are not in the default set, with their LoRA references."""
@@ -131,6 +137,8 @@ def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
         out["routing"]["fallback_margin"] = fallback_margin(mode, cfg)
     if "merge" in spec:
         out["merge"] = {"how": spec["merge"], "of": "FROZEN", **({"density": 0.2} if spec["merge"] == "ties" else {})}
+    if spec.get("data") == "union":
+        out["data"] = "every stage trains on the union of all domains' training rows (joint training)"
     return out
 
 
@@ -236,8 +244,9 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
         method=build_method(mode, seed, cfg),
     )
     dm = SequentialDomainDataModule(
-        domains=cfg["domains"],
+        domains=cfg["multitask_domains"] if SETTINGS[mode].get("data") == "union" else cfg["domains"],
         max_length=cfg["max_length"],
+        packing=cfg.get("packing", True),
         batch_size=cfg["batch_size"],
         eval_batch_size=cfg["eval_batch_size"],
         eval_domains=cfg["eval_domains"],

@@ -35,7 +35,8 @@ def _what(cfg: dict[str, Any]) -> str:
         adapter += f" ({crma['form']}{norm}, g_max {crma['g_max']:g})"
     method = cfg.get("method")
     extra = f" + {method['name']}" if isinstance(method, dict) else ""
-    return f"{adapter}, {cfg['task_adapters']}{extra}"
+    joint = " (joint: every stage on the union)" if cfg.get("data") else ""
+    return f"{adapter}, {cfg['task_adapters']}{extra}{joint}"
 
 
 def _bytes(s: dict[str, Any]) -> str:
@@ -162,4 +163,85 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
         "overhead = median step time of X / that of LoRA, per seed (steps: forward + backward + optimizer, "
         "timed per optimizer step, first steps of each stage skipped).",
     ]
+    return "\n".join(lines) + "\n"
+
+
+GAP_DEFINITION = (
+    "gap to joint closed (loss) = (NAIVE - X) / (NAIVE - MULTITASK) on the mean final held-out loss (mean over "
+    "domains of L[T][j]); (score) = (AP_X - AP_NAIVE) / (AP_MULTITASK - AP_NAIVE); 0 = no better than NAIVE, "
+    "1 = as good as joint training, per seed (and order), then averaged"
+)
+
+
+def _scored(agg: dict[str, Any]) -> bool:
+    return any(row["ap"]["n"] > 0 for row in agg["modes"].values())
+
+
+def render_scores(results: dict[str, Any], agg: dict[str, Any]) -> str:
+    """Every setting against joint training (MULTITASK) and, with task metrics, its task scores (all runs pooled).
+
+    Empty when neither MULTITASK ran nor any domain has a task metric.
+    """
+    scored = _scored(agg)
+    if "MULTITASK" not in agg["modes"] and not scored:
+        return ""
+    domains = results["setup"]["domains"]
+    groups = len(results["per_seed"])
+    head = "| setting | mean final held-out loss | gap to joint closed (loss) |"
+    if scored:
+        head += f" AP | BWT_score | forgetting (mean) | gap to joint closed (AP) | final score: {' / '.join(domains)} |"
+    lines = [
+        "",
+        f"Against joint training{' and task scores' if scored else ''} (mean ± std over {groups} runs: every "
+        "seed of every task order):",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for mode, row in agg["modes"].items():
+        line = f"| {mode} | {_ms(row['final_loss_mean'], '.4f')} | {_ms(row['gap_to_joint_loss'], '+.3f')} |"
+        if scored:
+            finals = " / ".join(_f(row["final_score"].get(d, {}).get("mean"), ".3f") for d in domains)
+            line += (
+                f" {_ms(row['ap'], '.3f')} | {_ms(row['bwt_score'], '+.3f')}"
+                f" | {_ms(row['score_forgetting_mean'], '.3f')}"
+                f" | {_ms(row['gap_to_joint_score'], '+.3f')} | {finals} |"
+            )
+        lines.append(line)
+    lines += ["", f"Definitions: {GAP_DEFINITION}."]
+    if scored:
+        lines.append(
+            "AP = mean over tasks of S[T][j]; BWT_score = mean over j < T of S[T][j] - S[j][j] (negative = "
+            "forgetting); forgetting_j = max over j <= s < T of S[s][j] - S[T][j]; final score = S[T][j] per task "
+            "(by name, pooled over orders)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_orders(results: dict[str, Any]) -> str:
+    """Per task order (``--orders K > 1``): each order's seed means of the headline numbers, and their mean."""
+    per_order = results.get("per_order")
+    if not per_order:
+        return ""
+    over = results["over_orders"]
+    keys = list(per_order)
+    lines = ["", "Task orders (fixed: the given one, its reversal, a half rotation; benchmarks/_orders.py):"]
+    lines += [f"{k}. {' -> '.join(per_order[k]['domains'])}" for k in keys]
+    fields = [
+        ("final_loss_mean", ".4f", "mean final held-out loss"),
+        ("gap_to_joint_loss", "+.3f", "gap closed (loss)"),
+        ("drift_mean_pct", "+.2f", "mean drift %"),
+    ]
+    if any(over[m]["ap"]["n_orders"] for m in over):
+        fields += [("ap", ".3f", "AP"), ("bwt_score", "+.3f", "BWT_score")]
+    head = "| setting | " + " | ".join(f"{label}: {' / '.join(f'o{k}' for k in keys)} | mean" for _, _, label in fields)
+    lines += ["", "Per order (seed means) and their mean over orders:", "", head + " |"]
+    lines.append("|" + "---|" * (1 + 2 * len(fields)))
+    for mode, row in over.items():
+        cells = []
+        for name, spec, _ in fields:
+            entry = row[name]
+            cells.append(" / ".join(_f(v, spec) for v in entry["per_order"]))
+            cells.append(_f(entry["mean"], spec))
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

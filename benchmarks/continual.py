@@ -11,11 +11,23 @@ directory ``<out>/seed<s>/<SETTING>``; ``--settings`` picks them (default: the f
     REPLAY           lora + shared      NAIVE + Replay(buffer_size=--replay-buffer, ratio=--replay-ratio)
     EWC              lora + shared      NAIVE + EWC(lam=--ewc-lam, fisher_samples=--ewc-fisher-samples)
     O-LORA           lora + per_task    OLoRA(lam=--olora-lam): earlier LoRAs stay active, frozen
+    MULTITASK        lora + shared      joint training, the upper bound: every stage trains on the union of
+                                        all domains (same total budget, T x steps), evaluated like the others
     MODULAR-v1, CRMA-shared-v1          CRMA write form with v1's Frobenius norm (ablation)
     MODULAR-mix, CRMA-shared-mix        CRMA mix form, g_max = --mix-g-max (ablation)
     MERGED-mean, MERGED-ties            not trained: FROZEN's per-task LoRAs merged into one (needs FROZEN)
 
-``--settings ablation`` is NAIVE, FROZEN and the four ablation variants; ``--settings all`` is every one.
+``--settings ablation`` is NAIVE, FROZEN and the four ablation variants; ``--settings v3`` the default seven
+and MULTITASK; ``--settings all`` is every one. With MULTITASK in the run, every setting X gets the share
+of NAIVE's gap to joint training it closes, ``(NAIVE - X) / (NAIVE - MULTITASK)`` on the mean final
+held-out loss (and on AP with task metrics; docs/metrics.md).
+
+Protocol v3 (issue 23): ``--orders K`` runs K fixed task orders (the given one, its reversal, a half
+rotation, ...: ``_orders.py``), each in ``<out>/order<k>/seed<s>/<SETTING>`` (K = 1 keeps
+``<out>/seed<s>/<SETTING>``); ``results.md`` shows each order's numbers and their mean over orders.
+``--suite tasks`` runs the built-in task suite of ``configs/tasks.yaml`` (first, shift, sort, length;
+its budgets and the base of ``task_suite_base.py``) and reports the score matrix: AP, BWT_score,
+forgetting and the final score of every task, per setting, order and seed.
 FROZEN and MODULAR are also evaluated task-agnostically (``RoutedEvaluation(mode="perplexity")``, routing
 on the first ``--prefix-tokens`` tokens of each held-out row; ``--router prototype``: by the base model's
 features, :mod:`crma_lightning.prototype`; ``--router hybrid``: prototype, perplexity on the near-ties
@@ -37,6 +49,7 @@ Examples::
         --domains medical legal finance science --out runs/bench/real
     python benchmarks/continual.py --quick --out /tmp/bench-quick           # a few minutes on CPU
     python benchmarks/continual.py --settings ablation --seeds 1 --out runs/bench/ablation
+    python benchmarks/continual.py --suite tasks --settings v3 --orders 3 --out runs/bench/tasks-v3
     python benchmarks/continual.py --model /models/llama-1b --device cuda --precision bf16-mixed \\
         --steps 500 --batch-size 16 --max-length 1024 --lr 2e-4 --interleave run --out runs/bench/1b
 """
@@ -56,13 +69,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import task_suite_base
 import torch
 from _bench_data import check_pretrain_disjoint, check_texts_disjoint, domain_specs, fingerprint, resolve_domains
 from _merged import MERGED_OF, merged_raw
+from _orders import task_orders
 from _pretrain import PretrainSettings, pretrained_base
-from _results import aggregate, pair_numbers, run_numbers, to_json, verdicts
-from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, describe, run_seed
-from _table import render
+from _results import aggregate, gap_to_joint, over_orders, pair_numbers, run_numbers, to_json, verdicts
+from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, V3_SETTINGS, describe, run_seed
+from _suites import SUITES, multitask_specs, resolve_tasks, task_fingerprint, task_specs
+from _table import render, render_orders, render_scores
 
 from crma_lightning.prototype import HYBRID_MARGIN
 
@@ -80,6 +96,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_batch_size": 32, "steps": 50, "seeds": 2, "lr": 2e-3, "max_eval_rows": 32,
         "max_chars": 60_000, "pretrain_steps": 150, "pretrain_batch_size": 16, "pretrain_lr": 2e-3,
         "prefix_tokens": 32, "replay_buffer": 128, "ewc_fisher_samples": 16,
+    },
+    # --suite tasks: configs/tasks.yaml's budgets and the base of benchmarks/task_suite_base.py (model sizes).
+    "tasks": {
+        "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "max_length": 32, "batch_size": 16,
+        "eval_batch_size": 16, "steps": 300, "seeds": 3, "lr": 3e-3, "max_eval_rows": 64,
+        "max_chars": 200_000, "pretrain_steps": 600, "pretrain_batch_size": 16, "pretrain_lr": 3e-3,
+        "prefix_tokens": 8, "replay_buffer": 256, "ewc_fisher_samples": 32,
     },
     # Seconds: the test suite's smoke run (numbers mean nothing).
     "tiny": {
@@ -99,6 +122,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help="small model and budgets (≤ 3 min on CPU)")
     size.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds; numbers mean nothing)")
     g = p.add_argument_group("data")
+    g.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="domains",
+        help="'domains': text domains, loss only (built-in or --data-dir); 'tasks': the built-in task suite of "
+        "configs/tasks.yaml (first shift sort length), scored by exact match (AP, BWT_score, forgetting)",
+    )
+    g.add_argument(
+        "--orders",
+        type=int,
+        default=1,
+        help="run K task orders: the given one, its reversal, a half rotation, ... (benchmarks/_orders.py); "
+        "K > 1 puts runs in <out>/order<k>/seed<s>/<SETTING>",
+    )
     g.add_argument("--data-dir", type=Path, help="directory of <domain>/train.jsonl + <domain>/holdout.jsonl")
     g.add_argument("--domains", nargs="+", help="domains in training order (default: all)")
     g.add_argument("--max-chars", type=int, help="size cap of each built-in domain, in characters")
@@ -111,7 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         help=f"settings to run, in table order (default: {' '.join(DEFAULT_SETTINGS)}); 'ablation' = "
-        f"{' '.join(ABLATION_SETTINGS)}; 'all' = every one: {' '.join(SETTINGS)}",
+        f"{' '.join(ABLATION_SETTINGS)}; 'v3' = the default ones and MULTITASK; "
+        f"'all' = every one: {' '.join(SETTINGS)}",
     )
     g.add_argument("--replay-buffer", type=int, help="REPLAY: buffer rows (default 256; tiny 16, quick 128)")
     g.add_argument("--replay-ratio", type=float, default=0.25, help="REPLAY: buffer rows per batch, as a fraction")
@@ -169,13 +207,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--interleave", choices=("step", "run"), default="step", help="how the modes share the machine")
     g.add_argument("--time-skip", type=int, default=3, help="first steps of each stage left out of step times")
     args = p.parse_args(argv)
-    preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "default"]
+    tasks_default = args.suite == "tasks" and not (args.tiny or args.quick)
+    preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "tasks" if tasks_default else "default"]
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.preset = "tiny" if args.tiny else "quick" if args.quick else "default"
+    args.preset = "tiny" if args.tiny else "quick" if args.quick else "tasks" if tasks_default else "default"
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: expected a number of seeds >= 1")
+    if args.suite == "tasks":  # the instruction names the task: a routed prefix would be trivial (see --suite)
+        args.no_routing = True
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     args.settings = _settings(p, args.settings)
     merged = [m for m in args.settings if "merge" in SETTINGS[m]]
@@ -192,10 +233,11 @@ def _settings(p: argparse.ArgumentParser, names: list[str] | None) -> list[str]:
         return list(DEFAULT_SETTINGS)
     wanted: list[str] = []
     for name in (n for item in names for n in item.split(",") if n):
-        group = {"ablation": ABLATION_SETTINGS, "all": list(SETTINGS), "default": DEFAULT_SETTINGS}.get(name, [name])
+        groups = {"ablation": ABLATION_SETTINGS, "all": list(SETTINGS), "default": DEFAULT_SETTINGS, "v3": V3_SETTINGS}
+        group = groups.get(name, [name])
         for setting in group:
             if setting not in SETTINGS:
-                p.error(f"--settings {setting}: unknown; expected some of {list(SETTINGS)}, 'ablation' or 'all'")
+                p.error(f"--settings {setting}: unknown; expected some of {list(SETTINGS)}, 'ablation', 'v3' or 'all'")
             wanted.append(setting)
     return [s for s in SETTINGS if s in wanted]
 
@@ -263,6 +305,8 @@ def base_model(args: argparse.Namespace, specs: list[dict[str, Any]], device: st
         lr=args.pretrain_lr,
         bf16="bf16" in args.precision,
     )
+    if args.suite == "tasks":
+        return _task_base(args, settings, device)
     path, info = pretrained_base(specs, settings, fingerprint(specs), args.cache_dir, device)
     curve = info["loss_curve"]
     desc = (
@@ -274,11 +318,67 @@ def base_model(args: argparse.Namespace, specs: list[dict[str, Any]], device: st
     return {"path": str(path), "tokenizer": "byte", "description": desc, "pretrain": info}
 
 
+def _task_base(args: argparse.Namespace, tiny: PretrainSettings, device: str) -> dict[str, Any]:
+    """The task suite's base: ``task_suite_base.py``'s model and recipe (the ``copy`` task), or at --tiny size."""
+    settings = tiny if args.preset == "tiny" else task_suite_base.SETTINGS
+    path, info = pretrained_base(task_suite_base.SPECS, settings, task_fingerprint(), args.cache_dir, device)
+    cfg = settings.model_config
+    desc = (
+        f"tiny Llama {cfg['hidden_size']}x{cfg['num_hidden_layers']} ({info['parameters']:,} params, byte tokenizer), "
+        f"fully trained {settings.steps} steps x {settings.batch_size} rows on the `copy` task (not in the suite; "
+        f"benchmarks/task_suite_base.py's recipe; final train loss {info['loss_curve'][-1]['loss']:.3f}"
+        f"{', cached' if info['cached'] else ''})"
+    )
+    return {"path": str(path), "tokenizer": "byte", "description": desc, "pretrain": info}
+
+
+def _domains(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]]]:
+    """Domain names in the given order and their ``DomainSpec`` fields (``--suite``)."""
+    if args.suite == "tasks":
+        if args.data_dir is not None:
+            raise ValueError("--data-dir is for --suite domains; --suite tasks runs the built-in task suite")
+        names = resolve_tasks(args.domains)
+        return names, task_specs(names, args.max_eval_rows)
+    names = resolve_domains(args.data_dir, args.domains)
+    return names, domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
+
+
+def _run_order(
+    args: argparse.Namespace, cfg: dict[str, Any], order: list[str], out: Path, key: str
+) -> dict[str, dict[str, Any]]:
+    """Every seed of one task order: ``{run group key: {"order", "domains", "runs", "pairs"}}``.
+
+    ``key`` is ``""`` for a single order (groups keyed by seed, as before ``--orders``) or ``order<k>``.
+    """
+    by_name = {d["name"]: d for d in cfg["domains"]}
+    joint = {d["name"]: d for d in cfg["multitask_domains"]}
+    cfg = {**cfg, "domains": [by_name[n] for n in order], "multitask_domains": [joint[n] for n in order]}
+    modes = list(args.settings)
+    trained = [m for m in modes if "merge" not in SETTINGS[m]]  # MERGED: evaluated after FROZEN, not trained
+    groups: dict[str, Any] = {}
+    for i, seed in enumerate(args.seed_list):
+        rotation = trained[i % len(trained) :] + trained[: i % len(trained)]  # rotate: no mode always goes first
+        raws = run_seed(seed, rotation, out, cfg, args.interleave)
+        for m in modes:
+            if m not in trained:
+                raws[m] = merged_raw(m, SETTINGS[m]["merge"], seed, raws[MERGED_OF], out)
+        runs = {m: run_numbers(raws[m], args.time_skip) for m in modes}
+        gap_to_joint(runs)
+        pairs = pair_numbers(runs, raws, args.time_skip, args.interleave == "step")
+        groups[f"{key}/seed{seed}" if key else str(seed)] = {
+            "order": rotation,
+            "domains": list(order),
+            "runs": runs,
+            "pairs": pairs,
+        }
+    return groups
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the content of ``results.json``."""
     args = parse_args(argv)
-    names = resolve_domains(args.data_dir, args.domains)
-    check_pretrain_disjoint(names, args.pretrain_builtin)  # protocol v2: before any work
+    if args.suite != "tasks":
+        check_pretrain_disjoint(resolve_domains(args.data_dir, args.domains), args.pretrain_builtin)  # before any work
     _quiet()
     t_start = time.perf_counter()
     git_start = _git_state()  # the shared checkout may move while a long run is going: record both ends
@@ -288,18 +388,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out
-    old = sorted(out.glob("seed*"))
+    old = sorted([*out.glob("seed*"), *out.glob("order*")])
     if old and not args.overwrite:
         raise SystemExit(f"{out} already holds runs ({old[0].name}, ...): pass --overwrite or another --out")
-    for d in old:
-        shutil.rmtree(d)
     out.mkdir(parents=True, exist_ok=True)
-    specs = domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
-    # Protocol v2 (--pretrain-builtin): the base's general text is disjoint from the benchmark domains.
+    names, specs = _domains(args)
+    orders = task_orders(names, args.orders)  # before any work: a bad --orders fails here
+    # Protocol v2 (--pretrain-builtin): the base's general text is disjoint from the benchmark domains
+    # (checked before earlier runs are deleted: a refused run loses nothing).
     general = specs
     if args.pretrain_builtin:
         general = domain_specs(args.pretrain_builtin, None, args.cache_dir, args.max_chars)
         check_texts_disjoint(general, specs)
+    for d in old:
+        shutil.rmtree(d)
+    print("task orders:\n" + "\n".join(f"  {k}. {' -> '.join(o)}" for k, o in enumerate(orders, 1)), flush=True)
     base = base_model(args, general, device)
     targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
     cfg = {
@@ -312,24 +415,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "routing": not args.no_routing, "replay_buffer": args.replay_buffer, "replay_ratio": args.replay_ratio,
         "ewc_lam": args.ewc_lam, "ewc_fisher_samples": args.ewc_fisher_samples, "olora_lam": args.olora_lam,
         "mix_g_max": args.mix_g_max, "router": args.router, "fallback_margin": args.fallback_margin,
+        "packing": args.suite != "tasks",
     }  # fmt: skip
+    cfg["multitask_domains"] = multitask_specs(specs, args.cache_dir) if "MULTITASK" in args.settings else specs
     modes = list(args.settings)
-    trained = [m for m in modes if "merge" not in SETTINGS[m]]  # MERGED: evaluated after FROZEN, not trained
     per_seed: dict[str, Any] = {}
-    for i, seed in enumerate(args.seed_list):
-        order = trained[i % len(trained) :] + trained[: i % len(trained)]  # rotate: no mode always goes first
-        raws = run_seed(seed, order, out, cfg, args.interleave)
-        for m in modes:
-            if m not in trained:
-                raws[m] = merged_raw(m, SETTINGS[m]["merge"], seed, raws[MERGED_OF], out)
-        runs = {m: run_numbers(raws[m], args.time_skip) for m in modes}
-        pairs = pair_numbers(runs, raws, args.time_skip, args.interleave == "step")
-        per_seed[str(seed)] = {"order": order, "runs": runs, "pairs": pairs}
-    agg = aggregate(per_seed)
+    per_order: dict[str, Any] = {}
+    for k, order in enumerate(orders, 1):
+        if len(orders) == 1:  # one order: today's layout, <out>/seed<s>/<SETTING>, groups keyed by seed
+            per_seed.update(_run_order(args, cfg, order, out, ""))
+            continue
+        print(f"order {k}/{len(orders)}: {' -> '.join(order)}", flush=True)
+        groups = _run_order(args, cfg, order, out / f"order{k}", f"order{k}")
+        per_seed.update(groups)
+        per_order[str(k)] = {"domains": order, "groups": list(groups), "aggregates": aggregate(groups)}
+    agg = aggregate(per_seed)  # pooled over every (order, seed): with equal seeds per order, the mean over orders
     verdict = verdicts(agg)
     setup = {
         "command": "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "preset": args.preset, "domains": names, "domain_files": specs, "base_model": base,
+        "preset": args.preset, "suite": args.suite, "domains": names, "orders": orders, "domain_files": specs,
+        "multitask_domain_files": cfg["multitask_domains"] if "MULTITASK" in modes else "MULTITASK not run",
+        "base_model": base,
         "modes": {m: describe(m, cfg) for m in modes}, "settings": modes,
         "seeds": args.seed_list, "steps": args.steps, "batch_size": args.batch_size,
         "max_length": args.max_length, "lr": args.lr, "lora_r": args.lora_r, "lora_targets": args.lora_targets,
@@ -351,10 +457,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": setup,
         "per_seed": per_seed,
         "aggregates": agg,
+        **({"per_order": per_order, "over_orders": over_orders(per_order)} if per_order else {}),
         "targets": verdict,
         "wall_s": time.perf_counter() - t_start,
     }
-    table = render(results, agg, verdict)
+    table = render(results, agg, verdict) + render_orders(results) + render_scores(results, agg)
     reasons: dict[str, str] = {}
     payload = to_json(results, reasons)
     payload["null_reasons"] = reasons
@@ -366,4 +473,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad domains / orders: one line, before any run is written (argparse's exit code)
+        print(f"continual.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

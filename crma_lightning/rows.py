@@ -132,7 +132,27 @@ def chat_segments(
     return fallback_chat_segments(messages)
 
 
-def _check_messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
+class _RowPlace:
+    """``domain 'x' (part): <file> row <n>``, rendered only when an error message formats it.
+
+    :func:`describe_row` counts the rows of each file of a multi-file domain (one ``load_dataset`` per
+    file), affordable for one message but not for every row of a map: built eagerly, it made a
+    prompt/response domain with ``path: [a.jsonl, b.jsonl]`` load every file once per row.
+    """
+
+    __slots__ = ("part", "row", "spec")
+
+    def __init__(self, spec: DomainSpec, part: str, row: int) -> None:
+        self.spec, self.part, self.row = spec, part, row
+
+    def __str__(self) -> str:
+        return f"domain {self.spec.name!r} ({self.part}): {describe_row(self.spec, self.part, self.row)}"
+
+    def __format__(self, format_spec: str) -> str:  # f"{where}: ..." renders it only when the error is raised
+        return format(str(self), format_spec)
+
+
+def _check_messages(value: Any, field: str, where: str | _RowPlace) -> list[dict[str, str]]:
     """``value`` as a list of ``{"role", "content"}`` dicts, or a ``ValueError`` that starts with ``where``."""
     if not isinstance(value, list):
         raise ValueError(
@@ -183,7 +203,7 @@ def _extract_masked(
         (lambda messages: chat_segments(messages, tokenizer)) if fmt == "chat" else fallback_chat_segments
     )
 
-    def string(value: Any, field: str, where: str, allow_blank: bool) -> str:
+    def string(value: Any, field: str, where: str | _RowPlace, allow_blank: bool) -> str:
         if value is None:
             raise ValueError(f"{where}: field {field!r} is missing or null")
         if not isinstance(value, str):
@@ -196,7 +216,7 @@ def _extract_masked(
         all_segments, all_scored = [], []
         rows = batch[ROW_COLUMN] if numbered else indices
         for i, row in enumerate(rows):
-            where = f"domain {spec.name!r} ({part}): {describe_row(spec, part, row)}"
+            where = _RowPlace(spec, part, row)
             if fmt == "prompt_response":
                 if spec.template is not None:
                     prompt = spec.template.format(**{k: batch[k][i] for k in columns})

@@ -237,3 +237,117 @@ def test_merged_settings_merge_the_frozen_adapters_and_the_hybrid_is_selectable(
     hybrid = {"router": "hybrid", "fallback_margin": 2.0}
     assert _runs.routing_mode("FROZEN", hybrid) == "prototype" and _runs.fallback_margin("FROZEN", hybrid) == 2.0
     assert _runs.fallback_margin("NAIVE", hybrid) is None and _runs.describe("MERGED-mean", hybrid)["merge"]["how"]
+
+
+# ---------------------------------------------------------------------- protocol v3: orders, MULTITASK, task suite
+def test_task_orders_are_fixed_permutations_starting_with_the_given_one():
+    sys.path.insert(0, str(BENCH_DIR))
+    from _orders import task_orders
+
+    domains = ["a", "b", "c", "d"]
+    orders = task_orders(domains, 3)
+    assert orders == [domains, ["d", "c", "b", "a"], ["c", "d", "a", "b"]]  # given, reversal, half rotation
+    assert task_orders(domains, 3) == orders and task_orders(domains, 1) == [domains]  # deterministic, a prefix
+    every = task_orders(domains, 8)  # the dihedral family: 2 T distinct orders
+    assert all(sorted(o) == domains for o in every) and len({tuple(o) for o in every}) == 8
+    # Orders 1-3: every domain first at most once and last at most once.
+    assert len({o[0] for o in orders}) == 3 and len({o[-1] for o in orders}) == 3
+    assert task_orders(["x", "y"], 2) == [["x", "y"], ["y", "x"]]
+    with pytest.raises(ValueError, match=r"--orders 3: only 2 distinct fixed orders exist for 2 domains"):
+        task_orders(["x", "y"], 3)
+    with pytest.raises(ValueError, match=r"--orders 9: only 8 distinct"):
+        task_orders(domains, 9)
+    with pytest.raises(ValueError, match=r"--orders 0: expected a number of task orders >= 1"):
+        task_orders(domains, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_v3(tmp_path_factory):
+    """The task suite at smoke size, two task orders, NAIVE / FROZEN / MULTITASK, one seed."""
+    bench = _load_benchmark()
+    root = tmp_path_factory.mktemp("bench-v3")
+    argv = ["--tiny", "--suite", "tasks", "--domains", "first", "shift", "--orders", "2", "--seeds", "1",
+            "--settings", "NAIVE", "FROZEN", "MULTITASK"]  # fmt: skip
+    argv += ["--out", str(root / "out"), "--cache-dir", str(root / "cache")]
+    return bench, root, bench.main(argv)
+
+
+def test_orders_run_in_their_own_directories_and_are_reported_per_order(tiny_v3, tiny_results):
+    _, root, payload = tiny_v3
+    out = root / "out"
+    assert payload["setup"]["orders"] == [["first", "shift"], ["shift", "first"]]
+    assert list(payload["per_seed"]) == ["order1/seed0", "order2/seed0"]
+    for k, order in ((1, ["first", "shift"]), (2, ["shift", "first"])):
+        group = payload["per_seed"][f"order{k}/seed0"]
+        assert group["domains"] == order
+        for mode, run in group["runs"].items():
+            assert Path(run["run_dir"]) == out / f"order{k}" / "seed0" / mode and run["domains"] == order
+            assert (Path(run["run_dir"]) / "report.json").is_file()
+    # One order keeps the layout of earlier versions: <out>/seed<s>/<SETTING>, groups keyed by seed.
+    _, one_root, _, one = tiny_results
+    assert Path(one["per_seed"]["0"]["runs"]["NAIVE"]["run_dir"]) == one_root / "out" / "seed0" / "NAIVE"
+    assert "per_order" not in one and one["setup"]["orders"] == [["prose", "code"]]
+    # Per order: the order's own seed mean; over orders: their mean.
+    over = payload["over_orders"]["NAIVE"]["final_loss_mean"]
+    finals = [payload["per_seed"][f"order{k}/seed0"]["runs"]["NAIVE"]["final_loss_mean"] for k in (1, 2)]
+    assert over["per_order"] == pytest.approx(finals) and over["mean"] == pytest.approx(sum(finals) / 2)
+    assert payload["per_order"]["2"]["domains"] == ["shift", "first"]
+    table = (out / "results.md").read_text()
+    assert "1. first -> shift" in table and "2. shift -> first" in table
+    assert "mean final held-out loss: o1 / o2" in table
+
+
+def test_multitask_trains_on_the_union_and_is_read_against(tiny_v3):
+    _, _, payload = tiny_v3
+    g1, g2 = (payload["per_seed"][f"order{k}/seed0"]["runs"] for k in (1, 2))
+    joint, naive, frozen = g1["MULTITASK"], g1["NAIVE"], g1["FROZEN"]
+    assert payload["setup"]["modes"]["MULTITASK"]["data"].startswith("every stage trains on the union")
+    files = payload["setup"]["multitask_domain_files"]
+    assert [f["name"] for f in files] == ["first", "shift"] and all(len(f["path"]) == 2 for f in files)
+    # Same base and the same held-out rows as the sequential settings: the base row is identical.
+    assert joint["loss_matrix"][0] == naive["loss_matrix"][0]
+    assert joint["scores"]["matrix"][0] == naive["scores"]["matrix"][0]
+    # Joint training does not depend on the task order (same union, same seeds): same final losses by domain.
+    assert g2["MULTITASK"]["final_losses"] == joint["final_losses"]
+    # Gap to joint training closed, by hand: (NAIVE - X) / (NAIVE - MULTITASK) on the mean final loss.
+    n, x, j = naive["final_loss_mean"], frozen["final_loss_mean"], joint["final_loss_mean"]
+    assert n == pytest.approx(sum(naive["final_losses"].values()) / 2)
+    assert frozen["gap_to_joint"]["loss"] == pytest.approx((n - x) / (n - j))
+    assert naive["gap_to_joint"]["loss"] == 0.0 and joint["gap_to_joint"]["loss"] == pytest.approx(1.0)
+
+
+def test_task_suite_results_carry_the_score_matrix(tiny_v3, tiny_results):
+    _, root, payload = tiny_v3
+    assert payload["setup"]["suite"] == "tasks" and not payload["setup"]["routing"]["enabled"]
+    for key, group in payload["per_seed"].items():
+        for mode, run in group["runs"].items():
+            scores = run["scores"]
+            matrix = scores["matrix"]  # S[s][j] for the domains seen by stage s (future ones: null)
+            assert (
+                len(matrix) == 3
+                and matrix[1][1] is None
+                and "not evaluated" in payload["null_reasons"][f"/per_seed/{key}/runs/{mode}/scores/matrix/1/1"]
+            )
+            assert all(0.0 <= v <= 1.0 for row in matrix for v in row if v is not None) and None not in matrix[2]
+            assert scores["ap"] == pytest.approx(sum(scores["matrix"][-1]) / 2), mode
+            assert scores["bwt_score"] == pytest.approx(scores["matrix"][2][0] - scores["matrix"][1][0]), mode
+            assert scores["final"] == dict(zip(group["domains"], scores["matrix"][-1]))
+    agg = payload["aggregates"]["modes"]["FROZEN"]
+    assert agg["ap"]["n"] == 2 and set(agg["final_score"]) == {"first", "shift"}
+    table = (root / "out" / "results.md").read_text()
+    assert "| AP | BWT_score |" in table and "final score: first / shift" in table
+    # Loss domains have no metric: the score fields are null with the reason.
+    loss_only = tiny_results[3]
+    assert loss_only["per_seed"]["0"]["runs"]["NAIVE"]["scores"]["ap"] is None
+    assert "no domain has a task metric" in loss_only["null_reasons"]["/per_seed/0/runs/NAIVE/scores/ap"]
+
+
+def test_finished_runs_rebuilds_the_v3_tables_from_the_run_directories(tiny_v3):
+    _, root, _ = tiny_v3
+    import finished_runs  # benchmarks/ is on sys.path (the benchmark's helpers)
+
+    text = finished_runs.main(["--out", str(root / "out")])
+    written = (root / "out" / "results.md").read_text()
+    start = written.index("\nTask orders (fixed")
+    assert text.startswith("Complete orders: 1, 2 (2 runs of each setting).")
+    assert text[text.index("\nTask orders (fixed") :] == written[start:]  # the same numbers from report.json alone

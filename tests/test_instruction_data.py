@@ -295,6 +295,25 @@ def test_bad_rows_fail_in_prepare_with_domain_file_and_row(tmp_path, bad_row, sp
         dm.prepare()
 
 
+def test_a_multi_file_prompt_response_domain_locates_rows_only_for_errors(tmp_path, monkeypatch):
+    """``path: [a, b]`` (e.g. joint training on several tasks' files): the row's file is looked up only when a
+    message needs it. It was looked up for every row - one ``load_dataset`` per file per row, which also
+    hung offline - so such a domain could not be prepared."""
+    import crma_lightning.rows as rows_module
+
+    calls = []
+    real = rows_module.describe_row
+    monkeypatch.setattr(rows_module, "describe_row", lambda *a: calls.append(a) or real(*a))
+    files = [_write_jsonl(tmp_path / f"{n}.jsonl", _qa_rows(12, word=n)) for n in ("a", "b")]
+    hold = _write_jsonl(tmp_path / "hold.jsonl", _qa_rows(3))
+    dm = _dm([{"name": "ab", "path": files, "holdout_path": hold, **QA}], packing=False)
+    dm.prepare()
+    assert len(dm.train_sets["ab"]) == 24 and calls == []
+    bad = _write_jsonl(tmp_path / "c.jsonl", [*GOOD_QA[:2], {"prompt": "p?"}])  # errors still name file and row
+    with pytest.raises(ValueError, match=r"domain 'bc' \(train\): .*c.jsonl row 2: field 'response'"):
+        _dm([{"name": "bc", "path": [files[1], bad], "holdout_path": hold, **QA}]).prepare()
+
+
 def test_a_missing_response_column_lists_the_fields(tmp_path):
     path = _write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}] * 20)
     dm = _dm([{"name": "x", "path": path, "prompt_field": "question", "response_field": "reply"}])

@@ -1,0 +1,85 @@
+"""The v3 tables of a continual benchmark's finished runs, read from their ``report.json`` (also mid-benchmark).
+
+``continual.py`` writes ``results.md`` once every order and seed has run. This script reads the runs that
+have finished so far under ``--out`` (``order<k>/seed<s>/<SETTING>/report.json`` with status ``complete``;
+or ``seed<s>/<SETTING>`` for one order) and prints the per-order table and the table against joint
+training with task scores, computed by the same functions (``_results``, ``_table``). Step times and
+the CRMA effect are not in ``report.json``, so the settings table with them is left to ``results.md``.
+Only orders in which every setting finished are used, so each order counts whole.
+
+    python benchmarks/finished_runs.py --out runs/bench/tasks-v3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from _results import aggregate, gap_to_joint, over_orders, run_numbers
+from _runs import SETTINGS
+from _table import render_orders, render_scores
+
+
+def _group(seed_dir: Path) -> dict[str, Any] | None:
+    """The run group of one seed directory, or ``None`` unless every setting in it is complete."""
+    runs, domains = {}, None
+    for mode in (m for m in SETTINGS if (seed_dir / m / "report.json").is_file()):
+        report = json.loads((seed_dir / mode / "report.json").read_text())
+        if report.get("status") != "complete":
+            return None
+        raw = {"report": report, "error": None, "run_dir": str(seed_dir / mode), "step_times": {}, "wall_s": 0.0}
+        runs[mode] = run_numbers(raw, 0)
+        domains = report["domains"]
+    if not runs:
+        return None
+    gap_to_joint(runs)
+    return {"domains": domains, "runs": runs, "pairs": {}}
+
+
+def collect(out: Path) -> tuple[str, dict[str, Any]]:
+    """``(markdown, {"per_seed", "per_order"})`` of the complete orders under ``out``."""
+    order_dirs = sorted(out.glob("order*"), key=lambda p: int(p.name[5:])) or [out]
+    per_seed: dict[str, Any] = {}
+    per_order: dict[str, Any] = {}
+    for order_dir in order_dirs:
+        groups = {}
+        for seed_dir in sorted(order_dir.glob("seed*"), key=lambda p: int(p.name[4:])):
+            group = _group(seed_dir)
+            if group is None:
+                groups = {}  # an unfinished seed: the order does not count
+                break
+            key = f"{order_dir.name}/{seed_dir.name}" if order_dir != out else seed_dir.name[4:]
+            groups[key] = group
+        if groups:
+            per_seed.update(groups)
+            per_order["1" if order_dir == out else order_dir.name[5:]] = {
+                "domains": next(iter(groups.values()))["domains"],
+                "groups": list(groups),
+                "aggregates": aggregate(groups),
+            }
+    if not per_seed:
+        raise SystemExit(f"{out}: no order in which every setting has finished")
+    first = next(iter(per_seed.values()))
+    results = {
+        "setup": {"domains": first["domains"]},
+        "per_seed": per_seed,
+        "per_order": per_order if len(per_order) > 1 else {},
+        "over_orders": over_orders(per_order),
+    }
+    text = f"Complete orders: {', '.join(per_order)} ({len(per_seed)} runs of each setting).\n"
+    text += render_orders(results) + render_scores(results, aggregate(per_seed))
+    return text, {"per_seed": list(per_seed), "per_order": list(per_order)}
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the benchmark's --out directory")
+    text, _ = collect(parser.parse_args(argv).out)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
