@@ -71,6 +71,15 @@ ABLATION_SETTINGS = ["NAIVE", "FROZEN", "CRMA-shared-v1", "MODULAR-v1", "CRMA-sh
 """``--settings ablation``: the CRMA variants that are not in the default set, with their LoRA references."""
 
 
+def mode_cfg(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark settings as ``mode`` runs them: ``cfg`` with the setting's own ``params`` on top.
+
+    ``params`` are set by the variants of :mod:`_variants` (a method at other hyper-parameters: the dev
+    sweep's grid points, the a-priori rows next to dev-chosen values).
+    """
+    return {**cfg, **SETTINGS[mode].get("params", {})}
+
+
 def crma_config(mode: str, cfg: dict[str, Any]) -> CRMAConfig:
     """The CRMA configuration of ``mode``: library defaults, then the setting's overrides."""
     fields = dict(SETTINGS[mode].get("crma", {}))
@@ -102,7 +111,7 @@ def routing_mode(mode: str, cfg: dict[str, Any]) -> str:
 
 def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """What ``mode`` is, for ``results.json``: adapter, sharing, CRMA fields that differ, method, routing."""
-    spec = SETTINGS[mode]
+    spec, cfg = SETTINGS[mode], mode_cfg(mode, cfg)
     out: dict[str, Any] = {"adapter": spec["adapter"], "task_adapters": spec["task_adapters"]}
     if spec["adapter"] == "crma":
         c = crma_config(mode, cfg)
@@ -115,6 +124,8 @@ def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
     mode_ = routing_mode(mode, cfg)
     routed = mode_ in ("perplexity", "prototype")
     out["routing"] = {"mode": mode_, **({"prefix_tokens": cfg["prefix_tokens"]} if routed else {})}
+    if spec.get("params"):
+        out["params"] = dict(spec["params"])
     return out
 
 
@@ -206,6 +217,7 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
     Returns:
         ``(runner, model, datamodule)``.
     """
+    cfg = mode_cfg(mode, cfg)
     lora = LoRAConfig(r=cfg["lora_r"], alpha=2.0 * cfg["lora_r"], target_modules=cfg["lora_targets"])
     model = ContinualLM(
         model_name_or_path=cfg["model_path"],

@@ -57,9 +57,11 @@ from typing import Any
 import torch
 from _bench_data import domain_specs, fingerprint, resolve_domains
 from _pretrain import PretrainSettings, pretrained_base
-from _results import aggregate, pair_numbers, run_numbers, to_json, verdicts
+from _results import Null, aggregate, pair_numbers, run_numbers, to_json, verdicts
 from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, describe, run_seed
+from _splits import EVAL_SPLITS, with_eval_split
 from _table import render
+from _variants import apply_chosen
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ≤ 30 min on a shared 2-core CPU: 4 modes x 3 seeds x 4 stages x 150 steps, 4-layer model.
@@ -80,7 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "max_length": 32, "batch_size": 4,
         "eval_batch_size": 8, "steps": 4, "seeds": 2, "lr": 1e-2, "max_eval_rows": 8,
-        "max_chars": 6_000, "pretrain_steps": 8, "pretrain_batch_size": 4, "pretrain_lr": 1e-2,
+        "max_chars": 20_000, "pretrain_steps": 8, "pretrain_batch_size": 4, "pretrain_lr": 1e-2,
         "prefix_tokens": 8, "replay_buffer": 16, "ewc_fisher_samples": 2,
     },
 }  # fmt: skip
@@ -100,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-train-rows", type=int, help="keep at most this many training records per domain")
     g.add_argument("--max-eval-rows", type=int, help="held-out rows (of --max-length tokens) per domain")
     g.add_argument("--eval-domains", choices=("seen", "all"), default="seen", help="'all' also gives FWT")
+    g.add_argument(
+        "--eval-split",
+        choices=EVAL_SPLITS,
+        default="test",
+        help="which part of each held-out file the runs evaluate: test (reported), dev (for choosing settings: "
+        "benchmarks/sweep.py) or full (both: protocols v1/v2); see benchmarks/_splits.py",
+    )
     g = p.add_argument_group("settings, methods and routing")
     g.add_argument(
         "--settings",
@@ -115,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--olora-lam", type=float, default=0.5, help="O-LORA: lambda (default: the paper's, 0.5)")
     g.add_argument("--mix-g-max", type=float, default=0.5, help="the -mix ablation settings: CRMA g_max")
     g.add_argument("--prefix-tokens", type=int, help="routed evaluation: prefix tokens P (default 32; tiny 8)")
+    g.add_argument(
+        "--chosen",
+        type=Path,
+        help="chosen.json of benchmarks/sweep.py: run the methods at the dev-chosen values (over the options "
+        "above) and add a <SETTING>-apriori row at the a-priori values where they differ",
+    )
     g.add_argument("--no-routing", action="store_true", help="skip the routed evaluation of FROZEN and MODULAR")
     g.add_argument(
         "--router",
@@ -166,6 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds {args.seeds}: expected a number of seeds >= 1")
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     args.settings = _settings(p, args.settings)
+    try:
+        args.chosen_record = apply_chosen(args, args.chosen) if args.chosen else None
+    except ValueError as err:
+        p.error(str(err))
     if args.domains and len(args.domains) == 1 and "," in args.domains[0]:
         args.domains = [d for d in args.domains[0].split(",") if d]
     return args
@@ -279,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     names = resolve_domains(args.data_dir, args.domains)
     specs = domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
+    specs = with_eval_split(specs, args.eval_split, args.cache_dir)  # dev / test by document (protocol v3)
     # Protocol v2 (--pretrain-builtin): the base's general text is disjoint from the benchmark domains.
     general = specs
     if args.pretrain_builtin:
@@ -319,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "ewc_fisher_samples": args.ewc_fisher_samples, "olora_lam": args.olora_lam,
                     "mix_g_max": args.mix_g_max},
         "routing": {"prefix_tokens": args.prefix_tokens, "enabled": not args.no_routing},
-        "max_eval_rows": args.max_eval_rows, "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
+        "chosen": args.chosen_record or Null("no --chosen: the a-priori values (or the options given)"),
+        "max_eval_rows": args.max_eval_rows, "eval_split": args.eval_split,
+        "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
         "time_skip": args.time_skip, "interleave": args.interleave, "device": device, "precision": args.precision,
         "git": {"at_start": git_start, "at_end": _git_state()}, "machine": _machine(device),
         "python": platform.python_version(), "threads": torch.get_num_threads(),
