@@ -28,6 +28,7 @@ import lightning as L
 import torch
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, crma_adapters
+from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
 from crma_lightning.callbacks.routing import RoutedEvaluation
 from crma_lightning.data import SequentialDomainDataModule
@@ -252,7 +253,8 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
         "enable_model_summary": False,
     }
     routing = RoutedEvaluation(routing_mode(mode, cfg), cfg["prefix_tokens"])
-    callbacks = [GradientStability(warmup_steps=cfg["grad_warmup"]), routing, timer]
+    # row_losses: each held-out row's numbers per stage (heldout_rows.json), for the bootstrap intervals.
+    callbacks = [GradientStability(warmup_steps=cfg["grad_warmup"]), DomainEvaluation(row_losses=True), routing, timer]
     runner = ContinualRunner(
         run_dir=run_dir,
         trainer_kwargs=trainer_kwargs,

@@ -56,8 +56,9 @@ from typing import Any
 
 import torch
 from _bench_data import domain_specs, fingerprint, resolve_domains
+from _intervals import benchmark_intervals, render_intervals
 from _pretrain import PretrainSettings, pretrained_base
-from _results import Null, aggregate, pair_numbers, run_numbers, to_json, verdicts
+from _results import LORA_PAIRS, Null, aggregate, pair_numbers, run_numbers, to_json, verdicts
 from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, describe, run_seed
 from _splits import EVAL_SPLITS, with_eval_split
 from _table import render
@@ -137,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="perplexity",
         help="how FROZEN and MODULAR are routed (prototype: the base model's features, default settings)",
     )
+    g = p.add_argument_group("intervals")
+    g.add_argument("--resamples", type=int, default=2000, help="bootstrap replicates of the intervals (B)")
+    g.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local Hugging Face model path (default: the built-in pretrained tiny Llama)")
     g.add_argument("--tokenizer", help="tokenizer path (default: the model's own)")
@@ -325,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pairs = pair_numbers(runs, raws, args.time_skip, args.interleave == "step")
         per_seed[str(seed)] = {"order": order, "runs": runs, "pairs": pairs}
     agg = aggregate(per_seed)
+    pairs = {x: ref for x, ref in LORA_PAIRS.items() if x in modes and ref in modes}
+    intervals = benchmark_intervals(per_seed, pairs, args.resamples, args.bootstrap_seed)
     verdict = verdicts(agg)
     setup = {
         "command": "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -351,10 +357,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": setup,
         "per_seed": per_seed,
         "aggregates": agg,
+        "intervals": intervals,
         "targets": verdict,
         "wall_s": time.perf_counter() - t_start,
     }
-    table = render(results, agg, verdict)
+    table = render(results, agg, verdict) + render_intervals(intervals)
     reasons: dict[str, str] = {}
     payload = to_json(results, reasons)
     payload["null_reasons"] = reasons
