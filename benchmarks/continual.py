@@ -20,6 +20,11 @@ on the first ``--prefix-tokens`` tokens of each held-out row; ``--router prototy
 features, :mod:`crma_lightning.prototype`); the shared settings and O-LORA need no
 routing (checked with ``mode="none"``): their routed numbers are the oracle ones.
 
+Held-out rows (protocol v3): each held-out file is split by document into dev and test halves
+(``_splits.py``); runs evaluate ``--eval-split`` (default ``test``). Every run keeps its per-row held-out
+numbers (``heldout_rows.json``), from which ``_stats.py`` computes bootstrap intervals of every headline
+number and paired intervals of every pair (``results.json`` ``intervals``, the end of ``results.md``).
+
 Within each seed the runs take turns one optimizer step at a time (``--interleave step``), so the
 step times of all settings see the same machine load. Writes ``results.json`` (every per-seed number and
 the aggregates; a ``null`` always has its reason under ``null_reasons``) and ``results.md`` (the table)
@@ -35,6 +40,8 @@ Examples::
         --domains medical legal finance science --out runs/bench/real
     python benchmarks/continual.py --quick --out /tmp/bench-quick           # a few minutes on CPU
     python benchmarks/continual.py --settings ablation --seeds 1 --out runs/bench/ablation
+    python benchmarks/continual.py --eval-split dev --out runs/bench/dev         # evaluate the dev half instead
+    python benchmarks/continual.py --chosen runs/bench/sweep/chosen.json --out runs/bench/v3   # see sweep.py
     python benchmarks/continual.py --model /models/llama-1b --device cuda --precision bf16-mixed \\
         --steps 500 --batch-size 16 --max-length 1024 --lr 2e-4 --interleave run --out runs/bench/1b
 """

@@ -31,6 +31,11 @@ ROW_LOSSES_FILE = "heldout_rows.json"
 FORMAT = "crma_lightning heldout rows v1"
 
 
+def _dtype(device: torch.device) -> torch.dtype:
+    """float64 (exact token counts, like ``DomainEvaluation``'s sums); MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class RowLosses:
     """Per-row loss sums and token counts of one validation pass, per domain (this rank's shard)."""
 
@@ -61,11 +66,11 @@ class RowLosses:
         for domain in domains:
             n = len(trainer.datamodule.eval_sets[domain])
             start = shard_bounds(n, trainer.world_size, trainer.global_rank)[0]
-            local = torch.zeros(2, n, dtype=torch.float64, device=device)
+            local = torch.zeros(2, n, dtype=_dtype(device), device=device)
             _, _, sums, counts = self._rows.get(domain, (n, start, [], []))
             if sums:
-                local[0, start : start + len(sums)] = torch.tensor(sums, dtype=torch.float64)
-                local[1, start : start + len(counts)] = torch.tensor(counts, dtype=torch.float64)
+                local[0, start : start + len(sums)] = torch.tensor(sums, dtype=local.dtype)
+                local[1, start : start + len(counts)] = torch.tensor(counts, dtype=local.dtype)
             full = trainer.strategy.reduce(local, reduce_op="sum").cpu()
             out[domain] = {"loss_sum": full[0].tolist(), "tokens": [int(t) for t in full[1].tolist()]}
         return out
@@ -75,9 +80,9 @@ def gather_row_scores(
     trainer: L.Trainer, n: int, indices: list[int], scores: list[float], device: torch.device
 ) -> list[float]:
     """Every rank's ``(indices, scores)`` of one domain's score rows as one list of ``n`` scores."""
-    local = torch.zeros(n, dtype=torch.float64, device=device)
+    local = torch.zeros(n, dtype=_dtype(device), device=device)
     if indices:
-        local[torch.tensor(indices, device=device)] = torch.tensor(scores, dtype=torch.float64, device=device)
+        local[torch.tensor(indices, device=device)] = torch.tensor(scores, dtype=local.dtype, device=device)
     return trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
 
 
