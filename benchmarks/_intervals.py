@@ -19,9 +19,10 @@ from _stats import PAIR_STATS, RUN_STATS, RunRows, check_rows, from_matrices, ro
 from crma_lightning.callbacks.row_losses import ROW_LOSSES_FILE, read_row_losses
 
 METHOD = (
-    "percentile bootstrap over held-out rows and seeds (benchmarks/_stats.py): per replicate, each domain's "
-    "held-out rows drawn with replacement (one draw shared by every stage, seed and setting: paired) and, with "
-    "several seeds, the seeds drawn with replacement; the replicate is the mean over the drawn seeds"
+    "percentile bootstrap over held-out documents and seeds (benchmarks/_stats.py): per replicate, each domain's "
+    "held-out documents (the packed rows that start in one document, summed) drawn with replacement (one draw "
+    "shared by every stage, seed and setting: paired) and, with several seeds, the seeds drawn with replacement; "
+    "the replicate is the mean over the drawn seeds"
 )
 
 
@@ -64,6 +65,7 @@ def benchmark_intervals(
         why = Null(f"no run wrote {ROW_LOSSES_FILE}")
         return {**out, "modes": {m: why for m in modes}, "pairs": {}}
     sizes = check_rows([usable])
+    out["units_per_domain"] = dict(zip(usable[0].domains, sizes))
     rng = np.random.default_rng(seed)
     draws = row_draws(sizes, resamples, rng)
     seed_draws = seed_draws_for(len(seeds), resamples, rng)
@@ -120,10 +122,11 @@ def render_intervals(intervals: dict[str, Any]) -> str:
     level = round(100 * intervals["level"])
     lines = [
         "",
-        f"## {level} % intervals (held-out rows{' and seeds' if intervals['seeds'] > 1 else ''})",
+        f"## {level} % intervals (held-out documents{' and seeds' if intervals['seeds'] > 1 else ''})",
         "",
         f"Value [low, high]: {intervals['method']}; B = {intervals['resamples']}, resampling seed "
-        f"{intervals['seed']}. Oracle evaluation (routed numbers have no interval).",
+        f"{intervals['seed']}; documents per domain {intervals.get('units_per_domain')}. Oracle evaluation (routed "
+        "numbers have no interval).",
         "",
         "| setting | final mean held-out loss | mean drift % | base-rel. forgetting % | plasticity (mean L[j][j]) |",
         "|---|---|---|---|---|",
@@ -139,7 +142,7 @@ def render_intervals(intervals: dict[str, Any]) -> str:
     if intervals["pairs"]:
         lines += [
             "",
-            "Pairs, paired on the same rows and seeds (a difference only when its interval excludes 0):",
+            "Pairs, paired on the same documents and seeds (a difference only when its interval excludes 0):",
             "",
             "| pair | final held-out gain % (positive: X lower) | | final loss X − pair | drift X − pair (pp) | "
             "| forgetting X − pair (pp) |",

@@ -4,10 +4,13 @@ Input: per run, the per-row held-out numbers of every matrix row (``heldout_rows
 ``DomainEvaluation(row_losses=True)``): for stage row ``s`` and domain ``j``, each held-out row's summed
 loss and scored-token count. ``L[s][j] = sum(loss_sum) / sum(tokens)`` is the token-weighted loss of
 the loss matrix, so a statistic of the matrix (final mean loss, mean drift, ...) is a function of the rows.
+The unit resampled is a **document** by default: the rows that start in one held-out document (the file's
+``documents``) are summed into one unit, since a document spans several packed rows and its rows are
+not independent samples; ``unit="row"`` resamples packed rows.
 
 One bootstrap replicate:
 
-* **rows**: per domain, ``n_j`` row indices drawn with replacement from its ``n_j`` held-out rows. The
+* **rows** (units): per domain, ``n_j`` unit indices drawn with replacement from its ``n_j`` units. The
   draw is shared by every stage row ``s`` (``L[T][j]`` and ``L[j][j]`` are measured on the same rows),
   by every seed (all seeds are evaluated on the same held-out rows: a fixed sample of the domain's
   documents, which more seeds do not average away), and by both settings of a pair (a paired bootstrap).
@@ -33,6 +36,17 @@ RESAMPLES = 2000
 LEVEL = 0.95
 
 
+def _units(values: list[float], documents: list[int] | None) -> np.ndarray:
+    """``values`` per row, or summed per document (in document order) when ``documents`` is given."""
+    x = np.asarray(values, dtype=float)
+    if documents is None:
+        return x
+    if len(documents) != len(x):
+        raise ValueError(f"{len(documents)} document indices for {len(x)} held-out rows")
+    _, unit = np.unique(np.asarray(documents), return_inverse=True)
+    return np.bincount(unit, weights=x)
+
+
 @dataclass(frozen=True)
 class RunRows:
     """One run's per-row numbers: ``loss_sum[s][j]`` and ``tokens[s][j]`` are arrays over held-out rows.
@@ -45,15 +59,26 @@ class RunRows:
     tokens: list[list[np.ndarray | None]]
 
     @classmethod
-    def from_file_content(cls, data: dict[str, Any]) -> RunRows:
-        """From the content of a ``heldout_rows.json``."""
+    def from_file_content(cls, data: dict[str, Any], unit: str = "document") -> RunRows:
+        """From the content of a ``heldout_rows.json``.
+
+        Args:
+            data: The file's content.
+            unit: ``document``: the rows of each document (the one a row starts in, the file's
+                ``documents``) are summed into one unit, so the bootstrap resamples documents - rows of
+                one document are not independent; ``row``: every packed row is a unit. A file without
+                ``documents`` gives rows.
+        """
+        if unit not in ("document", "row"):
+            raise ValueError(f"unit={unit!r}: expected 'document' or 'row'")
         domains = list(data["domains"])
         stages = sorted(int(s) for s in data["rows"])
+        documents = (data.get("documents") or {}) if unit == "document" else {}
         sums, toks = [], []
         for s in range(max(stages) + 1):
             row = data["rows"].get(str(s), {})
-            sums.append([np.asarray(row[d]["loss_sum"], dtype=float) if d in row else None for d in domains])
-            toks.append([np.asarray(row[d]["tokens"], dtype=float) if d in row else None for d in domains])
+            sums.append([_units(row[d]["loss_sum"], documents.get(d)) if d in row else None for d in domains])
+            toks.append([_units(row[d]["tokens"], documents.get(d)) if d in row else None for d in domains])
         return cls(domains, sums, toks)
 
     def rows_per_domain(self) -> list[int]:

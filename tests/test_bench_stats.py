@@ -103,3 +103,21 @@ def test_random_resampling_is_seeded_and_refuses_unpaired_rows():
     )
     with pytest.raises(ValueError, match="different held-out rows"):
         interval(PAIR_STATS["final_loss_diff"], [[REF, other]])
+
+
+def test_documents_are_the_unit_resampled():
+    # Rows 0-1 start in document 0, row 2 in document 4: two units per stage, with summed losses and tokens.
+    data = {
+        "domains": ["a"],
+        "rows": {"0": {"a": {"loss_sum": [1.0, 2.0, 4.0], "tokens": [1, 1, 2]}}},
+        "documents": {"a": [0, 0, 4]},
+    }
+    by_doc = RunRows.from_file_content(data)
+    assert by_doc.loss_sum[0][0].tolist() == [3.0, 4.0] and by_doc.tokens[0][0].tolist() == [2.0, 2.0]
+    assert by_doc.rows_per_domain() == [2]
+    by_row = RunRows.from_file_content(data, unit="row")
+    assert by_row.loss_sum[0][0].tolist() == [1.0, 2.0, 4.0]
+    # Replicates [doc 0, doc 0] -> 6/4 = 1.5 and [doc 1, doc 1] -> 8/4 = 2: the loss is token-weighted per unit.
+    m = by_doc.matrix([np.array([[0, 0], [1, 1]])])
+    assert m[0, 0].tolist() == [1.5, 2.0]
+    assert by_doc.matrix([None])[0, 0, 0] == pytest.approx(7 / 4)  # all rows: the loss-matrix value

@@ -183,4 +183,4 @@ def test_test_split_and_intervals(tiny_results):
         assert entry["value"] == pytest.approx(agg["pairs"][pair]["heldout_improvement_pct"]["mean"], abs=1e-3)
         assert isinstance(entry["excludes_zero"], bool)
     table = (root / "out" / "results.md").read_text()
-    assert "95 % intervals (held-out rows and seeds)" in table and "| MODULAR vs FROZEN |" in table
+    assert "95 % intervals (held-out documents and seeds)" in table and "| MODULAR vs FROZEN |" in table

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_LLAMA_CONFIG
 
 from crma_lightning.callbacks.evaluation import DomainEvaluation
-from crma_lightning.callbacks.row_losses import ROW_LOSSES_FILE, RowLosses, read_row_losses
+from crma_lightning.callbacks.row_losses import ROW_LOSSES_FILE, RowLosses, read_row_losses, row_documents
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
 from crma_lightning.runner import ContinualRunner
@@ -46,6 +46,10 @@ def test_row_numbers_add_up_to_the_matrices_and_default_runs_write_none(tmp_path
             assert len(sums) == len(tokens) == len(dm.eval_sets[domain])  # every held-out row, once
             assert all(t > 0 for t in tokens)
             assert sum(sums) / sum(tokens) == pytest.approx(matrix[int(s)][j], rel=1e-6)
+    for domain in data["domains"]:  # the document each row starts in: from 0, never going back
+        docs = data["documents"][domain]
+        assert len(docs) == len(dm.eval_sets[domain]) and docs[0] == 0
+        assert docs == sorted(docs)
     scores = report["score_matrix"]["values"]
     assert sorted(data["scores"]) == ["0", "2"]  # 'first' is scored before training and once it is trained
     for s, per_domain in data["scores"].items():
@@ -83,3 +87,12 @@ def test_a_file_that_is_not_a_rows_file_is_refused(tmp_path):
     (tmp_path / ROW_LOSSES_FILE).write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="is not a held-out rows file"):
         read_row_losses(tmp_path)
+
+
+def test_row_documents_count_the_eos_tokens_before_each_row():
+    eos = 9
+    # Packed rows: doc 0 ends in row 0, doc 1 fills rows 1-2 and ends at row 2's start, doc 2 ends in row 2.
+    rows = [[1, 2, eos, 3], [4, 5, 6, 7], [eos, 8, eos, 1], [2]]
+    assert row_documents(rows, eos) == [0, 1, 1, 3]
+    assert row_documents([[1, eos], [2, eos]], eos) == [0, 1]  # unpacked rows: one text each
+    assert row_documents(rows, None) == [0, 1, 2, 3]  # no EOS: every row its own document

@@ -3,7 +3,8 @@
 A domain's held-out loss ``L[s][j]`` is a token-weighted mean over its held-out rows. Intervals over
 held-out rows (a bootstrap, as ``benchmarks/_stats.py`` computes) and paired comparisons of two runs on
 the same rows need the rows' own numbers: per row, the summed next-token loss and the scored-token
-count (``sum(loss_sum) / sum(tokens)`` over all rows is ``L[s][j]``), and per scored row the task score.
+count (``sum(loss_sum) / sum(tokens)`` over all rows is ``L[s][j]``), and per scored row the task score;
+and, per held-out row, the document it starts in (rows of one document are not independent samples).
 
 Rows are numbered as the data module holds them (``datamodule.eval_sets[domain]``, row 0 first). Each
 rank evaluates a contiguous shard (``EvalShardSampler``) in order, so a rank's k-th row of a domain is
@@ -18,6 +19,7 @@ The runner writes them to ``heldout_rows.json`` in the run directory after every
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,18 +88,38 @@ def gather_row_scores(
     return trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
 
 
+def row_documents(input_ids: Iterable[Sequence[int]], eos_id: int | None) -> list[int]:
+    """For each held-out row, the index of the document (text) it starts in.
+
+    Packed rows cut one stream of texts, each followed by EOS, so a row starts in document ``k`` when
+    ``k`` EOS tokens come before it; unpacked rows are one text each and end with EOS, which gives
+    ``k = row``. Without an EOS token every row counts as its own document.
+    """
+    out, seen = [], 0
+    for i, ids in enumerate(input_ids):
+        out.append(i if eos_id is None else seen)
+        if eos_id is not None:
+            seen += sum(1 for t in ids if t == eos_id)
+    return out
+
+
 def write_row_losses(
     run_dir: str | Path,
     domains: list[str],
     rows: dict[int, dict[str, dict[str, list]]],
     scores: dict[int, dict[str, list[float]]],
+    documents: dict[str, list[int]] | None = None,
 ) -> Path:
-    """Write ``heldout_rows.json`` (atomically): per matrix row ``s`` and domain, the rows' numbers."""
+    """Write ``heldout_rows.json`` (atomically): per matrix row ``s`` and domain, the rows' numbers.
+
+    ``documents``: per domain, the document each held-out row starts in (:func:`row_documents`).
+    """
     payload = {
         "format": FORMAT,
         "domains": list(domains),
         "rows": {str(s): rows[s] for s in sorted(rows)},
         "scores": {str(s): scores[s] for s in sorted(scores)},
+        "documents": documents or {},
     }
     path = Path(run_dir) / ROW_LOSSES_FILE
     text = json.dumps(payload, allow_nan=True)
