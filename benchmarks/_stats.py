@@ -81,6 +81,26 @@ class RunRows:
             toks.append([_units(row[d]["tokens"], documents.get(d)) if d in row else None for d in domains])
         return cls(domains, sums, toks)
 
+    @classmethod
+    def from_scores(cls, data: dict[str, Any]) -> RunRows:
+        """The task scores of a ``heldout_rows.json``: each score row is a unit with "tokens" 1, so the
+        matrix of :meth:`matrix` is the score matrix ``S[s][j]`` (mean over score rows).
+
+        Raises:
+            ValueError: A domain has no score at all (no task metric): score statistics need every domain.
+        """
+        domains = list(data["domains"])
+        scores = data.get("scores") or {}
+        unscored = [d for d in domains if not any(d in row for row in scores.values())]
+        if unscored:
+            raise ValueError(f"domains {unscored} have no task score")
+        sums, toks = [], []
+        for s in range(max(int(k) for k in scores) + 1):
+            row = scores.get(str(s), {})
+            sums.append([np.asarray(row[d], dtype=float) if d in row else None for d in domains])
+            toks.append([np.ones(len(row[d])) if d in row else None for d in domains])
+        return cls(domains, sums, toks)
+
     def rows_per_domain(self) -> list[int]:
         """Held-out rows of each domain (the same after every stage)."""
         out = []
@@ -171,6 +191,38 @@ PAIR_STATS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 """Differences of a setting X and its pair on the same rows (and seeds): X minus the pair, except the
 held-out improvement (the benchmark's sign: positive when X ends lower)."""
+
+
+def bwt_score(m: np.ndarray) -> np.ndarray:
+    """BWT_score of a score matrix: mean over j < T of ``S[T][j] - S[j][j]`` (negative = forgetting)."""
+    t = _last(m)
+    cols = range(min(t, m.shape[1]) - 1)
+    if not cols:
+        return np.full(m.shape[2], np.nan)
+    return np.mean([m[t, j] - m[j + 1, j] for j in cols], axis=0)
+
+
+def forgetting_mean(m: np.ndarray) -> np.ndarray:
+    """Mean over j < T of ``max_{j <= s < T} S[s][j] - S[T][j]`` (docs/metrics.md)."""
+    t = _last(m)
+    cols = range(min(t, m.shape[1]) - 1)
+    if not cols:
+        return np.full(m.shape[2], np.nan)
+    return np.mean([m[j + 1 : t, j].max(axis=0) - m[t, j] for j in cols], axis=0)
+
+
+SCORE_STATS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "ap": final_loss_mean,  # the mean over domains of the final row, here of scores: AP
+    "bwt_score": bwt_score,
+    "forgetting_mean": forgetting_mean,
+}
+"""Task-score headline numbers (of :meth:`RunRows.from_scores` matrices)."""
+
+SCORE_PAIR_STATS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "ap_diff": lambda mx, mref: final_loss_mean(mx) - final_loss_mean(mref),
+    "bwt_score_diff": lambda mx, mref: bwt_score(mx) - bwt_score(mref),
+}
+"""X minus its pair, on the same score rows and seeds."""
 
 
 # ---------------------------------------------------------------------- the bootstrap

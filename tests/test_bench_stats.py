@@ -15,12 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _stats import (
-    PAIR_STATS,
-    RUN_STATS,
-    RunRows,
-    interval,
-)
+from _stats import PAIR_STATS, RUN_STATS, SCORE_STATS, RunRows, interval
 
 # Row draws per domain, one replicate per line (B = 4).
 DRAWS = [np.array([[0, 0], [0, 1], [1, 1], [1, 0]]), np.array([[1, 1], [0, 1], [0, 0], [1, 0]])]
@@ -121,3 +116,54 @@ def test_documents_are_the_unit_resampled():
     m = by_doc.matrix([np.array([[0, 0], [1, 1]])])
     assert m[0, 0].tolist() == [1.5, 2.0]
     assert by_doc.matrix([None])[0, 0, 0] == pytest.approx(7 / 4)  # all rows: the loss-matrix value
+
+
+SCORES = {"0": {"a": [0.0, 1.0], "b": [0.0, 0.0]}, "1": {"a": [1.0, 1.0]}, "2": {"a": [0.0, 1.0], "b": [1.0, 1.0]}}
+
+
+def test_task_score_statistics():
+    # S[0] = [0.5, 0], S[1][a] = 1, S[2] = [0.5, 1]: AP 0.75, BWT_score 0.5 - 1 = -0.5, forgetting_a 1 - 0.5 = 0.5.
+    runs = RunRows.from_scores({"domains": ["a", "b"], "scores": SCORES})
+    values = {k: interval(stat, [[runs]], draws=[np.array([[0, 1]]), np.array([[0, 1]])])["value"]
+              for k, stat in SCORE_STATS.items()}  # fmt: skip
+    assert values == {"ap": 0.75, "bwt_score": -0.5, "forgetting_mean": 0.5}
+    # Replicates: a [1,1], b [0,0] -> S[2] = [1, 1], S[1][a] = 1: AP 1, BWT 0; a [0,0], b [0,1] -> S[2] = [0, 1],
+    # S[1][a] = 1: AP 0.5, BWT -1. Percentiles of [0.5, 1]: 0.5125, 0.9875; of [-1, 0]: -0.975, -0.025.
+    draws = [np.array([[1, 1], [0, 0]]), np.array([[0, 0], [0, 1]])]
+    ap = interval(SCORE_STATS["ap"], [[runs]], draws=draws)
+    bwt = interval(SCORE_STATS["bwt_score"], [[runs]], draws=draws)
+    assert (ap["low"], ap["high"]) == (pytest.approx(0.5125), pytest.approx(0.9875))
+    assert (bwt["low"], bwt["high"], bwt["excludes_zero"]) == (pytest.approx(-0.975), pytest.approx(-0.025), True)
+    with pytest.raises(ValueError, match=r"\['b'\] have no task score"):
+        RunRows.from_scores({"domains": ["a", "b"], "scores": {"0": {"a": [1.0]}}})
+
+
+def test_benchmark_intervals_pair_the_settings_of_each_seed(tmp_path):
+    import json
+
+    from _intervals import benchmark_intervals, render_intervals
+
+    def write(name, content):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "heldout_rows.json").write_text(json.dumps({"format": "crma_lightning heldout rows v1", **content}))
+        return {"status": "complete", "run_dir": str(d)}
+
+    def content(run):
+        rows = {
+            str(s): {d: {"loss_sum": run.loss_sum[s][j].tolist(), "tokens": run.tokens[s][j].tolist()}
+                     for j, d in enumerate(run.domains) if run.loss_sum[s][j] is not None}
+            for s in range(3)
+        }  # fmt: skip
+        return {"domains": run.domains, "rows": rows, "scores": SCORES, "documents": {}}
+
+    x = _run(([1, 4], [1, 2]), ([1, 6], [1, 2]), ([4, 4], [2, 1]))
+    per_seed = {"0": {"runs": {"NAIVE": write("n", content(REF)), "EWC": write("e", content(x))}}}
+    out = benchmark_intervals(per_seed, {"EWC": "NAIVE"}, resamples=200, seed=3)
+    direct = interval(PAIR_STATS["heldout_improvement_pct"], [[x, REF]], resamples=200, seed=3)
+    assert out["pairs"]["EWC_vs_NAIVE"]["heldout_improvement_pct"] == direct  # same draws: seeded the same way
+    assert out["modes"]["NAIVE"]["final_loss_mean"] == interval(RUN_STATS["final_loss_mean"], [[REF]], 200, seed=3)
+    assert out["scores"]["pairs"]["EWC_vs_NAIVE"]["ap_diff"]["value"] == 0.0
+    assert out["units_per_domain"] == {"a": 2, "b": 2}
+    text = render_intervals(out)
+    assert "| EWC vs NAIVE |" in text and "Task scores" in text
