@@ -28,6 +28,7 @@ import lightning as L
 import torch
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, crma_adapters
+from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
 from crma_lightning.callbacks.routing import RoutedEvaluation
 from crma_lightning.data import SequentialDomainDataModule
@@ -81,6 +82,15 @@ ABLATION_SETTINGS = ["NAIVE", "FROZEN", "CRMA-shared-v1", "MODULAR-v1", "CRMA-sh
 """``--settings ablation``: the CRMA variants that are not in the default set, with their LoRA references."""
 
 
+def mode_cfg(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark settings as ``mode`` runs them: ``cfg`` with the setting's own ``params`` on top.
+
+    ``params`` are set by the variants of :mod:`_variants` (a method at other hyper-parameters: the dev
+    sweep's grid points, the a-priori rows next to dev-chosen values).
+    """
+    return {**cfg, **SETTINGS[mode].get("params", {})}
+
+
 def crma_config(mode: str, cfg: dict[str, Any]) -> CRMAConfig:
     """The CRMA configuration of ``mode``: library defaults, then the setting's overrides."""
     fields = dict(SETTINGS[mode].get("crma", {}))
@@ -120,7 +130,7 @@ def fallback_margin(mode: str, cfg: dict[str, Any]) -> float | None:
 
 def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """What ``mode`` is, for ``results.json``: adapter, sharing, CRMA fields that differ, method, routing."""
-    spec = SETTINGS[mode]
+    spec, cfg = SETTINGS[mode], mode_cfg(mode, cfg)
     out: dict[str, Any] = {"adapter": spec["adapter"], "task_adapters": spec["task_adapters"]}
     if spec["adapter"] == "crma":
         c = crma_config(mode, cfg)
@@ -139,6 +149,8 @@ def describe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
         out["merge"] = {"how": spec["merge"], "of": "FROZEN", **({"density": 0.2} if spec["merge"] == "ties" else {})}
     if spec.get("data") == "union":
         out["data"] = "every stage trains on the union of all domains' training rows (joint training)"
+    if spec.get("params"):
+        out["params"] = dict(spec["params"])
     return out
 
 
@@ -230,6 +242,7 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
     Returns:
         ``(runner, model, datamodule)``.
     """
+    cfg = mode_cfg(mode, cfg)
     lora = LoRAConfig(r=cfg["lora_r"], alpha=2.0 * cfg["lora_r"], target_modules=cfg["lora_targets"])
     model = ContinualLM(
         model_name_or_path=cfg["model_path"],
@@ -267,7 +280,8 @@ def build_run(mode: str, seed: int, run_dir: Path, cfg: dict[str, Any], timer: S
     routing = RoutedEvaluation(
         routing_mode(mode, cfg), cfg["prefix_tokens"], fallback_margin=fallback_margin(mode, cfg)
     )
-    callbacks = [GradientStability(warmup_steps=cfg["grad_warmup"]), routing, timer]
+    # row_losses: each held-out row's numbers per stage (heldout_rows.json), for the bootstrap intervals.
+    callbacks = [GradientStability(warmup_steps=cfg["grad_warmup"]), DomainEvaluation(row_losses=True), routing, timer]
     runner = ContinualRunner(
         run_dir=run_dir,
         trainer_kwargs=trainer_kwargs,

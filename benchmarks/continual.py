@@ -34,6 +34,11 @@ features, :mod:`crma_lightning.prototype`; ``--router hybrid``: prototype, perpl
 within ``--fallback-margin``); the shared settings and O-LORA need no
 routing (checked with ``mode="none"``): their routed numbers are the oracle ones.
 
+Held-out rows (protocol v3): each held-out file is split by document into dev and test halves
+(``_splits.py``); runs evaluate ``--eval-split`` (default ``test``). Every run keeps its per-row held-out
+numbers (``heldout_rows.json``), from which ``_stats.py`` computes bootstrap intervals of every headline
+number and paired intervals of every pair (``results.json`` ``intervals``, the end of ``results.md``).
+
 Within each seed the runs take turns one optimizer step at a time (``--interleave step``), so the
 step times of all settings see the same machine load. Writes ``results.json`` (every per-seed number and
 the aggregates; a ``null`` always has its reason under ``null_reasons``) and ``results.md`` (the table)
@@ -50,6 +55,8 @@ Examples::
     python benchmarks/continual.py --quick --out /tmp/bench-quick           # a few minutes on CPU
     python benchmarks/continual.py --settings ablation --seeds 1 --out runs/bench/ablation
     python benchmarks/continual.py --suite tasks --settings v3 --orders 3 --out runs/bench/tasks-v3
+    python benchmarks/continual.py --eval-split dev --out runs/bench/dev         # evaluate the dev half instead
+    python benchmarks/continual.py --chosen runs/bench/sweep/chosen.json --out runs/bench/v3   # see sweep.py
     python benchmarks/continual.py --model /models/llama-1b --device cuda --precision bf16-mixed \\
         --steps 500 --batch-size 16 --max-length 1024 --lr 2e-4 --interleave run --out runs/bench/1b
 """
@@ -72,13 +79,26 @@ from typing import Any
 import task_suite_base
 import torch
 from _bench_data import check_pretrain_disjoint, check_texts_disjoint, domain_specs, fingerprint, resolve_domains
+from _intervals import benchmark_intervals, render_intervals
 from _merged import MERGED_OF, merged_raw
 from _orders import task_orders
 from _pretrain import PretrainSettings, pretrained_base
-from _results import aggregate, gap_to_joint, over_orders, pair_numbers, run_numbers, to_json, verdicts
+from _results import (
+    LORA_PAIRS,
+    Null,
+    aggregate,
+    gap_to_joint,
+    over_orders,
+    pair_numbers,
+    run_numbers,
+    to_json,
+    verdicts,
+)
 from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, V3_SETTINGS, describe, run_seed
+from _splits import EVAL_SPLITS, with_eval_split
 from _suites import SUITES, multitask_specs, resolve_tasks, task_fingerprint, task_specs
 from _table import render, render_orders, render_scores
+from _variants import apply_chosen
 
 from crma_lightning.prototype import HYBRID_MARGIN
 
@@ -108,7 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "max_length": 32, "batch_size": 4,
         "eval_batch_size": 8, "steps": 4, "seeds": 2, "lr": 1e-2, "max_eval_rows": 8,
-        "max_chars": 6_000, "pretrain_steps": 8, "pretrain_batch_size": 4, "pretrain_lr": 1e-2,
+        "max_chars": 20_000, "pretrain_steps": 8, "pretrain_batch_size": 4, "pretrain_lr": 1e-2,
         "prefix_tokens": 8, "replay_buffer": 16, "ewc_fisher_samples": 2,
     },
 }  # fmt: skip
@@ -142,6 +162,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-train-rows", type=int, help="keep at most this many training records per domain")
     g.add_argument("--max-eval-rows", type=int, help="held-out rows (of --max-length tokens) per domain")
     g.add_argument("--eval-domains", choices=("seen", "all"), default="seen", help="'all' also gives FWT")
+    g.add_argument(
+        "--eval-split",
+        choices=EVAL_SPLITS,
+        default=None,
+        help="which part of each held-out file the runs evaluate: test (reported; the default), dev (for choosing "
+        "settings: benchmarks/sweep.py) or full (both: protocols v1/v2); see benchmarks/_splits.py. --suite tasks: "
+        "only full (the suite's held-out rows are generated apart from its training rows)",
+    )
     g = p.add_argument_group("settings, methods and routing")
     g.add_argument(
         "--settings",
@@ -158,6 +186,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--olora-lam", type=float, default=0.5, help="O-LORA: lambda (default: the paper's, 0.5)")
     g.add_argument("--mix-g-max", type=float, default=0.5, help="the -mix ablation settings: CRMA g_max")
     g.add_argument("--prefix-tokens", type=int, help="routed evaluation: prefix tokens P (default 32; tiny 8)")
+    g.add_argument(
+        "--chosen",
+        type=Path,
+        help="chosen.json of benchmarks/sweep.py: run the methods at the dev-chosen values (over the options "
+        "above) and add a <SETTING>-apriori row at the a-priori values where they differ",
+    )
     g.add_argument("--no-routing", action="store_true", help="skip the routed evaluation of FROZEN and MODULAR")
     g.add_argument(
         "--router",
@@ -172,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=HYBRID_MARGIN,
         help=f"--router hybrid: the log-odds margin below which perplexity decides (default {HYBRID_MARGIN})",
     )
+    g = p.add_argument_group("intervals")
+    g.add_argument("--resamples", type=int, default=2000, help="bootstrap replicates of the intervals (B)")
+    g.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local Hugging Face model path (default: the built-in pretrained tiny Llama)")
     g.add_argument("--tokenizer", help="tokenizer path (default: the model's own)")
@@ -217,11 +254,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds {args.seeds}: expected a number of seeds >= 1")
     if args.suite == "tasks":  # the instruction names the task: a routed prefix would be trivial (see --suite)
         args.no_routing = True
+        if args.eval_split not in (None, "full"):
+            p.error(f"--eval-split {args.eval_split}: --suite tasks has no held-out files to split; expected full")
+        args.eval_split = "full"
+    args.eval_split = args.eval_split or "test"
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     args.settings = _settings(p, args.settings)
     merged = [m for m in args.settings if "merge" in SETTINGS[m]]
     if merged and MERGED_OF not in args.settings:
         p.error(f"--settings {' '.join(merged)} merge the adapters of {MERGED_OF}: add {MERGED_OF} to --settings")
+    try:
+        args.chosen_record = apply_chosen(args, args.chosen) if args.chosen else None
+    except ValueError as err:
+        p.error(str(err))
     if args.domains and len(args.domains) == 1 and "," in args.domains[0]:
         args.domains = [d for d in args.domains[0].split(",") if d]
     return args
@@ -340,7 +385,8 @@ def _domains(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]]]
         names = resolve_tasks(args.domains)
         return names, task_specs(names, args.max_eval_rows)
     names = resolve_domains(args.data_dir, args.domains)
-    return names, domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
+    specs = domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
+    return names, with_eval_split(specs, args.eval_split, args.cache_dir)  # dev / test by document (protocol v3)
 
 
 def _run_order(
@@ -430,6 +476,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_seed.update(groups)
         per_order[str(k)] = {"domains": order, "groups": list(groups), "aggregates": aggregate(groups)}
     agg = aggregate(per_seed)  # pooled over every (order, seed): with equal seeds per order, the mean over orders
+    pairs = {x: ref for x, ref in LORA_PAIRS.items() if x in modes and ref in modes}
+    if per_order:  # per order: its domains' columns are in its own order, so each order is bootstrapped alone
+        intervals = {
+            k: benchmark_intervals({g: per_seed[g] for g in o["groups"]}, pairs, args.resamples, args.bootstrap_seed)
+            for k, o in per_order.items()
+        }
+    else:
+        intervals = benchmark_intervals(per_seed, pairs, args.resamples, args.bootstrap_seed)
     verdict = verdicts(agg)
     setup = {
         "command": "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -447,7 +501,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "mix_g_max": args.mix_g_max},
         "routing": {"prefix_tokens": args.prefix_tokens, "enabled": not args.no_routing, "router": args.router,
                     **({"fallback_margin": args.fallback_margin} if args.router == "hybrid" else {})},
-        "max_eval_rows": args.max_eval_rows, "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
+        "chosen": args.chosen_record or Null("no --chosen: the a-priori values (or the options given)"),
+        "max_eval_rows": args.max_eval_rows, "eval_split": args.eval_split,
+        "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
         "time_skip": args.time_skip, "interleave": args.interleave, "device": device, "precision": args.precision,
         "git": {"at_start": git_start, "at_end": _git_state()}, "machine": _machine(device),
         "python": platform.python_version(), "threads": torch.get_num_threads(),
@@ -458,10 +514,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per_seed": per_seed,
         "aggregates": agg,
         **({"per_order": per_order, "over_orders": over_orders(per_order)} if per_order else {}),
+        "intervals": intervals,
         "targets": verdict,
         "wall_s": time.perf_counter() - t_start,
     }
     table = render(results, agg, verdict) + render_orders(results) + render_scores(results, agg)
+    if per_order:
+        table += "".join(f"\n\nOrder {k}:" + render_intervals(iv) for k, iv in intervals.items())
+    else:
+        table += render_intervals(intervals)
     reasons: dict[str, str] = {}
     payload = to_json(results, reasons)
     payload["null_reasons"] = reasons

@@ -37,7 +37,7 @@ from crma_lightning.callbacks.guards import FollowDataModuleStage, RestoreTraini
 from crma_lightning.compatibility import model_identity_differences
 from crma_lightning.compiling import compile_decoder_layers
 from crma_lightning.generation import TaskGeneration
-from crma_lightning.losses import token_losses
+from crma_lightning.losses import row_token_losses, token_losses
 from crma_lightning.methods import ContinualMethod
 from crma_lightning.nonfinite import NonFiniteGuard
 from crma_lightning.optim import adapter_param_groups
@@ -94,6 +94,9 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         method: A continual-learning method (``class_path: crma_lightning.methods.Replay`` / ``EWC`` /
             ``OLoRA`` + ``init_args``); ``None``: plain sequential fine-tuning.
     """
+
+    keep_row_losses: bool = False
+    """``validation_step`` also returns per-row loss sums and token counts (``DomainEvaluation`` sets it)."""
 
     def __init__(
         self,
@@ -350,13 +353,18 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         """Evaluate one held-out batch of ``batch["domain"]`` with that domain's adapter active.
 
         Returns the summed loss and token count; ``DomainEvaluation`` turns them into token-weighted
-        means per domain (``val/<domain>/loss``) and into the loss matrix.
+        means per domain (``val/<domain>/loss``) and into the loss matrix. With ``keep_row_losses``
+        (set by ``DomainEvaluation(row_losses=True)``) also each row's summed loss and token count.
         """
         domain = batch["domain"]
         self.activate_task(self.evaluation_task(domain))
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         total, count = self.token_losses(logits, batch["labels"])
-        return {"loss_sum": total.detach(), "tokens": count.detach(), "domain": domain}
+        out = {"loss_sum": total.detach(), "tokens": count.detach(), "domain": domain}
+        if self.keep_row_losses:  # a second, per-row reduction: only when asked (default runs pay nothing)
+            rows, counts = row_token_losses(logits, batch["labels"])
+            out.update(row_loss_sums=rows.detach(), row_tokens=counts.detach())
+        return out
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -7,7 +7,8 @@ per stage has neither problem. What must stay continuous is shared explicitly: t
 state is the run's state), the loggers (one TensorBoard run), and the logging step, which starts each
 stage where the previous one ended.
 
-Run directory: ``report.json``/``report.md`` (rewritten after every stage), ``config.yaml``,
+Run directory: ``report.json``/``report.md`` (rewritten after every stage; with ``DomainEvaluation(row_losses=True)``
+also ``heldout_rows.json``, the per-row held-out numbers), ``config.yaml``,
 ``tensorboard/`` (one continuous run), and the files of :mod:`crma_lightning.checkpoints`.
 """
 
@@ -31,6 +32,7 @@ from crma_lightning.base_model import check_context
 from crma_lightning.callbacks.evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient import GradientStability
 from crma_lightning.callbacks.routing import RoutedEvaluation
+from crma_lightning.callbacks.row_losses import row_documents, write_row_losses
 from crma_lightning.checkpoints import (
     RESUME_MODES,
     CheckpointStore,
@@ -463,6 +465,10 @@ class ContinualRunner:
             report["killed_runs"] = list(self.state.killed_runs)
         if is_global_zero():
             write_report(self.run_dir, report)
+            if evaluation.row_losses and evaluation.row_table:  # DomainEvaluation(row_losses=True)
+                eos = getattr(dm.tokenizer, "eos_token_id", None)
+                documents = {d: row_documents(dm.eval_sets[d]["input_ids"], eos) for d in dm.eval_sets}
+                write_row_losses(self.run_dir, domains, evaluation.row_table, evaluation.row_scores, documents)
             write_stage_configs(self.run_dir, self.state, domains)
             if status in ("running", "complete"):  # right after a stage's adapters were exported
                 self.checkpoints.record_adapters(domains, self.state.completed)

@@ -108,6 +108,25 @@ def predictions(
     return out
 
 
+def shard_row_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    metric: TaskMetric,
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    batch_size: int,
+    world: int = 1,
+    rank: int = 0,
+) -> tuple[list[int], list[float]]:
+    """(indices into ``rows``, scores) of this rank's shard, with the currently active adapter (padding left out)."""
+    mine, counts = shard_rows(rows, world, rank, batch_size)
+    # Ranks step generation together only in a real process group (a simulated shard has none).
+    preds = predictions(model, tokenizer, metric, mine, device, batch_size, synced=world > 1 and distributed_ready())
+    scores = row_scores(metric, preds, [r["reference"] for r in mine])
+    kept = [s for s, c in zip(scores, counts) if c]
+    return [rank + k * world for k in range(len(kept))], kept
+
+
 def domain_score_sums(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -119,11 +138,8 @@ def domain_score_sums(
     rank: int = 0,
 ) -> tuple[float, int]:
     """(sum of row scores, rows scored) of this rank's shard, with the currently active adapter."""
-    mine, counts = shard_rows(rows, world, rank, batch_size)
-    # Ranks step generation together only in a real process group (a simulated shard has none).
-    preds = predictions(model, tokenizer, metric, mine, device, batch_size, synced=world > 1 and distributed_ready())
-    scores = row_scores(metric, preds, [r["reference"] for r in mine])
-    return float(sum(s for s, c in zip(scores, counts) if c)), sum(counts)
+    _, scores = shard_row_scores(model, tokenizer, metric, rows, device, batch_size, world, rank)
+    return float(sum(scores)), len(scores)
 
 
 @torch.no_grad()

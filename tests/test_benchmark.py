@@ -349,5 +349,30 @@ def test_finished_runs_rebuilds_the_v3_tables_from_the_run_directories(tiny_v3):
     text = finished_runs.main(["--out", str(root / "out")])
     written = (root / "out" / "results.md").read_text()
     start = written.index("\nTask orders (fixed")
+    end = written.index("\n\n\nOrder 1:")  # the bootstrap intervals follow: finished_runs.py does not compute them
     assert text.startswith("Complete orders: 1, 2 (2 runs of each setting).")
-    assert text[text.index("\nTask orders (fixed") :] == written[start:]  # the same numbers from report.json alone
+    assert text[text.index("\nTask orders (fixed") :].rstrip("\n") == written[start:end].rstrip("\n")
+
+
+def test_test_split_and_intervals(tiny_results):
+    """Protocol v3: runs evaluate the test part of each held-out file, and every headline number has an interval."""
+    _, root, _, payload = tiny_results
+    setup = payload["setup"]
+    assert setup["eval_split"] == "test"
+    assert all(Path(f["holdout_path"]).name == "test.jsonl" for f in setup["domain_files"])
+    intervals, agg = payload["intervals"], payload["aggregates"]
+    assert intervals["resamples"] == 2000 and intervals["seeds"] == 2
+    for mode in MODES:
+        row = intervals["modes"][mode]
+        for key in ("drift_mean_pct", "base_relative_forgetting_mean_pct", "plasticity_mean"):
+            entry = row[key]
+            # The point value is the aggregate's seed mean (per-row sums: equal up to float rounding).
+            assert entry["value"] == pytest.approx(agg["modes"][mode][key]["mean"], rel=1e-4, abs=1e-4), (mode, key)
+            assert entry["low"] <= entry["value"] + 1e-9 and entry["value"] <= entry["high"] + 1e-9, (mode, key)
+        assert (Path(payload["per_seed"]["0"]["runs"][mode]["run_dir"]) / "heldout_rows.json").is_file()
+    for pair in ("CRMA-shared_vs_NAIVE", "MODULAR_vs_FROZEN", "REPLAY_vs_NAIVE", "EWC_vs_NAIVE", "O-LORA_vs_FROZEN"):
+        entry = intervals["pairs"][pair]["heldout_improvement_pct"]
+        assert entry["value"] == pytest.approx(agg["pairs"][pair]["heldout_improvement_pct"]["mean"], abs=1e-3)
+        assert isinstance(entry["excludes_zero"], bool)
+    table = (root / "out" / "results.md").read_text()
+    assert "95 % intervals (held-out documents and seeds)" in table and "| MODULAR vs FROZEN |" in table

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import SumMetric
 
 from crma_lightning import _compat, metrics, scoring
+from crma_lightning.callbacks.row_losses import RowLosses, gather_row_scores
 from crma_lightning.parallel.dist import distributed_ready
 from crma_lightning.plotting import loss_matrix_image
 from crma_lightning.report import summarize_losses
@@ -35,12 +36,22 @@ class DomainEvaluation(L.Callback):
     ``cl/fwt_score``, ``cl/forgetting_mean`` and the ``cl/score_matrix`` heatmap. ``score_seconds[row]``
     is the generation's wall time.
 
+    With ``row_losses=True`` every filled row also keeps each held-out row's summed loss and token
+    count (``row_table[s][domain]``) and each scored row's task score (``row_scores[s][domain]``): what
+    intervals over held-out rows need (:mod:`crma_lightning.callbacks.row_losses`; the runner writes
+    them to ``heldout_rows.json``). It costs a second, per-row loss reduction per evaluation batch.
+
     Args:
         log_heatmap: Log the matrix as a TensorBoard image (and as a Markdown text table).
+        row_losses: Keep per-row numbers of every matrix row (off by default).
     """
 
-    def __init__(self, log_heatmap: bool = True) -> None:
+    def __init__(self, log_heatmap: bool = True, row_losses: bool = False) -> None:
         self.log_heatmap = log_heatmap
+        self.row_losses = row_losses
+        self.row_table: dict[int, dict[str, dict[str, list]]] = {}
+        self.row_scores: dict[int, dict[str, list[float]]] = {}
+        self._rows = RowLosses()
         self.domains: list[str] = []
         self.matrix: list[list[float | None]] = []
         self.tokens: dict[str, int] = {}
@@ -128,6 +139,9 @@ class DomainEvaluation(L.Callback):
         for pair in self._metrics.values():
             for metric in pair:
                 metric.reset()
+        self._rows.reset()
+        if self.row_losses:
+            pl_module.keep_row_losses = True
 
     def on_validation_batch_end(
         self,
@@ -143,6 +157,8 @@ class DomainEvaluation(L.Callback):
         loss_sum, tokens = self._sums(outputs["domain"], pl_module.device)
         loss_sum.update(outputs["loss_sum"])
         tokens.update(outputs["tokens"])
+        if self.row_losses and "row_loss_sums" in outputs:
+            self._rows.add(trainer, outputs["domain"], outputs["row_loss_sums"], outputs["row_tokens"])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -166,6 +182,8 @@ class DomainEvaluation(L.Callback):
             self.tokens[domain] = int(count)
         self.last_losses = losses
         if self._pending_row is not None and trainer.state.fn == "validate":
+            if self.row_losses and hasattr(datamodule, "eval_sets"):
+                self.row_table[self._pending_row] = self._rows.gather(trainer, order, pl_module.device)
             self._score(trainer, pl_module, self._pending_row, order)
             self._record_row(trainer, self._pending_row, losses)
             self._pending_row = None
@@ -183,7 +201,7 @@ class DomainEvaluation(L.Callback):
         sums = []
         for domain in scored:
             pl_module.activate_task(pl_module.evaluation_task(domain))  # as validation_step does (merged, --data)
-            total, count = scoring.domain_score_sums(
+            indices, scores = scoring.shard_row_scores(
                 pl_module.model,
                 pl_module.tokenizer,
                 task_metrics[domain],
@@ -193,7 +211,11 @@ class DomainEvaluation(L.Callback):
                 world=trainer.world_size,
                 rank=trainer.global_rank,
             )
-            sums.append([total, float(count)])
+            sums.append([float(sum(scores)), float(len(scores))])
+            if self.row_losses:
+                n = len(datamodule.score_rows[domain])
+                per_row = gather_row_scores(trainer, n, indices, scores, pl_module.device)
+                self.row_scores.setdefault(row, {})[domain] = per_row
         local = torch.tensor(sums, dtype=torch.float64, device=pl_module.device)
         reduced = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
         while len(self.scores) <= row:
@@ -273,6 +295,7 @@ class DomainEvaluation(L.Callback):
             "scores": [list(r) for r in self.scores],
             "score_metrics": dict(self.score_metrics),
             "score_seconds": {str(k): v for k, v in self.score_seconds.items()},
+            **({"row_table": dict(self.row_table), "row_scores": dict(self.row_scores)} if self.row_losses else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -282,3 +305,5 @@ class DomainEvaluation(L.Callback):
         self.scores = [list(r) for r in state_dict.get("scores", [])]
         self.score_metrics = dict(state_dict.get("score_metrics", {}))
         self.score_seconds = {int(k): float(v) for k, v in state_dict.get("score_seconds", {}).items()}
+        self.row_table = {int(k): v for k, v in state_dict.get("row_table", {}).items()}
+        self.row_scores = {int(k): v for k, v in state_dict.get("row_scores", {}).items()}

@@ -1,0 +1,169 @@
+"""Bootstrap intervals of the benchmark (benchmarks/_stats.py) against hand computations on a fixed small sample.
+
+Two domains (a, b), two held-out rows each, four explicit replicates (row draws), so every replicate's
+statistic and the percentile bounds (numpy's linear interpolation: position p (B - 1) in the sorted
+replicates) are computed by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from _stats import PAIR_STATS, RUN_STATS, SCORE_STATS, RunRows, interval
+
+# Row draws per domain, one replicate per line (B = 4).
+DRAWS = [np.array([[0, 0], [0, 1], [1, 1], [1, 0]]), np.array([[1, 1], [0, 1], [0, 0], [1, 0]])]
+
+
+def _run(a_after_a, a_final, b_final, shift=0.0):
+    """A run over domains a, b: rows 0 (base), 1 (after a), 2 (after b); ``(loss_sum, tokens)`` per cell."""
+
+    def cell(loss, tok):
+        return {"loss_sum": [x + shift * t for x, t in zip(loss, tok)], "tokens": tok}
+
+    base = {"a": cell([3, 6], [1, 2]), "b": cell([6, 3], [2, 1])}
+    data = {
+        "domains": ["a", "b"],
+        "rows": {"0": base, "1": {"a": cell(*a_after_a)}, "2": {"a": cell(*a_final), "b": cell(*b_final)}},
+    }
+    return RunRows.from_file_content(data)
+
+
+REF = _run(([1, 4], [1, 2]), ([2, 6], [1, 2]), ([4, 4], [2, 1]))
+
+
+def test_final_loss_and_drift_of_one_run():
+    # L[2][a] per replicate: [0,0] (2+2)/2 = 2; [0,1] 8/3; [1,1] 12/4 = 3; [1,0] 8/3.
+    # L[2][b] per replicate: [1,1] 8/2 = 4; [0,1] 8/3; [0,0] 8/4 = 2; [1,0] 8/3.
+    # final mean loss: 3, 8/3, 2.5, 8/3 -> sorted [2.5, 8/3, 8/3, 3]
+    # 2.5 %: position 0.075 -> 2.5 + 0.075 (1/6) = 2.5125; 97.5 %: position 2.925 -> 8/3 + 0.925 (1/3) = 2.975.
+    out = interval(RUN_STATS["final_loss_mean"], [[REF]], draws=DRAWS)
+    assert out["value"] == pytest.approx(8 / 3)  # all rows: a 8/3, b 8/3
+    assert (out["low"], out["high"]) == (pytest.approx(2.5125), pytest.approx(2.975))
+    assert out["resamples"] == 4 and out["seeds"] == 1
+    # L[1][a]: 1, 5/3, 2, 5/3 -> drift_a = 100 (L[2][a] - L[1][a]) / L[1][a] = 100, 60, 50, 60 (b is last: no drift)
+    # sorted [50, 60, 60, 100]: 50 + 0.075 * 10 = 50.75; 60 + 0.925 * 40 = 97.
+    drift = interval(RUN_STATS["drift_mean_pct"], [[REF]], draws=DRAWS)
+    assert drift["value"] == pytest.approx(60.0)  # all rows: 100 (8/3 - 5/3) / (5/3)
+    assert (drift["low"], drift["high"]) == (pytest.approx(50.75), pytest.approx(97.0))
+    assert drift["excludes_zero"] is True
+    # L[0][a]: [0,0] 3; [0,1] 9/3 = 3; 3; 3 -> forgetting_a = 100 (L[2][a] - 3) / 3 = -33.33, -11.11, 0, -11.11
+    forgetting = interval(RUN_STATS["base_relative_forgetting_mean_pct"], [[REF]], draws=DRAWS)
+    assert (forgetting["low"], forgetting["high"]) == (
+        pytest.approx(-100 / 3 + 0.075 * (100 / 3 - 100 / 9)),
+        pytest.approx(-100 / 9 + 0.925 * (100 / 9)),
+    )
+    assert forgetting["high"] == pytest.approx(-5 / 6) and forgetting["excludes_zero"] is True  # -0.83 < 0
+
+
+def test_paired_interval_of_two_settings_on_the_same_rows():
+    x = _run(([1, 4], [1, 2]), ([1, 6], [1, 2]), ([4, 4], [2, 1]))
+    # L_X[2][a]: [0,0] 1; [0,1] 7/3; [1,1] 3; [1,0] 7/3 against L_ref[2][a] 2, 8/3, 3, 8/3; b identical (0 %).
+    # improvement = mean_j 100 (L_ref - L_X) / L_ref = (50 + 0) / 2, (12.5 + 0) / 2, 0, 6.25 = 25, 6.25, 0, 6.25
+    # sorted [0, 6.25, 6.25, 25]: 0 + 0.075 * 6.25 = 0.46875; 6.25 + 0.925 * 18.75 = 23.59375.
+    out = interval(PAIR_STATS["heldout_improvement_pct"], [[x, REF]], draws=DRAWS)
+    assert out["value"] == pytest.approx(6.25)  # all rows: a 100 (8/3 - 7/3) / (8/3) = 12.5, b 0
+    assert (out["low"], out["high"]) == (pytest.approx(0.46875), pytest.approx(23.59375))
+    assert out["excludes_zero"] is True  # a difference: the interval excludes 0
+    same = interval(PAIR_STATS["final_loss_diff"], [[REF, REF]], draws=DRAWS)
+    assert (same["value"], same["low"], same["high"], same["excludes_zero"]) == (0.0, 0.0, 0.0, False)
+
+
+def test_seeds_are_resampled_then_rows_within_them():
+    shifted = _run(([1, 4], [1, 2]), ([2, 6], [1, 2]), ([4, 4], [2, 1]), shift=1.0)  # every loss + 1 per token
+    # final mean loss per replicate: seed 0: 3, 8/3, 2.5, 8/3; seed 1: 4, 11/3, 3.5, 11/3.
+    # seed draws (0,0), (0,1), (1,1), (1,0): 3, (8/3 + 11/3) / 2 = 19/6, 3.5, 19/6 -> sorted [3, 19/6, 19/6, 3.5]
+    # 3 + 0.075 (1/6) = 3.0125; 19/6 + 0.925 (1/3) = 3.475.
+    seed_draws = np.array([[0, 0], [0, 1], [1, 1], [1, 0]])
+    out = interval(RUN_STATS["final_loss_mean"], [[REF], [shifted]], draws=DRAWS, seed_draws=seed_draws)
+    assert out["value"] == pytest.approx(19 / 6) and out["seeds"] == 2
+    assert (out["low"], out["high"]) == (pytest.approx(3.0125), pytest.approx(3.475))
+
+
+def test_random_resampling_is_seeded_and_refuses_unpaired_rows():
+    first = interval(RUN_STATS["final_loss_mean"], [[REF]], resamples=500, seed=7)
+    assert first == interval(RUN_STATS["final_loss_mean"], [[REF]], resamples=500, seed=7)
+    assert first["resamples"] == 500 and first["low"] <= first["value"] <= first["high"]
+    other = RunRows.from_file_content(
+        {
+            "domains": ["a", "b"],
+            "rows": {"0": {"a": {"loss_sum": [1.0], "tokens": [1]}, "b": {"loss_sum": [1.0], "tokens": [1]}}},
+        }
+    )
+    with pytest.raises(ValueError, match="different held-out rows"):
+        interval(PAIR_STATS["final_loss_diff"], [[REF, other]])
+
+
+def test_documents_are_the_unit_resampled():
+    # Rows 0-1 start in document 0, row 2 in document 4: two units per stage, with summed losses and tokens.
+    data = {
+        "domains": ["a"],
+        "rows": {"0": {"a": {"loss_sum": [1.0, 2.0, 4.0], "tokens": [1, 1, 2]}}},
+        "documents": {"a": [0, 0, 4]},
+    }
+    by_doc = RunRows.from_file_content(data)
+    assert by_doc.loss_sum[0][0].tolist() == [3.0, 4.0] and by_doc.tokens[0][0].tolist() == [2.0, 2.0]
+    assert by_doc.rows_per_domain() == [2]
+    by_row = RunRows.from_file_content(data, unit="row")
+    assert by_row.loss_sum[0][0].tolist() == [1.0, 2.0, 4.0]
+    # Replicates [doc 0, doc 0] -> 6/4 = 1.5 and [doc 1, doc 1] -> 8/4 = 2: the loss is token-weighted per unit.
+    m = by_doc.matrix([np.array([[0, 0], [1, 1]])])
+    assert m[0, 0].tolist() == [1.5, 2.0]
+    assert by_doc.matrix([None])[0, 0, 0] == pytest.approx(7 / 4)  # all rows: the loss-matrix value
+
+
+SCORES = {"0": {"a": [0.0, 1.0], "b": [0.0, 0.0]}, "1": {"a": [1.0, 1.0]}, "2": {"a": [0.0, 1.0], "b": [1.0, 1.0]}}
+
+
+def test_task_score_statistics():
+    # S[0] = [0.5, 0], S[1][a] = 1, S[2] = [0.5, 1]: AP 0.75, BWT_score 0.5 - 1 = -0.5, forgetting_a 1 - 0.5 = 0.5.
+    runs = RunRows.from_scores({"domains": ["a", "b"], "scores": SCORES})
+    values = {k: interval(stat, [[runs]], draws=[np.array([[0, 1]]), np.array([[0, 1]])])["value"]
+              for k, stat in SCORE_STATS.items()}  # fmt: skip
+    assert values == {"ap": 0.75, "bwt_score": -0.5, "forgetting_mean": 0.5}
+    # Replicates: a [1,1], b [0,0] -> S[2] = [1, 1], S[1][a] = 1: AP 1, BWT 0; a [0,0], b [0,1] -> S[2] = [0, 1],
+    # S[1][a] = 1: AP 0.5, BWT -1. Percentiles of [0.5, 1]: 0.5125, 0.9875; of [-1, 0]: -0.975, -0.025.
+    draws = [np.array([[1, 1], [0, 0]]), np.array([[0, 0], [0, 1]])]
+    ap = interval(SCORE_STATS["ap"], [[runs]], draws=draws)
+    bwt = interval(SCORE_STATS["bwt_score"], [[runs]], draws=draws)
+    assert (ap["low"], ap["high"]) == (pytest.approx(0.5125), pytest.approx(0.9875))
+    assert (bwt["low"], bwt["high"], bwt["excludes_zero"]) == (pytest.approx(-0.975), pytest.approx(-0.025), True)
+    with pytest.raises(ValueError, match=r"\['b'\] have no task score"):
+        RunRows.from_scores({"domains": ["a", "b"], "scores": {"0": {"a": [1.0]}}})
+
+
+def test_benchmark_intervals_pair_the_settings_of_each_seed(tmp_path):
+    import json
+
+    from _intervals import benchmark_intervals, render_intervals
+
+    def write(name, content):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "heldout_rows.json").write_text(json.dumps({"format": "crma_lightning heldout rows v1", **content}))
+        return {"status": "complete", "run_dir": str(d)}
+
+    def content(run):
+        rows = {
+            str(s): {d: {"loss_sum": run.loss_sum[s][j].tolist(), "tokens": run.tokens[s][j].tolist()}
+                     for j, d in enumerate(run.domains) if run.loss_sum[s][j] is not None}
+            for s in range(3)
+        }  # fmt: skip
+        return {"domains": run.domains, "rows": rows, "scores": SCORES, "documents": {}}
+
+    x = _run(([1, 4], [1, 2]), ([1, 6], [1, 2]), ([4, 4], [2, 1]))
+    per_seed = {"0": {"runs": {"NAIVE": write("n", content(REF)), "EWC": write("e", content(x))}}}
+    out = benchmark_intervals(per_seed, {"EWC": "NAIVE"}, resamples=200, seed=3)
+    direct = interval(PAIR_STATS["heldout_improvement_pct"], [[x, REF]], resamples=200, seed=3)
+    assert out["pairs"]["EWC_vs_NAIVE"]["heldout_improvement_pct"] == direct  # same draws: seeded the same way
+    assert out["modes"]["NAIVE"]["final_loss_mean"] == interval(RUN_STATS["final_loss_mean"], [[REF]], 200, seed=3)
+    assert out["scores"]["pairs"]["EWC_vs_NAIVE"]["ap_diff"]["value"] == 0.0
+    assert out["units_per_domain"] == {"a": 2, "b": 2}
+    text = render_intervals(out)
+    assert "| EWC vs NAIVE |" in text and "Task scores" in text

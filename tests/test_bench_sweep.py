@@ -1,0 +1,93 @@
+"""The dev sweep (benchmarks/sweep.py): the selection rule, the grid file, a --tiny sweep on dev, and --chosen."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import sweep  # noqa: E402  (the benchmark's helpers import each other by name)
+
+
+def test_selection_rule():
+    # final loss: lowest wins; within the tolerance the a-priori point wins, else the first tied one.
+    assert sweep.select([3.0, 2.0, 2.5], "final_loss_mean", 0.0, 0, "a_priori") == 1
+    assert sweep.select([3.0, 2.0, 2.0004], "final_loss_mean", 0.0005, 2, "a_priori") == 2
+    assert sweep.select([3.0, 2.0, 2.0004], "final_loss_mean", 0.0005, 0, "a_priori") == 1
+    # routing accuracy: highest wins; tie_break first = the first tied point in grid order (the smaller P).
+    assert sweep.select([0.5, 0.9, 0.895], "routing_accuracy_mean", 0.01, 2, "first") == 1
+    assert sweep.select([None, 0.4, 0.3], "routing_accuracy_mean", 0.0, 0, "a_priori") == 1
+    with pytest.raises(ValueError, match="no grid point completed"):
+        sweep.select([None, None], "final_loss_mean", 0.0, 0, "a_priori")
+
+
+def test_the_committed_grid_is_valid_and_bad_grids_are_refused(tmp_path):
+    groups = sweep.load_grid(BENCH / "sweep_grid.yaml")
+    assert set(groups) == {"EWC", "REPLAY", "O-LORA", "ROUTING"}
+    # The a-priori values are the benchmark's own defaults (default preset).
+    import continual
+
+    args = continual.parse_args(["--out", "unused"])
+    for g in groups.values():
+        assert all(getattr(args, k) == v for k, v in g["a_priori"].items()), g
+    bad = tmp_path / "g.yaml"
+    bad.write_text(
+        "groups:\n  E: {settings: [EWC], metric: final_loss_mean, a_priori: {ewc_lam: 5}, grid: [{ewc_lam: 1}]}\n"
+    )
+    with pytest.raises(ValueError, match="must be one of the grid points"):
+        sweep.load_grid(bad)
+    bad.write_text("groups:\n  E: {settings: [EWC], metric: final_loss_mean, a_priori: {lam: 1}, grid: [{lam: 1}]}\n")
+    with pytest.raises(ValueError, match="grid point"):
+        sweep.load_grid(bad)
+
+
+def test_tiny_sweep_runs_the_grid_on_dev_and_chosen_values_reach_the_benchmark(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "groups:\n"
+        "  EWC: {settings: [EWC], metric: final_loss_mean, tolerance: 0.0, a_priori: {ewc_lam: 1000.0},\n"
+        "        grid: [{ewc_lam: 1.0}, {ewc_lam: 1000.0}]}\n"
+        "  ROUTING: {settings: [FROZEN, MODULAR], metric: routing_accuracy_mean, tolerance: 0.0, tie_break: first,\n"
+        "            a_priori: {prefix_tokens: 8}, grid: [{prefix_tokens: 4}, {prefix_tokens: 8}]}\n"
+    )
+    cache, out = str(tmp_path / "cache"), tmp_path / "sweep"
+    chosen = sweep.main(
+        ["--tiny", "--grid", str(grid), "--out", str(out), "--", "--domains", "prose", "code", "--seeds", "1",
+         "--cache-dir", cache]
+    )  # fmt: skip
+    assert json.loads((out / "chosen.json").read_text()) == chosen and (out / "sweep.md").is_file()
+    dev = json.loads((out / "dev" / "results.json").read_text())
+    assert dev["setup"]["eval_split"] == "dev"
+    assert all(Path(f["holdout_path"]).name == "dev.jsonl" for f in dev["setup"]["domain_files"])
+    for name, group in chosen["groups"].items():
+        values = [p["value"] for p in group["points"]]
+        assert None not in values, name
+        best = (min if group["metric"] == "final_loss_mean" else max)(values)
+        picked = next(p for p in group["points"] if p["chosen"])
+        assert picked["params"] == group["chosen"]
+        assert picked["value"] == best or group["chosen"] == group["a_priori"]
+    # continual.py --chosen: the chosen values, and an a-priori row where they differ (here forced to differ).
+    chosen["groups"]["EWC"]["chosen"] = {"ewc_lam": 1.0}
+    chosen["groups"]["ROUTING"]["chosen"] = {"prefix_tokens": 8}
+    path = tmp_path / "chosen.json"
+    path.write_text(json.dumps(chosen))
+    import continual
+
+    args = continual.parse_args(["--tiny", "--out", "unused", "--chosen", str(path), "--settings", "NAIVE", "EWC"])
+    assert args.settings == ["NAIVE", "EWC", "EWC-apriori"] and args.ewc_lam == 1.0 and args.prefix_tokens == 8
+    payload = continual.main(
+        ["--tiny", "--chosen", str(path), "--settings", "EWC", "--domains", "prose", "code", "--seeds", "1",
+         "--cache-dir", cache, "--out", str(tmp_path / "test")]
+    )  # fmt: skip
+    modes = payload["setup"]["modes"]
+    assert payload["setup"]["eval_split"] == "test"
+    assert modes["EWC"]["method"]["lam"] == 1.0 and modes["EWC-apriori"]["method"]["lam"] == 1000.0
+    assert payload["setup"]["chosen"]["a_priori_rows"] == ["EWC-apriori"]
+    assert payload["per_seed"]["0"]["runs"]["EWC-apriori"]["status"] == "complete"
+    with pytest.raises(SystemExit):
+        continual.parse_args(["--tiny", "--out", "unused", "--chosen", str(grid)])  # not a chosen.json
