@@ -96,3 +96,16 @@ def test_row_documents_count_the_eos_tokens_before_each_row():
     assert row_documents(rows, eos) == [0, 1, 1, 3]
     assert row_documents([[1, eos], [2, eos]], eos) == [0, 1]  # unpacked rows: one text each
     assert row_documents(rows, None) == [0, 1, 2, 3]  # no EOS: every row its own document
+
+
+def test_rows_missing_from_the_per_row_numbers_are_refused(tmp_path, monkeypatch):
+    """A row the per-row pass never saw (here: every batch's last row dropped) would be a zero-token bootstrap
+    unit: refused with the domain named, instead of a silently wrong interval."""
+    original = RowLosses.add
+
+    def drop_last(self, trainer, domain, loss_sums, tokens):
+        original(self, trainer, domain, loss_sums[:-1], tokens[:-1])
+
+    monkeypatch.setattr(RowLosses, "add", drop_last)
+    with pytest.raises(RuntimeError, match=r"domain 'prose' per-row tokens sum to \d+, the evaluation counted"):
+        _run(tmp_path, "short", [DomainEvaluation(row_losses=True)])

@@ -140,8 +140,8 @@ class DomainEvaluation(L.Callback):
             for metric in pair:
                 metric.reset()
         self._rows.reset()
-        if self.row_losses:
-            pl_module.keep_row_losses = True
+        # Per-row numbers only for a matrix row (runner validation), not for in-fit or sanity validations.
+        pl_module.keep_row_losses = bool(self.row_losses and self._pending_row is not None)
 
     def on_validation_batch_end(
         self,
@@ -183,7 +183,15 @@ class DomainEvaluation(L.Callback):
         self.last_losses = losses
         if self._pending_row is not None and trainer.state.fn == "validate":
             if self.row_losses and hasattr(datamodule, "eval_sets"):
-                self.row_table[self._pending_row] = self._rows.gather(trainer, order, pl_module.device)
+                rows = self._rows.gather(trainer, order, pl_module.device)
+                for domain, numbers in rows.items():  # every row evaluated once: else the bootstrap units are wrong
+                    if domain in self.tokens and sum(numbers["tokens"]) != self.tokens[domain]:
+                        raise RuntimeError(
+                            f"row_losses: domain {domain!r} per-row tokens sum to {sum(numbers['tokens'])}, the "
+                            f"evaluation counted {self.tokens[domain]}: some held-out rows were not evaluated "
+                            "exactly once (limit_val_batches, or a replaced sampler?)"
+                        )
+                self.row_table[self._pending_row] = rows
             self._score(trainer, pl_module, self._pending_row, order)
             self._record_row(trainer, self._pending_row, losses)
             self._pending_row = None

@@ -56,7 +56,7 @@ class RowLosses:
         n, start, sums, counts = self._rows[domain]
         _, stop = shard_bounds(n, trainer.world_size, trainer.global_rank)
         room = stop - start - len(sums)  # padding batches (after the shard) add nothing
-        sums.extend(loss_sums.detach().double().cpu().tolist()[: max(room, 0)])
+        sums.extend(loss_sums.detach().cpu().double().tolist()[: max(room, 0)])  # float64 on the host: not on MPS
         counts.extend(tokens.detach().cpu().tolist()[: max(room, 0)])
 
     def gather(self, trainer: L.Trainer, domains: list[str], device: torch.device) -> dict[str, dict[str, list]]:
