@@ -72,7 +72,12 @@ class OLoRA(ContinualMethod):
         self.current: str | None = None
 
     def config(self) -> dict[str, Any]:
-        return {"lam": self.lam, "lam2": self.lam2}
+        """``lam``, and ``lam2`` only when it is not 0.
+
+        Checkpoints written before λ₂ existed record ``{"lam": ...}`` alone, and a run with the default
+        λ₂ = 0 must still resume them (its identity and config compare equal to theirs).
+        """
+        return {"lam": self.lam} if self.lam2 == 0 else {"lam": self.lam, "lam2": self.lam2}
 
     def setup(self, module: nn.Module) -> None:
         self.check_task_adapters(getattr(module, "task_adapters", "per_task"))
@@ -138,7 +143,15 @@ class OLoRA(ContinualMethod):
         return {"config": self.config(), "trained": list(self.trained), "current": self.current}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._check_config(state)
+        # A config without lam2 was written with λ₂ = 0 (it is left out at 0, and older versions had
+        # no λ₂): both sides are compared with it filled in, so lam2 > 0 against such a checkpoint (and
+        # lam2 = 0 against one written with λ₂ > 0) is refused, not silently accepted.
+        saved = {"lam2": 0.0, **state.get("config", {})}
+        for key, value in {"lam": self.lam, "lam2": self.lam2}.items():
+            if key in saved and saved[key] != value:
+                raise ValueError(
+                    f"{self.name}: checkpoint was written with {key}={saved[key]!r}, this run has {key}={value!r}"
+                )
         self.trained = list(state["trained"])
         self.current = state["current"]
 
