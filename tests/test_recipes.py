@@ -15,7 +15,7 @@ from test_cli import CONFIGS, print_config
 
 from crma_lightning import scoring
 from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.task_metrics import as_task_metric, row_scores
+from crma_lightning.task_metrics import as_task_metric, cut_at_stop, row_scores
 from crma_lightning.tokenizer import byte_tokenizer
 
 RECIPES = CONFIGS / "recipes"
@@ -97,7 +97,8 @@ def _local_source(domain: dict, root: Path) -> tuple[dict, list[dict]]:
     files = {}
     for split, n, offset in (("train", 6, 0), ("test", 4, 100)):
         rows = [
-            {fields[0]: f"{fields[0]} {offset + i}\n", fields[1]: labels[i % len(labels)] if labels else f"A{i}"}
+            # A free-text answer spans lines: its reference is cut at the metric's stop ("\n\n" for ROUGE-L).
+            {fields[0]: f"{fields[0]} {offset + i}\n", fields[1]: labels[i % len(labels)] if labels else f"A{i}\nB{i}"}
             for i in range(n)
         ]
         files[split] = folder / f"{split}.json"
@@ -113,7 +114,7 @@ def _expected(domain: dict, row: dict) -> tuple[str, str]:
     response = row[domain["response_field"]]
     if domain.get("response_labels"):
         response = domain["response_labels"][response]
-    return prompt, response.split("\n")[0]
+    return prompt, cut_at_stop(response, as_task_metric(domain["metric"], domain["name"]).stop)
 
 
 def _recipe(name: str) -> dict:
@@ -125,9 +126,10 @@ def test_recipe_rows_go_through_loading_templating_and_the_metric(name, tmp_path
     cfg = _recipe(name)
     domains = cfg["data"]["domains"]
     assert [d["name"] for d in domains] == OLORA_ORDERS.get(name, TRACE_ORDER)
-    for d in domains:  # a Hub source is pinned (or says it is not) and names its held-out split
-        if "hub" in d:
-            assert d["revision"] and d["holdout_split"] == "test", d["name"]
+    for d in domains:  # the papers' own files (O-LoRA's class-balanced CL_Benchmark rows, TRACE's), no Hub split
+        assert "hub" not in d and d["path"].endswith("/train.json") and d["holdout_path"].endswith("/test.json")
+        if name in OLORA_ORDERS:  # O-LoRA's prompt ends "\nAnswer:" and the label word follows directly
+            assert d["template"].endswith("\n{sentence}\nAnswer:") and "response_labels" not in d, d["name"]
     local, held = zip(*(_local_source(d, tmp_path) for d in domains))
     dm = SequentialDomainDataModule(
         domains=list(local), max_length=cfg["data"]["max_length"], packing=False, batch_size=2
