@@ -264,6 +264,13 @@ def validate_domains(specs: Sequence[DomainSpec]) -> None:
                 raise ValueError(
                     f"domain {spec.name!r}: response_labels={labels!r} is invalid: expected distinct non-blank strings"
                 )
+            metric = as_task_metric(spec.metric, spec.name)
+            missing = [x for x in labels if metric is not None and metric.name == "accuracy" and x not in metric.labels]
+            if missing:  # such rows could never be scored right: their reference is no label of the metric
+                raise ValueError(
+                    f"domain {spec.name!r}: response_labels {missing!r} are not in the accuracy metric's labels "
+                    f"{metric.labels!r}; expected every response label among them"
+                )
         as_task_metric(spec.metric, spec.name)
         for key in ("max_examples", "max_steps"):
             value = getattr(spec, key)
@@ -423,11 +430,28 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
             raise ValueError(f"domain {spec.name!r} ({spec.source()}) has {len(full)} rows: too few to hold some out")
         parts = full.train_test_split(test_size=spec.holdout_fraction, seed=seed, shuffle=True)
         train, holdout = parts["train"], parts["test"]
+    for part in (train, holdout):
+        _check_label_count(spec, part)
     if spec.shuffle_holdout and (spec.holdout_path or spec.holdout_split):
         holdout = holdout.shuffle(seed=seed)  # ROW_COLUMN keeps each row's place in its source
     if spec.max_examples is not None:
         train = train.select(range(min(spec.max_examples, len(train))))
     return train, holdout
+
+
+def _check_label_count(spec: DomainSpec, ds: Dataset) -> None:
+    """``response_labels`` must name every class of a ``ClassLabel`` response column, no more, no fewer.
+
+    Checked right after loading, so a list that is one word short (or long) fails before any training,
+    rather than on the first row whose index it misses - or never, mapping classes to the wrong words.
+    """
+    feature = ds.features.get(spec.response_field) if spec.response_labels is not None else None
+    classes = getattr(feature, "num_classes", None)
+    if classes is not None and classes != len(spec.response_labels):
+        raise ValueError(
+            f"domain {spec.name!r}: response_labels has {len(spec.response_labels)} words, but column "
+            f"{spec.response_field!r} has {classes} classes ({feature.names!r}); expected one word per class"
+        )
 
 
 # Fields added after checkpoints recorded sources: left out while at their defaults, so older runs resume.

@@ -161,8 +161,14 @@ def test_shuffle_holdout_mixes_class_sorted_held_out_rows_before_the_first_n_are
     train = _write_jsonl(tmp_path / "t.jsonl", [{"x": f"t{i}", "label": "AB"[i % 2]} for i in range(20)])
     sorted_rows = [{"x": f"h{i}", "label": "A" if i < 20 else "B"} for i in range(40)]
     hold = _write_jsonl(tmp_path / "h.jsonl", sorted_rows)
-    spec = {"name": "tc", "path": train, "holdout_path": hold, "template": "{x}\nAnswer:", "response_field": "label",
-            "metric": {"name": "accuracy", "labels": ["A", "B"], "eval_rows": 8}}
+    spec = {
+        "name": "tc",
+        "path": train,
+        "holdout_path": hold,
+        "template": "{x}\nAnswer:",
+        "response_field": "label",
+        "metric": {"name": "accuracy", "labels": ["A", "B"], "eval_rows": 8},
+    }
     tok = byte_tokenizer()
 
     def first_rows(**extra):

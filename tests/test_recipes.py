@@ -183,10 +183,28 @@ def test_response_labels_map_class_indices_and_refuse_bad_ones(tmp_path):
     dm.prepare(byte_tokenizer())
     held = {(byte_tokenizer().decode(r["prompt_ids"]), r["reference"]) for r in dm.score_rows["news"]}
     assert held and held <= {("a -> ", "World"), ("b -> ", "Science or Technology"), ("c -> ", "Sports")}
-    with pytest.raises(ValueError, match=r"field 'label' is 3, expected a class index in \[0, 2\]"):
+    # A ClassLabel column's class count is checked right after loading: one word short fails in prepare.
+    with pytest.raises(ValueError, match=r"response_labels has 3 words, but column 'label' has 4 classes"):
         SequentialDomainDataModule(
             domains=[{**spec, "response_labels": words[:3]}], max_length=64, packing=False, batch_size=1
         ).prepare(byte_tokenizer())
+    plain = tmp_path / "plain"  # integers without ClassLabel features: an index out of range names the row
+    plain.mkdir()
+    Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 3, 1]}).to_parquet(
+        str(plain / "train-00000-of-00001.parquet")
+    )
+    with pytest.raises(ValueError, match=r"field 'label' is 3, expected a class index in \[0, 2\]"):
+        SequentialDomainDataModule(
+            domains=[{**spec, "hub": str(plain), "response_labels": words[:3]}],
+            max_length=64,
+            packing=False,
+            batch_size=1,
+        ).prepare(byte_tokenizer())
+    metric = {"name": "accuracy", "labels": words[:3]}  # "Science or Technology" could never score
+    with pytest.raises(
+        ValueError, match=r"response_labels \['Science or Technology'\] are not in the accuracy metric's labels"
+    ):
+        SequentialDomainDataModule(domains=[{**spec, "response_labels": words, "metric": metric}])
     with pytest.raises(ValueError, match=r"response_labels needs a response_field"):
         SequentialDomainDataModule(domains=[{"name": "x", "hub": str(tmp_path), "response_labels": words}])
     with pytest.raises(ValueError, match=r"response_labels=\['a', 'a'\] is invalid"):

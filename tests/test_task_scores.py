@@ -226,7 +226,7 @@ def test_score_prompts_are_cut_from_the_left_to_leave_room_for_the_answer(tmp_pa
 
     full = tok(rows[0]["q"] + "\nAnswer:", add_special_tokens=False)["input_ids"]
     generated = prompts({"name": "exact_match", "max_new_tokens": 8})
-    assert generated[0] == full[-(96 - 8):]  # the question's end and "Answer:" stay; 8 tokens left to generate
+    assert generated[0] == full[-(96 - 8) :]  # the question's end and "Answer:" stay; 8 tokens left to generate
     ranked = prompts({"name": "accuracy", "labels": ["yes", "no"], "label_mode": "loss"})
-    assert ranked[0] == full[-(96 - 3):]  # room for the longest label ("yes": 3 bytes)
+    assert ranked[0] == full[-(96 - 3) :]  # room for the longest label ("yes": 3 bytes)
     assert prompts({"name": "exact_match", "max_new_tokens": 200})[0] == full[-95:]  # no room: the prompt fits alone
