@@ -403,10 +403,16 @@ def test_olora_l2_term_matches_hand_computation_from_the_first_task_and_is_check
     penalty = olora.penalty(model)
     torch.testing.assert_close(penalty, torch.tensor((18.0 + 0.2) * len(layers)))
     penalty.backward()
-    for layer in layers:  # d‖B‖_F at B = 0 is 0 (not NaN); d‖A_1‖_F/dA_1 = A_1/‖A_1‖_F
+    # dA_1 = 0.5 · 2 (A_0 A_1ᵀ)ᵀ A_0 + 0.1 · A_1/‖A_1‖_F: row 1 gets 6 · [3, 4] + 0.1 · [1, 0], row 0 nothing.
+    expected_grad = torch.zeros_like(layers[0].lora_A["t1"].weight)
+    expected_grad[1, :2] = torch.tensor([18.0 + 0.1, 24.0])
+    for layer in layers:  # d‖B‖_F at B = 0 is 0 (not NaN)
         assert torch.equal(layer.lora_B["t1"].weight.grad, torch.zeros_like(layer.lora_B["t1"].weight))
-        assert torch.isfinite(layer.lora_A["t1"].weight.grad).all()
-    assert OLoRA(lam=0.5).penalty(model) is None  # lam2 = 0 (the default) and no task started: nothing
+        torch.testing.assert_close(layer.lora_A["t1"].weight.grad, expected_grad)
+    assert OLoRA(lam=0.5).penalty(model) is None  # no task started: nothing
+    first = OLoRA(lam=0.5)  # lam2 = 0 (the default) in the first task: no earlier adapter, no L2 term
+    first.on_task_start(model, "t0", 0)
+    assert first.penalty(model) is None
     assert OLoRA().config() == {"lam": 0.5} and olora.config() == {"lam": 0.5, "lam2": 0.1}
     restored = OLoRA(lam=0.5, lam2=0.1)
     restored.load_state_dict(_roundtrip(olora.state_dict()))
