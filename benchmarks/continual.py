@@ -276,15 +276,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     old = sorted(out.glob("seed*"))
     if old and not args.overwrite:
         raise SystemExit(f"{out} already holds runs ({old[0].name}, ...): pass --overwrite or another --out")
-    for d in old:
-        shutil.rmtree(d)
-    out.mkdir(parents=True, exist_ok=True)
     specs = domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
     # Protocol v2 (--pretrain-builtin): the base's general text is disjoint from the benchmark domains.
     general = specs
     if args.pretrain_builtin:
         general = domain_specs(args.pretrain_builtin, None, args.cache_dir, args.max_chars)
         check_texts_disjoint(general, specs)
+    for d in old:  # only once every check passed: a refused --overwrite run keeps the previous results
+        shutil.rmtree(d)
+    out.mkdir(parents=True, exist_ok=True)
     base = base_model(args, general, device)
     targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
     cfg = {

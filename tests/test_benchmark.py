@@ -208,3 +208,19 @@ def test_pretrain_builtin_must_be_disjoint_from_the_domains(tmp_path):
     copy = {"name": "prose2", "path": write("p-train", ["z"]), "holdout_path": write("p-hold", ["d e f", "q"])}
     with pytest.raises(ValueError, match=r"'prose' shares 1 text record\(s\) with benchmark domain 'prose2'"):
         check_texts_disjoint(general, [clean, copy])
+
+
+def test_a_refused_overwrite_run_keeps_the_previous_results(tmp_path, monkeypatch):
+    bench = _load_benchmark()
+    out = tmp_path / "out"
+    (out / "seed0").mkdir(parents=True)
+    (out / "seed0" / "report.json").write_text("{}")  # a finished earlier run
+
+    def shared(general, specs):
+        raise ValueError("--pretrain-builtin 'arithmetic' shares 1 text record(s) with benchmark domain 'prose'")
+
+    monkeypatch.setattr(bench, "check_texts_disjoint", shared)
+    argv = ["--tiny", "--domains", "prose", "code", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(ValueError, match=r"shares 1 text record"):
+        bench.main([*argv, "--pretrain-builtin", "arithmetic", "--overwrite"])
+    assert (out / "seed0" / "report.json").read_text() == "{}"  # refused before the old runs were deleted
