@@ -437,7 +437,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     old = sorted([*out.glob("seed*"), *out.glob("order*")])
     if old and not args.overwrite:
         raise SystemExit(f"{out} already holds runs ({old[0].name}, ...): pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
     names, specs = _domains(args)
     orders = task_orders(names, args.orders)  # before any work: a bad --orders fails here
     # Protocol v2 (--pretrain-builtin): the base's general text is disjoint from the benchmark domains
@@ -446,8 +445,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.pretrain_builtin:
         general = domain_specs(args.pretrain_builtin, None, args.cache_dir, args.max_chars)
         check_texts_disjoint(general, specs)
-    for d in old:
+    for d in old:  # only once every check passed: a refused --overwrite run keeps the previous results
         shutil.rmtree(d)
+    out.mkdir(parents=True, exist_ok=True)
     print("task orders:\n" + "\n".join(f"  {k}. {' -> '.join(o)}" for k, o in enumerate(orders, 1)), flush=True)
     base = base_model(args, general, device)
     targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")

@@ -95,6 +95,10 @@ class DomainSpec:
         holdout_path: Local file(s) with the held-out rows.
         holdout_split: Split with the held-out rows (hub datasets, or local files with named splits).
         holdout_fraction: Otherwise, this fraction of the training rows is held out (fixed seed).
+        shuffle_holdout: Shuffle the rows of ``holdout_path`` / ``holdout_split`` (with the run's seed)
+            before anything takes the first of them (``max_eval_rows``, a metric's ``eval_rows``). Off by
+            default (the file's order, so existing numbers stay); turn it on for a source stored in class
+            blocks, e.g. the Hub's ``dbpedia_14`` test split, whose first 500 rows are all one class.
         max_examples: Keep at most this many training rows (after the held-out split).
         max_steps: Optimizer steps for this domain's stage (overrides the trainer's ``max_steps``).
         metric: Task metric scored by generation after every stage (prompt/response and chat rows): a
@@ -120,6 +124,7 @@ class DomainSpec:
     holdout_path: str | list[str] | None = None
     holdout_split: str | None = None
     holdout_fraction: float = 0.1
+    shuffle_holdout: bool = False
     max_examples: int | None = None
     max_steps: int | None = None
     metric: str | dict[str, Any] | None = None
@@ -232,6 +237,11 @@ def validate_domains(specs: Sequence[DomainSpec]) -> None:
                 f"domain {spec.name!r}: holdout_fraction={spec.holdout_fraction!r} must be in (0, 1) "
                 "when no holdout_path/holdout_split is given"
             )
+        if spec.shuffle_holdout and not (spec.holdout_path or spec.holdout_split):
+            raise ValueError(
+                f"domain {spec.name!r}: shuffle_holdout=True needs holdout_path or holdout_split (rows held out "
+                "by holdout_fraction are drawn at random already)"
+            )
         if spec.prompt_field and not spec.response_field:
             raise ValueError(
                 f"domain {spec.name!r}: prompt_field={spec.prompt_field!r} needs a response_field (the column "
@@ -253,6 +263,13 @@ def validate_domains(specs: Sequence[DomainSpec]) -> None:
             if not labels or len(set(labels)) != len(labels) or blank:
                 raise ValueError(
                     f"domain {spec.name!r}: response_labels={labels!r} is invalid: expected distinct non-blank strings"
+                )
+            metric = as_task_metric(spec.metric, spec.name)
+            missing = [x for x in labels if metric is not None and metric.name == "accuracy" and x not in metric.labels]
+            if missing:  # such rows could never be scored right: their reference is no label of the metric
+                raise ValueError(
+                    f"domain {spec.name!r}: response_labels {missing!r} are not in the accuracy metric's labels "
+                    f"{metric.labels!r}; expected every response label among them"
                 )
         as_task_metric(spec.metric, spec.name)
         for key in ("max_examples", "max_steps"):
@@ -413,9 +430,28 @@ def load_raw(spec: DomainSpec, seed: int = 0, max_chars: int | None = None) -> t
             raise ValueError(f"domain {spec.name!r} ({spec.source()}) has {len(full)} rows: too few to hold some out")
         parts = full.train_test_split(test_size=spec.holdout_fraction, seed=seed, shuffle=True)
         train, holdout = parts["train"], parts["test"]
+    for part in (train, holdout):
+        _check_label_count(spec, part)
+    if spec.shuffle_holdout and (spec.holdout_path or spec.holdout_split):
+        holdout = holdout.shuffle(seed=seed)  # ROW_COLUMN keeps each row's place in its source
     if spec.max_examples is not None:
         train = train.select(range(min(spec.max_examples, len(train))))
     return train, holdout
+
+
+def _check_label_count(spec: DomainSpec, ds: Dataset) -> None:
+    """``response_labels`` must name every class of a ``ClassLabel`` response column, no more, no fewer.
+
+    Checked right after loading, so a list that is one word short (or long) fails before any training,
+    rather than on the first row whose index it misses - or never, mapping classes to the wrong words.
+    """
+    feature = ds.features.get(spec.response_field) if spec.response_labels is not None else None
+    classes = getattr(feature, "num_classes", None)
+    if classes is not None and classes != len(spec.response_labels):
+        raise ValueError(
+            f"domain {spec.name!r}: response_labels has {len(spec.response_labels)} words, but column "
+            f"{spec.response_field!r} has {classes} classes ({feature.names!r}); expected one word per class"
+        )
 
 
 # Fields added after checkpoints recorded sources: left out while at their defaults, so older runs resume.
@@ -425,6 +461,7 @@ _LATER_FIELDS = {
     "response_labels": None,
     "messages_field": "messages",
     "metric": None,
+    "shuffle_holdout": False,
 }
 
 

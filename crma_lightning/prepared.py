@@ -103,7 +103,7 @@ def prepare_domain(
     metric = as_task_metric(spec.metric, spec.name)
     return PreparedDomain(
         metric=metric,
-        score_rows=[] if metric is None else score_rows(holdout_text, tokenizer, metric, spec.name),
+        score_rows=[] if metric is None else score_rows(holdout_text, tokenizer, metric, spec.name, max_length),
         train=train,
         holdout=held,
         holdout_tokens=int(sum(len(x) for x in held["input_ids"])),  # a pass over the token lists, once

@@ -16,9 +16,12 @@ Built-in metrics (``name``):
   non-alphanumerics as spaces).
 * ``token_f1`` - SQuAD-style bag-of-tokens F1 over whitespace tokens of the normalised texts. Written here
   because torchmetrics only has it inside ``SQuAD``, with fixed English normalisation (articles dropped).
-* ``edit_similarity`` - ``2·LCS(p, r) / (|p| + |r|)`` over characters (both empty: 1): the ratio of
-  ``python-Levenshtein``/``fuzzywuzzy``'s ``fuzz.ratio`` (an InDel-distance ratio), which TRACE scores its
-  code task (Py150) with, as a fraction instead of a rounded percentage. Not normalised.
+* ``edit_similarity`` - ``2·LCS(p, r) / (|p| + |r|)`` over characters (both empty: 1): the InDel ratio
+  that ``fuzz.ratio`` computes when ``fuzzywuzzy`` has ``python-Levenshtein`` (or ``rapidfuzz``), as a fraction.
+  TRACE scores its code task (Py150) with ``fuzzywuzzy``'s ``fuzz.ratio``; without ``python-Levenshtein``
+  that falls back to ``difflib.SequenceMatcher.ratio``, whose matching blocks are not a longest common
+  subsequence (it can score lower), and TRACE rounds to a percentage - so this is close to TRACE's score,
+  not guaranteed equal to it. Not normalised.
 * any name registered with :func:`register_metric` - a ``callable(prediction, reference) -> float``.
 
 Only ROUGE-L comes from torchmetrics. Exact match and token F1 exist there only inside ``SQuAD``, whose

@@ -22,7 +22,8 @@ Scenarios (``fsdp2`` all; ``fsdp1`` all but ``lora_bf16``; ``ddp`` the first onl
 * ``bf16``: FSDP2 with ``fsdp_mixed_precision="bf16"``, FSDP1 with a bf16 ``MixedPrecision`` policy;
   ``lora_bf16``: FSDP2 bf16 with LoRA only.
 * ``mix`` (``fsdp2``, ``fsdp1``): the ``ref`` run with CRMA's ``mix`` form (:data:`MIX_CRMA`).
-* ``replay``, ``ewc`` (``fsdp2`` and ``ddp``): the continual methods (:data:`METHODS`) on a shared LoRA.
+* ``replay``, ``ewc``, ``olora`` (``fsdp2`` and ``ddp``): the continual methods (:data:`METHODS`) on a shared
+  LoRA (O-LoRA: one LoRA per task).
 * ``rank0``, ``rank0_pissa`` (``fsdp2``, ``fsdp1``): the ``ref`` run (and one with CRMA's PiSSA init) with
   ``init_on_rank0=True``: rank 1 builds on the meta device and receives its shards from rank 0.
 """
@@ -58,6 +59,7 @@ EVAL_BATCH = 2
 METHODS = {
     "replay": ("replay", {"buffer_size": 8, "ratio": 0.5}),
     "ewc": ("ewc", {"lam": 1.0e5, "fisher_samples": 2}),
+    "olora": ("olora", {"lam": 1.0e3, "lam2": 1.0}),  # strong, so both penalty terms move the second stage
 }
 
 
@@ -82,7 +84,7 @@ def make_model(
         crma=crma,
         model_config=TINY,
         adapter="lora" if method else adapter,
-        task_adapters="shared" if method else "per_task",
+        task_adapters="shared" if method and method != "olora" else "per_task",  # O-LoRA: one LoRA per task
         method=build_method(name, **kwargs) if name else None,
         optimizer=partial(torch.optim.AdamW, lr=0.01),
         fsdp_mixed_precision=mixed_precision,

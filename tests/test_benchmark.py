@@ -376,3 +376,19 @@ def test_test_split_and_intervals(tiny_results):
         assert isinstance(entry["excludes_zero"], bool)
     table = (root / "out" / "results.md").read_text()
     assert "95 % intervals (held-out documents and seeds)" in table and "| MODULAR vs FROZEN |" in table
+
+
+def test_a_refused_overwrite_run_keeps_the_previous_results(tmp_path, monkeypatch):
+    bench = _load_benchmark()
+    out = tmp_path / "out"
+    (out / "seed0").mkdir(parents=True)
+    (out / "seed0" / "report.json").write_text("{}")  # a finished earlier run
+
+    def shared(general, specs):
+        raise ValueError("--pretrain-builtin 'arithmetic' shares 1 text record(s) with benchmark domain 'prose'")
+
+    monkeypatch.setattr(bench, "check_texts_disjoint", shared)
+    argv = ["--tiny", "--domains", "prose", "code", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(ValueError, match=r"shares 1 text record"):
+        bench.main([*argv, "--pretrain-builtin", "arithmetic", "--overwrite"])
+    assert (out / "seed0" / "report.json").read_text() == "{}"  # refused before the old runs were deleted

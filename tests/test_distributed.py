@@ -197,12 +197,15 @@ def single_methods(tmp_path_factory):
 @pytest.mark.parametrize("method", sorted(dist_job.METHODS))
 def test_two_process_continual_method_matches_single_process(request, single_methods, job, method):
     # Replay: the same buffer and the same global batches; EWC: the same Fisher (every rank reads the same
-    # global batches) and the same penalty gradient on each shard (FSDP2) or replica (DDP).
+    # global batches) and the same penalty gradient on each shard (FSDP2) or replica (DDP); O-LoRA: its
+    # penalty over whole (gathered) LoRA weights - before, a DTensor penalty crashed the FSDP2 backward.
     out, result = request.getfixturevalue(job)
     report, model = single_methods[method]
     assert_matrices_close(result[method]["matrix"], report["loss_matrix"]["values"], abs_tol=1e-4)
     if method == "ewc":  # the penalty acted: stage 2 ended elsewhere than without it
         assert model.method.tasks == dist_job.DOMAINS and model.method_summary()["state_bytes"] > 0
+    if method == "olora":
+        assert model.method.trained == dist_job.DOMAINS
     ckpt = torch.load(out / method / "checkpoints" / "stage-01-prose.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["continual_method"]["name"] == method  # whole tensors: loadable without the process group
 

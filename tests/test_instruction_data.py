@@ -156,6 +156,36 @@ def test_template_renders_the_prompt_of_prompt_response_rows(tmp_path):
     assert _scored_text(tok, row) == f"blue 0{EOS}"
 
 
+def test_shuffle_holdout_mixes_class_sorted_held_out_rows_before_the_first_n_are_taken(tmp_path):
+    # Held-out rows stored in class blocks (as the Hub's dbpedia_14 test split): the first 8 are all "A".
+    train = _write_jsonl(tmp_path / "t.jsonl", [{"x": f"t{i}", "label": "AB"[i % 2]} for i in range(20)])
+    sorted_rows = [{"x": f"h{i}", "label": "A" if i < 20 else "B"} for i in range(40)]
+    hold = _write_jsonl(tmp_path / "h.jsonl", sorted_rows)
+    spec = {
+        "name": "tc",
+        "path": train,
+        "holdout_path": hold,
+        "template": "{x}\nAnswer:",
+        "response_field": "label",
+        "metric": {"name": "accuracy", "labels": ["A", "B"], "eval_rows": 8},
+    }
+    tok = byte_tokenizer()
+
+    def first_rows(**extra):
+        dm = _dm([{**spec, **extra}], packing=False, max_eval_rows=8)
+        dm.prepare()
+        scored = [r["reference"] for r in dm.score_rows["tc"]]
+        evaluated = [_scored_text(tok, row)[:1] for row in dm.eval_sets["tc"]]
+        return scored, evaluated
+
+    assert first_rows() == (["A"] * 8, ["A"] * 8)  # the default keeps the file's order (numbers do not move)
+    scored, evaluated = first_rows(shuffle_holdout=True)
+    assert scored == evaluated and set(scored) == {"A", "B"}
+    assert first_rows(shuffle_holdout=True) == (scored, evaluated)  # seeded: the same rows every time
+    with pytest.raises(ValueError, match=r"shuffle_holdout=True needs holdout_path or holdout_split"):
+        _dm([{"name": "x", "path": train, "template": "{x}", "response_field": "label", "shuffle_holdout": True}])
+
+
 def test_a_prompt_that_fills_the_row_is_dropped_with_a_warning(tmp_path):
     rows = [*_qa_rows(20), {"prompt": "long prompt " * 20, "response": "never seen"}]
     dm = _dm([_qa_domain(tmp_path, rows)], packing=False, max_length=64)

@@ -403,17 +403,42 @@ def test_olora_l2_term_matches_hand_computation_from_the_first_task_and_is_check
     penalty = olora.penalty(model)
     torch.testing.assert_close(penalty, torch.tensor((18.0 + 0.2) * len(layers)))
     penalty.backward()
-    for layer in layers:  # d‖B‖_F at B = 0 is 0 (not NaN); d‖A_1‖_F/dA_1 = A_1/‖A_1‖_F
+    # dA_1 = 0.5 · 2 (A_0 A_1ᵀ)ᵀ A_0 + 0.1 · A_1/‖A_1‖_F: row 1 gets 6 · [3, 4] + 0.1 · [1, 0], row 0 nothing.
+    expected_grad = torch.zeros_like(layers[0].lora_A["t1"].weight)
+    expected_grad[1, :2] = torch.tensor([18.0 + 0.1, 24.0])
+    for layer in layers:  # d‖B‖_F at B = 0 is 0 (not NaN)
         assert torch.equal(layer.lora_B["t1"].weight.grad, torch.zeros_like(layer.lora_B["t1"].weight))
-        assert torch.isfinite(layer.lora_A["t1"].weight.grad).all()
-    assert OLoRA(lam=0.5).penalty(model) is None  # lam2 = 0 (the default) and no task started: nothing
-    assert OLoRA().config() == {"lam": 0.5, "lam2": 0.0}
+        torch.testing.assert_close(layer.lora_A["t1"].weight.grad, expected_grad)
+    assert OLoRA(lam=0.5).penalty(model) is None  # no task started: nothing
+    first = OLoRA(lam=0.5)  # lam2 = 0 (the default) in the first task: no earlier adapter, no L2 term
+    first.on_task_start(model, "t0", 0)
+    assert first.penalty(model) is None
+    assert OLoRA().config() == {"lam": 0.5} and olora.config() == {"lam": 0.5, "lam2": 0.1}
     restored = OLoRA(lam=0.5, lam2=0.1)
     restored.load_state_dict(_roundtrip(olora.state_dict()))
     with pytest.raises(ValueError, match=r"olora: checkpoint was written with lam2=0\.1, this run has lam2=0\.0"):
         OLoRA(lam=0.5).load_state_dict(_roundtrip(olora.state_dict()))
     with pytest.raises(ValueError, match=r"lam2=-1"):
         OLoRA(lam2=-1)
+
+
+def test_olora_resumes_a_checkpoint_written_without_lam2_and_refuses_lam2_against_it():
+    from crma_lightning.compatibility import identity_differences
+    from crma_lightning.method_hooks import identity
+
+    # What a checkpoint from before λ₂ existed holds (and what λ₂ = 0 writes now).
+    old_state = {"config": {"lam": 0.5}, "trained": ["t0"], "current": "t1"}
+    old_identity = {"name": "olora", "lam": 0.5}
+    resumed = OLoRA(lam=0.5)
+    resumed.load_state_dict(_roundtrip(old_state))
+    assert (resumed.trained, resumed.current) == (["t0"], "t1")
+    assert identity_differences(old_identity, identity(resumed)) == []
+    assert OLoRA(lam=0.5).state_dict()["config"] == old_state["config"]
+    with pytest.raises(ValueError, match=r"olora: checkpoint was written with lam2=0\.0, this run has lam2=0\.1"):
+        OLoRA(lam=0.5, lam2=0.1).load_state_dict(_roundtrip(old_state))
+    assert identity_differences(old_identity, identity(OLoRA(lam=0.5, lam2=0.1))) == [
+        "lam2: checkpoint None vs now 0.1"
+    ]
 
 
 def test_olora_on_a_continual_lm_and_its_requirements():

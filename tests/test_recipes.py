@@ -15,7 +15,7 @@ from test_cli import CONFIGS, print_config
 
 from crma_lightning import scoring
 from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.task_metrics import as_task_metric, row_scores
+from crma_lightning.task_metrics import as_task_metric, cut_at_stop, row_scores
 from crma_lightning.tokenizer import byte_tokenizer
 
 RECIPES = CONFIGS / "recipes"
@@ -97,7 +97,8 @@ def _local_source(domain: dict, root: Path) -> tuple[dict, list[dict]]:
     files = {}
     for split, n, offset in (("train", 6, 0), ("test", 4, 100)):
         rows = [
-            {fields[0]: f"{fields[0]} {offset + i}\n", fields[1]: labels[i % len(labels)] if labels else f"A{i}"}
+            # A free-text answer spans lines: its reference is cut at the metric's stop ("\n\n" for ROUGE-L).
+            {fields[0]: f"{fields[0]} {offset + i}\n", fields[1]: labels[i % len(labels)] if labels else f"A{i}\nB{i}"}
             for i in range(n)
         ]
         files[split] = folder / f"{split}.json"
@@ -113,7 +114,7 @@ def _expected(domain: dict, row: dict) -> tuple[str, str]:
     response = row[domain["response_field"]]
     if domain.get("response_labels"):
         response = domain["response_labels"][response]
-    return prompt, response.split("\n")[0]
+    return prompt, cut_at_stop(response, as_task_metric(domain["metric"], domain["name"]).stop)
 
 
 def _recipe(name: str) -> dict:
@@ -125,9 +126,10 @@ def test_recipe_rows_go_through_loading_templating_and_the_metric(name, tmp_path
     cfg = _recipe(name)
     domains = cfg["data"]["domains"]
     assert [d["name"] for d in domains] == OLORA_ORDERS.get(name, TRACE_ORDER)
-    for d in domains:  # a Hub source is pinned (or says it is not) and names its held-out split
-        if "hub" in d:
-            assert d["revision"] and d["holdout_split"] == "test", d["name"]
+    for d in domains:  # the papers' own files (O-LoRA's class-balanced CL_Benchmark rows, TRACE's), no Hub split
+        assert "hub" not in d and d["path"].endswith("/train.json") and d["holdout_path"].endswith("/test.json")
+        if name in OLORA_ORDERS:  # O-LoRA's prompt ends "\nAnswer:" and the label word follows directly
+            assert d["template"].endswith("\n{sentence}\nAnswer:") and "response_labels" not in d, d["name"]
     local, held = zip(*(_local_source(d, tmp_path) for d in domains))
     dm = SequentialDomainDataModule(
         domains=list(local), max_length=cfg["data"]["max_length"], packing=False, batch_size=2
@@ -181,10 +183,28 @@ def test_response_labels_map_class_indices_and_refuse_bad_ones(tmp_path):
     dm.prepare(byte_tokenizer())
     held = {(byte_tokenizer().decode(r["prompt_ids"]), r["reference"]) for r in dm.score_rows["news"]}
     assert held and held <= {("a -> ", "World"), ("b -> ", "Science or Technology"), ("c -> ", "Sports")}
-    with pytest.raises(ValueError, match=r"field 'label' is 3, expected a class index in \[0, 2\]"):
+    # A ClassLabel column's class count is checked right after loading: one word short fails in prepare.
+    with pytest.raises(ValueError, match=r"response_labels has 3 words, but column 'label' has 4 classes"):
         SequentialDomainDataModule(
             domains=[{**spec, "response_labels": words[:3]}], max_length=64, packing=False, batch_size=1
         ).prepare(byte_tokenizer())
+    plain = tmp_path / "plain"  # integers without ClassLabel features: an index out of range names the row
+    plain.mkdir()
+    Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 3, 1]}).to_parquet(
+        str(plain / "train-00000-of-00001.parquet")
+    )
+    with pytest.raises(ValueError, match=r"field 'label' is 3, expected a class index in \[0, 2\]"):
+        SequentialDomainDataModule(
+            domains=[{**spec, "hub": str(plain), "response_labels": words[:3]}],
+            max_length=64,
+            packing=False,
+            batch_size=1,
+        ).prepare(byte_tokenizer())
+    metric = {"name": "accuracy", "labels": words[:3]}  # "Science or Technology" could never score
+    with pytest.raises(
+        ValueError, match=r"response_labels \['Science or Technology'\] are not in the accuracy metric's labels"
+    ):
+        SequentialDomainDataModule(domains=[{**spec, "response_labels": words, "metric": metric}])
     with pytest.raises(ValueError, match=r"response_labels needs a response_field"):
         SequentialDomainDataModule(domains=[{"name": "x", "hub": str(tmp_path), "response_labels": words}])
     with pytest.raises(ValueError, match=r"response_labels=\['a', 'a'\] is invalid"):

@@ -208,3 +208,25 @@ def test_scores_are_generated_with_the_adapter_the_evaluation_names(monkeypatch)
     evaluation._score(trainer, model, 0, dm.domain_names)
     assert used == ["last", None]
     assert evaluation.scores[0][0] is not None and evaluation.scores[0][1] is not None
+
+
+def test_score_prompts_are_cut_from_the_left_to_leave_room_for_the_answer(tmp_path):
+    rows = [{"q": "x" * 200 + f" question {i}", "a": "yes"} for i in range(4)]  # longer than max_length
+    rows.append({"q": "short", "a": "yes"})  # the loss evaluation drops the long rows; this one stays
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"q": f"q{i}", "a": "no"}) + "\n" for i in range(4)))
+    spec = {"name": "long", "path": str(tmp_path / "t.jsonl"), "holdout_path": str(tmp_path / "h.jsonl"),
+            "template": "{q}\nAnswer:", "response_field": "a"}  # fmt: skip
+    tok = byte_tokenizer()
+
+    def prompts(metric, max_length=96):
+        dm = SequentialDomainDataModule(domains=[{**spec, "metric": metric}], max_length=max_length, packing=False)
+        dm.prepare(tok)
+        return [r["prompt_ids"] for r in dm.score_rows["long"]]
+
+    full = tok(rows[0]["q"] + "\nAnswer:", add_special_tokens=False)["input_ids"]
+    generated = prompts({"name": "exact_match", "max_new_tokens": 8})
+    assert generated[0] == full[-(96 - 8) :]  # the question's end and "Answer:" stay; 8 tokens left to generate
+    ranked = prompts({"name": "accuracy", "labels": ["yes", "no"], "label_mode": "loss"})
+    assert ranked[0] == full[-(96 - 3) :]  # room for the longest label ("yes": 3 bytes)
+    assert prompts({"name": "exact_match", "max_new_tokens": 200})[0] == full[-95:]  # no room: the prompt fits alone

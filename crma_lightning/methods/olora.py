@@ -30,6 +30,7 @@ from crma_lightning.adapters.inject import lora_adapter_names, lora_layers
 from crma_lightning.adapters.switching import set_active_adapters, set_adapter_trainable
 from crma_lightning.checks import check_number
 from crma_lightning.methods.base import Batch, ContinualMethod, adapter_name, inner_model
+from crma_lightning.parallel.dist import full_tensor
 
 
 def l2_penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -72,7 +73,12 @@ class OLoRA(ContinualMethod):
         self.current: str | None = None
 
     def config(self) -> dict[str, Any]:
-        return {"lam": self.lam, "lam2": self.lam2}
+        """``lam``, and ``lam2`` only when it is not 0.
+
+        Checkpoints written before λ₂ existed record ``{"lam": ...}`` alone, and a run with the default
+        λ₂ = 0 must still resume them (its identity and config compare equal to theirs).
+        """
+        return {"lam": self.lam} if self.lam2 == 0 else {"lam": self.lam, "lam2": self.lam2}
 
     def setup(self, module: nn.Module) -> None:
         self.check_task_adapters(getattr(module, "task_adapters", "per_task"))
@@ -112,11 +118,15 @@ class OLoRA(ContinualMethod):
         orth: torch.Tensor | None = None
         l2: torch.Tensor | None = None
         for _, layer in lora_layers(inner_model(module)):
+            # Under FSDP2 the weights are DTensor shards: gather them whole (a collective every rank makes;
+            # differentiable, so each rank gets its shard's gradient back) - ``A_i A_tᵀ`` needs whole rows,
+            # and an un-squared norm of shards does not add up to the whole tensor's norm.
+            a_new = full_tensor(layer.lora_A[new].weight)
             if earlier:
-                term = orthogonality_penalty([layer.lora_A[n].weight for n in earlier], layer.lora_A[new].weight)
+                term = orthogonality_penalty([full_tensor(layer.lora_A[n].weight) for n in earlier], a_new)
                 orth = term if orth is None else orth + term
             if self.lam2 > 0:
-                term = l2_penalty([layer.lora_A[new].weight, layer.lora_B[new].weight])
+                term = l2_penalty([a_new, full_tensor(layer.lora_B[new].weight)])
                 l2 = term if l2 is None else l2 + term
         parts = [w * t for w, t in ((self.lam, orth), (self.lam2, l2)) if t is not None]
         return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
@@ -138,7 +148,15 @@ class OLoRA(ContinualMethod):
         return {"config": self.config(), "trained": list(self.trained), "current": self.current}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._check_config(state)
+        # A config without lam2 was written with λ₂ = 0 (it is left out at 0, and older versions had
+        # no λ₂): both sides are compared with it filled in, so lam2 > 0 against such a checkpoint (and
+        # lam2 = 0 against one written with λ₂ > 0) is refused, not silently accepted.
+        saved = {"lam2": 0.0, **state.get("config", {})}
+        for key, value in {"lam": self.lam, "lam2": self.lam2}.items():
+            if key in saved and saved[key] != value:
+                raise ValueError(
+                    f"{self.name}: checkpoint was written with {key}={saved[key]!r}, this run has {key}={value!r}"
+                )
         self.trained = list(state["trained"])
         self.current = state["current"]
 
