@@ -132,11 +132,19 @@ def base_features(
     The caller turns the adapters off. Raises ``ValueError`` for a layer out of range, or features of more
     than :data:`MAX_FEATURES` dimensions.
     """
+    return base_features_at(model, ids, mask, layer, pooling)[0]
+
+
+@torch.no_grad()
+def base_features_at(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, layer: Any, pooling: str
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`base_features` and the ``hidden_states`` indices ``layer`` resolved to (``auto``: per model)."""
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     hidden = out.hidden_states
     indices = layer_indices(layer, len(hidden), hidden[0].shape[-1], pooling)
     _check_width(len(indices), hidden[0].shape[-1], layer, pooling)
-    return torch.cat([pool(hidden[i], mask, pooling) for i in indices], dim=1)
+    return torch.cat([pool(hidden[i], mask, pooling) for i in indices], dim=1), indices
 
 
 def _check_width(layers: int, hidden: int, layer: Any, pooling: str) -> None:
@@ -208,6 +216,9 @@ class PrototypeRouter:
         self.prefix_tokens, self.layer, self.pooling = prefix_tokens, plain_layer(layer), pooling
         self.estimator, self.shrinkage = estimator, shrinkage
         self.tasks: list[str] = []
+        # The hidden_states indices ``layer`` resolved to at the fit (``auto`` depends on the model): features are
+        # read at these afterwards, so the width always matches the statistics (None: not resolved yet).
+        self.indices: list[int] | None = None
         self.counts: torch.Tensor | None = None  # (K,) float64
         self.sums: torch.Tensor | None = None  # (K, H) float64
         self.second: torch.Tensor | None = None  # (H, H) float64, over every task's rows
@@ -228,7 +239,11 @@ class PrototypeRouter:
     def features(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Pooled features of the first ``P`` tokens of each row (the caller turns the adapters off)."""
         p = self.prefix_tokens
-        return base_features(model, ids[:, :p], None if mask is None else mask[:, :p], self.layer, self.pooling)
+        layer = self.layer if self.indices is None else self.indices
+        feats, indices = base_features_at(model, ids[:, :p], None if mask is None else mask[:, :p], layer, self.pooling)
+        if self.indices is None:
+            self.indices = indices
+        return feats
 
     @staticmethod
     def row_sums(features: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
@@ -300,6 +315,12 @@ class PrototypeRouter:
         if missing:
             raise ValueError(f"no routing statistics for tasks {missing}; fitted: {self.tasks}")
         means, precision = self._means_precision(features.device)
+        if features.shape[1] != self.sums.shape[1]:
+            raise ValueError(
+                f"routing features of {features.shape[1]} dimensions, but the statistics have {self.sums.shape[1]} "
+                f"(fitted with {self.settings()}, hidden_states {self.indices}): route with the model and "
+                "settings the statistics were fitted with"
+            )
         idx = torch.tensor([self.tasks.index(t) for t in names], device=features.device)
         x, m = features.double(), means[idx]  # (B, H), (K, H), on the features' device
         # (x - m)^T S^-1 (x - m) expanded: one (B, H) x (H, H) product per batch instead of one per task.
@@ -315,6 +336,7 @@ class PrototypeRouter:
             "counts": self.counts,
             "sums": self.sums,
             "second": self.second,
+            "indices": None if self.indices is None else list(self.indices),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -331,6 +353,8 @@ class PrototypeRouter:
             )
         self.tasks = list(state.get("tasks", []))
         self.counts, self.sums, self.second = state.get("counts"), state.get("sums"), state.get("second")
+        indices = state.get("indices")  # absent in statistics saved before it was stored: resolved again
+        self.indices = None if indices is None else [int(i) for i in indices]
         self._solver, self._on_device = None, {}
 
     @classmethod
@@ -443,7 +467,11 @@ def save_router(router: PrototypeRouter, path: str | os.PathLike) -> Path:
     from crma_lightning.adapters.serialization import atomic_write
 
     tensors = {"counts": router.counts, "sums": router.sums, "second": router.second}
-    meta = {"settings": json.dumps(router.settings()), "tasks": json.dumps(router.tasks)}
+    meta = {
+        "settings": json.dumps(router.settings()),
+        "tasks": json.dumps(router.tasks),
+        "indices": json.dumps(router.indices),
+    }
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
     return Path(path)
 
@@ -458,7 +486,12 @@ def load_router(path: str | os.PathLike) -> PrototypeRouter:
             raise ValueError(f"{path} is not a prototype router file (no routing settings in its metadata)")
         state = {k: f.get_tensor(k) for k in ("counts", "sums", "second")}
     return PrototypeRouter.from_state(
-        {"settings": json.loads(meta["settings"]), "tasks": json.loads(meta["tasks"]), **state}
+        {
+            "settings": json.loads(meta["settings"]),
+            "tasks": json.loads(meta["tasks"]),
+            "indices": json.loads(meta.get("indices", "null")),
+            **state,
+        }
     )
 
 

@@ -221,3 +221,26 @@ def test_the_hybrid_falls_back_to_perplexity_on_near_ties_only():
     assert torch.equal(margins(given), torch.tensor([4.5, 4.5, 0.5, 0.25]))
     with pytest.raises(ValueError, match="fallback_margin"):
         validate_routing("perplexity", 32, fallback_margin=1.0)
+
+
+def test_auto_is_resolved_once_at_the_fit_and_a_width_mismatch_names_the_settings(monkeypatch, tmp_path):
+    import crma_lightning.prototype as prototype
+
+    model = tiny_llama()
+    router = _fitted(model)  # layer auto: every hidden state of the tiny model (3 x 32 x 2 = 192 features)
+    assert router.settings()["layer"] == "auto" and router.indices == [0, 1, 2]
+    probe_ids = torch.tensor(_rows("c", 3, 9, 7))
+    before = router.distances(router.features(model, probe_ids, None))
+    # auto would now resolve to the last hidden state only: the fitted router, a checkpoint and a router
+    # file keep reading the hidden states the statistics were fitted on.
+    monkeypatch.setattr(prototype, "AUTO_FEATURES", 10)
+    for other in (
+        router,
+        PrototypeRouter.from_state(router.state_dict()),
+        load_router(save_router(router, tmp_path / "r.safetensors")),
+    ):
+        assert other.indices == [0, 1, 2]
+        assert torch.equal(other.distances(other.features(model, probe_ids, None)), before)
+    narrow = PrototypeRouter(P, layer=-1).features(model, probe_ids, None)
+    with pytest.raises(ValueError, match=r"64 dimensions, but the statistics have 192.*'layer': 'auto'"):
+        router.distances(narrow)
