@@ -221,6 +221,13 @@ def test_the_hybrid_falls_back_to_perplexity_on_near_ties_only():
     assert torch.equal(margins(given), torch.tensor([4.5, 4.5, 0.5, 0.25]))
     with pytest.raises(ValueError, match="fallback_margin"):
         validate_routing("perplexity", 32, fallback_margin=1.0)
+    with pytest.raises(ValueError, match=r"fallback_margin 1\.0 needs estimator 'mahalanobis'.*'nearest'"):
+        validate_routing("prototype", 32, fallback_margin=1.0, estimator="nearest")
+    from crma_lightning.callbacks.routing import RoutedEvaluation
+
+    with pytest.raises(ValueError, match="needs estimator 'mahalanobis'"):
+        RoutedEvaluation("prototype", estimator="nearest", fallback_margin=2.0)
+    RoutedEvaluation("prototype", estimator="nearest")  # without a margin, nearest is fine
 
 
 def test_auto_is_resolved_once_at_the_fit_and_a_width_mismatch_names_the_settings(monkeypatch, tmp_path):
