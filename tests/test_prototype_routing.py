@@ -171,7 +171,14 @@ def test_several_layers_and_mean_std_pooling_equal_a_hand_computation(monkeypatc
     monkeypatch.setattr(prototype, "AUTO_FEATURES", 2 * len(hidden) * 32 - 1)
     narrow = PrototypeRouter(6).features(model, ids, mask)
     assert torch.equal(narrow, PrototypeRouter(6, layer=-1).features(model, ids, mask))
-    prototype.check_model(model.config, "auto", "mean_std")  # auto never exceeds MAX_FEATURES on its own
+    # auto falls back to the last hidden state (2 H features): within MAX_FEATURES unless H > MAX_FEATURES / 2.
+    prototype.check_model(model.config, "auto", "mean_std")
+    from types import SimpleNamespace
+
+    huge = SimpleNamespace(hidden_size=prototype.MAX_FEATURES // 2 + 1, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="exceed"):
+        prototype.check_model(huge, "auto", "mean_std")
+    prototype.check_model(huge, "auto", "mean")  # one part per state: within the cap
     monkeypatch.setattr(prototype, "MAX_FEATURES", 2 * len(hidden) * 32 - 1)  # one short of all states' width
     with pytest.raises(ValueError, match="exceed"):
         PrototypeRouter(6, layer="all").features(model, ids, None)
