@@ -181,3 +181,22 @@ def test_a_layer_the_model_lacks_is_refused_before_the_first_step(tmp_path):
     cfg["routing"]["layer"] = [0, 9]  # the tiny model has hidden_states 0..2
     assert fit(tmp_path / "bad.yaml", cfg) == 2
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("command", ["evaluate", "generate"])
+def test_too_wide_features_are_refused_before_anything_is_evaluated(run_dir, tmp_path, capsys, monkeypatch, command):
+    from crma_lightning import prototype
+    from crma_lightning.run_dir import RunDirectory
+
+    monkeypatch.setattr(prototype, "MAX_FEATURES", 10)  # every setting of the tiny model is now too wide
+    loaded = []
+    real_load = RunDirectory.load
+    monkeypatch.setattr(RunDirectory, "load", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    args = ["--out", str(tmp_path / "out")] if command == "evaluate" else ["hello"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--run", str(run_dir), "--routing", "prototype", *args])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and "exceed 10" in out.err
+    assert loaded == [] and out.out == ""  # no checkpoint loaded, no row evaluated, nothing generated
+    assert not (tmp_path / "out").exists()

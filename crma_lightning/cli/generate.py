@@ -29,6 +29,16 @@ _SCORES = {"perplexity": "prompt_losses", "prototype": "prototype_distances"}
 """The JSON key of each routing mode's per-task scores (lower wins)."""
 
 
+def router_settings(run: RunDirectory) -> tuple[int, dict[str, Any]]:
+    """``(prefix_tokens, prototype settings)`` of statistics fitted here: the run's when it routed by prototype."""
+    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
+
+    saved = run.routing if run.routing is not None and run.routing.mode == "prototype" else None
+    if saved is None:
+        return DEFAULT_PREFIX_TOKENS, {}
+    return saved.prefix_tokens, dict(saved.prototype_settings)
+
+
 def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[str]) -> None:
     """Give ``model`` prototype statistics for ``tasks``: the checkpoint's, else fitted on the run's training rows.
 
@@ -37,14 +47,11 @@ def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[st
     import sys
 
     from crma_lightning.prototype import PrototypeRouter, fit_missing_tasks
-    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
 
     if model.router is not None and all(t in model.router.tasks for t in tasks):
         return
     if model.router is None:
-        saved = run.routing if run.routing is not None and run.routing.mode == "prototype" else None
-        settings = dict(saved.prototype_settings) if saved is not None else {}
-        prefix = saved.prefix_tokens if saved is not None else DEFAULT_PREFIX_TOKENS
+        prefix, settings = router_settings(run)
         model.router = PrototypeRouter(prefix, **settings)
     dm.prepare(model.tokenizer)
     tokenizer = model.tokenizer
@@ -104,6 +111,11 @@ def run_generate(args: list[str]) -> None:
     model, dm = run.build(prog="crma-lightning generate")
     if not opts.routing:
         run.check_task(opts.task)
+    if opts.routing == "prototype":  # a layer the model lacks or too wide features: before loading anything
+        from crma_lightning.prototype import DEFAULT_LAYER, DEFAULT_POOLING, check_model
+
+        settings = router_settings(run)[1]
+        check_model(model.model.config, settings.get("layer", DEFAULT_LAYER), settings.get("pooling", DEFAULT_POOLING))
     ckpt_info = run.stage_checkpoint(opts.stage)
     if not opts.routing:
         run.check_task(opts.task, ckpt_info.stage)
