@@ -225,7 +225,7 @@ class PrototypeRouter:
         self.counts: torch.Tensor | None = None  # (K,) float64
         self.sums: torch.Tensor | None = None  # (K, H) float64
         self.second: torch.Tensor | None = None  # (H, H) float64, over every task's rows
-        self._solver: tuple[torch.Tensor, torch.Tensor] | None = None  # (means, precision) cache, on CPU
+        self._solver: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (means, precision) cache, on CPU
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # its copy per device
 
     # ------------------------------------------------------------------ fitting
@@ -249,13 +249,27 @@ class PrototypeRouter:
         return feats
 
     @staticmethod
-    def row_sums(features: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        """``[count, sum x, sum x x^T]`` of the real rows, flattened into one float64 vector (for one all-reduce)."""
+    def row_sums(
+        features: torch.Tensor, real: torch.Tensor | None = None, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[count, sum x, sum x x^T]`` of the real rows, flattened into one float64 vector (for one all-reduce).
+
+        ``into``: an earlier result, to which these rows' sums are added in place and which is returned (the
+        ``F x F`` block is accumulated by one ``addmm_``: no ``F x F`` temporary per batch).
+        """
         x = features.double()
         if real is not None:
             x = x * real.to(x.dtype)[:, None]
-        count = x.new_tensor([float(x.shape[0] if real is None else real.sum())])
-        return torch.cat([count, x.sum(dim=0), (x.T @ x).flatten()])
+        count = float(x.shape[0] if real is None else real.sum())
+        f = x.shape[1]
+        if into is None:
+            into = x.new_zeros(1 + f + f * f)
+        elif into.shape != (1 + f + f * f,) or into.dtype != torch.float64:
+            raise ValueError(f"row sums of {f} features cannot be added to a vector of {tuple(into.shape)}")
+        into[0] += count
+        into[1 : 1 + f] += x.sum(dim=0)
+        into[1 + f :].view(f, f).addmm_(x.T, x)
+        return into
 
     def add_task(self, task: str, totals: torch.Tensor) -> None:
         """Record ``task``'s statistics from :meth:`row_sums` summed over its rows (and over processes)."""
@@ -285,27 +299,36 @@ class PrototypeRouter:
         self.estimator, self.shrinkage, self._solver, self._on_device = estimator, shrinkage, None, {}
 
     # ------------------------------------------------------------------ choosing
-    def _means_precision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _means_precision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Means and precision, solved once on the CPU in float64 and kept on ``device`` (no copy per batch)."""
         if device not in self._on_device:
             means, precision = self._solve()
-            self._on_device[device] = (means.to(device), precision.to(device))
+            self._on_device[device] = (means.to(device), None if precision is None else precision.to(device))
         return self._on_device[device]
 
-    def _solve(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _solve(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Means and the shrunk covariance's inverse (``None`` for ``nearest``: the identity, never built).
+
+        Memory: besides ``second``, two ``F x F`` float64 buffers (the covariance, built in place, and its
+        Cholesky factor) and the precision - no identity matrix, no eigendecomposition unless the Cholesky
+        factorization fails (only possible with ``shrinkage: 0`` on a singular covariance: then ``pinv``).
+        """
         if self._solver is None:
-            means = self.sums / self.counts[:, None]  # (K, H)
-            h = means.shape[1]
-            if self.estimator == "nearest":
-                precision = torch.eye(h, dtype=torch.float64)
-            else:
-                scatter = self.second - (means.T * self.counts) @ means
+            means = self.sums / self.counts[:, None]  # (K, F)
+            precision = None
+            if self.estimator != "nearest":
                 dof = max(float(self.counts.sum()) - len(self.tasks), 1.0)
-                cov = scatter / dof
-                scale = float(torch.trace(cov)) / h
+                cov = self.second.clone().addmm_(means.T * self.counts, means, alpha=-1.0).div_(dof)
+                scale = float(torch.trace(cov)) / means.shape[1]
                 scale = scale if scale > 0 else 1.0
-                cov = (1 - self.shrinkage) * cov + self.shrinkage * scale * torch.eye(h, dtype=torch.float64)
-                precision = torch.linalg.pinv(cov, hermitian=True)
+                cov.mul_(1 - self.shrinkage).diagonal().add_(self.shrinkage * scale)
+                factor, info = torch.linalg.cholesky_ex(cov)
+                if int(info) == 0:  # positive definite (always with shrinkage > 0 and a non-zero trace)
+                    del cov
+                    precision = torch.cholesky_inverse(factor)  # the solve against the identity, without it
+                else:
+                    del factor
+                    precision = torch.linalg.pinv(cov, hermitian=True)
             self._solver = (means, precision)
         return self._solver
 
@@ -327,7 +350,7 @@ class PrototypeRouter:
         idx = torch.tensor([self.tasks.index(t) for t in names], device=features.device)
         x, m = features.double(), means[idx]  # (B, H), (K, H), on the features' device
         # (x - m)^T S^-1 (x - m) expanded: one (B, H) x (H, H) product per batch instead of one per task.
-        xs, ms = x @ precision, m @ precision
+        xs, ms = (x, m) if precision is None else (x @ precision, m @ precision)
         return (xs * x).sum(dim=1, keepdim=True) - 2 * xs @ m.T + (ms * m).sum(dim=1)[None]
 
     # ------------------------------------------------------------------ state
@@ -436,8 +459,7 @@ def local_task_sums(
     for b in range(batches):
         ids, mask = right_padded(_prefixes(token_rows, mine[b * batch_size : (b + 1) * batch_size], p), pad, device)
         flags = torch.tensor(real[b * batch_size : (b + 1) * batch_size], device=device)
-        part = router.row_sums(router.features(model, ids, mask), flags)
-        total = part if total is None else total + part
+        total = router.row_sums(router.features(model, ids, mask), flags, into=total)  # in place after the first
     if total is None:
         raise ValueError("no training rows to fit the routing statistics on")
     return total

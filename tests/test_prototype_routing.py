@@ -258,3 +258,35 @@ def test_auto_is_resolved_once_at_the_fit_and_a_width_mismatch_names_the_setting
     narrow = PrototypeRouter(P, layer=-1).features(model, probe_ids, None)
     with pytest.raises(ValueError, match=r"64 dimensions, but the statistics have 192.*'layer': 'auto'"):
         router.distances(narrow)
+
+
+def test_the_solve_builds_no_identity_nor_eigendecomposition_and_sums_accumulate_in_place(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    features = {"a": torch.randn(9, 5, generator=gen, dtype=torch.float64), "b": torch.randn(7, 5, generator=gen)}
+    total = PrototypeRouter.row_sums(features["a"][:4])
+    same = PrototypeRouter.row_sums(features["a"][4:], into=total)  # batch by batch, in one buffer
+    assert same is total and torch.allclose(total, PrototypeRouter.row_sums(features["a"]), rtol=1e-12)
+    probe = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    expected = {}
+    for estimator in ("mahalanobis", "nearest"):
+        router = PrototypeRouter(P, estimator=estimator)
+        for name, x in features.items():
+            router.add_task(name, PrototypeRouter.row_sums(x))
+        expected[estimator] = router
+    with monkeypatch.context() as patch:  # a shrunk covariance is positive definite: Cholesky, no F x F identity
+        patch.setattr(torch, "eye", lambda *a, **k: pytest.fail("an identity matrix was built"))
+        patch.setattr(torch.linalg, "pinv", lambda *a, **k: pytest.fail("pinv (an eigendecomposition) was run"))
+        got = {name: router.distances(probe) for name, router in expected.items()}
+    means = torch.stack([x.double().mean(dim=0) for x in features.values()])
+    assert torch.allclose(got["nearest"], ((probe[:, None] - means[None]) ** 2).sum(-1), rtol=1e-12, atol=1e-12)
+    centred = torch.cat([x.double() - x.double().mean(dim=0) for x in features.values()])
+    cov = centred.T @ centred / (16 - 2)
+    cov = 0.99 * cov + 0.01 * torch.trace(cov) / 5 * torch.eye(5, dtype=torch.float64)
+    diff = probe[:, None] - means[None]
+    want = torch.einsum("bkh,hg,bkg->bk", diff, torch.linalg.inv(cov), diff)
+    assert torch.allclose(got["mahalanobis"], want, rtol=1e-9, atol=1e-9)
+    # No shrinkage and fewer rows than features: a singular covariance, solved by the pseudo-inverse instead.
+    few = PrototypeRouter(P, shrinkage=0.0)
+    few.add_task("a", PrototypeRouter.row_sums(features["a"][:2]))
+    few.add_task("b", PrototypeRouter.row_sums(features["b"][:2]))
+    assert torch.isfinite(few.distances(probe)).all()
