@@ -130,6 +130,22 @@ def test_the_scored_tokens_are_never_read():
     assert first.choices == ["a"] * 3 + ["b"] * 3 == second.choices
     assert torch.equal(first.prefix_losses, second.prefix_losses)
     assert "prototype" in ROUTING_MODES
+    # The hybrid's fallback path (perplexity on the prefix) reads the first P tokens only, too.
+    gen = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # adapters that differ, so the prefix losses decide something
+            param.data = torch.randn(param.shape, generator=gen) * 0.5
+
+    def hybrid(b, margin):
+        return route_batch(
+            model_fn, b, ["a", "b"], P, lambda n: set_active_adapter(model, n), scores_fn=scores, fallback_margin=margin
+        )
+
+    for margin in (1e9, 0.0):  # every row falls back, no row does
+        one, two = hybrid(batch, margin), hybrid(other, margin)
+        assert one.fallback.tolist() == two.fallback.tolist() == [margin > 0] * 6
+        assert one.choices == two.choices and torch.equal(one.prefix_losses, two.prefix_losses)
+    assert not torch.equal(hybrid(batch, 1e9).prefix_losses, first.prefix_losses)  # perplexity did decide
 
 
 def test_bad_settings_and_missing_statistics_are_refused():
@@ -191,7 +207,19 @@ def test_fitting_reads_a_dataset_batch_by_batch_and_distances_stay_on_the_device
     rows = _rows("b", 9, 12, 4)
     from_lists = local_task_sums(PrototypeRouter(P), model, rows, 4, torch.device("cpu"), 0, 2, 1)
     dataset = Dataset.from_dict({"input_ids": rows})
-    assert torch.equal(local_task_sums(PrototypeRouter(P), model, dataset, 4, torch.device("cpu"), 0, 2, 1), from_lists)
+    accesses: list[int] = []
+    real_getitem = Dataset.__getitem__
+
+    def counted(self, key):  # the rows of each access: one batch at most, never the whole column
+        accesses.append(len(key) if isinstance(key, list) else len(range(len(self))[key]) if isinstance(key, slice)
+                        else len(self) if isinstance(key, str) else 1)  # fmt: skip
+        return real_getitem(self, key)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Dataset, "__getitem__", counted)
+        sums = local_task_sums(PrototypeRouter(P), model, dataset, 4, torch.device("cpu"), 0, 2, 1)
+    assert torch.equal(sums, from_lists)
+    assert accesses and max(accesses) <= 4 and sum(accesses) >= 4  # rank 1 of 2: rows 1, 3, 5, 7
     router = _fitted(model)
     probe = router.features(model, torch.tensor(_rows("c", 2, 9, 8)), None)
     # A meta tensor cannot be copied to the host: the distances are computed where the features are.
