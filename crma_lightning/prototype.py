@@ -199,8 +199,10 @@ class PrototypeRouter:
 
     Args:
         prefix_tokens: ``P``: each row is pooled over its first ``P`` tokens (fit and routing alike).
-        layer: Index into the model's ``hidden_states`` (0: embeddings, -1: last layer), a list of indices, or
-            ``all`` (every hidden state); the pooled vectors of the layers are concatenated.
+        layer: Index into the model's ``hidden_states`` (0: embeddings, -1: last layer), a list of indices,
+            ``all`` (every hidden state) or ``auto`` (:data:`DEFAULT_LAYER`); the pooled vectors of the layers
+            are concatenated. The indices it resolves to at the first forward (the fit) are kept in
+            ``indices`` and stored with the statistics: later features are read at those.
         pooling: One of :data:`POOLINGS`.
         estimator: ``mahalanobis`` (shared shrunk covariance) or ``nearest`` (Euclidean nearest mean).
         shrinkage: ``a`` in ``(1 - a) S + a tr(S)/H I``.
