@@ -58,6 +58,14 @@ def _base_line(base: dict[str, Any]) -> str:
     )
 
 
+MERGED_DRIFT_NOTE = (
+    "[1] MERGED's drift is against its own diagonal (the merge of the adapters trained by stage j, on domain j) "
+    "over all positions; a routed drift (FROZEN, MODULAR) is against the oracle diagonal at positions >= P. "
+    "Different references and targets: compare MERGED with the others on the final-row losses, not on drift."
+)
+"""Footnote of every table with a MERGED setting (also benchmarks/routing_table.py)."""
+
+
 def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]) -> str:
     """``results.md``: setup line, the table, the pair definitions and the targets."""
     setup = results["setup"]
@@ -99,7 +107,7 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
         elif routing == "none":
             routed, acc = "= oracle (no routing needed)", "n/a"
         elif routing == "merged":
-            routed, acc = "= oracle (one merged adapter)", "n/a"
+            routed, acc = "= oracle (one merged adapter) [1]", "n/a"
         else:
             routed = acc = "not run"
         lines.append(
@@ -108,6 +116,8 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
             f"| {heldout} | {_ms(row['grad_var'], '.3g')} | {gain} "
             f"| {_ms(row['step_median_ms'], '.1f')} | {over} | {_bytes(row['method_state_bytes'])} |"
         )
+    if any(setup["modes"][m]["routing"]["mode"] == "merged" for m in agg["modes"]):
+        lines += ["", MERGED_DRIFT_NOTE]
     routed_modes = [m for m in agg["modes"] if setup["modes"][m]["routing"]["mode"] in ("perplexity", "prototype")]
     if routed_modes:
         first = setup["modes"][routed_modes[0]]["routing"]

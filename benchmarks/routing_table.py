@@ -26,9 +26,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from _table import MERGED_DRIFT_NOTE  # benchmarks/ is on sys.path: the script's own directory
+
 from crma_lightning import metrics
 from crma_lightning.cli.evaluate import run_evaluate
-from crma_lightning.prototype import HYBRID_MARGIN
+from crma_lightning.prototype import DEFAULT_LAYER, DEFAULT_POOLING, DEFAULT_SHRINKAGE, HYBRID_MARGIN
 
 
 def _routed(routing: dict[str, Any]) -> dict[str, float | None]:
@@ -45,14 +47,35 @@ def _routed(routing: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+def _settings_differ(routing: dict[str, Any], router: str, prefix: int, margin: float) -> dict[str, Any]:
+    """What of an earlier evaluation's ``routing`` entry differs from this table's options (empty: reusable)."""
+    wanted = {
+        "mode": "prototype",
+        "prefix_tokens": prefix,
+        "fallback_margin": margin if router == "hybrid" else None,
+        "prototype": {
+            "layer": DEFAULT_LAYER,
+            "pooling": DEFAULT_POOLING,
+            "estimator": "mahalanobis",
+            "shrinkage": DEFAULT_SHRINKAGE,
+        },
+    }
+    return {k: (routing.get(k), v) for k, v in wanted.items() if routing.get(k) != v}
+
+
 def _evaluate(run: Path, router: str, prefix: int, margin: float, reuse: bool) -> dict[str, Any]:
     out = run / f"evaluation-{router}"
-    if not (reuse and (out / "report.json").is_file()):
-        args = ["--run", str(run), "--routing", "prototype", "--prefix_tokens", str(prefix), "--out", str(out)]
-        if router == "hybrid":
-            args += ["--fallback_margin", str(margin)]
-        with contextlib.redirect_stdout(io.StringIO()):
-            run_evaluate(args)
+    if reuse and (out / "report.json").is_file():
+        routing = json.loads((out / "report.json").read_text())["routing"]
+        differ = _settings_differ(routing, router, prefix, margin)
+        if not differ:
+            return routing
+        print(f"{out}: not reused, made with other settings (found, wanted): {differ}", flush=True)
+    args = ["--run", str(run), "--routing", "prototype", "--prefix_tokens", str(prefix), "--out", str(out)]
+    if router == "hybrid":
+        args += ["--fallback_margin", str(margin)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_evaluate(args)
     return json.loads((out / "report.json").read_text())["routing"]
 
 
@@ -113,6 +136,7 @@ def main() -> None:
         lines += ["", "| setting | final-row mean loss (all positions) | mean drift % |", "|---|---|---|"]
         for name, m in merged.items():
             lines.append(f"| {name} | {_ms(m['final_loss_mean'], '.4f')} | {_ms(m['drift_mean'], '+.3f')} |")
+        lines += ["", MERGED_DRIFT_NOTE.replace("[1] ", "")]
     text = "\n".join(lines) + "\n"
     (opts.bench / "routing.md").write_text(text)
     (opts.bench / "routing.json").write_text(json.dumps({"routing": table, "merged": merged, "options": {

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from crma_lightning.losses import row_token_losses
-from crma_lightning.prototype import PrototypeRouter, adapters_off
+from crma_lightning.prototype import PrototypeRouter, adapters_off, margins
 
 
 class StopOnStrings(StoppingCriteria):
@@ -118,14 +118,16 @@ def route_prompt(
     prompt: str,
     device: torch.device,
     candidates: dict[str, Callable[[], None]],
+    max_tokens: int | None = None,
 ) -> tuple[str, dict[str, float]]:
     """The candidate under which ``prompt`` has the lowest mean next-token loss, and every candidate's loss.
 
     The routing of ``routing: perplexity`` applied to a prompt: the whole prompt is the prefix (there is
-    no scored part). ``candidates`` maps a name to a function that activates its adapter(s). The model's
-    train/eval mode is restored.
+    no scored part), or its first ``max_tokens`` tokens. ``candidates`` maps a name to a function that
+    activates its adapter(s). The model's train/eval mode is restored.
     """
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    ids = ids if max_tokens is None else ids[:, :max_tokens]
     if ids.shape[1] < 2:
         raise ValueError(f"routing needs a prompt of at least 2 tokens to score, got {prompt!r}")
     was_training = model.training
@@ -179,6 +181,24 @@ def prototype_route(
     return min(scores, key=scores.__getitem__), scores
 
 
+class _RouteFields(NamedTuple):
+    task: str
+    scores: dict[str, float]
+
+
+class Route(_RouteFields):
+    """What :meth:`TaskGeneration.route` returns: it unpacks into ``(task, scores)``.
+
+    Attributes:
+        task: The chosen task.
+        scores: Each candidate's routing score (lower wins): prefix losses (perplexity) or distances (prototype).
+        fallback_losses: The hybrid (``fallback_margin``): the prefix losses of each candidate when the
+            prompt's prototype margin was below the margin and perplexity chose ``task``; else ``None``.
+    """
+
+    fallback_losses: dict[str, float] | None = None
+
+
 class TaskGeneration:
     """``generate`` and ``route``, mixed into :class:`~crma_lightning.module.ContinualLM`.
 
@@ -196,8 +216,12 @@ class TaskGeneration:
             self.activate_task(previous)
 
     def route(
-        self, prompt: str, tasks: list[str] | None = None, mode: str = "perplexity"
-    ) -> tuple[str, dict[str, float]]:
+        self,
+        prompt: str,
+        tasks: list[str] | None = None,
+        mode: str = "perplexity",
+        fallback_margin: float | None = None,
+    ) -> Route:
         """The task chosen for ``prompt`` without a task label, and each candidate's routing score (lower wins).
 
         ``mode``: ``perplexity`` - the task whose adapter gives the prompt the lowest mean loss (one forward
@@ -205,20 +229,41 @@ class TaskGeneration:
         are nearest to the prompt's first ``P`` tokens' (one base forward; the score is the squared
         Mahalanobis or Euclidean distance; needs a run trained with ``routing: {mode: prototype}``).
         ``tasks``: the candidates (default: every task up to the current one, or all when none is current).
-        The active adapter is restored.
+        ``fallback_margin`` (``prototype``, the hybrid of the routed evaluation): a prompt whose two nearest
+        tasks are within the margin (:func:`~crma_lightning.prototype.margins`) is routed by perplexity on
+        its first ``P`` tokens instead (one more forward per task; a prompt of one token keeps the
+        prototype's choice). The active adapter is restored.
         """
         if mode not in ("perplexity", "prototype"):
             raise ValueError(f"routing mode must be 'perplexity' or 'prototype', got {mode!r}")
+        if fallback_margin is not None:
+            from crma_lightning.routing import validate_routing
+
+            estimator = self.router.estimator if self.router is not None else "mahalanobis"
+            prefix = self.router.prefix_tokens if self.router is not None else 2
+            validate_routing(mode, prefix, fallback_margin, estimator)
         if tasks is None:  # the tasks trained so far (all of them when none is current, e.g. after loading)
             current = self.current_task
             tasks = self.tasks if current is None else self.tasks[: self.tasks.index(current) + 1]
         previous = self.current_task
         try:
             if mode == "prototype":
-                return prototype_route(
+                task, scores = prototype_route(
                     self.model, self.tokenizer, prompt, self.device, self.router, tasks, self.activate_task
                 )
+                if fallback_margin is None or len(scores) < 2:
+                    return Route(task, scores)
+                margin = float(margins(torch.tensor([list(scores.values())], dtype=torch.float64))[0])
+                tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                if margin >= fallback_margin or tokens < 2:
+                    return Route(task, scores)
+                candidates = {t: (lambda t=t: self.activate_task(t)) for t in scores}  # the fitted candidates
+                p = self.router.prefix_tokens
+                task, losses = route_prompt(self.model, self.tokenizer, prompt, self.device, candidates, p)
+                out = Route(task, scores)
+                out.fallback_losses = losses
+                return out
             candidates = {t: (lambda t=t: self.activate_task(t)) for t in tasks}
-            return route_prompt(self.model, self.tokenizer, prompt, self.device, candidates)
+            return Route(*route_prompt(self.model, self.tokenizer, prompt, self.device, candidates))
         finally:
             self.activate_task(previous)

@@ -61,7 +61,10 @@ DEFAULT_SHRINKAGE = 0.01
 real corpora (about 2,600 rows per task to fit; with far fewer rows than features a larger value is safer)."""
 HYBRID_MARGIN = 2.0
 """A ``fallback_margin`` for the hybrid: on training rows held out from the fit (the shared real corpora), the
-smallest margin whose hybrid accuracy came within 0.01 of perplexity routing's (docs/benchmarks.md)."""
+smallest margin whose hybrid accuracy came within 0.01 of perplexity routing's (docs/benchmarks.md). Measured
+at ``F`` = 1,280 features (the 4-layer H = 128 base, ``auto``/``mean_std``) and shrinkage 0.01: the distances'
+scale, hence the margin's meaning, changes with ``F`` and the shrinkage, so it does not transfer automatically to
+other models or settings - measure it again on held-out training rows."""
 MAX_FEATURES = 16384
 """Feature dimensions refused (the shared ``F x F`` float64 matrix would take over 2 GB): choose fewer layers."""
 
@@ -132,11 +135,19 @@ def base_features(
     The caller turns the adapters off. Raises ``ValueError`` for a layer out of range, or features of more
     than :data:`MAX_FEATURES` dimensions.
     """
+    return base_features_at(model, ids, mask, layer, pooling)[0]
+
+
+@torch.no_grad()
+def base_features_at(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, layer: Any, pooling: str
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`base_features` and the ``hidden_states`` indices ``layer`` resolved to (``auto``: per model)."""
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     hidden = out.hidden_states
     indices = layer_indices(layer, len(hidden), hidden[0].shape[-1], pooling)
     _check_width(len(indices), hidden[0].shape[-1], layer, pooling)
-    return torch.cat([pool(hidden[i], mask, pooling) for i in indices], dim=1)
+    return torch.cat([pool(hidden[i], mask, pooling) for i in indices], dim=1), indices
 
 
 def _check_width(layers: int, hidden: int, layer: Any, pooling: str) -> None:
@@ -188,8 +199,10 @@ class PrototypeRouter:
 
     Args:
         prefix_tokens: ``P``: each row is pooled over its first ``P`` tokens (fit and routing alike).
-        layer: Index into the model's ``hidden_states`` (0: embeddings, -1: last layer), a list of indices, or
-            ``all`` (every hidden state); the pooled vectors of the layers are concatenated.
+        layer: Index into the model's ``hidden_states`` (0: embeddings, -1: last layer), a list of indices,
+            ``all`` (every hidden state) or ``auto`` (:data:`DEFAULT_LAYER`); the pooled vectors of the layers
+            are concatenated. The indices it resolves to at the first forward (the fit) are kept in
+            ``indices`` and stored with the statistics: later features are read at those.
         pooling: One of :data:`POOLINGS`.
         estimator: ``mahalanobis`` (shared shrunk covariance) or ``nearest`` (Euclidean nearest mean).
         shrinkage: ``a`` in ``(1 - a) S + a tr(S)/H I``.
@@ -208,10 +221,13 @@ class PrototypeRouter:
         self.prefix_tokens, self.layer, self.pooling = prefix_tokens, plain_layer(layer), pooling
         self.estimator, self.shrinkage = estimator, shrinkage
         self.tasks: list[str] = []
+        # The hidden_states indices ``layer`` resolved to at the fit (``auto`` depends on the model): features are
+        # read at these afterwards, so the width always matches the statistics (None: not resolved yet).
+        self.indices: list[int] | None = None
         self.counts: torch.Tensor | None = None  # (K,) float64
         self.sums: torch.Tensor | None = None  # (K, H) float64
         self.second: torch.Tensor | None = None  # (H, H) float64, over every task's rows
-        self._solver: tuple[torch.Tensor, torch.Tensor] | None = None  # (means, precision) cache, on CPU
+        self._solver: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (means, precision) cache, on CPU
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # its copy per device
 
     # ------------------------------------------------------------------ fitting
@@ -228,16 +244,34 @@ class PrototypeRouter:
     def features(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Pooled features of the first ``P`` tokens of each row (the caller turns the adapters off)."""
         p = self.prefix_tokens
-        return base_features(model, ids[:, :p], None if mask is None else mask[:, :p], self.layer, self.pooling)
+        layer = self.layer if self.indices is None else self.indices
+        feats, indices = base_features_at(model, ids[:, :p], None if mask is None else mask[:, :p], layer, self.pooling)
+        if self.indices is None:
+            self.indices = indices
+        return feats
 
     @staticmethod
-    def row_sums(features: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        """``[count, sum x, sum x x^T]`` of the real rows, flattened into one float64 vector (for one all-reduce)."""
+    def row_sums(
+        features: torch.Tensor, real: torch.Tensor | None = None, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[count, sum x, sum x x^T]`` of the real rows, flattened into one float64 vector (for one all-reduce).
+
+        ``into``: an earlier result, to which these rows' sums are added in place and which is returned (the
+        ``F x F`` block is accumulated by one ``addmm_``: no ``F x F`` temporary per batch).
+        """
         x = features.double()
         if real is not None:
             x = x * real.to(x.dtype)[:, None]
-        count = x.new_tensor([float(x.shape[0] if real is None else real.sum())])
-        return torch.cat([count, x.sum(dim=0), (x.T @ x).flatten()])
+        count = float(x.shape[0] if real is None else real.sum())
+        f = x.shape[1]
+        if into is None:
+            into = x.new_zeros(1 + f + f * f)
+        elif into.shape != (1 + f + f * f,) or into.dtype != torch.float64:
+            raise ValueError(f"row sums of {f} features cannot be added to a vector of {tuple(into.shape)}")
+        into[0] += count
+        into[1 : 1 + f] += x.sum(dim=0)
+        into[1 + f :].view(f, f).addmm_(x.T, x)
+        return into
 
     def add_task(self, task: str, totals: torch.Tensor) -> None:
         """Record ``task``'s statistics from :meth:`row_sums` summed over its rows (and over processes)."""
@@ -267,27 +301,36 @@ class PrototypeRouter:
         self.estimator, self.shrinkage, self._solver, self._on_device = estimator, shrinkage, None, {}
 
     # ------------------------------------------------------------------ choosing
-    def _means_precision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _means_precision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Means and precision, solved once on the CPU in float64 and kept on ``device`` (no copy per batch)."""
         if device not in self._on_device:
             means, precision = self._solve()
-            self._on_device[device] = (means.to(device), precision.to(device))
+            self._on_device[device] = (means.to(device), None if precision is None else precision.to(device))
         return self._on_device[device]
 
-    def _solve(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _solve(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Means and the shrunk covariance's inverse (``None`` for ``nearest``: the identity, never built).
+
+        Memory: besides ``second``, two ``F x F`` float64 buffers (the covariance, built in place, and its
+        Cholesky factor) and the precision - no identity matrix, no eigendecomposition unless the Cholesky
+        factorization fails (only possible with ``shrinkage: 0`` on a singular covariance: then ``pinv``).
+        """
         if self._solver is None:
-            means = self.sums / self.counts[:, None]  # (K, H)
-            h = means.shape[1]
-            if self.estimator == "nearest":
-                precision = torch.eye(h, dtype=torch.float64)
-            else:
-                scatter = self.second - (means.T * self.counts) @ means
+            means = self.sums / self.counts[:, None]  # (K, F)
+            precision = None
+            if self.estimator != "nearest":
                 dof = max(float(self.counts.sum()) - len(self.tasks), 1.0)
-                cov = scatter / dof
-                scale = float(torch.trace(cov)) / h
+                cov = self.second.clone().addmm_(means.T * self.counts, means, alpha=-1.0).div_(dof)
+                scale = float(torch.trace(cov)) / means.shape[1]
                 scale = scale if scale > 0 else 1.0
-                cov = (1 - self.shrinkage) * cov + self.shrinkage * scale * torch.eye(h, dtype=torch.float64)
-                precision = torch.linalg.pinv(cov, hermitian=True)
+                cov.mul_(1 - self.shrinkage).diagonal().add_(self.shrinkage * scale)
+                factor, info = torch.linalg.cholesky_ex(cov)
+                if int(info) == 0:  # positive definite (always with shrinkage > 0 and a non-zero trace)
+                    del cov
+                    precision = torch.cholesky_inverse(factor)  # the solve against the identity, without it
+                else:
+                    del factor
+                    precision = torch.linalg.pinv(cov, hermitian=True)
             self._solver = (means, precision)
         return self._solver
 
@@ -300,10 +343,16 @@ class PrototypeRouter:
         if missing:
             raise ValueError(f"no routing statistics for tasks {missing}; fitted: {self.tasks}")
         means, precision = self._means_precision(features.device)
+        if features.shape[1] != self.sums.shape[1]:
+            raise ValueError(
+                f"routing features of {features.shape[1]} dimensions, but the statistics have {self.sums.shape[1]} "
+                f"(fitted with {self.settings()}, hidden_states {self.indices}): route with the model and "
+                "settings the statistics were fitted with"
+            )
         idx = torch.tensor([self.tasks.index(t) for t in names], device=features.device)
         x, m = features.double(), means[idx]  # (B, H), (K, H), on the features' device
         # (x - m)^T S^-1 (x - m) expanded: one (B, H) x (H, H) product per batch instead of one per task.
-        xs, ms = x @ precision, m @ precision
+        xs, ms = (x, m) if precision is None else (x @ precision, m @ precision)
         return (xs * x).sum(dim=1, keepdim=True) - 2 * xs @ m.T + (ms * m).sum(dim=1)[None]
 
     # ------------------------------------------------------------------ state
@@ -315,6 +364,7 @@ class PrototypeRouter:
             "counts": self.counts,
             "sums": self.sums,
             "second": self.second,
+            "indices": None if self.indices is None else list(self.indices),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -331,6 +381,8 @@ class PrototypeRouter:
             )
         self.tasks = list(state.get("tasks", []))
         self.counts, self.sums, self.second = state.get("counts"), state.get("sums"), state.get("second")
+        indices = state.get("indices")  # absent in statistics saved before it was stored: resolved again
+        self.indices = None if indices is None else [int(i) for i in indices]
         self._solver, self._on_device = None, {}
 
     @classmethod
@@ -409,8 +461,7 @@ def local_task_sums(
     for b in range(batches):
         ids, mask = right_padded(_prefixes(token_rows, mine[b * batch_size : (b + 1) * batch_size], p), pad, device)
         flags = torch.tensor(real[b * batch_size : (b + 1) * batch_size], device=device)
-        part = router.row_sums(router.features(model, ids, mask), flags)
-        total = part if total is None else total + part
+        total = router.row_sums(router.features(model, ids, mask), flags, into=total)  # in place after the first
     if total is None:
         raise ValueError("no training rows to fit the routing statistics on")
     return total
@@ -443,7 +494,11 @@ def save_router(router: PrototypeRouter, path: str | os.PathLike) -> Path:
     from crma_lightning.adapters.serialization import atomic_write
 
     tensors = {"counts": router.counts, "sums": router.sums, "second": router.second}
-    meta = {"settings": json.dumps(router.settings()), "tasks": json.dumps(router.tasks)}
+    meta = {
+        "settings": json.dumps(router.settings()),
+        "tasks": json.dumps(router.tasks),
+        "indices": json.dumps(router.indices),
+    }
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
     return Path(path)
 
@@ -458,7 +513,12 @@ def load_router(path: str | os.PathLike) -> PrototypeRouter:
             raise ValueError(f"{path} is not a prototype router file (no routing settings in its metadata)")
         state = {k: f.get_tensor(k) for k in ("counts", "sums", "second")}
     return PrototypeRouter.from_state(
-        {"settings": json.loads(meta["settings"]), "tasks": json.loads(meta["tasks"]), **state}
+        {
+            "settings": json.loads(meta["settings"]),
+            "tasks": json.loads(meta["tasks"]),
+            "indices": json.loads(meta.get("indices", "null")),
+            **state,
+        }
     )
 
 

@@ -74,17 +74,27 @@ class RoutedBatch(_RoutedFields):
 
 
 def validate_routing(
-    mode: str, prefix_tokens: int = DEFAULT_PREFIX_TOKENS, fallback_margin: float | None = None
+    mode: str,
+    prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+    fallback_margin: float | None = None,
+    estimator: str = "mahalanobis",
 ) -> None:
     """Raise ``ValueError`` naming a bad ``mode``, ``prefix_tokens`` or ``fallback_margin``.
 
-    ``prefix_tokens`` ≥ 2 (at least one prefix target); ``fallback_margin`` ≥ 0, with prototype routing only.
+    ``prefix_tokens`` ≥ 2 (at least one prefix target); ``fallback_margin`` ≥ 0, with prototype routing and the
+    ``mahalanobis`` estimator only (the margin is a log-odds only for Mahalanobis distances; a Euclidean gap
+    has the features' scale, which no single margin fits).
     """
     check_choice("evaluation.routing", mode, ROUTING_MODES)
     check_number("evaluation.prefix_tokens", prefix_tokens, 2, integer=True)
     if fallback_margin is not None:
         if mode != PROTOTYPE:
             raise ValueError(f"routing.fallback_margin {fallback_margin} needs mode 'prototype', got mode {mode!r}")
+        if estimator != "mahalanobis":
+            raise ValueError(
+                f"routing.fallback_margin {fallback_margin} needs estimator 'mahalanobis' (a log-odds margin), "
+                f"got estimator {estimator!r}"
+            )
         check_number("routing.fallback_margin", fallback_margin, 0.0)
 
 

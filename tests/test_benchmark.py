@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -392,3 +393,38 @@ def test_a_refused_overwrite_run_keeps_the_previous_results(tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"shares 1 text record"):
         bench.main([*argv, "--pretrain-builtin", "arithmetic", "--overwrite"])
     assert (out / "seed0" / "report.json").read_text() == "{}"  # refused before the old runs were deleted
+
+
+def test_merged_drift_has_its_footnote_and_routing_table_reuses_only_same_settings(tiny_results, tmp_path, monkeypatch):
+    """MERGED's drift (own diagonal, all positions) is footnoted; --reuse re-runs an evaluation with other settings."""
+    _, _, _, payload = tiny_results
+    sys.path.insert(0, str(BENCH_DIR))
+    import _table
+    import routing_table
+
+    setup = copy.deepcopy(payload["setup"])
+    results = {**payload, "setup": setup}
+    assert _table.MERGED_DRIFT_NOTE not in _table.render(results, payload["aggregates"], {})
+    setup["modes"][next(iter(payload["aggregates"]["modes"]))]["routing"]["mode"] = "merged"
+    assert _table.MERGED_DRIFT_NOTE in _table.render(results, payload["aggregates"], {})
+    run = tmp_path / "run"
+    (run / "evaluation-hybrid").mkdir(parents=True)
+    calls = []
+
+    def fake_evaluate(args):
+        calls.append(args)
+        routing = {"mode": "prototype", "prefix_tokens": int(args[args.index("--prefix_tokens") + 1]),
+                   "fallback_margin": float(args[-1]), "prototype": dict(PROTOTYPE_DEFAULTS)}  # fmt: skip
+        (run / "evaluation-hybrid" / "report.json").write_text(json.dumps({"routing": routing}))
+
+    from crma_lightning import prototype
+
+    PROTOTYPE_DEFAULTS = {"layer": prototype.DEFAULT_LAYER, "pooling": prototype.DEFAULT_POOLING,
+                          "estimator": "mahalanobis", "shrinkage": prototype.DEFAULT_SHRINKAGE}  # fmt: skip
+    monkeypatch.setattr(routing_table, "run_evaluate", fake_evaluate)
+    assert routing_table._evaluate(run, "hybrid", 16, 2.0, reuse=True)["prefix_tokens"] == 16 and len(calls) == 1
+    assert routing_table._evaluate(run, "hybrid", 16, 2.0, reuse=True)["fallback_margin"] == 2.0 and len(calls) == 1
+    for prefix, margin in ((32, 2.0), (32, 3.0)):  # another prefix, another margin: evaluated again
+        got = routing_table._evaluate(run, "hybrid", prefix, margin, reuse=True)
+        assert (got["prefix_tokens"], got["fallback_margin"]) == (prefix, margin)
+    assert len(calls) == 3

@@ -181,3 +181,53 @@ def test_a_layer_the_model_lacks_is_refused_before_the_first_step(tmp_path):
     cfg["routing"]["layer"] = [0, 9]  # the tiny model has hidden_states 0..2
     assert fit(tmp_path / "bad.yaml", cfg) == 2
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("command", ["evaluate", "generate"])
+def test_too_wide_features_are_refused_before_anything_is_evaluated(run_dir, tmp_path, capsys, monkeypatch, command):
+    from crma_lightning import prototype
+    from crma_lightning.run_dir import RunDirectory
+
+    monkeypatch.setattr(prototype, "MAX_FEATURES", 10)  # every setting of the tiny model is now too wide
+    loaded = []
+    real_load = RunDirectory.load
+    monkeypatch.setattr(RunDirectory, "load", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    args = ["--out", str(tmp_path / "out")] if command == "evaluate" else ["hello"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--run", str(run_dir), "--routing", "prototype", *args])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and "exceed 10" in out.err
+    assert loaded == [] and out.out == ""  # no checkpoint loaded, no row evaluated, nothing generated
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_serves_the_hybrid_by_perplexity_on_the_prefix_for_near_ties(run_dir, capsys):
+    from crma_lightning.run_dir import RunDirectory
+
+    run = RunDirectory(run_dir)
+    model, _ = run.build()
+    run.load(model, run.stage_checkpoint(None).path)
+    short, long = "12 + 7", "The old house stood at the end of the lane, and nobody had lived there for years."
+    assert len(model.tokenizer(short)["input_ids"]) < ROUTING["prefix_tokens"] < len(model.tokenizer(long)["input_ids"])
+    never = model.route(long, mode="prototype", fallback_margin=0.0)  # no margin is below 0: the prototype decides
+    assert never.fallback_losses is None and tuple(never) == tuple(model.route(long, mode="prototype"))
+    for prompt in (short, long):
+        hybrid = model.route(prompt, mode="prototype", fallback_margin=1e9)  # every prompt is a near tie
+        losses = hybrid.fallback_losses
+        assert set(losses) == set(DOMAINS) and hybrid.task == min(losses, key=losses.get)
+        assert hybrid.scores == pytest.approx(model.route(prompt, mode="prototype").scores)  # the distances, still
+        whole = model.route(prompt, mode="perplexity").scores  # perplexity over the whole prompt
+        if prompt == short:  # shorter than P: the prefix is the whole prompt
+            assert losses == pytest.approx(whole, rel=1e-6)
+        else:  # only the first P tokens are read
+            assert losses != pytest.approx(whole, rel=1e-6)
+    capsys.readouterr()
+    main(["generate", "--run", str(run_dir), "--routing", "prototype", "--fallback_margin", "1e9", "--json",
+          "--max_new_tokens", "1", long])  # fmt: skip
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert out["fallback"] is True and out["prompt_losses"] == pytest.approx(hybrid.fallback_losses)
+    assert out["task"] == hybrid.task
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--run", str(run_dir), "--routing", "perplexity", "--fallback_margin", "1", long])
+    assert exit_info.value.code == 2 and "--fallback_margin needs --routing prototype" in capsys.readouterr().err

@@ -130,6 +130,22 @@ def test_the_scored_tokens_are_never_read():
     assert first.choices == ["a"] * 3 + ["b"] * 3 == second.choices
     assert torch.equal(first.prefix_losses, second.prefix_losses)
     assert "prototype" in ROUTING_MODES
+    # The hybrid's fallback path (perplexity on the prefix) reads the first P tokens only, too.
+    gen = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # adapters that differ, so the prefix losses decide something
+            param.data = torch.randn(param.shape, generator=gen) * 0.5
+
+    def hybrid(b, margin):
+        return route_batch(
+            model_fn, b, ["a", "b"], P, lambda n: set_active_adapter(model, n), scores_fn=scores, fallback_margin=margin
+        )
+
+    for margin in (1e9, 0.0):  # every row falls back, no row does
+        one, two = hybrid(batch, margin), hybrid(other, margin)
+        assert one.fallback.tolist() == two.fallback.tolist() == [margin > 0] * 6
+        assert one.choices == two.choices and torch.equal(one.prefix_losses, two.prefix_losses)
+    assert not torch.equal(hybrid(batch, 1e9).prefix_losses, first.prefix_losses)  # perplexity did decide
 
 
 def test_bad_settings_and_missing_statistics_are_refused():
@@ -171,7 +187,14 @@ def test_several_layers_and_mean_std_pooling_equal_a_hand_computation(monkeypatc
     monkeypatch.setattr(prototype, "AUTO_FEATURES", 2 * len(hidden) * 32 - 1)
     narrow = PrototypeRouter(6).features(model, ids, mask)
     assert torch.equal(narrow, PrototypeRouter(6, layer=-1).features(model, ids, mask))
-    prototype.check_model(model.config, "auto", "mean_std")  # auto never exceeds MAX_FEATURES on its own
+    # auto falls back to the last hidden state (2 H features): within MAX_FEATURES unless H > MAX_FEATURES / 2.
+    prototype.check_model(model.config, "auto", "mean_std")
+    from types import SimpleNamespace
+
+    huge = SimpleNamespace(hidden_size=prototype.MAX_FEATURES // 2 + 1, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="exceed"):
+        prototype.check_model(huge, "auto", "mean_std")
+    prototype.check_model(huge, "auto", "mean")  # one part per state: within the cap
     monkeypatch.setattr(prototype, "MAX_FEATURES", 2 * len(hidden) * 32 - 1)  # one short of all states' width
     with pytest.raises(ValueError, match="exceed"):
         PrototypeRouter(6, layer="all").features(model, ids, None)
@@ -184,7 +207,19 @@ def test_fitting_reads_a_dataset_batch_by_batch_and_distances_stay_on_the_device
     rows = _rows("b", 9, 12, 4)
     from_lists = local_task_sums(PrototypeRouter(P), model, rows, 4, torch.device("cpu"), 0, 2, 1)
     dataset = Dataset.from_dict({"input_ids": rows})
-    assert torch.equal(local_task_sums(PrototypeRouter(P), model, dataset, 4, torch.device("cpu"), 0, 2, 1), from_lists)
+    accesses: list[int] = []
+    real_getitem = Dataset.__getitem__
+
+    def counted(self, key):  # the rows of each access: one batch at most, never the whole column
+        accesses.append(len(key) if isinstance(key, list) else len(range(len(self))[key]) if isinstance(key, slice)
+                        else len(self) if isinstance(key, str) else 1)  # fmt: skip
+        return real_getitem(self, key)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Dataset, "__getitem__", counted)
+        sums = local_task_sums(PrototypeRouter(P), model, dataset, 4, torch.device("cpu"), 0, 2, 1)
+    assert torch.equal(sums, from_lists)
+    assert accesses and max(accesses) <= 4 and sum(accesses) >= 4  # rank 1 of 2: rows 1, 3, 5, 7
     router = _fitted(model)
     probe = router.features(model, torch.tensor(_rows("c", 2, 9, 8)), None)
     # A meta tensor cannot be copied to the host: the distances are computed where the features are.
@@ -221,3 +256,65 @@ def test_the_hybrid_falls_back_to_perplexity_on_near_ties_only():
     assert torch.equal(margins(given), torch.tensor([4.5, 4.5, 0.5, 0.25]))
     with pytest.raises(ValueError, match="fallback_margin"):
         validate_routing("perplexity", 32, fallback_margin=1.0)
+    with pytest.raises(ValueError, match=r"fallback_margin 1\.0 needs estimator 'mahalanobis'.*'nearest'"):
+        validate_routing("prototype", 32, fallback_margin=1.0, estimator="nearest")
+    from crma_lightning.callbacks.routing import RoutedEvaluation
+
+    with pytest.raises(ValueError, match="needs estimator 'mahalanobis'"):
+        RoutedEvaluation("prototype", estimator="nearest", fallback_margin=2.0)
+    RoutedEvaluation("prototype", estimator="nearest")  # without a margin, nearest is fine
+
+
+def test_auto_is_resolved_once_at_the_fit_and_a_width_mismatch_names_the_settings(monkeypatch, tmp_path):
+    import crma_lightning.prototype as prototype
+
+    model = tiny_llama()
+    router = _fitted(model)  # layer auto: every hidden state of the tiny model (3 x 32 x 2 = 192 features)
+    assert router.settings()["layer"] == "auto" and router.indices == [0, 1, 2]
+    probe_ids = torch.tensor(_rows("c", 3, 9, 7))
+    before = router.distances(router.features(model, probe_ids, None))
+    # auto would now resolve to the last hidden state only: the fitted router, a checkpoint and a router
+    # file keep reading the hidden states the statistics were fitted on.
+    monkeypatch.setattr(prototype, "AUTO_FEATURES", 10)
+    for other in (
+        router,
+        PrototypeRouter.from_state(router.state_dict()),
+        load_router(save_router(router, tmp_path / "r.safetensors")),
+    ):
+        assert other.indices == [0, 1, 2]
+        assert torch.equal(other.distances(other.features(model, probe_ids, None)), before)
+    narrow = PrototypeRouter(P, layer=-1).features(model, probe_ids, None)
+    with pytest.raises(ValueError, match=r"64 dimensions, but the statistics have 192.*'layer': 'auto'"):
+        router.distances(narrow)
+
+
+def test_the_solve_builds_no_identity_nor_eigendecomposition_and_sums_accumulate_in_place(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    features = {"a": torch.randn(9, 5, generator=gen, dtype=torch.float64), "b": torch.randn(7, 5, generator=gen)}
+    total = PrototypeRouter.row_sums(features["a"][:4])
+    same = PrototypeRouter.row_sums(features["a"][4:], into=total)  # batch by batch, in one buffer
+    assert same is total and torch.allclose(total, PrototypeRouter.row_sums(features["a"]), rtol=1e-12)
+    probe = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    expected = {}
+    for estimator in ("mahalanobis", "nearest"):
+        router = PrototypeRouter(P, estimator=estimator)
+        for name, x in features.items():
+            router.add_task(name, PrototypeRouter.row_sums(x))
+        expected[estimator] = router
+    with monkeypatch.context() as patch:  # a shrunk covariance is positive definite: Cholesky, no F x F identity
+        patch.setattr(torch, "eye", lambda *a, **k: pytest.fail("an identity matrix was built"))
+        patch.setattr(torch.linalg, "pinv", lambda *a, **k: pytest.fail("pinv (an eigendecomposition) was run"))
+        got = {name: router.distances(probe) for name, router in expected.items()}
+    means = torch.stack([x.double().mean(dim=0) for x in features.values()])
+    assert torch.allclose(got["nearest"], ((probe[:, None] - means[None]) ** 2).sum(-1), rtol=1e-12, atol=1e-12)
+    centred = torch.cat([x.double() - x.double().mean(dim=0) for x in features.values()])
+    cov = centred.T @ centred / (16 - 2)
+    cov = 0.99 * cov + 0.01 * torch.trace(cov) / 5 * torch.eye(5, dtype=torch.float64)
+    diff = probe[:, None] - means[None]
+    want = torch.einsum("bkh,hg,bkg->bk", diff, torch.linalg.inv(cov), diff)
+    assert torch.allclose(got["mahalanobis"], want, rtol=1e-9, atol=1e-9)
+    # No shrinkage and fewer rows than features: a singular covariance, solved by the pseudo-inverse instead.
+    few = PrototypeRouter(P, shrinkage=0.0)
+    few.add_task("a", PrototypeRouter.row_sums(features["a"][:2]))
+    few.add_task("b", PrototypeRouter.row_sums(features["b"][:2]))
+    assert torch.isfinite(few.distances(probe)).all()

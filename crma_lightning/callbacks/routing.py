@@ -87,8 +87,8 @@ class RoutedEvaluation(L.Callback):
         shrinkage: float = prototype.DEFAULT_SHRINKAGE,
         fallback_margin: float | None = None,
     ) -> None:
-        validate_routing(mode, prefix_tokens, fallback_margin)
         prototype.validate_prototype(layer, pooling, estimator, shrinkage)
+        validate_routing(mode, prefix_tokens, fallback_margin, estimator)
         self.mode, self.prefix_tokens, self.fallback_margin = mode, prefix_tokens, fallback_margin
         layer = prototype.plain_layer(layer)
         self.prototype_settings = {"layer": layer, "pooling": pooling, "estimator": estimator, "shrinkage": shrinkage}

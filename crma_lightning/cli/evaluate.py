@@ -81,6 +81,8 @@ def run_evaluate(args: list[str]) -> None:
         if task is not None:
             run.check_task(task)
     routing = _routing(run, opts)
+    if routing is not None:  # prototype: a layer the model lacks or too wide features, before row 0 is evaluated
+        routing.check_model(model.model)
     merge = _merge(model, run.domains, opts)
     plan = _plan(run, opts)
     out = writable_dir(opts.out or run.path / "evaluation")  # after the checks, before the evaluation

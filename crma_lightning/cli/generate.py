@@ -29,6 +29,16 @@ _SCORES = {"perplexity": "prompt_losses", "prototype": "prototype_distances"}
 """The JSON key of each routing mode's per-task scores (lower wins)."""
 
 
+def router_settings(run: RunDirectory) -> tuple[int, dict[str, Any]]:
+    """``(prefix_tokens, prototype settings)`` of statistics fitted here: the run's when it routed by prototype."""
+    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
+
+    saved = run.routing if run.routing is not None and run.routing.mode == "prototype" else None
+    if saved is None:
+        return DEFAULT_PREFIX_TOKENS, {}
+    return saved.prefix_tokens, dict(saved.prototype_settings)
+
+
 def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[str]) -> None:
     """Give ``model`` prototype statistics for ``tasks``: the checkpoint's, else fitted on the run's training rows.
 
@@ -37,14 +47,11 @@ def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[st
     import sys
 
     from crma_lightning.prototype import PrototypeRouter, fit_missing_tasks
-    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
 
     if model.router is not None and all(t in model.router.tasks for t in tasks):
         return
     if model.router is None:
-        saved = run.routing if run.routing is not None and run.routing.mode == "prototype" else None
-        settings = dict(saved.prototype_settings) if saved is not None else {}
-        prefix = saved.prefix_tokens if saved is not None else DEFAULT_PREFIX_TOKENS
+        prefix, settings = router_settings(run)
         model.router = PrototypeRouter(prefix, **settings)
     dm.prepare(model.tokenizer)
     tokenizer = model.tokenizer
@@ -84,6 +91,12 @@ def build_parser() -> CommandParser:
         "base-model features are nearest; one base forward; statistics from the checkpoint, else fitted on "
         "the run's training rows)",
     )
+    parser.add_argument(
+        "--fallback_margin",
+        type=float,
+        help="--routing prototype: the hybrid - a prompt whose two nearest tasks are within this log-odds margin is "
+        "routed by perplexity on its first P tokens (default: the run's routing.fallback_margin)",
+    )
     parser.add_argument("--stage", type=int, help="use the model after this stage (default: the newest checkpoint)")
     for name, kind in SAMPLING_OPTIONS.items():
         parser.add_argument(f"--{name}", type=kind, help=f"transformers generate({name}=...)")
@@ -104,6 +117,16 @@ def run_generate(args: list[str]) -> None:
     model, dm = run.build(prog="crma-lightning generate")
     if not opts.routing:
         run.check_task(opts.task)
+    margin = opts.fallback_margin
+    if opts.routing != "prototype" and margin is not None:
+        raise ValueError("--fallback_margin needs --routing prototype")
+    if opts.routing == "prototype" and margin is None and run.routing is not None and run.routing.mode == "prototype":
+        margin = run.routing.fallback_margin  # the hybrid the run was evaluated with
+    if opts.routing == "prototype":  # a layer the model lacks or too wide features: before loading anything
+        from crma_lightning.prototype import DEFAULT_LAYER, DEFAULT_POOLING, check_model
+
+        settings = router_settings(run)[1]
+        check_model(model.model.config, settings.get("layer", DEFAULT_LAYER), settings.get("pooling", DEFAULT_POOLING))
     ckpt_info = run.stage_checkpoint(opts.stage)
     if not opts.routing:
         run.check_task(opts.task, ckpt_info.stage)
@@ -119,7 +142,11 @@ def run_generate(args: list[str]) -> None:
     trained = run.domains[: ckpt_info.stage]
     if opts.routing == "prototype":
         fit_router_if_missing(run, model, dm, trained)
-    routes = [model.route(p, trained, mode=opts.routing) if opts.routing else (opts.task, None) for p in opts.prompt]
+    routes = [
+        model.route(p, trained, mode=opts.routing, fallback_margin=margin) if opts.routing else (opts.task, None)
+        for p in opts.prompt
+    ]
+    fallbacks = [getattr(r, "fallback_losses", None) for r in routes]  # the hybrid's perplexity losses, if used
     texts: list[str] = [""] * len(opts.prompt)
     torch.manual_seed(opts.seed)
     for task in dict.fromkeys(t for t, _ in routes):  # one batch per task (one batch without --routing)
@@ -132,13 +159,21 @@ def run_generate(args: list[str]) -> None:
             texts[i] = text
     if opts.json:
         out = [
-            {"prompt": p, "text": t, "task": task, **({_SCORES[opts.routing]: losses} if losses else {})}
-            for p, t, (task, losses) in zip(opts.prompt, texts, routes)
+            {
+                "prompt": p,
+                "text": t,
+                "task": task,
+                **({_SCORES[opts.routing]: losses} if losses else {}),
+                **({"fallback": fb is not None} if margin is not None else {}),
+                **({_SCORES["perplexity"]: fb} if fb is not None else {}),
+            }
+            for p, t, (task, losses), fb in zip(opts.prompt, texts, routes, fallbacks)
         ]
         print(json.dumps(out, ensure_ascii=False))
         return
-    for i, (prompt, text, (task, losses)) in enumerate(zip(opts.prompt, texts, routes)):
+    for i, (prompt, text, (task, losses), fb) in enumerate(zip(opts.prompt, texts, routes, fallbacks)):
         if len(texts) > 1 or losses:
             how = "routed to" if losses else "task"
+            how += " (near tie: by perplexity)" if fb is not None else ""
             print(f"--- [{i + 1}/{len(texts)}] {how} {task}, stage {ckpt_info.stage}")
         print(prompt + text)
