@@ -240,6 +240,9 @@ def _routing_numbers(routing: dict[str, Any] | None, domains: list[str], run: di
     out["routing_forwards"] = _or_null(routing.get("routing_forwards_final"), "not recorded by this library version")
     shares = [v for v in (routing.get("fallback_share_final") or {}).values() if _num(v)]
     out["fallback_share"] = _or_null(statistics.fmean(shares) if shares else None, "not the hybrid")
+    scored = routing.get("score_metrics_routed") or {}  # task metrics: each prompt answered by its routed adapter
+    out["ap_routed"] = _or_null(scored.get("ap"), "no routed task scores (the domains have no metric)")
+    out["bwt_score_routed"] = _or_null(scored.get("bwt_score"), "no routed task scores, or fewer than two stages")
     return out
 
 
@@ -333,6 +336,8 @@ RUN_FIELDS = {
     "routing_accuracy_mean": ("routing", "routing_accuracy_mean"),
     "routing_forwards": ("routing", "routing_forwards"),
     "fallback_share": ("routing", "fallback_share"),
+    "ap_routed": ("routing", "ap_routed"),
+    "bwt_score_routed": ("routing", "bwt_score_routed"),
     "final_loss_mean": ("final_loss_mean",),
     "method_state_bytes": ("method", "state_bytes"),
     "gap_to_joint_loss": ("gap_to_joint", "loss"),

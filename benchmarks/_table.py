@@ -136,6 +136,11 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
                 f"{_ms(row['routing_accuracy_mean'], '.3f')}, forwards per routed sequence "
                 f"{_ms(row['routing_forwards'], '.2f')} (hybrid's perplexity share {_ms(row['fallback_share'], '.3f')})"
             )
+            if row.get("ap_routed", {}).get("n"):  # task metrics: each prompt answered by its routed adapter
+                lines[-1] += (
+                    f"; routed AP {_ms(row['ap_routed'], '.3f')} (oracle {_ms(row['ap'], '.3f')}), routed BWT_score "
+                    f"{_ms(row['bwt_score_routed'], '+.3f')} (each whole prompt routed)"
+                )
     lines += ["", "Final-row mean held-out loss, all positions, oracle (MERGED: its one adapter):"]
     lines += [f"- {mode}: {_ms(row['final_loss_mean'], '.4f')}" for mode, row in agg["modes"].items()]
     lines += [

@@ -27,7 +27,9 @@ rotation, ...: ``_orders.py``), each in ``<out>/order<k>/seed<s>/<SETTING>`` (K 
 ``<out>/seed<s>/<SETTING>``); ``results.md`` shows each order's numbers and their mean over orders.
 ``--suite tasks`` runs the built-in task suite of ``configs/tasks.yaml`` (first, shift, sort, length;
 its budgets and the base of ``task_suite_base.py``) and reports the score matrix: AP, BWT_score,
-forgetting and the final score of every task, per setting, order and seed.
+forgetting and the final score of every task, per setting, order and seed. The suite routes FROZEN and
+MODULAR only when ``--router`` is given (its instructions name the task): then each held-out prompt is also
+answered by its routed adapter (routed AP and BWT_score).
 FROZEN and MODULAR are also evaluated task-agnostically (``RoutedEvaluation(mode="perplexity")``, routing
 on the first ``--prefix-tokens`` tokens of each held-out row; ``--router prototype``: by the base model's
 features, :mod:`crma_lightning.prototype`; ``--router hybrid``: prototype, perplexity on the near-ties
@@ -196,9 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--router",
         choices=("perplexity", "prototype", "hybrid"),
-        default="perplexity",
-        help="how FROZEN and MODULAR are routed (prototype: the base model's features, default settings; "
-        "hybrid: prototype, and perplexity for the sequences within --fallback-margin)",
+        help="how FROZEN and MODULAR are routed (default perplexity; prototype: the base model's features, default "
+        "settings; hybrid: prototype, and perplexity for the sequences within --fallback-margin). --suite tasks "
+        "routes only when --router is given (the instruction names the task, so routing there is a check)",
     )
     g.add_argument(
         "--fallback-margin",
@@ -252,12 +254,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.preset = "tiny" if args.tiny else "quick" if args.quick else "tasks" if tasks_default else "default"
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: expected a number of seeds >= 1")
-    if args.suite == "tasks":  # the instruction names the task: a routed prefix would be trivial (see --suite)
-        args.no_routing = True
+    if args.suite == "tasks":  # the instruction names the task: routing is a check there, run on request only
+        args.no_routing = args.no_routing or args.router is None
         if args.eval_split not in (None, "full"):
             p.error(f"--eval-split {args.eval_split}: --suite tasks has no held-out files to split; expected full")
         args.eval_split = "full"
     args.eval_split = args.eval_split or "test"
+    args.router = args.router or "perplexity"
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     args.settings = _settings(p, args.settings)
     merged = [m for m in args.settings if "merge" in SETTINGS[m]]

@@ -428,3 +428,20 @@ def test_merged_drift_has_its_footnote_and_routing_table_reuses_only_same_settin
         got = routing_table._evaluate(run, "hybrid", prefix, margin, reuse=True)
         assert (got["prefix_tokens"], got["fallback_margin"]) == (prefix, margin)
     assert len(calls) == 3
+
+
+def test_task_suite_routes_on_request_and_reports_the_routed_ap(tmp_path):
+    """--suite tasks routes only when --router is given; the routed AP is the report's routed score matrix's."""
+    bench = _load_benchmark()
+    argv = ["--tiny", "--suite", "tasks", "--domains", "first", "shift", "--seeds", "1", "--settings", "FROZEN",
+            "--router", "prototype", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    payload = bench.main(argv)
+    assert payload["setup"]["routing"]["enabled"] and payload["setup"]["routing"]["router"] == "prototype"
+    run = payload["per_seed"]["0"]["runs"]["FROZEN"]
+    report = json.loads((Path(run["run_dir"]) / "report.json").read_text())
+    final = report["routing"]["score_matrix_routed"][-1]
+    assert run["routing"]["ap_routed"] == pytest.approx(sum(final) / len(final))
+    assert run["routing"]["routing_accuracy_mean"] is not None
+    agg = payload["aggregates"]["modes"]["FROZEN"]
+    assert agg["ap_routed"]["mean"] == pytest.approx(run["routing"]["ap_routed"])
+    assert "routed AP" in (tmp_path / "out" / "results.md").read_text()
