@@ -434,7 +434,8 @@ def test_task_suite_routes_on_request_and_reports_the_routed_ap(tmp_path):
     """--suite tasks routes only when --router is given; the routed AP is the report's routed score matrix's."""
     bench = _load_benchmark()
     argv = ["--tiny", "--suite", "tasks", "--domains", "first", "shift", "--seeds", "1", "--settings", "FROZEN",
-            "--router", "prototype", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+            "--router", "prototype"]  # fmt: skip
+    argv += ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
     payload = bench.main(argv)
     assert payload["setup"]["routing"]["enabled"] and payload["setup"]["routing"]["router"] == "prototype"
     run = payload["per_seed"]["0"]["runs"]["FROZEN"]
