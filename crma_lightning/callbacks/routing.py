@@ -229,9 +229,10 @@ class RoutedEvaluation(L.Callback):
         )
         domain = batch["domain"]
         own = BASE if self._row == 0 else self._own.get(domain)  # None: a domain not trained yet
-        # Counted on the device (no host sync per batch): rows with any target are real (padding rows have
-        # none). Not "a target in the prefix": prompt/response rows label only the response, after P.
-        real = (batch["labels"] != -100).any(dim=1).to(routed.prefix_losses.device)
+        # Counted on the device (no host sync per batch): rows with any target (a label after position 0)
+        # are real; padding rows have none. Not "a target in the prefix": prompt/response rows label only
+        # the response, which starts after P.
+        real = (batch["labels"][:, 1:] != -100).any(dim=1).to(routed.prefix_losses.device)
         picked = routed.prefix_losses.argmin(dim=1)  # the choice route_batch made
         chosen = torch.zeros(len(labels), dtype=torch.float64, device=pl_module.device)
         chosen.index_add_(0, picked.to(pl_module.device), real.to(pl_module.device, torch.float64))  # padding adds 0
