@@ -144,7 +144,9 @@ def route_batch(
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     prefix_ids = ids[:, :prefix_tokens]  # (B, P) - the routing pass cannot see past position P
     prefix_mask = None if mask is None else mask[:, :prefix_tokens]
-    prefix_labels = labels[:, :prefix_tokens]
+    # The prefix's own tokens are its targets, not the training labels: a prompt/response row labels only
+    # its response, yet the prompt is what routing reads (as at serving time, where there are no labels).
+    prefix_labels = prefix_ids if prefix_mask is None else prefix_ids.masked_fill(prefix_mask == 0, -100)
     rest_labels = scored_labels(labels, prefix_tokens)  # (B, T)
 
     prefix_losses, row_sums = [], []

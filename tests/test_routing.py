@@ -98,6 +98,20 @@ def test_tokens_after_the_prefix_never_change_the_choice():
     assert route_batch(model, _batch(rows), ["a", "b"], 6, model.activate).choices == ["b"] * 4
 
 
+def test_prompt_response_rows_are_routed_on_their_unlabelled_prompt():
+    """Labels -100 on the prefix (a prompt/response row scores only its response): routing still reads the
+    prefix's tokens. Before the fix every prefix loss was 0, a tie, and every row went to the first adapter."""
+    rows = [_sequence("b", 4, 12), _sequence("a", 0, 12), _sequence("b", 5, 12)]
+    batch = _batch(rows)
+    batch["labels"][:, :6] = -100  # the prompt: unscored
+    model = ToyModel()
+    routed = route_batch(model, batch, ["a", "b"], 6, model.activate)
+    assert routed.choices == ["b", "a", "b"]
+    assert bool((routed.prefix_losses > 0).any())
+    # The scored targets are still only the labelled ones after P.
+    assert routed.tokens.item() == 3 * (12 - 6)
+
+
 def test_ties_and_validation():
     model = ToyModel()
     batch = _batch([_sequence("a", 0, 10)])
