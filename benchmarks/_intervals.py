@@ -4,8 +4,12 @@ Per setting: the final mean held-out loss, mean drift, mean base-relative forget
 (oracle evaluation), and with task metrics on every domain AP, BWT_score and mean forgetting; per pair
 (a setting vs its plain-LoRA setting, :data:`_results.LORA_PAIRS`): the final held-out gain and the
 differences of final loss, drift and forgetting (and of AP and BWT_score), on the same documents and
-seeds (a paired bootstrap). The method is :mod:`_stats`'s: documents and seeds resampled independently,
-one draw per replicate shared by every setting, percentile intervals. Routed numbers have no interval.
+seeds (a paired bootstrap); per setting evaluated routed (per-task adapters, ``heldout_rows.json``'s
+``routed`` section): the routed mean drift, base-relative forgetting and plasticity (of the routed matrix
+``L~``, positions ``>= P``) and the mean final routing accuracy, and per pair whose settings were both
+routed (MODULAR vs FROZEN) the routed drift difference. The method is :mod:`_stats`'s: documents and seeds
+resampled independently, one draw per replicate shared by every setting (and by the oracle and the routed
+numbers), percentile intervals.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import numpy as np
 from _results import Null
 from _stats import (
     PAIR_STATS,
+    ROUTED_PAIR_STATS,
+    ROUTED_STATS,
     RUN_STATS,
     SCORE_PAIR_STATS,
     SCORE_STATS,
+    RoutedRows,
     RunRows,
     check_rows,
     from_matrices,
@@ -54,6 +61,17 @@ def _scores(content: dict[str, Any] | Null) -> RunRows | Null:
         return RunRows.from_scores(content)
     except ValueError as err:
         return Null(f"no task-score intervals: {err}")
+
+
+def _routed(content: dict[str, Any] | Null, run: dict[str, Any]) -> RoutedRows | Null:
+    if isinstance(content, Null):
+        return content
+    if content.get("routed"):
+        return RunRows.from_routed(content)
+    mode = (run.get("routing") or {}).get("mode", "oracle")
+    if mode in ("none", "merged"):
+        return Null(f"routing mode {mode!r}: no task identity needed, routed = oracle (the oracle interval applies)")
+    return Null(f"not evaluated routed (routing mode {mode!r}), or the run wrote no routed rows")
 
 
 def _block(
@@ -123,9 +141,11 @@ def benchmark_intervals(
 
     Returns:
         ``{"method", "level", "resamples", "seed", "seeds", "units_per_domain", "modes": {setting: {stat:
-        interval}}, "pairs": {...}, "scores": {...}}``: losses, and (when every domain has a task metric) the
-        task scores' ``ap``, ``bwt_score``, ``forgetting_mean`` and pair differences; a
-        :class:`~_results.Null` where a run has no per-row numbers.
+        interval}}, "pairs": {...}, "routed": {...}, "scores": {...}}``: losses; the routed numbers
+        (:data:`_stats.ROUTED_STATS`, the settings evaluated routed, and :data:`_stats.ROUTED_PAIR_STATS` of
+        pairs routed on both sides); and (when every domain has a task metric) the task scores' ``ap``,
+        ``bwt_score``, ``forgetting_mean`` and pair differences; a :class:`~_results.Null` where a run has no
+        per-row numbers.
     """
     seeds = list(per_seed)
     modes = list(per_seed[seeds[0]]["runs"])
@@ -133,6 +153,12 @@ def benchmark_intervals(
     losses = {m: [c if isinstance(c, Null) else RunRows.from_file_content(c) for c in contents[m]] for m in modes}
     out: dict[str, Any] = {"method": METHOD, "level": level, "resamples": resamples, "seed": seed, "seeds": len(seeds)}
     out.update(_block(losses, pairs, RUN_STATS, PAIR_STATS, resamples, seed, level))
+    routed = {m: [_routed(c, per_seed[s]["runs"][m]) for c, s in zip(contents[m], seeds)] for m in modes}
+    routed = {m: rs for m, rs in routed.items() if any(not isinstance(r, Null) for r in rs)}
+    if routed:
+        out["routed"] = _block(routed, pairs, ROUTED_STATS, ROUTED_PAIR_STATS, resamples, seed, level)
+    else:
+        out["routed"] = Null("no setting was evaluated routed (per-task adapters with a router)")
     scores = {m: [_scores(c) for c in contents[m]] for m in modes}
     if any(not isinstance(r, Null) for rs in scores.values() for r in rs):
         out["scores"] = _block(scores, pairs, SCORE_STATS, SCORE_PAIR_STATS, resamples, seed, level)
@@ -166,8 +192,8 @@ def render_intervals(intervals: dict[str, Any]) -> str:
         f"## {level} % intervals (held-out documents{' and seeds' if intervals['seeds'] > 1 else ''})",
         "",
         f"Value [low, high]: {intervals['method']}; B = {intervals['resamples']}, resampling seed "
-        f"{intervals['seed']}; documents per domain {intervals.get('units_per_domain')}. Oracle evaluation (routed "
-        "numbers have no interval).",
+        f"{intervals['seed']}; documents per domain {intervals.get('units_per_domain')}. Oracle evaluation (the "
+        "routed numbers follow).",
         "",
         "| setting | final mean held-out loss | mean drift % | base-rel. forgetting % | plasticity (mean L[j][j]) |",
         "|---|---|---|---|---|",
@@ -196,6 +222,7 @@ def render_intervals(intervals: dict[str, Any]) -> str:
                 f"| {_ci(p['drift_mean_diff_pp'], '+.3f')} | {_verdict(p['drift_mean_diff_pp'])} "
                 f"| {_ci(p['base_relative_forgetting_diff_pp'], '+.2f')} |"
             )
+    lines += _render_routed(intervals.get("routed"))
     scores = intervals.get("scores")
     if isinstance(scores, dict):
         lines += [
@@ -220,3 +247,32 @@ def render_intervals(intervals: dict[str, Any]) -> str:
                 f"({_verdict(p['bwt_score_diff'])})"
             )
     return "\n".join(lines) + "\n"
+
+
+def _render_routed(routed: Any) -> list[str]:
+    """The routed rows of the intervals section (nothing when no setting was evaluated routed)."""
+    if not isinstance(routed, dict):
+        return []
+    lines = [
+        "",
+        "Routed evaluation (targets at positions >= P, the same documents and seeds; drift and forgetting of the "
+        "routed matrix L~):",
+        "",
+        "| setting | routed mean drift % | routed base-rel. forgetting % | routed plasticity | routing accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, row in routed["modes"].items():
+        if isinstance(row, Null):
+            lines.append(f"| {mode} | — ({row.reason}) | — | — | — |")
+            continue
+        lines.append(
+            f"| {mode} | {_ci(row['drift_mean_routed_pct'], '+.3f')} "
+            f"| {_ci(row['base_relative_forgetting_mean_routed_pct'], '+.2f')} "
+            f"| {_ci(row['plasticity_mean_routed'], '.4f')} | {_ci(row['routing_accuracy_mean'], '.3f')} |"
+        )
+    for key, p in routed["pairs"].items():
+        entry = p["drift_mean_routed_diff_pp"]
+        lines.append(
+            f"- {key.replace('_vs_', ' vs ')}, routed: drift difference (pp) {_ci(entry, '+.3f')} ({_verdict(entry)})"
+        )
+    return lines

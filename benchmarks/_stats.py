@@ -101,6 +101,40 @@ class RunRows:
             toks.append([np.ones(len(row[d])) if d in row else None for d in domains])
         return cls(domains, sums, toks)
 
+    @classmethod
+    def from_routed(cls, data: dict[str, Any], unit: str = "document") -> RoutedRows:
+        """The routed evaluation's rows of a ``heldout_rows.json`` (its ``routed`` section, docs/metrics.md).
+
+        Units as in :meth:`from_file_content` (the same held-out rows and documents as the oracle ones).
+
+        Raises:
+            ValueError: The file has no routed rows (the run was not evaluated routed).
+        """
+        if unit not in ("document", "row"):
+            raise ValueError(f"unit={unit!r}: expected 'document' or 'row'")
+        routed = data.get("routed") or {}
+        if not routed:
+            raise ValueError("the run has no routed per-row numbers (no routed evaluation)")
+        domains = list(data["domains"])
+        documents = (data.get("documents") or {}) if unit == "document" else {}
+        tables: dict[str, list[list[np.ndarray | None]]] = {k: [] for k in ("loss", "tokens", "correct", "routed")}
+        for s in range(max(int(k) for k in routed) + 1):
+            row = routed.get(str(s), {})
+            for key in tables:
+                tables[key].append([])
+            for d in domains:
+                cell, docs = row.get(d), documents.get(d)
+                flags = None if cell is None else cell["correct"]
+                judged = flags is not None and any(c is not None for c in flags)
+                tables["loss"][-1].append(None if cell is None else _units(cell["loss_sum"], docs))
+                tables["tokens"][-1].append(None if cell is None else _units(cell["tokens"], docs))
+                # Accuracy per unit: right choices over routed rows (rows with a null flag count in neither).
+                tables["correct"][-1].append(_units([c is True for c in flags], docs) if judged else None)
+                tables["routed"][-1].append(_units([c is not None for c in flags], docs) if judged else None)
+        return RoutedRows(
+            cls(domains, tables["loss"], tables["tokens"]), cls(domains, tables["correct"], tables["routed"])
+        )
+
     def rows_per_domain(self) -> list[int]:
         """Held-out rows of each domain (the same after every stage)."""
         out = []
@@ -127,6 +161,30 @@ class RunRows:
                 idx = draws[j]
                 out[s, j] = ls.sum() / tk.sum() if idx is None else ls[idx].sum(axis=1) / tk[idx].sum(axis=1)
         return out
+
+
+@dataclass(frozen=True)
+class RoutedRows:
+    """One run's routed per-row numbers: the routed loss matrix ``L~`` and the routing-accuracy matrix.
+
+    ``loss``: routed loss sums over the scored tokens (positions ``>= P``), so its matrix is ``L~[s][j]``;
+    ``accuracy``: per unit the rows routed to their own adapter over the rows routed, so its matrix is the
+    routing accuracy (NaN for the base row and domains not trained yet). Both on the same units.
+    """
+
+    loss: RunRows
+    accuracy: RunRows
+
+    @property
+    def domains(self) -> list[str]:
+        return self.loss.domains
+
+    def rows_per_domain(self) -> list[int]:
+        return self.loss.rows_per_domain()
+
+    def matrix(self, draws: Sequence[np.ndarray | None]) -> np.ndarray:
+        """``(2, stages + 1, domains, B)``: ``L~`` then the accuracy, from the same row draws."""
+        return np.stack([self.loss.matrix(draws), self.accuracy.matrix(draws)])
 
 
 # ---------------------------------------------------------------------- statistics of a loss matrix
@@ -223,6 +281,28 @@ SCORE_PAIR_STATS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "bwt_score_diff": lambda mx, mref: bwt_score(mx) - bwt_score(mref),
 }
 """X minus its pair, on the same score rows and seeds."""
+
+
+def routing_accuracy_mean(m: np.ndarray) -> np.ndarray:
+    """Mean over the trained domains of the final row's routing accuracy (``m``: an accuracy matrix)."""
+    final = m[_last(m)]
+    return final[~np.all(np.isnan(final), axis=1)].mean(axis=0)
+
+
+ROUTED_STATS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "drift_mean_routed_pct": lambda r: drift_mean_pct(r[0]),
+    "base_relative_forgetting_mean_routed_pct": lambda r: base_relative_forgetting_mean_pct(r[0]),
+    "plasticity_mean_routed": lambda r: plasticity_mean(r[0]),
+    "routing_accuracy_mean": lambda r: routing_accuracy_mean(r[1]),
+}
+"""Routed headline numbers (of :meth:`RoutedRows.matrix` arrays): the drift, base-relative forgetting and
+plasticity of the routed matrix ``L~`` (as ``report.json``'s ``metrics_routed``) and the mean final routing
+accuracy."""
+
+ROUTED_PAIR_STATS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "drift_mean_routed_diff_pp": lambda rx, rref: drift_mean_pct(rx[0]) - drift_mean_pct(rref[0]),
+}
+"""X minus its pair, routed, on the same documents and seeds."""
 
 
 # ---------------------------------------------------------------------- the bootstrap

@@ -39,7 +39,8 @@ routing (checked with ``mode="none"``): their routed numbers are the oracle ones
 Held-out rows (protocol v3): each held-out file is split by document into dev and test halves
 (``_splits.py``); runs evaluate ``--eval-split`` (default ``test``). Every run keeps its per-row held-out
 numbers (``heldout_rows.json``), from which ``_stats.py`` computes bootstrap intervals of every headline
-number and paired intervals of every pair (``results.json`` ``intervals``, the end of ``results.md``).
+number and paired intervals of every pair, routed numbers included (``results.json`` ``intervals``, the end
+of ``results.md``).
 
 Within each seed the runs take turns one optimizer step at a time (``--interleave step``), so the
 step times of all settings see the same machine load. Writes ``results.json`` (every per-seed number and

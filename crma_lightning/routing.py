@@ -57,7 +57,8 @@ class _RoutedFields(NamedTuple):
 class RoutedBatch(_RoutedFields):
     """What :func:`route_batch` returns (a named tuple: ``routed.choices``, ``routed.loss_sum``, ...).
 
-    It unpacks into its first five attributes; ``fallback`` is an attribute only (not a tuple field).
+    It unpacks into its first five attributes; ``fallback`` and ``row_tokens`` are attributes only (not tuple
+    fields).
 
     Attributes:
         choices: The chosen adapter of each row, ``len == B``.
@@ -68,9 +69,11 @@ class RoutedBatch(_RoutedFields):
         scored_sums: ``(B, K)`` summed loss of each row's scored targets under each adapter (column ``k``
             summed: the oracle loss on the same targets when adapter ``k`` is the rows' own).
         fallback: ``(B,)`` bool, the rows a hybrid routed by perplexity (``None`` without ``fallback_margin``).
+        row_tokens: ``(B,)`` scored targets of each row (``tokens`` is their sum).
     """
 
     fallback: torch.Tensor | None = None
+    row_tokens: torch.Tensor | None = None
 
 
 def validate_routing(
@@ -171,7 +174,7 @@ def route_batch(
     counts = row_sums[0][1]  # (B,) the same targets under every adapter
     chosen_sum = sums.gather(1, choice[:, None].to(sums.device)).sum()
     out = RoutedBatch([adapters[i] for i in choice.tolist()], chosen_sum, counts.sum(), losses, sums)
-    out.fallback = fallback
+    out.fallback, out.row_tokens = fallback, counts
     return out
 
 

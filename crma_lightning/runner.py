@@ -8,7 +8,7 @@ state is the run's state), the loggers (one TensorBoard run), and the logging st
 stage where the previous one ended.
 
 Run directory: ``report.json``/``report.md`` (rewritten after every stage; with ``DomainEvaluation(row_losses=True)``
-also ``heldout_rows.json``, the per-row held-out numbers), ``config.yaml``,
+also ``heldout_rows.json``, the per-row held-out numbers, routed ones included), ``config.yaml``,
 ``tensorboard/`` (one continuous run), and the files of :mod:`crma_lightning.checkpoints`.
 """
 
@@ -468,7 +468,12 @@ class ContinualRunner:
             if evaluation.row_losses and evaluation.row_table:  # DomainEvaluation(row_losses=True)
                 eos = getattr(dm.tokenizer, "eos_token_id", None)
                 documents = {d: row_documents(dm.eval_sets[d]["input_ids"], eos) for d in dm.eval_sets}
-                write_row_losses(self.run_dir, domains, evaluation.row_table, evaluation.row_scores, documents)
+                routing = self.routing  # a routed evaluation keeps its rows too (RoutedEvaluation.row_table)
+                routed = routing.row_table if routing is not None else None
+                settings = {"mode": routing.mode, "prefix_tokens": routing.prefix_tokens} if routed else None
+                write_row_losses(
+                    self.run_dir, domains, evaluation.row_table, evaluation.row_scores, documents, routed, settings
+                )
             write_stage_configs(self.run_dir, self.state, domains)
             if status in ("running", "complete"):  # right after a stage's adapters were exported
                 self.checkpoints.record_adapters(domains, self.state.completed)

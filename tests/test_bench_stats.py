@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _stats import PAIR_STATS, RUN_STATS, SCORE_STATS, RunRows, interval
+from _stats import PAIR_STATS, ROUTED_PAIR_STATS, ROUTED_STATS, RUN_STATS, SCORE_STATS, RunRows, interval
 
 # Row draws per domain, one replicate per line (B = 4).
 DRAWS = [np.array([[0, 0], [0, 1], [1, 1], [1, 0]]), np.array([[1, 1], [0, 1], [0, 0], [1, 0]])]
@@ -167,3 +167,106 @@ def test_benchmark_intervals_pair_the_settings_of_each_seed(tmp_path):
     assert out["units_per_domain"] == {"a": 2, "b": 2}
     text = render_intervals(out)
     assert "| EWC vs NAIVE |" in text and "Task scores" in text
+
+
+def _routed_content(a_final=(2, 6), flags_a=(True, False), flags_b=(False, True)):
+    """Routed rows with REF's numbers as the routed loss matrix, and the final row's routing choices."""
+
+    def cell(loss, tok, correct=(None, None)):
+        return {"loss_sum": list(loss), "oracle_loss_sum": list(loss), "tokens": list(tok), "correct": list(correct)}
+
+    routed = {
+        "0": {"a": cell([3, 6], [1, 2]), "b": cell([6, 3], [2, 1])},
+        "1": {"a": cell([1, 4], [1, 2], (True, True))},
+        "2": {"a": cell(a_final, [1, 2], flags_a), "b": cell([4, 4], [2, 1], flags_b)},
+    }
+    return {"domains": ["a", "b"], "rows": {}, "routed": routed}
+
+
+def test_routed_statistics_of_one_run():
+    runs = RunRows.from_routed(_routed_content())
+    # The routed matrix is REF's matrix: the routed drift is REF's drift, replicate by replicate (50.75, 97).
+    drift = interval(ROUTED_STATS["drift_mean_routed_pct"], [[runs]], draws=DRAWS)
+    assert drift["value"] == pytest.approx(60.0)
+    assert (drift["low"], drift["high"]) == (pytest.approx(50.75), pytest.approx(97.0))
+    # Plasticity: L~[1][a] 1, 5/3, 2, 5/3 and L~[2][b] 4, 8/3, 2, 8/3 -> means 2.5, 13/6, 2, 13/6
+    # sorted [2, 13/6, 13/6, 2.5]: 2 + 0.075 (1/6) = 2.0125; 13/6 + 0.925 (1/3) = 2.475.
+    plasticity = interval(ROUTED_STATS["plasticity_mean_routed"], [[runs]], draws=DRAWS)
+    assert plasticity["value"] == pytest.approx(13 / 6)
+    assert (plasticity["low"], plasticity["high"]) == (pytest.approx(2.0125), pytest.approx(2.475))
+    # Accuracy (final row): a's flags [right, wrong] drawn [0,0] 1, [0,1] 0.5, [1,1] 0, [1,0] 0.5; b's [wrong,
+    # right] drawn [1,1] 1, [0,1] 0.5, [0,0] 0, [1,0] 0.5 -> means 1, 0.5, 0, 0.5; sorted [0, 0.5, 0.5, 1]:
+    # 0 + 0.075 * 0.5 = 0.0375; 0.5 + 0.925 * 0.5 = 0.9625.
+    accuracy = interval(ROUTED_STATS["routing_accuracy_mean"], [[runs]], draws=DRAWS)
+    assert accuracy["value"] == pytest.approx(0.5)
+    assert (accuracy["low"], accuracy["high"]) == (pytest.approx(0.0375), pytest.approx(0.9625))
+    forgetting = interval(ROUTED_STATS["base_relative_forgetting_mean_routed_pct"], [[runs]], draws=DRAWS)
+    assert forgetting == interval(RUN_STATS["base_relative_forgetting_mean_pct"], [[REF]], draws=DRAWS)
+    with pytest.raises(ValueError, match="no routed per-row numbers"):
+        RunRows.from_routed({"domains": ["a"], "rows": {}})
+
+
+def test_routed_drift_of_a_pair_is_paired():
+    x, ref = RunRows.from_routed(_routed_content(a_final=(1, 6))), RunRows.from_routed(_routed_content())
+    # L~_X[2][a]: [0,0] 1; [0,1] 7/3; [1,1] 3; [1,0] 7/3 over L~[1][a] 1, 5/3, 2, 5/3: drift 0, 40, 50, 40;
+    # the pair's 100, 60, 50, 60 -> X - pair = -100, -20, 0, -20; sorted [-100, -20, -20, 0]:
+    # -100 + 0.075 * 80 = -94; -20 + 0.925 * 20 = -1.5.
+    out = interval(ROUTED_PAIR_STATS["drift_mean_routed_diff_pp"], [[x, ref]], draws=DRAWS)
+    assert out["value"] == pytest.approx(40.0 - 60.0)
+    assert (out["low"], out["high"], out["excludes_zero"]) == (pytest.approx(-94.0), pytest.approx(-1.5), True)
+
+
+def test_routed_units_are_documents_and_null_flags_count_nowhere():
+    content = {
+        "domains": ["a"],
+        "rows": {},
+        "documents": {"a": [0, 0, 3]},
+        "routed": {"1": {"a": {"loss_sum": [1.0, 2.0, 4.0], "oracle_loss_sum": [1.0, 2.0, 4.0], "tokens": [1, 1, 2],
+                               "correct": [True, None, False]}}},
+    }  # fmt: skip
+    runs = RunRows.from_routed(content)
+    assert runs.loss.loss_sum[1][0].tolist() == [3.0, 4.0] and runs.loss.tokens[1][0].tolist() == [2.0, 2.0]
+    # Right choices / routed rows per document: doc 0 1 of 1 (the null row counts in neither), doc 3 0 of 1.
+    assert runs.accuracy.loss_sum[1][0].tolist() == [1.0, 0.0] and runs.accuracy.tokens[1][0].tolist() == [1.0, 1.0]
+    assert runs.rows_per_domain() == [2] and runs.matrix([None]).shape == (2, 2, 1, 1)
+
+
+def test_benchmark_intervals_of_the_routed_settings(tmp_path):
+    import json
+
+    from _intervals import benchmark_intervals, render_intervals
+
+    def write(name, content, mode):
+        d = tmp_path / name
+        d.mkdir()
+        rows = {str(s): {d: {"loss_sum": REF.loss_sum[s][j].tolist(), "tokens": REF.tokens[s][j].tolist()}
+                         for j, d in enumerate(REF.domains) if REF.loss_sum[s][j] is not None}
+                for s in range(3)}  # fmt: skip
+        content = {"format": "crma_lightning heldout rows v1", **content, "rows": rows, "documents": {}}
+        (d / "heldout_rows.json").write_text(json.dumps(content))
+        return {"status": "complete", "run_dir": str(d), "routing": {"mode": mode}}
+
+    x = _routed_content(a_final=(1, 6))
+    runs = {
+        "NAIVE": write("n", {"domains": ["a", "b"]}, "none"),
+        "FROZEN": write("f", _routed_content(), "perplexity"),
+        "MODULAR": write("m", x, "perplexity"),
+    }
+    pairs = {"MODULAR": "FROZEN", "EWC": "NAIVE"}
+    out = benchmark_intervals({"0": {"runs": runs}}, pairs, resamples=200, seed=3)
+    routed = out["routed"]
+    assert list(routed["modes"]) == ["FROZEN", "MODULAR"] and list(routed["pairs"]) == ["MODULAR_vs_FROZEN"]
+    direct = interval(
+        ROUTED_PAIR_STATS["drift_mean_routed_diff_pp"],
+        [[RunRows.from_routed(x), RunRows.from_routed(_routed_content())]],
+        resamples=200,
+        seed=3,
+    )
+    assert routed["pairs"]["MODULAR_vs_FROZEN"]["drift_mean_routed_diff_pp"] == direct
+    # One draw for oracle and routed numbers: FROZEN's routed matrix is its oracle one here, so are the intervals.
+    assert routed["modes"]["FROZEN"]["drift_mean_routed_pct"] == out["modes"]["FROZEN"]["drift_mean_pct"]
+    text = render_intervals(out)
+    assert "| routed mean drift % |" in text and "| MODULAR | " in text and "MODULAR vs FROZEN, routed" in text
+    # No routed setting: a null with its reason.
+    alone = benchmark_intervals({"0": {"runs": {"NAIVE": runs["NAIVE"]}}}, {}, resamples=20, seed=3)
+    assert "no setting was evaluated routed" in alone["routed"].reason

@@ -377,6 +377,19 @@ def test_test_split_and_intervals(tiny_results):
         assert isinstance(entry["excludes_zero"], bool)
     table = (root / "out" / "results.md").read_text()
     assert "95 % intervals (held-out documents and seeds)" in table and "| MODULAR vs FROZEN |" in table
+    # Routed numbers (FROZEN and MODULAR, routed by perplexity): their point values are the aggregates' seed means.
+    routed = intervals["routed"]
+    assert list(routed["modes"]) == ROUTED and list(routed["pairs"]) == ["MODULAR_vs_FROZEN"]
+    for mode in ROUTED:
+        for key in ("drift_mean_routed_pct", "base_relative_forgetting_mean_routed_pct", "plasticity_mean_routed",
+                    "routing_accuracy_mean"):  # fmt: skip
+            entry = routed["modes"][mode][key]
+            assert entry["seeds"] == 2 and entry["low"] - 1e-9 <= entry["value"] <= entry["high"] + 1e-9, (mode, key)
+            assert entry["value"] == pytest.approx(agg["modes"][mode][key]["mean"], rel=1e-4, abs=1e-4), (mode, key)
+    diff = routed["pairs"]["MODULAR_vs_FROZEN"]["drift_mean_routed_diff_pp"]
+    means = [agg["modes"][m]["drift_mean_routed_pct"]["mean"] for m in ROUTED]
+    assert diff["value"] == pytest.approx(means[1] - means[0], abs=1e-4) and isinstance(diff["excludes_zero"], bool)
+    assert "| routed mean drift % |" in table and "MODULAR vs FROZEN, routed: drift difference" in table
 
 
 def test_a_refused_overwrite_run_keeps_the_previous_results(tmp_path, monkeypatch):

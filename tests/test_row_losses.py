@@ -6,11 +6,13 @@ from __future__ import annotations
 from functools import partial
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from conftest import TINY_LLAMA_CONFIG
 
 from crma_lightning.callbacks.evaluation import DomainEvaluation
+from crma_lightning.callbacks.routing import RoutedEvaluation
 from crma_lightning.callbacks.row_losses import ROW_LOSSES_FILE, RowLosses, read_row_losses, row_documents
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.module import ContinualLM
@@ -109,3 +111,78 @@ def test_rows_missing_from_the_per_row_numbers_are_refused(tmp_path, monkeypatch
     monkeypatch.setattr(RowLosses, "add", drop_last)
     with pytest.raises(RuntimeError, match=r"domain 'prose' per-row tokens sum to \d+, the evaluation counted"):
         _run(tmp_path, "short", [DomainEvaluation(row_losses=True)])
+
+
+# ---------------------------------------------------------------------- the routed evaluation's rows
+ROUTED_DOMAINS = [{"name": "prose", "builtin": "prose"}, {"name": "arithmetic", "builtin": "arithmetic"}]
+
+
+def _routed_run(run_dir, callbacks=(), **runner_kwargs):
+    model = ContinualLM(
+        model_config=TINY_LLAMA_CONFIG, task_adapters="per_task", optimizer=partial(torch.optim.AdamW, lr=0.01)
+    )
+    dm = SequentialDomainDataModule(
+        domains=ROUTED_DOMAINS, max_length=32, batch_size=4, eval_batch_size=3, max_chars_per_domain=4000,
+        max_eval_rows=7,
+    )  # fmt: skip
+    callbacks = [DomainEvaluation(row_losses=True), RoutedEvaluation(mode="perplexity", prefix_tokens=8), *callbacks]
+    trainer = {**TRAINER, "max_steps": 3}
+    runner = ContinualRunner(run_dir=run_dir, trainer_kwargs=trainer, callbacks=callbacks, **runner_kwargs)
+    return runner.run(model, dm), dm
+
+
+@pytest.fixture(scope="module")
+def routed_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("routed") / "run"
+    report, dm = _routed_run(run_dir, resume="never")
+    return run_dir, report, dm
+
+
+def test_routed_rows_add_up_to_the_routed_matrices_and_the_accuracy(routed_run):
+    run_dir, report, dm = routed_run
+    data = read_row_losses(run_dir)
+    routing = report["routing"]
+    assert data["routing"] == {"mode": "perplexity", "prefix_tokens": 8} and sorted(data["routed"]) == ["0", "1", "2"]
+    for s, row in data["routed"].items():
+        s = int(s)
+        for j, domain in enumerate(data["domains"]):
+            if routing["loss_matrix_routed"][s][j] is None:
+                assert domain not in row
+                continue
+            cell = row[domain]
+            assert len(cell["loss_sum"]) == len(cell["tokens"]) == len(cell["correct"]) == len(dm.eval_sets[domain])
+            # Targets at positions >= P only: fewer than the oracle rows' (all positions), for every row.
+            assert all(t < u for t, u in zip(cell["tokens"], data["rows"][str(s)][domain]["tokens"]))
+            tokens = sum(cell["tokens"])
+            assert sum(cell["loss_sum"]) / tokens == pytest.approx(routing["loss_matrix_routed"][s][j], rel=1e-6)
+            oracle = routing["loss_matrix_oracle_same_targets"][s][j]
+            if oracle is None:
+                assert cell["oracle_loss_sum"] is None
+            else:
+                assert sum(cell["oracle_loss_sum"]) / tokens == pytest.approx(oracle, rel=1e-6)
+            accuracy = routing["routing_accuracy"][s][j]
+            if accuracy is None:  # the base row and domains not trained yet: no right or wrong choice
+                assert set(cell["correct"]) == {None}
+            else:
+                flags = [c for c in cell["correct"] if c is not None]
+                assert set(flags) <= {True, False} and sum(flags) / len(flags) == pytest.approx(accuracy)
+    # Stage 1 has one candidate (prose's adapter): every prose row is routed right, and routed = oracle.
+    first = data["routed"]["1"]["prose"]
+    assert all(first["correct"]) and first["loss_sum"] == first["oracle_loss_sum"]
+    assert data["routed"]["0"]["prose"]["oracle_loss_sum"] == data["routed"]["0"]["prose"]["loss_sum"]  # the base
+
+
+def test_routed_rows_survive_a_mid_stage_resume(tmp_path, routed_run):
+    class Crash(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.current_task == "arithmetic" and trainer.global_step == 2:
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _routed_run(tmp_path / "run", [Crash()], checkpoint_every_n_steps=1)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    state = next(v for k, v in last["callbacks"].items() if "RoutedEvaluation" in k)
+    assert sorted(state["row_table"]) == [0, 1]  # the base row and stage 1's: in the mid-stage checkpoint
+    _routed_run(tmp_path / "run", checkpoint_every_n_steps=1)
+    resumed, whole = read_row_losses(tmp_path / "run"), read_row_losses(routed_run[0])
+    assert resumed["routed"] == whole["routed"] and resumed["rows"] == whole["rows"]

@@ -24,7 +24,10 @@ Per matrix row ``s`` and domain ``j`` it records the routed loss ``L~[s][j]``, t
 same targets (positions ``>= P``, the domain's own adapter), the routing accuracy (fraction of
 ``j``'s sequences routed to ``j``'s adapter) and the confusion counts (how many of ``j``'s sequences went
 to each candidate). Tasks whose adapters are the same (``shared``, O-LoRA's
-stack) are one candidate, so routing among them is never counted as an error. ``mode: none`` asserts
+stack) are one candidate, so routing among them is never counted as an error. When the run's oracle
+evaluation keeps per-row numbers (``DomainEvaluation(row_losses=True)``), this one does too (``row_table``:
+per held-out row, the routed and the oracle loss on the scored targets, their count, and whether the row
+went to its own adapter; the runner writes them to ``heldout_rows.json``, docs/metrics.md). ``mode: none`` asserts
 that the evaluation needs no task identity (every task activates the same adapters) and adds nothing.
 """
 
@@ -37,6 +40,8 @@ import lightning as L
 import torch
 
 from crma_lightning import _compat, metrics, prototype, scoring
+from crma_lightning.callbacks.evaluation import DomainEvaluation
+from crma_lightning.callbacks.row_losses import RowLosses
 from crma_lightning.callbacks.stages import log_to_loggers
 from crma_lightning.routing import (
     DEFAULT_PREFIX_TOKENS,
@@ -50,6 +55,7 @@ from crma_lightning.routing import (
 BASE = "<base>"  # the candidate of row 0: no task trained yet, LoRA off
 _FIELDS = 6  # per domain: routed loss sum, oracle (same targets) loss sum, scored tokens, correct rows, routed rows,
 # rows the hybrid routed by perplexity
+_ROW_FIELDS = ("loss_sum", "oracle_loss_sum", "tokens", "correct", "routed")  # per held-out row (row_table)
 
 
 class RoutedEvaluation(L.Callback):
@@ -75,6 +81,9 @@ class RoutedEvaluation(L.Callback):
         accuracy: Routing accuracy per row and domain; ``None`` for the base row and untrained domains.
         scores: Routed task scores ``S~[s][j]`` of the domains with a metric (``None`` elsewhere).
         confusion: Per row, ``{"candidates": [...], "counts": {domain: [rows routed to each candidate]}}``.
+        row_table: With the oracle evaluation's ``row_losses``: per matrix row and domain, per held-out row
+            ``loss_sum`` (routed), ``oracle_loss_sum`` (``None`` where the oracle entry is), ``tokens`` and
+            ``correct`` (``None`` for the base row, untrained domains and rows with no target).
     """
 
     def __init__(
@@ -104,6 +113,9 @@ class RoutedEvaluation(L.Callback):
         self._own: dict[str, str] = {}  # domain -> the label of its own adapter(s)
         self._sums: dict[str, torch.Tensor] = {}
         self._chosen: dict[str, torch.Tensor] = {}  # domain -> (K,) rows routed to each candidate
+        self.row_table: dict[int, dict[str, dict[str, Any]]] = {}
+        self._rows = RowLosses(_ROW_FIELDS, counts=("tokens", "correct", "routed"))
+        self._keep_rows = False
 
     # ------------------------------------------------------------------ which adapters
     @staticmethod
@@ -144,6 +156,11 @@ class RoutedEvaluation(L.Callback):
             self._candidates.setdefault(label, task)
             self._own[task] = label
         self._sums, self._chosen = {}, {}
+        self._rows.reset()
+        # Per-row numbers exactly when the oracle evaluation keeps its own (the bootstrap needs both, paired).
+        self._keep_rows = hasattr(trainer.datamodule, "eval_sets") and any(
+            isinstance(cb, DomainEvaluation) and cb.row_losses for cb in trainer.callbacks
+        )
         if self.mode == PROTOTYPE and self._row > 0:
             self._fit_prototypes(trainer, pl_module, tasks[: self._row])
 
@@ -247,6 +264,19 @@ class RoutedEvaluation(L.Callback):
         values = [routed.loss_sum, oracle, routed.tokens, correct, real.sum(), fell_back]
         row = torch.stack([v.to(device=pl_module.device, dtype=torch.float64) for v in values])
         self._sums[domain] = self._sums.get(domain, torch.zeros_like(row)) + row
+        if self._keep_rows:
+            self._add_rows(trainer, domain, routed, real, picked, None if own is None else labels.index(own))
+
+    def _add_rows(
+        self, trainer: L.Trainer, domain: str, routed: Any, real: torch.Tensor, picked: torch.Tensor, k: int | None
+    ) -> None:
+        """Record each row of the batch: routed and own-adapter loss sums, scored targets, right choice, routed."""
+        sums = routed.scored_sums  # (B, K)
+        picked = picked.to(sums.device)
+        chosen = sums.gather(1, picked[:, None]).squeeze(1)  # the row's routed loss sum (route_batch's choice)
+        own = sums[:, k] if k is not None else torch.zeros_like(chosen)
+        correct = (picked == k) & real.to(sums.device) if k is not None else torch.zeros_like(picked, dtype=torch.bool)
+        self._rows.add(trainer, domain, chosen, own, routed.row_tokens, correct, real)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._row is None:
@@ -256,9 +286,36 @@ class RoutedEvaluation(L.Callback):
         local = torch.stack([self._sums.get(d, zeros) for d in order])  # (D, _FIELDS)
         total = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
         self._record(trainer, self._row, dict(zip(order, total, strict=True)))
+        if self._keep_rows:
+            self._record_rows(trainer, pl_module, self._row, order, dict(zip(order, total, strict=True)))
         self._record_confusion(trainer, pl_module, self._row, order)
         self._score(trainer, pl_module, self._row, order)
         self._row = None
+
+    def _record_rows(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, row: int, order: list[str], sums: dict[str, list]
+    ) -> None:
+        """Gather the per-row numbers of matrix row ``row`` (summed over ranks) into ``row_table[row]``.
+
+        Raises:
+            RuntimeError: The rows' scored targets do not add up to the domain's count (a row missed or repeated).
+        """
+        table = {}
+        for domain, numbers in self._rows.gather(trainer, order, pl_module.device).items():
+            counted = sums[domain][2]
+            if sum(numbers["tokens"]) != round(counted):  # every row evaluated once: else the bootstrap units are wrong
+                raise RuntimeError(
+                    f"routed row numbers: domain {domain!r} per-row tokens sum to {sum(numbers['tokens'])}, the "
+                    f"routed evaluation counted {round(counted)}: some held-out rows were not evaluated exactly once"
+                )
+            trained = domain in self._own
+            table[domain] = {
+                "loss_sum": numbers["loss_sum"],
+                "oracle_loss_sum": numbers["oracle_loss_sum"] if trained or row == 0 else None,
+                "tokens": numbers["tokens"],
+                "correct": [bool(c) if trained and r else None for c, r in zip(numbers["correct"], numbers["routed"])],
+            }
+        self.row_table[row] = table
 
     def _record_confusion(self, trainer: L.Trainer, pl_module: L.LightningModule, row: int, order: list[str]) -> None:
         """Rows of each domain routed to each candidate, summed over processes; logged as a TensorBoard figure."""
@@ -418,6 +475,7 @@ class RoutedEvaluation(L.Callback):
             "prototype": dict(self.prototype_settings),
             "fallback_margin": self.fallback_margin,
             "fallback": [list(r) for r in self.fallback],
+            **({"row_table": dict(self.row_table)} if self.row_table else {}),
         }
 
     def check_resumable(self, state_dict: dict[str, Any]) -> None:
@@ -451,6 +509,7 @@ class RoutedEvaluation(L.Callback):
         self.scores = [list(r) for r in state_dict.get("scores", [])]
         self.confusion = list(state_dict.get("confusion", []))
         self.fallback = [list(r) for r in state_dict.get("fallback", [])]
+        self.row_table = {int(k): v for k, v in state_dict.get("row_table", {}).items()}
 
 
 def log_confusion(trainer: L.Trainer, confusion: dict[str, Any], row: int) -> None:

@@ -12,7 +12,9 @@ row ``shard start + k``; the padding batches that even out ranks' batch counts c
 and are left out. At the end of the pass every rank contributes a full-length vector (zeros outside
 its shard) and the vectors are summed across ranks, so the recorded rows are those of one process.
 
-The runner writes them to ``heldout_rows.json`` in the run directory after every stage
+A routed evaluation in the same run (``RoutedEvaluation``) keeps its own per-row numbers the same way
+(the routed and the oracle loss on the targets after the routing prefix, their count, and whether the
+row went to its own adapter); both go to ``heldout_rows.json`` in the run directory after every stage
 (:func:`write_row_losses`; format in docs/metrics.md).
 """
 
@@ -39,28 +41,35 @@ def _dtype(device: torch.device) -> torch.dtype:
 
 
 class RowLosses:
-    """Per-row loss sums and token counts of one validation pass, per domain (this rank's shard)."""
+    """Per-row numbers of one validation pass, per domain (this rank's shard).
 
-    def __init__(self) -> None:
-        self._rows: dict[str, tuple[int, int, list[float], list[int]]] = {}  # domain -> (n, start, sums, tokens)
+    By default each row's summed loss and scored-token count (``DomainEvaluation``); ``fields`` names other
+    columns (the routed evaluation keeps five). The fields in ``counts`` come back as integers.
+    """
+
+    def __init__(self, fields: Sequence[str] = ("loss_sum", "tokens"), counts: Sequence[str] = ("tokens",)) -> None:
+        self.fields, self.counts = tuple(fields), frozenset(counts)
+        self._rows: dict[str, tuple[int, int, list[list[float]]]] = {}  # domain -> (n, start, a list per field)
 
     def reset(self) -> None:
         self._rows = {}
 
-    def add(self, trainer: L.Trainer, domain: str, loss_sums: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Record one batch of ``domain``'s rows (the next rows of this rank's shard)."""
+    def add(self, trainer: L.Trainer, domain: str, *columns: torch.Tensor) -> None:
+        """Record one batch of ``domain``'s rows (the next rows of this rank's shard): one ``(B,)`` per field."""
+        if len(columns) != len(self.fields):
+            raise ValueError(f"RowLosses.add got {len(columns)} columns for the fields {list(self.fields)}")
         if domain not in self._rows:
             n = len(trainer.datamodule.eval_sets[domain])
             start, _ = shard_bounds(n, trainer.world_size, trainer.global_rank)
-            self._rows[domain] = (n, start, [], [])
-        n, start, sums, counts = self._rows[domain]
+            self._rows[domain] = (n, start, [[] for _ in self.fields])
+        n, start, values = self._rows[domain]
         _, stop = shard_bounds(n, trainer.world_size, trainer.global_rank)
-        room = stop - start - len(sums)  # padding batches (after the shard) add nothing
-        sums.extend(loss_sums.detach().cpu().double().tolist()[: max(room, 0)])  # float64 on the host: not on MPS
-        counts.extend(tokens.detach().cpu().tolist()[: max(room, 0)])
+        room = max(stop - start - len(values[0]), 0)  # padding batches (after the shard) add nothing
+        for out, column in zip(values, columns, strict=True):
+            out.extend(column.detach().cpu().double().tolist()[:room])  # float64 on the host: not on MPS
 
     def gather(self, trainer: L.Trainer, domains: list[str], device: torch.device) -> dict[str, dict[str, list]]:
-        """``{domain: {"loss_sum": [...], "tokens": [...]}}`` summed over every rank.
+        """``{domain: {field: [...]}}`` (by default ``loss_sum`` and ``tokens``) summed over every rank.
 
         ``domains`` must be in the same order on every rank: each domain is one collective.
         """
@@ -68,13 +77,16 @@ class RowLosses:
         for domain in domains:
             n = len(trainer.datamodule.eval_sets[domain])
             start = shard_bounds(n, trainer.world_size, trainer.global_rank)[0]
-            local = torch.zeros(2, n, dtype=_dtype(device), device=device)
-            _, _, sums, counts = self._rows.get(domain, (n, start, [], []))
-            if sums:
-                local[0, start : start + len(sums)] = torch.tensor(sums, dtype=local.dtype)
-                local[1, start : start + len(counts)] = torch.tensor(counts, dtype=local.dtype)
+            local = torch.zeros(len(self.fields), n, dtype=_dtype(device), device=device)
+            _, _, values = self._rows.get(domain, (n, start, [[] for _ in self.fields]))
+            for i, column in enumerate(values):
+                if column:
+                    local[i, start : start + len(column)] = torch.tensor(column, dtype=local.dtype)
             full = trainer.strategy.reduce(local, reduce_op="sum").cpu()
-            out[domain] = {"loss_sum": full[0].tolist(), "tokens": [int(t) for t in full[1].tolist()]}
+            out[domain] = {
+                name: [int(t) for t in full[i].tolist()] if name in self.counts else full[i].tolist()
+                for i, name in enumerate(self.fields)
+            }
         return out
 
 
@@ -109,10 +121,13 @@ def write_row_losses(
     rows: dict[int, dict[str, dict[str, list]]],
     scores: dict[int, dict[str, list[float]]],
     documents: dict[str, list[int]] | None = None,
+    routed: dict[int, dict[str, dict[str, Any]]] | None = None,
+    routing: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``heldout_rows.json`` (atomically): per matrix row ``s`` and domain, the rows' numbers.
 
     ``documents``: per domain, the document each held-out row starts in (:func:`row_documents`).
+    ``routed``: the routed evaluation's rows (``RoutedEvaluation.row_table``), with its ``routing`` settings.
     """
     payload = {
         "format": FORMAT,
@@ -121,6 +136,9 @@ def write_row_losses(
         "scores": {str(s): scores[s] for s in sorted(scores)},
         "documents": documents or {},
     }
+    if routed:
+        payload["routing"] = dict(routing or {})
+        payload["routed"] = {str(s): routed[s] for s in sorted(routed)}
     path = Path(run_dir) / ROW_LOSSES_FILE
     text = json.dumps(payload, allow_nan=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
