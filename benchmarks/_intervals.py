@@ -67,7 +67,10 @@ def _routed(content: dict[str, Any] | Null, run: dict[str, Any]) -> RoutedRows |
     if isinstance(content, Null):
         return content
     if content.get("routed"):
-        return RunRows.from_routed(content)
+        try:
+            return RunRows.from_routed(content)
+        except ValueError as err:
+            return Null(f"no routed intervals: {err}")
     mode = (run.get("routing") or {}).get("mode", "oracle")
     if mode in ("none", "merged"):
         return Null(f"routing mode {mode!r}: no task identity needed, routed = oracle (the oracle interval applies)")

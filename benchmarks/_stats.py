@@ -108,13 +108,21 @@ class RunRows:
         Units as in :meth:`from_file_content` (the same held-out rows and documents as the oracle ones).
 
         Raises:
-            ValueError: The file has no routed rows (the run was not evaluated routed).
+            ValueError: The file has no routed rows (the run was not evaluated routed), or not for every
+                matrix row that has oracle rows.
         """
         if unit not in ("document", "row"):
             raise ValueError(f"unit={unit!r}: expected 'document' or 'row'")
         routed = data.get("routed") or {}
         if not routed:
             raise ValueError("the run has no routed per-row numbers (no routed evaluation)")
+        expected = sorted(int(k) for k in data.get("rows") or {})
+        # e.g. a run resumed from a version without routed rows: only the later stages have them
+        if expected and sorted(int(k) for k in routed) != expected:
+            raise ValueError(
+                f"routed rows for matrix rows {sorted(int(k) for k in routed)}, oracle rows for {expected}: "
+                "expected the same matrix rows (a stage was evaluated without routed per-row numbers)"
+            )
         domains = list(data["domains"])
         documents = (data.get("documents") or {}) if unit == "document" else {}
         tables: dict[str, list[list[np.ndarray | None]]] = {k: [] for k in ("loss", "tokens", "correct", "routed")}

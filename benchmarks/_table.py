@@ -126,6 +126,13 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
             router += f" (hybrid: perplexity below a margin of {first['fallback_margin']:g})"
         lines += ["", f"Routed evaluation ({router} routing on the first {setup['routing']['prefix_tokens']} "
                   "tokens; routed and oracle drift on the same targets, positions >= P):"]  # fmt: skip
+        # How a scored prompt is routed (RoutedEvaluation._score).
+        prompt_routing = "each prompt routed by its whole length's perplexity"
+        if first["mode"] != "perplexity":
+            p = setup["routing"]["prefix_tokens"]
+            prompt_routing = f"each prompt routed by the base model's features of its first {p} tokens"
+            if first.get("fallback_margin") is not None:
+                prompt_routing += "; near-ties by the whole prompt's perplexity"
         for mode in routed_modes:
             row = agg["modes"][mode]
             lines.append(
@@ -139,7 +146,7 @@ def render(results: dict[str, Any], agg: dict[str, Any], verdict: dict[str, Any]
             if row.get("ap_routed", {}).get("n"):  # task metrics: each prompt answered by its routed adapter
                 lines[-1] += (
                     f"; routed AP {_ms(row['ap_routed'], '.3f')} (oracle {_ms(row['ap'], '.3f')}), routed BWT_score "
-                    f"{_ms(row['bwt_score_routed'], '+.3f')} (each whole prompt routed)"
+                    f"{_ms(row['bwt_score_routed'], '+.3f')} ({prompt_routing})"
                 )
     lines += ["", "Final-row mean held-out loss, all positions, oracle (MERGED: its one adapter):"]
     lines += [f"- {mode}: {_ms(row['final_loss_mean'], '.4f')}" for mode, row in agg["modes"].items()]

@@ -127,6 +127,8 @@ def route_batch(
     Args:
         model_fn: ``(input_ids, attention_mask) -> logits (B, T, V)`` of the model with its adapters.
         batch: ``input_ids``/``attention_mask``/``labels`` ``(B, T)``, right-padded (labels -100 on padding).
+            The prefix's targets are its own tokens where the mask is 1 (a padded batch needs its mask;
+            without one every token counts, as the model then attends to every token).
         adapters: Candidate adapters, e.g. one per task trained so far. Ties go to the earliest listed;
             a row with no prefix target (shorter than 2 tokens) gets the first adapter.
         prefix_tokens: ``P``, the tokens read to choose; targets at positions ``≥ P`` are scored.

@@ -470,7 +470,15 @@ class ContinualRunner:
                 documents = {d: row_documents(dm.eval_sets[d]["input_ids"], eos) for d in dm.eval_sets}
                 routing = self.routing  # a routed evaluation keeps its rows too (RoutedEvaluation.row_table)
                 routed = routing.row_table if routing is not None else None
-                settings = {"mode": routing.mode, "prefix_tokens": routing.prefix_tokens} if routed else None
+                settings = (
+                    {
+                        "mode": routing.mode,
+                        "prefix_tokens": routing.prefix_tokens,
+                        "fallback_margin": routing.fallback_margin,
+                    }
+                    if routed
+                    else None
+                )
                 write_row_losses(
                     self.run_dir, domains, evaluation.row_table, evaluation.row_scores, documents, routed, settings
                 )

@@ -206,6 +206,20 @@ def test_routed_statistics_of_one_run():
         RunRows.from_routed({"domains": ["a"], "rows": {}})
 
 
+def test_routed_rows_missing_for_some_stages_are_refused_not_nan():
+    """A run resumed from a version without routed rows has them for the later stages only: no interval."""
+    from _intervals import _routed
+    from _results import Null
+
+    content = _routed_content()
+    content["rows"] = {"0": {}, "1": {}, "2": {}}
+    del content["routed"]["0"], content["routed"]["1"]
+    with pytest.raises(ValueError, match=r"routed rows for matrix rows \[2\], oracle rows for \[0, 1, 2\]"):
+        RunRows.from_routed(content)
+    why = _routed(content, {"routing": {"mode": "perplexity"}})
+    assert isinstance(why, Null) and why.reason.startswith("no routed intervals: routed rows for matrix rows [2]")
+
+
 def test_routed_drift_of_a_pair_is_paired():
     x, ref = RunRows.from_routed(_routed_content(a_final=(1, 6))), RunRows.from_routed(_routed_content())
     # L~_X[2][a]: [0,0] 1; [0,1] 7/3; [1,1] 3; [1,0] 7/3 over L~[1][a] 1, 5/3, 2, 5/3: drift 0, 40, 50, 40;

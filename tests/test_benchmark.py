@@ -458,4 +458,5 @@ def test_task_suite_routes_on_request_and_reports_the_routed_ap(tmp_path):
     assert run["routing"]["routing_accuracy_mean"] is not None
     agg = payload["aggregates"]["modes"]["FROZEN"]
     assert agg["ap_routed"]["mean"] == pytest.approx(run["routing"]["ap_routed"])
-    assert "routed AP" in (tmp_path / "out" / "results.md").read_text()
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "routed AP" in table and "each prompt routed by the base model's features of its first 8 tokens" in table

@@ -3,6 +3,7 @@ loss and score matrices, cover every held-out row once, shard like evaluation do
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from types import SimpleNamespace
 
@@ -142,7 +143,8 @@ def test_routed_rows_add_up_to_the_routed_matrices_and_the_accuracy(routed_run):
     run_dir, report, dm = routed_run
     data = read_row_losses(run_dir)
     routing = report["routing"]
-    assert data["routing"] == {"mode": "perplexity", "prefix_tokens": 8} and sorted(data["routed"]) == ["0", "1", "2"]
+    assert data["routing"] == {"mode": "perplexity", "prefix_tokens": 8, "fallback_margin": None}
+    assert sorted(data["routed"]) == ["0", "1", "2"]
     for s, row in data["routed"].items():
         s = int(s)
         for j, domain in enumerate(data["domains"]):
@@ -183,6 +185,20 @@ def test_routed_rows_survive_a_mid_stage_resume(tmp_path, routed_run):
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     state = next(v for k, v in last["callbacks"].items() if "RoutedEvaluation" in k)
     assert sorted(state["row_table"]) == [0, 1]  # the base row and stage 1's: in the mid-stage checkpoint
+    assert state["prefix_targets"] == "tokens"  # marks checkpoints whose perplexity routing reads the tokens
     _routed_run(tmp_path / "run", checkpoint_every_n_steps=1)
     resumed, whole = read_row_losses(tmp_path / "run"), read_row_losses(routed_run[0])
     assert resumed["routed"] == whole["routed"] and resumed["rows"] == whole["rows"]
+    assert resumed["routing"] == {"mode": "perplexity", "prefix_tokens": 8, "fallback_margin": None}
+
+
+def test_resuming_routed_numbers_of_the_label_reading_version_warns():
+    """Checkpoints from before perplexity routing read the prefix's tokens (no ``prefix_targets``) warn."""
+    old = {"mode": "perplexity", "prefix_tokens": 8, "matrix": [[1.0]], "domains": ["prose"]}
+    with pytest.warns(UserWarning, match="read the prefix's training labels"):
+        RoutedEvaluation(mode="perplexity", prefix_tokens=8).load_state_dict(old)
+    new = RoutedEvaluation(mode="perplexity", prefix_tokens=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checkpoint of this version: no warning
+        new.load_state_dict({**old, "prefix_targets": "tokens"})
+    assert new.matrix == [[1.0]]

@@ -38,6 +38,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from crma_lightning import _compat, metrics, prototype, scoring
 from crma_lightning.callbacks.evaluation import DomainEvaluation
@@ -47,6 +48,7 @@ from crma_lightning.routing import (
     DEFAULT_PREFIX_TOKENS,
     NONE,
     ORACLE,
+    PERPLEXITY,
     PROTOTYPE,
     route_batch,
     validate_routing,
@@ -302,11 +304,14 @@ class RoutedEvaluation(L.Callback):
         """
         table = {}
         for domain, numbers in self._rows.gather(trainer, order, pl_module.device).items():
-            counted = sums[domain][2]
-            if sum(numbers["tokens"]) != round(counted):  # every row evaluated once: else the bootstrap units are wrong
+            counted, routed_rows = sums[domain][2], sums[domain][4]
+            # Every row evaluated once, else the bootstrap units are wrong. Tokens alone miss rows with no
+            # target after P (they still count in the accuracy), hence the routed rows too.
+            if sum(numbers["tokens"]) != round(counted) or sum(numbers["routed"]) != round(routed_rows):
                 raise RuntimeError(
-                    f"routed row numbers: domain {domain!r} per-row tokens sum to {sum(numbers['tokens'])}, the "
-                    f"routed evaluation counted {round(counted)}: some held-out rows were not evaluated exactly once"
+                    f"routed row numbers: domain {domain!r} per-row tokens sum to {sum(numbers['tokens'])} and "
+                    f"routed rows to {round(sum(numbers['routed']))}, the routed evaluation counted {round(counted)} "
+                    f"and {round(routed_rows)}: some held-out rows were not evaluated exactly once"
                 )
             trained = domain in self._own
             table[domain] = {
@@ -475,6 +480,7 @@ class RoutedEvaluation(L.Callback):
             "prototype": dict(self.prototype_settings),
             "fallback_margin": self.fallback_margin,
             "fallback": [list(r) for r in self.fallback],
+            "prefix_targets": "tokens",  # perplexity routing reads the prefix's tokens (before: its labels)
             **({"row_table": dict(self.row_table)} if self.row_table else {}),
         }
 
@@ -502,6 +508,14 @@ class RoutedEvaluation(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.check_resumable(state_dict)
+        by_loss = self.mode == PERPLEXITY or self.fallback_margin is not None
+        if state_dict.get("matrix") and by_loss and state_dict.get("prefix_targets") != "tokens":
+            rank_zero_warn(
+                "the checkpoint's routed rows were evaluated by an earlier version whose perplexity routing read "
+                "the prefix's training labels: on prompt/response or chat domains (prompt labels -100) those rows "
+                "went to the first adapter, and the rows evaluated from now on read the prefix's tokens. Text "
+                "domains are unaffected; for comparable routed numbers on such domains, start a new run dir."
+            )
         self.domains = list(state_dict.get("domains", []))
         self.matrix = [list(r) for r in state_dict.get("matrix", [])]
         self.oracle_matrix = [list(r) for r in state_dict.get("oracle_matrix", [])]
