@@ -79,7 +79,7 @@ def _routed(content: dict[str, Any] | Null, run: dict[str, Any]) -> RoutedRows |
 
 def _block(
     rows: dict[str, list[RunRows | Null]],
-    pairs: dict[str, str],
+    pairs: list[tuple[str, str]],
     run_stats: dict[str, Any],
     pair_stats: dict[str, Any],
     resamples: int,
@@ -114,7 +114,7 @@ def _block(
             name: why or from_matrices(stat, [[x] for x in full[m]], [[x] for x in boot[m]], seed_draws, level)
             for name, stat in run_stats.items()
         }
-    for x, ref in pairs.items():
+    for x, ref in pairs:
         if x not in modes or ref not in modes:
             continue
         why = missing(x, ref)
@@ -137,7 +137,8 @@ def benchmark_intervals(
 
     Args:
         per_seed: ``results.json``'s ``per_seed``: per seed, ``runs`` (setting -> run numbers, with ``run_dir``).
-        pairs: Setting -> its plain-LoRA pair (only pairs whose settings both ran are computed).
+        pairs: Setting -> its plain-LoRA pair (only pairs whose settings both ran are computed). A setting
+            with an ``<SETTING>-apriori`` row (``--chosen``) is also paired with it (``X_vs_X-apriori``).
         resamples: Bootstrap replicates.
         seed: Seed of the resampling.
         level: Coverage.
@@ -152,6 +153,8 @@ def benchmark_intervals(
     """
     seeds = list(per_seed)
     modes = list(per_seed[seeds[0]]["runs"])
+    # Every dev-chosen setting also against its a-priori row (--chosen): does the choice hold on test?
+    pairs = [*pairs.items(), *((m, f"{m}-apriori") for m in modes if f"{m}-apriori" in modes)]
     contents = {m: [_content(per_seed[s]["runs"][m]) for s in seeds] for m in modes}
     losses = {m: [c if isinstance(c, Null) else RunRows.from_file_content(c) for c in contents[m]] for m in modes}
     out: dict[str, Any] = {"method": METHOD, "level": level, "resamples": resamples, "seed": seed, "seeds": len(seeds)}

@@ -89,5 +89,11 @@ def test_tiny_sweep_runs_the_grid_on_dev_and_chosen_values_reach_the_benchmark(t
     assert modes["EWC"]["method"]["lam"] == 1.0 and modes["EWC-apriori"]["method"]["lam"] == 1000.0
     assert payload["setup"]["chosen"]["a_priori_rows"] == ["EWC-apriori"]
     assert payload["per_seed"]["0"]["runs"]["EWC-apriori"]["status"] == "complete"
+    # The dev choice against the a-priori values on test: a paired interval, in results.md's pair table.
+    chosen_vs_prior = payload["intervals"]["pairs"]["EWC_vs_EWC-apriori"]["final_loss_diff"]
+    runs = payload["per_seed"]["0"]["runs"]
+    expected = runs["EWC"]["final_loss_mean"] - runs["EWC-apriori"]["final_loss_mean"]  # float32 sums in reports
+    assert chosen_vs_prior["value"] == pytest.approx(expected, abs=1e-6)
+    assert "| EWC vs EWC-apriori |" in (tmp_path / "test" / "results.md").read_text()
     with pytest.raises(SystemExit):
         continual.parse_args(["--tiny", "--out", "unused", "--chosen", str(grid)])  # not a chosen.json

@@ -20,6 +20,7 @@ from crma_lightning.manifest import Manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
+
 def command(capsys, *args: str) -> tuple[int, str]:
     """An after-training command in-process: (exit code, its one ``error:`` line or the whole stderr)."""
     capsys.readouterr()
