@@ -5,9 +5,13 @@ have finished so far under ``--out`` (``order<k>/seed<s>/<SETTING>/report.json``
 or ``seed<s>/<SETTING>`` for one order) and prints the per-order table and the table against joint
 training with task scores, computed by the same functions (``_results``, ``_table``). Step times and
 the CRMA effect are not in ``report.json``, so the settings table with them is left to ``results.md``.
-Only orders in which every setting finished are used, so each order counts whole.
+Only orders in which every setting finished are used, so each order counts whole. ``--intervals`` adds
+each order's bootstrap intervals (``_intervals.py``, as ``continual.py`` computes them, from the runs'
+``heldout_rows.json``; with ``<SETTING>-apriori`` rows of ``--chosen`` each dev-chosen setting is paired
+with its a-priori row), e.g. for a run from before a statistic existed.
 
     python benchmarks/finished_runs.py --out runs/bench/tasks-v3
+    python benchmarks/finished_runs.py --out runs/bench/v3-real --intervals
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _results import aggregate, gap_to_joint, over_orders, run_numbers
+from _intervals import benchmark_intervals, render_intervals
+from _results import LORA_PAIRS, aggregate, gap_to_joint, over_orders, run_numbers
 from _runs import SETTINGS
 from _table import render_orders, render_scores
 
@@ -25,7 +30,8 @@ from _table import render_orders, render_scores
 def _group(seed_dir: Path) -> dict[str, Any] | None:
     """The run group of one seed directory, or ``None`` unless every setting in it is complete."""
     runs, domains = {}, None
-    for mode in (m for m in SETTINGS if (seed_dir / m / "report.json").is_file()):
+    names = [n for m in SETTINGS for n in (m, f"{m}-apriori")]  # --chosen's a-priori rows follow their setting
+    for mode in (m for m in names if (seed_dir / m / "report.json").is_file()):
         report = json.loads((seed_dir / mode / "report.json").read_text())
         if report.get("status") != "complete":
             return None
@@ -38,8 +44,8 @@ def _group(seed_dir: Path) -> dict[str, Any] | None:
     return {"domains": domains, "runs": runs, "pairs": {}}
 
 
-def collect(out: Path) -> tuple[str, dict[str, Any]]:
-    """``(markdown, {"per_seed", "per_order"})`` of the complete orders under ``out``."""
+def collect(out: Path, intervals: bool = False, resamples: int = 2000, seed: int = 0) -> tuple[str, dict[str, Any]]:
+    """``(markdown, {"per_seed", "per_order"[, "intervals"]})`` of the complete orders under ``out``."""
     order_dirs = sorted(out.glob("order*"), key=lambda p: int(p.name[5:])) or [out]
     per_seed: dict[str, Any] = {}
     per_order: dict[str, Any] = {}
@@ -70,13 +76,26 @@ def collect(out: Path) -> tuple[str, dict[str, Any]]:
     }
     text = f"Complete orders: {', '.join(per_order)} ({len(per_seed)} runs of each setting).\n"
     text += render_orders(results) + render_scores(results, aggregate(per_seed))
-    return text, {"per_seed": list(per_seed), "per_order": list(per_order)}
+    found: dict[str, Any] = {"per_seed": list(per_seed), "per_order": list(per_order)}
+    if intervals:  # per order, as continual.py computes them
+        found["intervals"] = {}
+        for k, order in per_order.items():
+            groups = {g: per_seed[g] for g in order["groups"]}
+            modes = set(next(iter(groups.values()))["runs"])
+            pairs = {x: ref for x, ref in LORA_PAIRS.items() if x in modes and ref in modes}
+            found["intervals"][k] = benchmark_intervals(groups, pairs, resamples, seed)
+            text += f"\n\nOrder {k}:" + render_intervals(found["intervals"][k])
+    return text, found
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the benchmark's --out directory")
-    text, _ = collect(parser.parse_args(argv).out)
+    parser.add_argument("--intervals", action="store_true", help="also each order's bootstrap intervals")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap replicates (B)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
+    args = parser.parse_args(argv)
+    text, _ = collect(args.out, args.intervals, args.resamples, args.bootstrap_seed)
     print(text)
     return text
 

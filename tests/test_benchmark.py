@@ -353,6 +353,9 @@ def test_finished_runs_rebuilds_the_v3_tables_from_the_run_directories(tiny_v3):
     end = written.index("\n\n\nOrder 1:")  # the bootstrap intervals follow: finished_runs.py does not compute them
     assert text.startswith("Complete orders: 1, 2 (2 runs of each setting).")
     assert text[text.index("\nTask orders (fixed") :].rstrip("\n") == written[start:end].rstrip("\n")
+    # --intervals: each order's bootstrap intervals, the same as the benchmark wrote (same draws).
+    with_intervals = finished_runs.main(["--out", str(root / "out"), "--intervals"])
+    assert with_intervals[with_intervals.index("\n\n\nOrder 1:") :].strip() == written[end:].strip()
 
 
 def test_test_split_and_intervals(tiny_results):
