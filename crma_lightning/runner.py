@@ -466,8 +466,7 @@ class ContinualRunner:
         if is_global_zero():
             write_report(self.run_dir, report)
             if evaluation.row_losses and evaluation.row_table:  # DomainEvaluation(row_losses=True)
-                eos = getattr(dm.tokenizer, "eos_token_id", None)
-                documents = {d: row_documents(dm.eval_sets[d]["input_ids"], eos) for d in dm.eval_sets}
+                documents = self._row_documents(dm)
                 routing = self.routing  # a routed evaluation keeps its rows too (RoutedEvaluation.row_table)
                 routed = routing.row_table if routing is not None else None
                 settings = (
@@ -486,3 +485,11 @@ class ContinualRunner:
             if status in ("running", "complete"):  # right after a stage's adapters were exported
                 self.checkpoints.record_adapters(domains, self.state.completed)
         return report
+
+    def _row_documents(self, dm: SequentialDomainDataModule) -> dict[str, list[int]]:
+        """Each held-out row's document, per domain: computed once per prepared data (not at every report)."""
+        if getattr(self, "_documents_of", None) is not dm.eval_sets:  # holds a reference: no id() reuse
+            eos = getattr(dm.tokenizer, "eos_token_id", None)
+            self._documents = {d: row_documents(dm.eval_sets[d]["input_ids"], eos) for d in dm.eval_sets}
+            self._documents_of = dm.eval_sets
+        return self._documents
