@@ -67,6 +67,13 @@ def collect(out: Path, intervals: bool = False, resamples: int = 2000, seed: int
             }
     if not per_seed:
         raise SystemExit(f"{out}: no order in which every setting has finished")
+    full = dict(per_seed)  # every group's own settings: the per-order intervals use them all
+    common = set.intersection(*(set(g["runs"]) for g in per_seed.values()))
+    left_out = sorted({m for g in per_seed.values() for m in g["runs"]} - common)
+    if left_out:  # e.g. --chosen's a-priori rows in one order only: the pooled tables need every setting everywhere
+        per_seed = {k: {**g, "runs": {m: r for m, r in g["runs"].items() if m in common}} for k, g in per_seed.items()}
+        for order in per_order.values():
+            order["aggregates"] = aggregate({g: per_seed[g] for g in order["groups"]})
     first = next(iter(per_seed.values()))
     results = {
         "setup": {"domains": first["domains"]},
@@ -75,12 +82,14 @@ def collect(out: Path, intervals: bool = False, resamples: int = 2000, seed: int
         "over_orders": over_orders(per_order),
     }
     text = f"Complete orders: {', '.join(per_order)} ({len(per_seed)} runs of each setting).\n"
+    if left_out:
+        text += f"Not in every order, so left out of these tables: {', '.join(left_out)}.\n"
     text += render_orders(results) + render_scores(results, aggregate(per_seed))
     found: dict[str, Any] = {"per_seed": list(per_seed), "per_order": list(per_order)}
     if intervals:  # per order, as continual.py computes them
         found["intervals"] = {}
         for k, order in per_order.items():
-            groups = {g: per_seed[g] for g in order["groups"]}
+            groups = {g: full[g] for g in order["groups"]}
             modes = set(next(iter(groups.values()))["runs"])
             pairs = {x: ref for x, ref in LORA_PAIRS.items() if x in modes and ref in modes}
             found["intervals"][k] = benchmark_intervals(groups, pairs, resamples, seed)

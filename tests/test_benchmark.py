@@ -356,6 +356,16 @@ def test_finished_runs_rebuilds_the_v3_tables_from_the_run_directories(tiny_v3):
     # --intervals: each order's bootstrap intervals, the same as the benchmark wrote (same draws).
     with_intervals = finished_runs.main(["--out", str(root / "out"), "--intervals"])
     assert with_intervals[with_intervals.index("\n\n\nOrder 1:") :].strip() == written[end:].strip()
+    # Orders run apart (e.g. --chosen's a-priori rows in order 1 only): such rows stay out of the pooled tables.
+    import shutil
+
+    combo = root / "combo"
+    shutil.copytree(root / "out" / "order1", combo / "order1", symlinks=True)
+    shutil.copytree(combo / "order1" / "seed0" / "FROZEN", combo / "order1" / "seed0" / "FROZEN-apriori")
+    (combo / "order2").symlink_to(root / "out" / "order2")
+    mixed = finished_runs.main(["--out", str(combo)])
+    assert "Not in every order, so left out of these tables: FROZEN-apriori." in mixed
+    assert mixed[mixed.index("\nTask orders (fixed") :] == text[text.index("\nTask orders (fixed") :]
 
 
 def test_test_split_and_intervals(tiny_results):
