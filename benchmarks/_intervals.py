@@ -204,14 +204,8 @@ def render_intervals(intervals: dict[str, Any]) -> str:
         "| setting | final mean held-out loss | mean drift % | base-rel. forgetting % | plasticity (mean L[j][j]) |",
         "|---|---|---|---|---|",
     ]
-    for mode, row in intervals["modes"].items():
-        if isinstance(row, Null):
-            lines.append(f"| {mode} | — ({row.reason}) | — | — | — |")
-            continue
-        lines.append(
-            f"| {mode} | {_ci(row['final_loss_mean'], '.4f')} | {_ci(row['drift_mean_pct'], '+.3f')} "
-            f"| {_ci(row['base_relative_forgetting_mean_pct'], '+.2f')} | {_ci(row['plasticity_mean'], '.4f')} |"
-        )
+    columns = [("final_loss_mean", ".4f"), ("drift_mean_pct", "+.3f"), ("base_relative_forgetting_mean_pct", "+.2f")]
+    lines += _mode_rows(intervals["modes"], [*columns, ("plasticity_mean", ".4f")])
     if intervals["pairs"]:
         lines += [
             "",
@@ -238,14 +232,7 @@ def render_intervals(intervals: dict[str, Any]) -> str:
             "| setting | AP | BWT_score | forgetting (mean) |",
             "|---|---|---|---|",
         ]
-        for mode, row in scores["modes"].items():
-            if isinstance(row, Null):
-                lines.append(f"| {mode} | — ({row.reason}) | — | — |")
-                continue
-            lines.append(
-                f"| {mode} | {_ci(row['ap'], '.3f')} | {_ci(row['bwt_score'], '+.3f')} "
-                f"| {_ci(row['forgetting_mean'], '.3f')} |"
-            )
+        lines += _mode_rows(scores["modes"], [("ap", ".3f"), ("bwt_score", "+.3f"), ("forgetting_mean", ".3f")])
         for key, p in scores["pairs"].items():
             lines.append(
                 f"- {key.replace('_vs_', ' vs ')}: AP difference {_ci(p['ap_diff'], '+.3f')} "
@@ -253,6 +240,17 @@ def render_intervals(intervals: dict[str, Any]) -> str:
                 f"({_verdict(p['bwt_score_diff'])})"
             )
     return "\n".join(lines) + "\n"
+
+
+def _mode_rows(modes: dict[str, Any], columns: list[tuple[str, str]]) -> list[str]:
+    """One table row per setting: ``value [low, high]`` of each ``(statistic, format)``; a Null row says why."""
+    lines = []
+    for mode, row in modes.items():
+        if isinstance(row, Null):
+            lines.append(f"| {mode} | — ({row.reason}) |" + " — |" * (len(columns) - 1))
+        else:
+            lines.append(f"| {mode} | " + " | ".join(_ci(row[key], spec) for key, spec in columns) + " |")
+    return lines
 
 
 def _render_routed(routed: Any) -> list[str]:
@@ -267,15 +265,10 @@ def _render_routed(routed: Any) -> list[str]:
         "| setting | routed mean drift % | routed base-rel. forgetting % | routed plasticity | routing accuracy |",
         "|---|---|---|---|---|",
     ]
-    for mode, row in routed["modes"].items():
-        if isinstance(row, Null):
-            lines.append(f"| {mode} | — ({row.reason}) | — | — | — |")
-            continue
-        lines.append(
-            f"| {mode} | {_ci(row['drift_mean_routed_pct'], '+.3f')} "
-            f"| {_ci(row['base_relative_forgetting_mean_routed_pct'], '+.2f')} "
-            f"| {_ci(row['plasticity_mean_routed'], '.4f')} | {_ci(row['routing_accuracy_mean'], '.3f')} |"
-        )
+    columns = [("drift_mean_routed_pct", "+.3f"), ("base_relative_forgetting_mean_routed_pct", "+.2f")]
+    lines += _mode_rows(
+        routed["modes"], [*columns, ("plasticity_mean_routed", ".4f"), ("routing_accuracy_mean", ".3f")]
+    )
     for key, p in routed["pairs"].items():
         entry = p["drift_mean_routed_diff_pp"]
         lines.append(
