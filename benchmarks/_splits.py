@@ -12,6 +12,14 @@ least one, at most ``n - 1``) are dev, the rest are test. So the split is determ
 nothing but the file's own records (not on their order, another domain, a seed or the machine), puts
 repeated records on one side, and keeps both sides non-empty. Each part keeps the file's record order.
 ``--eval-split full`` evaluates the whole held-out file: the held-out set of protocols v1 and v2.
+
+The built-in task suite (``--suite tasks``) has another rule, :func:`split_task_holdout`, because its
+held-out rows are not documents of a corpus but generated prompts, already a random sample (the task's
+LCG stream) and short enough to be one row each: the **first half** of a task's held-out rows (in the
+generated order) is test, the **second half** without any record that also occurs in the first (a word
+can be drawn twice) is dev. So test holds exactly the prompts the suite has always scored (the first
+``eval_rows``), the protocol-v1/v2 numbers of the suite are test numbers, and no dev prompt is a test
+prompt.
 """
 
 from __future__ import annotations
@@ -77,6 +85,40 @@ def split_holdout(holdout: Path, domain: str, cache_dir: Path) -> dict[str, Path
     dev = dev_records(records, domain=domain)
     _write(paths["dev"], [r for r in records if r in dev])
     _write(paths["test"], [r for r in records if r not in dev])
+    return paths
+
+
+def split_task_holdout(holdout: Path, domain: str, cache_dir: Path) -> dict[str, Path]:
+    """Write a built-in task's dev and test rows (once; cached by content); returns their paths.
+
+    Args:
+        holdout: The task's held-out rows as JSON Lines, in the generated order (``_suites._task_files``).
+        domain: The task's name (messages, cache folder).
+        cache_dir: The benchmark's cache directory.
+
+    Returns:
+        ``{"dev": path, "test": path}``: test = the first ``n // 2`` records, dev = the others that are not
+        also test records (see the module docstring).
+
+    Raises:
+        ValueError: Fewer than two held-out records, or no dev record left.
+    """
+    raw = holdout.read_bytes()
+    folder = cache_dir / "data" / "splits" / f"task-{domain}-{hashlib.sha256(SALT + raw).hexdigest()[:16]}"
+    paths = {"dev": folder / "dev.jsonl", "test": folder / "test.jsonl"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    records = _records(holdout)
+    test = records[: len(records) // 2]
+    seen = set(test)
+    dev = [r for r in records[len(records) // 2 :] if r not in seen]
+    if not test or not dev:
+        raise ValueError(
+            f"task {domain!r}: {len(records)} held-out record(s) leave {len(test)} test and {len(dev)} dev record(s); "
+            "a dev/test split needs at least one of each (raise the held-out rows, or pass --eval-split full)"
+        )
+    _write(paths["dev"], dev)
+    _write(paths["test"], test)
     return paths
 
 

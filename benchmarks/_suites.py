@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from _splits import split_task_holdout
+
 from crma_lightning.builtin_tasks import TASKS, task_rows
 from crma_lightning.domains import BUILTIN_TASK_ROWS, DomainSpec, load_raw
 
@@ -54,6 +56,25 @@ def task_specs(names: list[str], eval_rows: int) -> list[dict[str, Any]]:
     """``DomainSpec`` fields of the built-in tasks ``names`` (configs/tasks.yaml's, ``eval_rows`` prompts scored)."""
     metric = {**TASK_METRIC, "eval_rows": min(TASK_METRIC["eval_rows"], eval_rows)}
     return [{"name": n, "builtin": n, "metric": dict(metric)} for n in names]
+
+
+def task_split_specs(specs: list[dict[str, Any]], split: str, cache_dir: Path) -> list[dict[str, Any]]:
+    """The suite's domains evaluated on the ``split`` part of each task's held-out rows (protocol v3).
+
+    ``full`` returns ``specs`` (built-in domains, every held-out row). ``test`` / ``dev`` turn each task
+    into the same rows as prompt/response files - the training rows unchanged and in the same order, the
+    held-out rows of :func:`_splits.split_task_holdout` - which is what a user with their own dev/test
+    files would configure (the library prepares both forms alike: ``tests/test_task_suite_splits.py``).
+    """
+    if split == "full":
+        return specs
+    out = []
+    for spec in specs:
+        train, hold = _task_files(spec, cache_dir)
+        part = split_task_holdout(hold, spec["name"], cache_dir)[split]
+        fields = {"prompt_field": "prompt", "response_field": "response", "metric": dict(spec["metric"])}
+        out.append({"name": spec["name"], "path": str(train), "holdout_path": str(part), **fields})
+    return out
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -37,7 +37,8 @@ within ``--fallback-margin``); the shared settings and O-LORA need no
 routing (checked with ``mode="none"``): their routed numbers are the oracle ones.
 
 Held-out rows (protocol v3): each held-out file is split by document into dev and test halves
-(``_splits.py``); runs evaluate ``--eval-split`` (default ``test``). Every run keeps its per-row held-out
+(``_splits.py``; the task suite's generated prompts into halves); runs evaluate ``--eval-split`` (default
+``test``). Every run keeps its per-row held-out
 numbers (``heldout_rows.json``), from which ``_stats.py`` computes bootstrap intervals of every headline
 number and paired intervals of every pair, routed numbers included (``results.json`` ``intervals``, the end
 of ``results.md``).
@@ -99,7 +100,7 @@ from _results import (
 )
 from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, V3_SETTINGS, describe, run_seed
 from _splits import EVAL_SPLITS, with_eval_split
-from _suites import SUITES, multitask_specs, resolve_tasks, task_fingerprint, task_specs
+from _suites import SUITES, multitask_specs, resolve_tasks, task_fingerprint, task_specs, task_split_specs
 from _table import render, render_orders, render_scores
 from _variants import apply_chosen
 
@@ -170,8 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=EVAL_SPLITS,
         default=None,
         help="which part of each held-out file the runs evaluate: test (reported; the default), dev (for choosing "
-        "settings: benchmarks/sweep.py) or full (both: protocols v1/v2); see benchmarks/_splits.py. --suite tasks: "
-        "only full (the suite's held-out rows are generated apart from its training rows)",
+        "settings: benchmarks/sweep.py) or full (both: protocols v1/v2); see benchmarks/_splits.py (--suite tasks: "
+        "test = the first half of each task's held-out prompts, dev = the second half)",
     )
     g = p.add_argument_group("settings, methods and routing")
     g.add_argument(
@@ -257,9 +258,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds {args.seeds}: expected a number of seeds >= 1")
     if args.suite == "tasks":  # the instruction names the task: routing is a check there, run on request only
         args.no_routing = args.no_routing or args.router is None
-        if args.eval_split not in (None, "full"):
-            p.error(f"--eval-split {args.eval_split}: --suite tasks has no held-out files to split; expected full")
-        args.eval_split = "full"
     args.eval_split = args.eval_split or "test"
     args.router = args.router or "perplexity"
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
@@ -387,7 +385,7 @@ def _domains(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]]]
         if args.data_dir is not None:
             raise ValueError("--data-dir is for --suite domains; --suite tasks runs the built-in task suite")
         names = resolve_tasks(args.domains)
-        return names, task_specs(names, args.max_eval_rows)
+        return names, task_split_specs(task_specs(names, args.max_eval_rows), args.eval_split, args.cache_dir)
     names = resolve_domains(args.data_dir, args.domains)
     specs = domain_specs(names, args.data_dir, args.cache_dir, args.max_chars, args.max_train_rows)
     return names, with_eval_split(specs, args.eval_split, args.cache_dir)  # dev / test by document (protocol v3)

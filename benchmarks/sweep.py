@@ -1,7 +1,8 @@
 """Dev sweep of the methods' hyper-parameters (protocol v3): run a written-down grid on dev, pick by a fixed rule.
 
 The grid and the selection rule live in a committed file (``benchmarks/sweep_grid.yaml``: EWC lambda,
-replay buffer and ratio, O-LoRA lambda, the routing prefix P), written before the sweep ran. Every
+replay buffer and ratio, O-LoRA lambda, the routing prefix P; ``benchmarks/sweep_grid_tasks.yaml`` for the
+task suite, chosen by AP), written before the sweep ran. Every
 grid point becomes a variant of its setting (:mod:`_variants`), and all of them run in one
 ``continual.py`` benchmark on the **dev** part of each held-out file (``--eval-split dev``), with any
 other benchmark options passed through (after ``--``). Writes into ``--out``:
@@ -18,6 +19,8 @@ Examples::
         --domains medical legal finance science --seeds 1
     python benchmarks/continual.py --chosen runs/bench/sweep-real/chosen.json --data-dir ../shared/data/domains \\
         --domains medical legal finance science --out runs/bench/v3-real
+    python benchmarks/sweep.py --grid benchmarks/sweep_grid_tasks.yaml --out runs/bench/sweep-tasks -- \
+        --suite tasks --router prototype --seeds 1
     python benchmarks/sweep.py --tiny --out /tmp/sweep-tiny -- --domains prose code --seeds 1   # seconds
 """
 
@@ -35,7 +38,7 @@ import yaml
 from _variants import PARAMS, register
 
 GRID = Path(__file__).with_name("sweep_grid.yaml")
-METRICS = {"final_loss_mean": "min", "routing_accuracy_mean": "max"}
+METRICS = {"final_loss_mean": "min", "routing_accuracy_mean": "max", "ap": "max"}
 RESERVED = ("--eval-split", "--settings", "--out", "--chosen")
 
 
@@ -70,7 +73,7 @@ def select(values: list[float | None], metric: str, tolerance: float, a_priori: 
 
     Args:
         values: The metric of each grid point (``None``: the point did not complete).
-        metric: ``final_loss_mean`` (lower is better) or ``routing_accuracy_mean`` (higher is better).
+        metric: ``final_loss_mean`` (lower is better), ``routing_accuracy_mean`` or ``ap`` (higher is better).
         tolerance: Points within this of the best are tied.
         a_priori: Index of the a-priori point.
         tie_break: ``a_priori`` (the a-priori point if tied, else the first tied) or ``first``.
@@ -94,6 +97,8 @@ def point_value(payload: dict[str, Any], setting: str, metric: str) -> tuple[flo
         if metric == "final_loss_mean":
             losses = list((run.get("final_losses") or {}).values())
             per_seed.append(statistics.fmean(losses) if losses and None not in losses else None)
+        elif metric == "ap":  # the task suite's average final score (needs a metric on every domain)
+            per_seed.append((run.get("scores") or {}).get("ap"))
         else:
             per_seed.append((run.get("routing") or {}).get("routing_accuracy_mean"))
     mean = statistics.fmean(per_seed) if per_seed and None not in per_seed else None
@@ -153,9 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/sweep.py " + " ".join(argv),
         "grid_file": str(args.grid),
         "grid_sha256": hashlib.sha256(Path(args.grid).read_bytes()).hexdigest(),
-        "selection": "sweep_grid.yaml: final_loss_mean minimised / routing_accuracy_mean maximised over the grid on "
-        "dev, mean over the sweep's seeds; ties within the group's tolerance go to the a-priori value (or the "
-        "first grid point with tie_break: first)",
+        "selection": f"{args.grid.name}: final_loss_mean minimised / routing_accuracy_mean and ap maximised over the "
+        "grid on dev, mean over the sweep's seeds; ties within the group's tolerance go to the a-priori value (or "
+        "the first grid point with tie_break: first)",
         "benchmark_argv": bench_argv,
         "seeds": payload["setup"]["seeds"],
         "dev_results": str(args.out / "dev" / "results.json"),

@@ -22,6 +22,9 @@ def test_selection_rule():
     # routing accuracy: highest wins; tie_break first = the first tied point in grid order (the smaller P).
     assert sweep.select([0.5, 0.9, 0.895], "routing_accuracy_mean", 0.01, 2, "first") == 1
     assert sweep.select([None, 0.4, 0.3], "routing_accuracy_mean", 0.0, 0, "a_priori") == 1
+    # task score (AP): highest wins, ties within the tolerance go to the a-priori point.
+    assert sweep.select([0.2, 0.25, 0.245], "ap", 0.01, 0, "a_priori") == 1
+    assert sweep.select([0.2, 0.25, 0.245], "ap", 0.01, 2, "a_priori") == 2
     with pytest.raises(ValueError, match="no grid point completed"):
         sweep.select([None, None], "final_loss_mean", 0.0, 0, "a_priori")
 
@@ -35,6 +38,16 @@ def test_the_committed_grid_is_valid_and_bad_grids_are_refused(tmp_path):
     args = continual.parse_args(["--out", "unused"])
     for g in groups.values():
         assert all(getattr(args, k) == v for k, v in g["a_priori"].items()), g
+    # The task suite's grid: its a-priori values are the task preset's, and P stays inside every prompt.
+    tasks = sweep.load_grid(BENCH / "sweep_grid_tasks.yaml")
+    assert set(tasks) == set(groups) and {g["metric"] for k, g in tasks.items() if k != "ROUTING"} == {"ap"}
+    args = continual.parse_args(["--suite", "tasks", "--out", "unused"])
+    for g in tasks.values():
+        assert all(getattr(args, k) == v for k, v in g["a_priori"].items()), g
+    from crma_lightning.builtin_tasks import TASKS
+
+    shortest = min(len(f"{instruction} abc\n= ") for instruction, _ in TASKS.values())
+    assert max(p["prefix_tokens"] for p in tasks["ROUTING"]["grid"]) < shortest
     bad = tmp_path / "g.yaml"
     bad.write_text(
         "groups:\n  E: {settings: [EWC], metric: final_loss_mean, a_priori: {ewc_lam: 5}, grid: [{ewc_lam: 1}]}\n"
@@ -97,3 +110,26 @@ def test_tiny_sweep_runs_the_grid_on_dev_and_chosen_values_reach_the_benchmark(t
     assert "| EWC vs EWC-apriori |" in (tmp_path / "test" / "results.md").read_text()
     with pytest.raises(SystemExit):
         continual.parse_args(["--tiny", "--out", "unused", "--chosen", str(grid)])  # not a chosen.json
+
+
+def test_tiny_sweep_on_the_task_suite_chooses_by_ap_on_the_dev_prompts(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "groups:\n"
+        "  REPLAY: {settings: [REPLAY], metric: ap, tolerance: 0.0, a_priori: {replay_ratio: 0.25},\n"
+        "           grid: [{replay_ratio: 0.25}, {replay_ratio: 0.5}]}\n"
+    )
+    out = tmp_path / "sweep"
+    chosen = sweep.main(
+        ["--tiny", "--grid", str(grid), "--out", str(out), "--", "--suite", "tasks", "--domains", "first", "shift",
+         "--seeds", "1", "--cache-dir", str(tmp_path / "cache")]
+    )  # fmt: skip
+    dev = json.loads((out / "dev" / "results.json").read_text())
+    assert dev["setup"]["eval_split"] == "dev" and dev["setup"]["suite"] == "tasks"
+    assert all(Path(f["holdout_path"]).name == "dev.jsonl" for f in dev["setup"]["domain_files"])
+    group = chosen["groups"]["REPLAY"]
+    runs = dev["per_seed"]["0"]["runs"]
+    values = [runs[p["setting"]]["scores"]["ap"] for p in group["points"]]
+    assert [p["value"] for p in group["points"]] == values and None not in values
+    best = max(values)
+    assert group["chosen"] == (group["a_priori"] if values[0] == best else {"replay_ratio": 0.5})
