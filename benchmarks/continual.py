@@ -501,7 +501,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "methods": {"replay_buffer": args.replay_buffer, "replay_ratio": args.replay_ratio, "ewc_lam": args.ewc_lam,
                     "ewc_fisher_samples": args.ewc_fisher_samples, "olora_lam": args.olora_lam,
                     "mix_g_max": args.mix_g_max},
-        "routing": {"prefix_tokens": args.prefix_tokens, "enabled": not args.no_routing, "router": args.router,
+        "routing": {"prefix_tokens": args.prefix_tokens, "enabled": not args.no_routing,
+                    "router": Null("routing is off (--no-routing, or the task suite without --router)")
+                    if args.no_routing else args.router,
                     **({"fallback_margin": args.fallback_margin} if args.router == "hybrid" else {})},
         "chosen": args.chosen_record or Null("no --chosen: the a-priori values (or the options given)"),
         "max_eval_rows": args.max_eval_rows, "eval_split": args.eval_split,

@@ -320,6 +320,12 @@ def test_multitask_trains_on_the_union_and_is_read_against(tiny_v3):
 def test_task_suite_results_carry_the_score_matrix(tiny_v3, tiny_results):
     _, root, payload = tiny_v3
     assert payload["setup"]["suite"] == "tasks" and not payload["setup"]["routing"]["enabled"]
+    assert payload["setup"]["routing"]["router"] is None and "routing is off" in payload["null_reasons"][
+        "/setup/routing/router"
+    ]
+    # The suite reports its test half by default: the first 100 generated held-out prompts of each task.
+    assert payload["setup"]["eval_split"] == "test"
+    assert all(Path(f["holdout_path"]).name == "test.jsonl" for f in payload["setup"]["domain_files"])
     for key, group in payload["per_seed"].items():
         for mode, run in group["runs"].items():
             scores = run["scores"]
