@@ -65,6 +65,12 @@ def _write(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def _part_paths(holdout: Path, name: str, cache_dir: Path) -> dict[str, Path]:
+    """Where ``holdout``'s dev and test parts are cached: a folder named by ``name`` and the file's content."""
+    folder = cache_dir / "data" / "splits" / f"{name}-{hashlib.sha256(SALT + holdout.read_bytes()).hexdigest()[:16]}"
+    return {"dev": folder / "dev.jsonl", "test": folder / "test.jsonl"}
+
+
 def split_holdout(holdout: Path, domain: str, cache_dir: Path) -> dict[str, Path]:
     """Write ``holdout``'s dev and test parts (once; cached by the file's content); returns their paths.
 
@@ -76,9 +82,7 @@ def split_holdout(holdout: Path, domain: str, cache_dir: Path) -> dict[str, Path
     Returns:
         ``{"dev": path, "test": path}``.
     """
-    raw = holdout.read_bytes()
-    folder = cache_dir / "data" / "splits" / f"{domain}-{hashlib.sha256(SALT + raw).hexdigest()[:16]}"
-    paths = {"dev": folder / "dev.jsonl", "test": folder / "test.jsonl"}
+    paths = _part_paths(holdout, domain, cache_dir)
     if all(p.is_file() for p in paths.values()):
         return paths
     records = _records(holdout)
@@ -103,9 +107,7 @@ def split_task_holdout(holdout: Path, domain: str, cache_dir: Path) -> dict[str,
     Raises:
         ValueError: Fewer than two held-out records, or no dev record left.
     """
-    raw = holdout.read_bytes()
-    folder = cache_dir / "data" / "splits" / f"task-{domain}-{hashlib.sha256(SALT + raw).hexdigest()[:16]}"
-    paths = {"dev": folder / "dev.jsonl", "test": folder / "test.jsonl"}
+    paths = _part_paths(holdout, f"task-{domain}", cache_dir)
     if all(p.is_file() for p in paths.values()):
         return paths
     records = _records(holdout)
