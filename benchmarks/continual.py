@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "routing": {"prefix_tokens": args.prefix_tokens, "enabled": not args.no_routing,
                     "router": Null("routing is off (--no-routing, or the task suite without --router)")
                     if args.no_routing else args.router,
-                    **({"fallback_margin": args.fallback_margin} if args.router == "hybrid" else {})},
+                    **({"fallback_margin": args.fallback_margin}
+                       if args.router == "hybrid" and not args.no_routing else {})},
         "chosen": args.chosen_record or Null("no --chosen: the a-priori values (or the options given)"),
         "max_eval_rows": args.max_eval_rows, "eval_split": args.eval_split,
         "eval_domains": args.eval_domains, "grad_warmup": args.grad_warmup,
