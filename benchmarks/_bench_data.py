@@ -1,7 +1,7 @@
 """Domains of the continual benchmark: which ones, in what order, and their train/held-out files.
 
 Every domain reaches the benchmark as a pair of local JSON Lines files (``train.jsonl``,
-``holdout.jsonl``) given to :class:`~crma_lightning.data.DomainSpec` as ``path``/``holdout_path``:
+``holdout.jsonl``) given to :class:`~crma_lightning.data.datamodule.DomainSpec` as ``path``/``holdout_path``:
 
 * ``--data-dir DIR``: ``DIR/<domain>/train.jsonl`` and ``DIR/<domain>/holdout.jsonl`` as they are.
 * built-in demo domains: their documents are split once (the library's own ``load_raw`` split with
@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crma_lightning.builtin_domains import BUILTIN_DOMAINS
-from crma_lightning.data import DEFAULT_DOMAINS, DomainSpec, load_raw
+from crma_lightning.data.builtin_domains import BUILTIN_DOMAINS
+from crma_lightning.data.datamodule import DEFAULT_DOMAINS, DomainSpec, load_raw
 
 SPLIT_FILES = ("train.jsonl", "holdout.jsonl")
 

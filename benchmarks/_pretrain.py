@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from crma_lightning.base_model import build_model
-from crma_lightning.data import DomainSpec, extract_text, load_raw, tokenize
-from crma_lightning.tokenizer import byte_tokenizer
+from crma_lightning.data.datamodule import DomainSpec, extract_text, load_raw, tokenize
+from crma_lightning.data.tokenizer import byte_tokenizer
+from crma_lightning.model.base_model import build_model
 
 FORMAT_VERSION = 1  # bump when the recipe changes, so that old cached bases are not reused
 INFO_FILE = "pretrain.json"

@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from crma_lightning import metrics
+from crma_lightning.metrics import continual as metrics
 
 LORA_PAIRS = {
     "CRMA-shared": "NAIVE",

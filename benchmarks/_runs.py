@@ -28,13 +28,13 @@ import lightning as L
 import torch
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, crma_adapters
-from crma_lightning.callbacks.evaluation import DomainEvaluation
-from crma_lightning.callbacks.gradient import GradientStability
-from crma_lightning.callbacks.routing import RoutedEvaluation
-from crma_lightning.data import SequentialDomainDataModule
+from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
+from crma_lightning.callbacks.gradient_stability import GradientStability
+from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
+from crma_lightning.data.datamodule import SequentialDomainDataModule
 from crma_lightning.methods import EWC, ContinualMethod, OLoRA, Replay
-from crma_lightning.module import ContinualLM
-from crma_lightning.runner import ContinualRunner
+from crma_lightning.model.continual_lm import ContinualLM
+from crma_lightning.run.runner import ContinualRunner
 
 SETTINGS: dict[str, dict[str, Any]] = {
     # The four adapter arrangements of docs/method.md.

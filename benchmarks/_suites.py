@@ -1,7 +1,7 @@
 """The benchmark's two data suites (loss domains, the built-in task suite) and the MULTITASK data.
 
 * ``--suite domains`` (default): text domains given as train/held-out files (``_bench_data``); loss only.
-* ``--suite tasks``: the built-in task suite of ``configs/tasks.yaml`` (:mod:`crma_lightning.builtin_tasks`):
+* ``--suite tasks``: the built-in task suite of ``configs/tasks.yaml`` (:mod:`crma_lightning.data.builtin_tasks`):
   prompt/response rows scored by exact match after every stage, so every run has a score matrix
   ``S[s][j]`` beside its loss matrix. The domains are ``DomainSpec(builtin=<task>)`` exactly as in the
   config (the held-out rows of a built-in task are its first rows, the same for every seed).
@@ -26,8 +26,8 @@ from typing import Any
 
 from _splits import split_task_holdout
 
-from crma_lightning.builtin_tasks import TASKS, task_rows
-from crma_lightning.domains import BUILTIN_TASK_ROWS, DomainSpec, load_raw
+from crma_lightning.data.builtin_tasks import TASKS, task_rows
+from crma_lightning.data.domains import BUILTIN_TASK_ROWS, DomainSpec, load_raw
 
 SUITES = ("domains", "tasks")
 TASK_SUITE = ("first", "shift", "sort", "length")

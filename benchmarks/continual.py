@@ -32,7 +32,7 @@ MODULAR only when ``--router`` is given (its instructions name the task): then e
 answered by its routed adapter (routed AP and BWT_score).
 FROZEN and MODULAR are also evaluated task-agnostically (``RoutedEvaluation(mode="perplexity")``, routing
 on the first ``--prefix-tokens`` tokens of each held-out row; ``--router prototype``: by the base model's
-features, :mod:`crma_lightning.prototype`; ``--router hybrid``: prototype, perplexity on the near-ties
+features, :mod:`crma_lightning.routing.prototype`; ``--router hybrid``: prototype, perplexity on the near-ties
 within ``--fallback-margin``); the shared settings and O-LORA need no
 routing (checked with ``mode="none"``): their routed numbers are the oracle ones.
 
@@ -104,7 +104,7 @@ from _suites import SUITES, multitask_specs, resolve_tasks, task_fingerprint, ta
 from _table import render, render_orders, render_scores
 from _variants import apply_chosen
 
-from crma_lightning.prototype import HYBRID_MARGIN
+from crma_lightning.routing.prototype import HYBRID_MARGIN
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ≤ 30 min on a shared 2-core CPU: 4 modes x 3 seeds x 4 stages x 150 steps, 4-layer model.

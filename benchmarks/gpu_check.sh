@@ -46,10 +46,10 @@ import lightning as L
 import torch
 
 from crma_lightning.adapters import CRMAConfig, LoRAConfig
-from crma_lightning.runner import ContinualRunner
+from crma_lightning.run.runner import ContinualRunner
 from crma_lightning.data import SequentialDomainDataModule
 from crma_lightning.parallel import AdapterFSDPStrategy, AdapterModelParallelStrategy
-from crma_lightning.module import ContinualLM
+from crma_lightning.model.continual_lm import ContinualLM
 
 SIZES = {  # real architectures' shapes, randomly initialised
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,

@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from crma_lightning.adapters import CRMAConfig, LoRAConfig, attach_adapters
 from crma_lightning.adapters.crma import FORMS, NORMS
 from crma_lightning.adapters.crma_batch import per_block_factors
-from crma_lightning.compiling import compile_decoder_layers
+from crma_lightning.model.compile import compile_decoder_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -9,7 +9,7 @@ For the run's newest stage checkpoint, every held-out row of every trained domai
 is routed
 
 * by perplexity: the first ``P`` tokens scored under each task adapter (``T`` prefix forwards),
-* by prototype routing with the library's defaults (:mod:`crma_lightning.prototype`): one base forward
+* by prototype routing with the library's defaults (:mod:`crma_lightning.routing.prototype`): one base forward
   over the same ``P`` tokens, statistics fitted on the domains' training rows, and
 * by the hybrid: prototype, and perplexity for the rows whose margin is below ``--fallback_margin``,
 
@@ -30,8 +30,10 @@ import time
 
 import torch
 
+from crma_lightning.cli.run_dir import RunDirectory
+from crma_lightning.data.sampling import right_padded
 from crma_lightning.losses import row_token_losses
-from crma_lightning.prototype import (
+from crma_lightning.routing.prototype import (
     HYBRID_MARGIN,
     PrototypeRouter,
     adapters_off,
@@ -39,9 +41,7 @@ from crma_lightning.prototype import (
     local_task_sums,
     margins,
     pool,
-    right_padded,
 )
-from crma_lightning.run_dir import RunDirectory
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ from typing import Any
 
 from _table import MERGED_DRIFT_NOTE  # benchmarks/ is on sys.path: the script's own directory
 
-from crma_lightning import metrics
 from crma_lightning.cli.evaluate import run_evaluate
-from crma_lightning.prototype import DEFAULT_LAYER, DEFAULT_POOLING, DEFAULT_SHRINKAGE, HYBRID_MARGIN
+from crma_lightning.metrics import continual as metrics
+from crma_lightning.routing.prototype import DEFAULT_LAYER, DEFAULT_POOLING, DEFAULT_SHRINKAGE, HYBRID_MARGIN
 
 
 def _routed(routing: dict[str, Any]) -> dict[str, float | None]:

@@ -64,7 +64,7 @@ def measure(
     from torch.utils.data import DataLoader
 
     from crma_lightning.adapters import CRMAConfig, LoRAConfig
-    from crma_lightning.module import ContinualLM
+    from crma_lightning.model.continual_lm import ContinualLM
     from crma_lightning.parallel import AdapterFSDPStrategy, AdapterModelParallelStrategy
     from crma_lightning.parallel.dist import to_local
 

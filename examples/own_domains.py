@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from crma_lightning import ContinualLM, ContinualRunner, SequentialDomainDataModule
-from crma_lightning.report import render_markdown
+from crma_lightning.evaluation.report import render_markdown
 
 TINY_LLAMA = {
     "model_type": "llama",

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from dist_job import WORLD, make_data, make_model, trainer_kwargs
 
-from crma_lightning.callbacks.routing import RoutedEvaluation
-from crma_lightning.runner import ContinualRunner
+from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
+from crma_lightning.run.runner import ContinualRunner
 
 
 def run(run_dir: Path, strategy: str) -> dict:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from dist_job import GLOBAL_BATCH, WORLD, make_model, trainer_kwargs
 
-from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.runner import ContinualRunner
-from crma_lightning.task_metrics import register_metric
+from crma_lightning.data.datamodule import SequentialDomainDataModule
+from crma_lightning.metrics.task import register_metric
+from crma_lightning.run.runner import ContinualRunner
 
 register_metric("text_signature", lambda pred, ref: (sum(map(ord, pred)) % 11) / 10)
 """A row score that any change in the generated text changes (almost surely)."""

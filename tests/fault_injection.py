@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from crma_lightning.module import ContinualLM
+from crma_lightning.model.continual_lm import ContinualLM
 
 POISON_KINDS = ("nan_loss", "inf_grad")
 

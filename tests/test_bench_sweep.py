@@ -44,7 +44,7 @@ def test_the_committed_grid_is_valid_and_bad_grids_are_refused(tmp_path):
     args = continual.parse_args(["--suite", "tasks", "--out", "unused"])
     for g in tasks.values():
         assert all(getattr(args, k) == v for k, v in g["a_priori"].items()), g
-    from crma_lightning.builtin_tasks import TASKS
+    from crma_lightning.data.builtin_tasks import TASKS
 
     shortest = min(len(f"{instruction} abc\n= ") for instruction, _ in TASKS.values())
     assert max(p["prefix_tokens"] for p in tasks["ROUTING"]["grid"]) < shortest

@@ -320,9 +320,10 @@ def test_multitask_trains_on_the_union_and_is_read_against(tiny_v3):
 def test_task_suite_results_carry_the_score_matrix(tiny_v3, tiny_results):
     _, root, payload = tiny_v3
     assert payload["setup"]["suite"] == "tasks" and not payload["setup"]["routing"]["enabled"]
-    assert payload["setup"]["routing"]["router"] is None and "routing is off" in payload["null_reasons"][
-        "/setup/routing/router"
-    ]
+    assert (
+        payload["setup"]["routing"]["router"] is None
+        and "routing is off" in payload["null_reasons"]["/setup/routing/router"]
+    )
     # The suite reports its test half by default: the first 100 generated held-out prompts of each task.
     assert payload["setup"]["eval_split"] == "test"
     assert all(Path(f["holdout_path"]).name == "test.jsonl" for f in payload["setup"]["domain_files"])
@@ -449,7 +450,7 @@ def test_merged_drift_has_its_footnote_and_routing_table_reuses_only_same_settin
                    "fallback_margin": float(args[-1]), "prototype": dict(PROTOTYPE_DEFAULTS)}  # fmt: skip
         (run / "evaluation-hybrid" / "report.json").write_text(json.dumps({"routing": routing}))
 
-    from crma_lightning import prototype
+    from crma_lightning.routing import prototype
 
     PROTOTYPE_DEFAULTS = {"layer": prototype.DEFAULT_LAYER, "pooling": prototype.DEFAULT_POOLING,
                           "estimator": "mahalanobis", "shrinkage": prototype.DEFAULT_SHRINKAGE}  # fmt: skip

@@ -96,7 +96,7 @@ def assert_same_matrix(got, expected, rows=None) -> None:
 
 def run_model(run_dir: Path, task: str):
     """The run's model after its newest stage, with ``task``'s adapter active (eval mode)."""
-    from crma_lightning.run_dir import RunDirectory
+    from crma_lightning.cli.run_dir import RunDirectory
 
     run = RunDirectory(run_dir)
     model, _ = run.build()
@@ -177,7 +177,7 @@ def test_generate_with_routing_picks_the_task_with_the_lowest_prompt_loss(runs, 
         assert set(losses) == {"prose", "arithmetic"}  # both trained tasks were candidates
         assert o["task"] == min(losses, key=losses.get)
     # The prompt losses are the model's own: the chosen adapter's loss, computed directly, agrees.
-    from crma_lightning.run_dir import RunDirectory
+    from crma_lightning.cli.run_dir import RunDirectory
 
     run = RunDirectory(runs["lora"])
     model, _ = run.build()
@@ -226,8 +226,8 @@ def test_export_peft_loads_in_peft(runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from crma_lightning.base_model import build_model
-    from crma_lightning.tokenizer import byte_tokenizer
+    from crma_lightning.data.tokenizer import byte_tokenizer
+    from crma_lightning.model.base_model import build_model
 
     out = tmp_path / "peft"
     main(["export", "--run", str(runs["lora"]), "--task", "arithmetic", "--format", "peft", str(out)])

@@ -7,8 +7,8 @@ import torch
 from conftest import TINY_LLAMA_CONFIG
 from torch._dynamo.utils import counters
 
-from crma_lightning import compiling
-from crma_lightning.module import ContinualLM
+from crma_lightning.model import compile as compiling
+from crma_lightning.model.continual_lm import ContinualLM
 
 
 def _model(**kwargs) -> ContinualLM:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import TINY_LLAMA_CONFIG
 
-from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.module import ContinualLM
-from crma_lightning.runner import ContinualRunner
+from crma_lightning.data.datamodule import SequentialDomainDataModule
+from crma_lightning.model.continual_lm import ContinualLM
+from crma_lightning.run.runner import ContinualRunner
 
 TINY = TINY_LLAMA_CONFIG
 DOMAINS = ["prose", "code", "arithmetic"]

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from crma_lightning.builtin_domains import BUILTIN_DOMAINS, builtin_documents
-from crma_lightning.data import DomainSpec, SequentialDomainDataModule
-from crma_lightning.sampling import EvalShardSampler, GlobalBatchSampler
-from crma_lightning.tokenizer import byte_tokenizer
+from crma_lightning.data.builtin_domains import BUILTIN_DOMAINS, builtin_documents
+from crma_lightning.data.datamodule import DomainSpec, SequentialDomainDataModule
+from crma_lightning.data.sampling import EvalShardSampler, GlobalBatchSampler
+from crma_lightning.data.tokenizer import byte_tokenizer
 
 
 def _rows(n: int, prefix: str) -> list[dict]:
@@ -70,7 +70,7 @@ def _sha(docs):
 
 
 def test_builtin_domains_are_the_frozen_text_on_every_python():
-    from crma_lightning import builtin_domains
+    from crma_lightning.data import builtin_domains
 
     assert sorted(BUILTIN_DOMAINS) == sorted(FROZEN_ALL)
     texts = {}
@@ -88,7 +88,7 @@ def test_builtin_domains_are_the_frozen_text_on_every_python():
 
 
 def test_builtin_domains_never_read_the_running_pythons_stdlib(monkeypatch):
-    from crma_lightning import builtin_domains
+    from crma_lightning.data import builtin_domains
 
     # If loading fell back to the generators (which read pydoc_data, unicodedata, ...), these would run.
     def forbidden():
@@ -103,7 +103,7 @@ def test_builtin_domains_never_read_the_running_pythons_stdlib(monkeypatch):
 
 
 def test_corrupt_frozen_data_is_refused(monkeypatch):
-    from crma_lightning import builtin_domains
+    from crma_lightning.data import builtin_domains
 
     monkeypatch.setitem(builtin_domains.FROZEN_SHA256, "prose", "0" * 64)
     builtin_domains._frozen.cache_clear()
@@ -120,7 +120,7 @@ def test_frozen_files_are_package_data():
     import fnmatch
     from pathlib import Path
 
-    from crma_lightning import builtin_domains
+    from crma_lightning.data import builtin_domains
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
@@ -130,7 +130,7 @@ def test_frozen_files_are_package_data():
     for name in BUILTIN_DOMAINS:
         rel = "/".join((*builtin_domains.FROZEN_DIR, f"{name}.json.xz"))
         assert (package / rel).is_file(), rel
-        assert any(fnmatch.fnmatch(rel, pat) for pat in patterns["crma_lightning"]), rel
+        assert any(fnmatch.fnmatch(rel, pat) for pat in patterns["crma_lightning.data"]), rel
     total = sum(p.stat().st_size for p in package.joinpath(*builtin_domains.FROZEN_DIR).glob("*.json.xz"))
     assert total < 400_000  # small: a few hundred KB in the repository
 
@@ -308,7 +308,7 @@ def test_domain_spec_source_strings():
 
 
 def test_mid_epoch_resume_counts_rows_and_refuses_a_changed_global_batch():
-    from crma_lightning.sampling import ResumableLoader
+    from crma_lightning.data.sampling import ResumableLoader
 
     data = list(range(64))
 
@@ -332,7 +332,7 @@ def test_mid_epoch_resume_counts_rows_and_refuses_a_changed_global_batch():
 def test_hub_accepts_a_local_dataset_directory_and_save_to_disk_directories(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from crma_lightning.domains import load_raw
+    from crma_lightning.data.domains import load_raw
 
     rows = {"text": [f"row {i} " * 5 for i in range(30)]}
     (tmp_path / "files").mkdir()
@@ -354,7 +354,7 @@ def test_hub_accepts_a_local_dataset_directory_and_save_to_disk_directories(tmp_
 
 
 def test_the_data_modules_own_tokenizer_must_be_the_models():
-    from crma_lightning.tokenizer import byte_tokenizer
+    from crma_lightning.data.tokenizer import byte_tokenizer
 
     model_tokenizer = byte_tokenizer()
     _dm(["arithmetic"], max_chars_per_domain=4000).prepare(model_tokenizer)  # "byte" twice: the same tokenizer

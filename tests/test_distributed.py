@@ -3,7 +3,7 @@
 Each 2-process job is ``tests/dist_job.py`` run as a subprocess (Lightning's launcher re-executes
 ``sys.argv`` for the second process, so it must never start inside the pytest process). The
 single-process reference runs here, with the same seed, data and global batch (per-process batch =
-global batch / 2; :class:`~crma_lightning.sampling.GlobalBatchSampler` makes the global batches the
+global batch / 2; :class:`~crma_lightning.data.sampling.GlobalBatchSampler` makes the global batches the
 same), so the runs must agree up to float reduction order.
 
 Tolerances (measured differences on this machine are about 1e-6 or smaller):
@@ -31,10 +31,15 @@ import torch
 from safetensors.torch import load_file
 
 from crma_lightning.adapters import read_adapter_metadata
-from crma_lightning.callbacks.evaluation import DomainEvaluation
-from crma_lightning.data import Collator
+from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
+from crma_lightning.data.datamodule import Collator
+from crma_lightning.data.sampling import (
+    EvalShardSampler,
+    PaddedEvalLoader,
+    equalize_eval_batches,
+    eval_batches_per_rank,
+)
 from crma_lightning.parallel import AdapterFSDPStrategy, AdapterModelParallelStrategy
-from crma_lightning.sampling import EvalShardSampler, PaddedEvalLoader, equalize_eval_batches, eval_batches_per_rank
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "dist_job.py"

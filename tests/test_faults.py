@@ -254,9 +254,9 @@ class _SignalDuringValidation(L.Callback):
 def tiny_runner_parts(tmp_path: Path, domains=("prose", "code"), every=None, callbacks=None, **runner_kwargs):
     from functools import partial
 
-    from crma_lightning.data import SequentialDomainDataModule
-    from crma_lightning.module import ContinualLM
-    from crma_lightning.runner import ContinualRunner
+    from crma_lightning.data.datamodule import SequentialDomainDataModule
+    from crma_lightning.model.continual_lm import ContinualLM
+    from crma_lightning.run.runner import ContinualRunner
 
     trainer = {"accelerator": "cpu", "max_steps": 3, "enable_progress_bar": False, "enable_model_summary": False}
     runner = ContinualRunner(
@@ -275,7 +275,7 @@ def tiny_runner_parts(tmp_path: Path, domains=("prose", "code"), every=None, cal
 
 def test_sigterm_during_evaluation_lets_the_stage_finish_and_save(tmp_path):
     """Lightning alone would raise SIGTERMException (SystemExit, exit code 0) mid-validation, unsaved."""
-    from crma_lightning.interrupts import RunInterrupted
+    from crma_lightning.run.interrupts import RunInterrupted
 
     callback = _SignalDuringValidation()
     runner, model, data = tiny_runner_parts(tmp_path, callbacks=[callback])
@@ -302,7 +302,7 @@ class _DoubleCtrlC(L.Callback):
 
 def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
     """Lightning turns the second Ctrl+C into ``exit(1)``; the driver still reports an interruption."""
-    from crma_lightning.interrupts import RunInterrupted
+    from crma_lightning.run.interrupts import RunInterrupted
 
     runner, model, data = tiny_runner_parts(tmp_path, callbacks=[_DoubleCtrlC()])
     handler_before = signal.getsignal(signal.SIGINT)
@@ -353,7 +353,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
 
 def test_crash_while_writing_the_report_keeps_the_previous_one(tmp_path, monkeypatch):
-    from crma_lightning.report import write_report
+    from crma_lightning.evaluation.report import write_report
 
     good = {"status": "running", "domains": ["a"], "completed_stages": 0, "total_stages": 1}
     good["loss_matrix"] = {"values": [[1.0]]}
@@ -625,9 +625,10 @@ def test_trust_remote_code_is_off_unless_set_and_is_passed_through(monkeypatch):
 
     import transformers
 
-    from crma_lightning import base_model, tokenizer
-    from crma_lightning.module import ContinualLM
-    from crma_lightning.tokenizer import byte_tokenizer
+    from crma_lightning.data import tokenizer
+    from crma_lightning.data.tokenizer import byte_tokenizer
+    from crma_lightning.model import base_model
+    from crma_lightning.model.continual_lm import ContinualLM
 
     assert inspect.signature(ContinualLM).parameters["trust_remote_code"].default is False
     calls: list[tuple[str, Any]] = []

@@ -15,10 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from crma_lightning.callbacks import GradientStability
-from crma_lightning.callbacks.gradient import RunningStats
+from crma_lightning.callbacks.gradient_stability import RunningStats
 from crma_lightning.callbacks.health import crma_health_vector
-from crma_lightning.grad_norms import group_grad_square_sums
-from crma_lightning.module import ContinualLM
+from crma_lightning.model.continual_lm import ContinualLM
+from crma_lightning.parallel.grad_norms import group_grad_square_sums
 
 MODEL_CONFIG = TINY_LLAMA_CONFIG
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from crma_lightning.data import Collator, SequentialDomainDataModule
-from crma_lightning.module import ContinualLM
-from crma_lightning.tokenizer import byte_tokenizer
+from crma_lightning.data.datamodule import Collator, SequentialDomainDataModule
+from crma_lightning.data.tokenizer import byte_tokenizer
+from crma_lightning.model.continual_lm import ContinualLM
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -329,7 +329,7 @@ def test_a_multi_file_prompt_response_domain_locates_rows_only_for_errors(tmp_pa
     """``path: [a, b]`` (e.g. joint training on several tasks' files): the row's file is looked up only when a
     message needs it. It was looked up for every row - one ``load_dataset`` per file per row, which also
     hung offline - so such a domain could not be prepared."""
-    import crma_lightning.rows as rows_module
+    import crma_lightning.data.row_formats as rows_module
 
     calls = []
     real = rows_module.describe_row

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama
 
 from crma_lightning.adapters import LoRAConfig, add_lora_adapter, attach_adapters, lora_layers, set_active_adapter
-from crma_lightning.merging import add_merged_adapter, mean_merge, merged_deltas, task_delta, ties_merge
+from crma_lightning.adapters.merging import add_merged_adapter, mean_merge, merged_deltas, task_delta, ties_merge
 
 D1 = torch.tensor([[3.0, -1.0, 0.5], [2.0, -4.0, 1.0]])
 D2 = torch.tensor([[-2.0, -3.0, 1.5], [0.7, 1.2, -0.2]])
@@ -84,7 +84,7 @@ def run_dir(tmp_path_factory):
 
 
 def _in_memory_merge(run_dir, how, ids):
-    from crma_lightning.run_dir import RunDirectory
+    from crma_lightning.cli.run_dir import RunDirectory
 
     run = RunDirectory(run_dir)
     model, _ = run.build()
@@ -166,7 +166,7 @@ def test_generate_prototype_fits_the_statistics_of_a_run_trained_without_them(ru
     out = json.loads(captured.out.strip().splitlines()[-1])
     assert [o["task"] for o in out] == ["arithmetic", "prose"]
     assert all(set(o["prototype_distances"]) == {"prose", "arithmetic"} for o in out)
-    from crma_lightning.run_dir import RunDirectory
+    from crma_lightning.cli.run_dir import RunDirectory
 
     run = RunDirectory(run_dir)
     model, _ = run.build()

@@ -11,10 +11,10 @@ from torch import nn
 
 from crma_lightning.adapters import LoRAConfig, LoRALinear, add_lora_adapter, attach_adapters, lora_layers
 from crma_lightning.adapters.switching import active_adapter_names, set_active_adapters
-from crma_lightning.data import Collator
+from crma_lightning.data.datamodule import Collator
+from crma_lightning.data.sampling import ResumableLoader
 from crma_lightning.methods import EWC, METHODS, OLoRA, Replay, build_method, fisher_diagonal
 from crma_lightning.methods.base import lm_loss
-from crma_lightning.sampling import ResumableLoader
 
 
 def _roundtrip(state):
@@ -230,7 +230,7 @@ def test_ewc_sums_stages_or_runs_online():
 
 
 def test_ewc_on_a_continual_lm():
-    from crma_lightning.module import ContinualLM
+    from crma_lightning.model.continual_lm import ContinualLM
 
     module = ContinualLM(model_config=TINY_LLAMA_CONFIG, adapter="lora", task_adapters="shared", seed=0)
     module.begin_task("d0")
@@ -423,8 +423,8 @@ def test_olora_l2_term_matches_hand_computation_from_the_first_task_and_is_check
 
 
 def test_olora_resumes_a_checkpoint_written_without_lam2_and_refuses_lam2_against_it():
-    from crma_lightning.compatibility import identity_differences
-    from crma_lightning.method_hooks import identity
+    from crma_lightning.methods.hooks import identity
+    from crma_lightning.model.identity import identity_differences
 
     # What a checkpoint from before λ₂ existed holds (and what λ₂ = 0 writes now).
     old_state = {"config": {"lam": 0.5}, "trained": ["t0"], "current": "t1"}
@@ -442,7 +442,7 @@ def test_olora_resumes_a_checkpoint_written_without_lam2_and_refuses_lam2_agains
 
 
 def test_olora_on_a_continual_lm_and_its_requirements():
-    from crma_lightning.module import ContinualLM
+    from crma_lightning.model.continual_lm import ContinualLM
 
     module = ContinualLM(model_config=TINY_LLAMA_CONFIG, adapter="lora", task_adapters="per_task", seed=0)
     module.prepare_tasks(["d0", "d1"])
@@ -494,7 +494,7 @@ def test_replay_state_keeps_labels_only_for_masked_rows():
 def test_a_method_states_the_task_adapters_it_needs_and_is_checked_before_the_model_loads(tmp_path):
     """No method is special-cased by name: any method's `required_task_adapters` is checked up front."""
     from crma_lightning.methods import ContinualMethod
-    from crma_lightning.module import ContinualLM
+    from crma_lightning.model.continual_lm import ContinualLM
 
     class PerTaskOnly(ContinualMethod):
         name = "per_task_only"
@@ -510,8 +510,8 @@ def test_a_method_states_the_task_adapters_it_needs_and_is_checked_before_the_mo
 def test_a_merged_adapter_is_activated_as_itself_under_olora():
     # `evaluate --merge` on an O-LoRA run: the method chooses the adapters of the run's tasks (its stack),
     # but the merge is not a task - activating it must give the merged adapter alone, not O-LoRA's stack.
-    from crma_lightning.merging import MERGED_ADAPTER, add_merged_adapter
-    from crma_lightning.module import ContinualLM
+    from crma_lightning.adapters.merging import MERGED_ADAPTER, add_merged_adapter
+    from crma_lightning.model.continual_lm import ContinualLM
 
     module = ContinualLM(
         model_config=TINY_LLAMA_CONFIG, adapter="lora", task_adapters="per_task", seed=0, method=OLoRA()

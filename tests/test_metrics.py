@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from crma_lightning import metrics
-from crma_lightning.metrics import (
+from crma_lightning.metrics import continual as metrics
+from crma_lightning.metrics.continual import (
     base_relative_forgetting,
     bwt,
     drift,

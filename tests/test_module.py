@@ -9,7 +9,7 @@ from conftest import TINY_LLAMA_CONFIG
 from torch.utils.data import DataLoader
 
 from crma_lightning.adapters import adapter_parameter_names, crma_adapters, lora_adapter_names
-from crma_lightning.module import ContinualLM
+from crma_lightning.model.continual_lm import ContinualLM
 
 TINY = TINY_LLAMA_CONFIG
 
@@ -203,7 +203,7 @@ def test_bad_model_settings(kwargs, match):
 
 
 def test_nonfinite_steps_are_skipped_then_stop():
-    from crma_lightning.nonfinite import NonFiniteError
+    from crma_lightning.model.nonfinite import NonFiniteError
 
     m = make(adapter="lora", max_nonfinite_steps=3)
     m.begin_task("a")
@@ -222,7 +222,7 @@ def test_nonfinite_steps_are_skipped_then_stop():
 
 
 def test_warmup_cosine_schedule_and_its_validation():
-    from crma_lightning.optim import WarmupCosine
+    from crma_lightning.model.optim import WarmupCosine
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = WarmupCosine(opt, warmup_steps=2, total_steps=10, min_ratio=0.1)
@@ -311,7 +311,7 @@ def test_adapter_type_is_checked_before_the_base_model_loads(tmp_path):
 def test_resume_and_adapter_files_check_the_same_crma_settings(tmp_path):
     from crma_lightning.adapters import CRMAConfig
     from crma_lightning.adapters.serialization import read_crma_settings
-    from crma_lightning.compatibility import model_identity_differences
+    from crma_lightning.model.identity import model_identity_differences
     from crma_lightning.parallel.export import export_adapters
 
     m = make(adapter="crma", crma={"g_max": 0.2, "sinkhorn_iters": 7})

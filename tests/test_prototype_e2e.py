@@ -17,7 +17,7 @@ from test_faults import config, load_checkpoint, report_of, results
 from test_methods_e2e import fit
 
 from crma_lightning.cli import main
-from crma_lightning.prototype import load_router
+from crma_lightning.routing.prototype import load_router
 
 DOMAINS = ["prose", "arithmetic"]
 ROUTING = {"mode": "prototype", "prefix_tokens": 8}
@@ -58,7 +58,7 @@ def test_statistics_are_in_the_checkpoint_and_beside_the_adapters(run_dir):
     assert first["tasks"] == ["prose"] and torch.equal(first["sums"][0], ckpt["sums"][0])  # fitted once per task
     exported = load_router(run_dir / "adapters" / "stage-02-arithmetic.router.safetensors")
     assert exported.tasks == DOMAINS and torch.equal(exported.second, ckpt["second"])
-    from crma_lightning.checkpoints import CheckpointStore
+    from crma_lightning.run.checkpoints import CheckpointStore
 
     manifest = CheckpointStore(run_dir).manifest
     assert manifest.is_recorded(run_dir / "adapters" / "stage-02-arithmetic.router.safetensors")
@@ -76,7 +76,7 @@ def test_generate_routes_with_one_base_forward(run_dir, capsys):
     for o in out:
         distances = o["prototype_distances"]
         assert set(distances) == set(DOMAINS) and o["task"] == min(distances, key=distances.get)
-    from crma_lightning.run_dir import RunDirectory
+    from crma_lightning.cli.run_dir import RunDirectory
 
     run = RunDirectory(run_dir)
     model, _ = run.build()
@@ -113,8 +113,8 @@ def test_a_resume_with_other_routing_statistics_settings_is_refused(tmp_path):
 def test_prototype_routing_gives_routed_task_scores(tmp_path):
     from test_task_scores_methods import TRAINER, _complete, _data, _model
 
-    from crma_lightning.callbacks.routing import RoutedEvaluation
-    from crma_lightning.runner import ContinualRunner
+    from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
+    from crma_lightning.run.runner import ContinualRunner
 
     runner = ContinualRunner(
         run_dir=tmp_path / "run",
@@ -131,7 +131,7 @@ def test_prototype_routing_gives_routed_task_scores(tmp_path):
 
 
 def test_evaluate_and_compare_use_the_routing(run_dir, tmp_path, capsys, monkeypatch):
-    from crma_lightning import prototype
+    from crma_lightning.routing import prototype
 
     fitted = report_of(run_dir)["routing"]
     with monkeypatch.context() as patch:  # the checkpoints' statistics are used: nothing is fitted again
@@ -185,8 +185,8 @@ def test_a_layer_the_model_lacks_is_refused_before_the_first_step(tmp_path):
 
 @pytest.mark.parametrize("command", ["evaluate", "generate"])
 def test_too_wide_features_are_refused_before_anything_is_evaluated(run_dir, tmp_path, capsys, monkeypatch, command):
-    from crma_lightning import prototype
-    from crma_lightning.run_dir import RunDirectory
+    from crma_lightning.cli.run_dir import RunDirectory
+    from crma_lightning.routing import prototype
 
     monkeypatch.setattr(prototype, "MAX_FEATURES", 10)  # every setting of the tiny model is now too wide
     loaded = []
@@ -203,7 +203,7 @@ def test_too_wide_features_are_refused_before_anything_is_evaluated(run_dir, tmp
 
 
 def test_generate_serves_the_hybrid_by_perplexity_on_the_prefix_for_near_ties(run_dir, capsys):
-    from crma_lightning.run_dir import RunDirectory
+    from crma_lightning.cli.run_dir import RunDirectory
 
     run = RunDirectory(run_dir)
     model, _ = run.build()

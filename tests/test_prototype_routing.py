@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_llama
 
 from crma_lightning.adapters import LoRAConfig, add_lora_adapter, attach_adapters, set_active_adapter
-from crma_lightning.prototype import (
+from crma_lightning.routing.policy import ROUTING_MODES, route_batch, validate_routing
+from crma_lightning.routing.prototype import (
     PrototypeRouter,
     adapters_off,
     candidate_scores,
@@ -19,7 +20,6 @@ from crma_lightning.prototype import (
     pool,
     save_router,
 )
-from crma_lightning.routing import ROUTING_MODES, route_batch, validate_routing
 
 P = 8
 RANGES = {"a": (0, 6), "b": (40, 46), "c": (80, 86)}  # disjoint small vocabularies: separable domains
@@ -179,7 +179,7 @@ def test_several_layers_and_mean_std_pooling_equal_a_hand_computation(monkeypatc
     every = PrototypeRouter(6, layer="all", pooling="mean").features(model, ids, mask)
     assert every.shape == (2, len(hidden) * 32)  # embeddings and every layer, concatenated
     assert PrototypeRouter(6).settings()["layer"] == "auto" and PrototypeRouter(6).pooling == "mean_std"
-    import crma_lightning.prototype as prototype
+    import crma_lightning.routing.prototype as prototype
 
     # auto: every hidden state while that fits AUTO_FEATURES (here 2 x 3 x 32 = 192), else the last one only.
     auto = PrototypeRouter(6).features(model, ids, mask)
@@ -258,7 +258,7 @@ def test_the_hybrid_falls_back_to_perplexity_on_near_ties_only():
         validate_routing("perplexity", 32, fallback_margin=1.0)
     with pytest.raises(ValueError, match=r"fallback_margin 1\.0 needs estimator 'mahalanobis'.*'nearest'"):
         validate_routing("prototype", 32, fallback_margin=1.0, estimator="nearest")
-    from crma_lightning.callbacks.routing import RoutedEvaluation
+    from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
 
     with pytest.raises(ValueError, match="needs estimator 'mahalanobis'"):
         RoutedEvaluation("prototype", estimator="nearest", fallback_margin=2.0)
@@ -266,7 +266,7 @@ def test_the_hybrid_falls_back_to_perplexity_on_near_ties_only():
 
 
 def test_auto_is_resolved_once_at_the_fit_and_a_width_mismatch_names_the_settings(monkeypatch, tmp_path):
-    import crma_lightning.prototype as prototype
+    import crma_lightning.routing.prototype as prototype
 
     model = tiny_llama()
     router = _fitted(model)  # layer auto: every hidden state of the tiny model (3 x 32 x 2 = 192 features)

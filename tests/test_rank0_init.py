@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from conftest import TINY_LLAMA_CONFIG
 
-from crma_lightning.module import ContinualLM
+from crma_lightning.model.continual_lm import ContinualLM
 from crma_lightning.parallel.rank0_init import has_meta_tensors
 
 

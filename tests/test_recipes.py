@@ -13,10 +13,10 @@ import yaml
 from datasets import ClassLabel, Dataset, Features, Value
 from test_cli import CONFIGS, print_config
 
-from crma_lightning import scoring
-from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.task_metrics import as_task_metric, cut_at_stop, row_scores
-from crma_lightning.tokenizer import byte_tokenizer
+from crma_lightning.data.datamodule import SequentialDomainDataModule
+from crma_lightning.data.tokenizer import byte_tokenizer
+from crma_lightning.evaluation import scoring
+from crma_lightning.metrics.task import as_task_metric, cut_at_stop, row_scores
 
 RECIPES = CONFIGS / "recipes"
 # O-LoRA's three task orders (its scripts/order_{1,2,3}.sh at github.com/cmnfriend/O-LoRA 07117e1).

@@ -78,7 +78,7 @@ def test_a_diverged_run_reports_nan_not_missing_and_exits_3(tmp_path, capsys, ad
 
 
 def test_nonfinite_metrics_are_marked_and_logged():
-    from crma_lightning.report import render_markdown, summarize_losses
+    from crma_lightning.evaluation.report import render_markdown, summarize_losses
 
     matrix = [[4.0, 4.0, 4.0], [2.0, 3.0, 4.0], [float("nan"), 2.0, 4.0], [3.0, 2.5, 1.0]]
     summary = summarize_losses(matrix, ["a", "b", "c"], upto=3)
@@ -88,7 +88,7 @@ def test_nonfinite_metrics_are_marked_and_logged():
     early = summarize_losses(matrix, ["a", "b", "c"], upto=2)
     assert early["drift"]["a"] != early["drift"]["a"] and early["bwt"] != early["bwt"], early  # read the NaN
     assert early["plasticity"]["b"] == 2.0
-    from crma_lightning.report import build_report
+    from crma_lightning.evaluation.report import build_report
 
     report = build_report(
         domains=["a", "b", "c"], matrix=matrix[:3], completed_stages=2, status="complete", metrics=early,

@@ -9,7 +9,7 @@ from conftest import tiny_llama
 
 from crma_lightning.adapters import LoRAConfig, add_lora_adapter, attach_adapters, set_active_adapter
 from crma_lightning.losses import row_token_losses
-from crma_lightning.routing import ROUTING_MODES, route_batch, routing_accuracy, scored_labels, validate_routing
+from crma_lightning.routing.policy import ROUTING_MODES, route_batch, routing_accuracy, scored_labels, validate_routing
 
 V = 8
 NEXT = {"a": lambda t: (t + 1) % 4, "b": lambda t: 4 + (t - 4 + 3) % 4}  # a: 0→1→2→3→0, b: 4→7→6→5→4

@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import TINY_LLAMA_CONFIG
 
-from crma_lightning.callbacks.evaluation import DomainEvaluation
-from crma_lightning.callbacks.routing import RoutedEvaluation
+from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
+from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
 from crma_lightning.callbacks.row_losses import ROW_LOSSES_FILE, RowLosses, read_row_losses, row_documents
-from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.module import ContinualLM
-from crma_lightning.runner import ContinualRunner
+from crma_lightning.data.datamodule import SequentialDomainDataModule
+from crma_lightning.model.continual_lm import ContinualLM
+from crma_lightning.run.runner import ContinualRunner
 
 TRAINER = {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False, "enable_model_summary": False}
 DOMAINS = [

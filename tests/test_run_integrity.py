@@ -14,9 +14,9 @@ from conftest import copy_run
 from test_faults import config, report_of, run_main, write_config
 from test_reliability import _overwrite_inside_tensors, files_of
 
-from crma_lightning.checkpoints import CheckpointStore
 from crma_lightning.cli import main
-from crma_lightning.manifest import Manifest
+from crma_lightning.run.checkpoints import CheckpointStore
+from crma_lightning.run.manifest import Manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -138,7 +138,7 @@ def test_a_changed_base_is_refused_on_resume_and_after_training(finished, tmp_pa
 
 
 def test_checkpoints_written_before_the_base_identity_was_recorded_still_resume():
-    from crma_lightning.compatibility import identity_differences
+    from crma_lightning.model.identity import identity_differences
 
     now = {"model": "m", "base_seed": 0, "dtype": "float32", "adapter": "crma"}
     assert identity_differences({"model": "m", "adapter": "crma"}, now) == []
@@ -160,7 +160,7 @@ def test_a_live_run_holds_the_run_directory_and_a_killed_one_leaves_a_stale_lock
     run_dir, cfg = copy_run(finished, tmp_path)
     (run_dir / "checkpoints" / "stage-02-code.ckpt").unlink()  # work left to do: stage 2
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from crma_lightning.run_lock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from crma_lightning.run.lock import RunLock; "
          "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(run_dir)],
         stdout=subprocess.PIPE, text=True, env=_env(),
     )  # fmt: skip
@@ -193,7 +193,7 @@ def test_a_live_run_holds_the_run_directory_and_a_killed_one_leaves_a_stale_lock
 def test_the_lock_names_its_holder_and_is_released(tmp_path):
     import os
 
-    from crma_lightning.run_lock import RunDirectoryLocked, RunLock
+    from crma_lightning.run.lock import RunDirectoryLocked, RunLock
 
     with RunLock(tmp_path / "new-run") as first:
         assert first.previous is None and (tmp_path / "new-run" / ".crma_lightning.lock").is_file()
@@ -403,7 +403,7 @@ def test_a_failed_checkpoint_write_names_the_checkpoint_file(tmp_path, capsys, m
     import builtins
     import errno
 
-    import crma_lightning.checkpoints as checkpoints
+    import crma_lightning.run.checkpoints as checkpoints
 
     class FullDisk:
         def __init__(self, f):
@@ -446,7 +446,7 @@ def test_atomic_writes_and_checkpoints_are_fsynced(tmp_path, monkeypatch):
     import stat
 
     from crma_lightning.adapters.serialization import atomic_write
-    from crma_lightning.checkpoints import LocalCheckpointIO
+    from crma_lightning.run.checkpoints import LocalCheckpointIO
 
     synced: list[str] = []
     real_fsync = os.fsync

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from crma_lightning import metrics, task_metrics
-from crma_lightning.task_metrics import TaskMetric, as_task_metric, normalize, row_scores
+from crma_lightning.metrics import continual as metrics
+from crma_lightning.metrics import task as task_metrics
+from crma_lightning.metrics.task import TaskMetric, as_task_metric, normalize, row_scores
 
 
 def test_normalisation_options_each_do_one_thing():

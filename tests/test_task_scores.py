@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import TINY_LLAMA_CONFIG, tiny_llama
 
-from crma_lightning import scoring
-from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.generation import generate_from_ids
-from crma_lightning.module import ContinualLM
-from crma_lightning.runner import ContinualRunner
-from crma_lightning.task_metrics import TaskMetric
-from crma_lightning.tokenizer import byte_tokenizer
+from crma_lightning.data.datamodule import SequentialDomainDataModule
+from crma_lightning.data.tokenizer import byte_tokenizer
+from crma_lightning.evaluation import scoring
+from crma_lightning.generation.decode import generate_from_ids
+from crma_lightning.metrics.task import TaskMetric
+from crma_lightning.model.continual_lm import ContinualLM
+from crma_lightning.run.runner import ContinualRunner
 
 TRAINER = {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False, "enable_model_summary": False}
 
@@ -94,7 +94,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
 
 def test_greedy_decoding_through_forward_equals_generate():
     # The path taken for an FSDP1 root, whose `generate` would skip the root's unsharding.
-    from crma_lightning.generation import _greedy_through_forward
+    from crma_lightning.generation.decode import _greedy_through_forward
 
     model, tok = tiny_llama(vocab_size=259), byte_tokenizer()
     prompts = [list(b"ab"), list(b"hello there"), list(b"xyz q")]
@@ -180,7 +180,7 @@ def test_score_matrix_in_report_tensorboard_checkpoint_and_hparams(tmp_path):
     assert "cl/score_matrix" in tags["images"]
     assert [e.value for e in events.Scalars("cl/ap")][-1] == pytest.approx(section["ap"])
     assert [e.value for e in events.Scalars("hp/ap")] == [pytest.approx(section["ap"])]  # the HParams tab
-    from crma_lightning.hparams import final_metrics
+    from crma_lightning.model.hparams import final_metrics
 
     assert final_metrics(report)["hp/ap"] == pytest.approx(section["ap"])
 
@@ -190,7 +190,7 @@ def test_scores_are_generated_with_the_adapter_the_evaluation_names(monkeypatch)
     # the scores (they were generated with each domain's own adapter under a MERGED title before).
     from types import SimpleNamespace
 
-    from crma_lightning.callbacks.evaluation import DomainEvaluation
+    from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
 
     dm, model = _data(), _model()
     dm.prepare(model.tokenizer)

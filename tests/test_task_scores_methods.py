@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import TINY_LLAMA_CONFIG
 
-from crma_lightning.callbacks.routing import RoutedEvaluation
-from crma_lightning.data import SequentialDomainDataModule
+from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
+from crma_lightning.data.datamodule import SequentialDomainDataModule
 from crma_lightning.methods import EWC, OLoRA, Replay
-from crma_lightning.module import ContinualLM
-from crma_lightning.runner import ContinualRunner
+from crma_lightning.model.continual_lm import ContinualLM
+from crma_lightning.run.runner import ContinualRunner
 
 TRAINER = {"accelerator": "cpu", "max_steps": 3, "enable_progress_bar": False, "enable_model_summary": False}
 METRIC = {"name": "exact_match", "eval_rows": 4, "max_new_tokens": 3}

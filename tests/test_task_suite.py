@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from crma_lightning.builtin_tasks import ALPHABET, TASKS, task_rows, words
-from crma_lightning.domains import BUILTIN_TASK_ROWS, as_domain_spec, load_raw
+from crma_lightning.data.builtin_tasks import ALPHABET, TASKS, task_rows, words
+from crma_lightning.data.domains import BUILTIN_TASK_ROWS, as_domain_spec, load_raw
 
 DIGESTS = {
     "copy": "48d1de39ff279309c753b79b031dfe379fedef4328d9c0d71a3f8e982ab2e872",

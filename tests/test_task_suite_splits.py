@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _splits import split_task_holdout
 from _suites import multitask_specs, task_specs, task_split_specs
 
-from crma_lightning.builtin_tasks import task_rows
-from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.domains import BUILTIN_TASK_ROWS
+from crma_lightning.data.builtin_tasks import task_rows
+from crma_lightning.data.datamodule import SequentialDomainDataModule
+from crma_lightning.data.domains import BUILTIN_TASK_ROWS
 
 TASKS = ["first", "shift", "sort", "length"]
 HELD_OUT = 200  # BUILTIN_TASK_ROWS x the default holdout_fraction 0.1

@@ -12,7 +12,7 @@ from conftest import TINY_LLAMA_CONFIG, MemoryLogger
 from torch.utils.data import DataLoader
 
 from crma_lightning.callbacks import GradientStability, ZClip
-from crma_lightning.module import ContinualLM
+from crma_lightning.model.continual_lm import ContinualLM
 
 
 class Rig:

@@ -5,8 +5,8 @@ they read by attribute (``current_task``, ``nonfinite``, ``activate_task``), so 
 ``LightningModule`` that has it.
 """
 
-from crma_lightning.callbacks.evaluation import DomainEvaluation
-from crma_lightning.callbacks.gradient import GradientStability, RunningStats
+from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
+from crma_lightning.callbacks.gradient_stability import GradientStability, RunningStats
 from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
 from crma_lightning.callbacks.zclip import ZClip
 

@@ -57,7 +57,7 @@ class FollowDataModuleStage(L.Callback):
     ``domain_names``, ``current_domain``) that is not the module's current task, the module registers
     every domain's adapter (``prepare_tasks``) and begins that task, before the optimizer is built; when
     the ``fit`` finishes it ends the task (the method's ``on_task_end``, e.g. EWC's Fisher, with the
-    stage's batches). A stage driver that already began the task (:class:`~crma_lightning.runner.ContinualRunner`)
+    stage's batches). A stage driver that already began the task (:class:`~crma_lightning.run.runner.ContinualRunner`)
     is left alone: nothing happens then, and it ends the task itself.
     """
 

@@ -29,7 +29,7 @@ import lightning as L
 import torch
 
 from crma_lightning.adapters.serialization import atomic_write
-from crma_lightning.sampling import shard_bounds
+from crma_lightning.data.sampling import shard_bounds
 
 ROW_LOSSES_FILE = "heldout_rows.json"
 FORMAT = "crma_lightning heldout rows v1"

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from crma_lightning import _compat
-from crma_lightning.grad_norms import group_grad_square_sums
+from crma_lightning.parallel.grad_norms import group_grad_square_sums
 
 FALLBACK_INTERVAL = 50  # flush interval when the trainer logs never (log_every_n_steps=0)
 
@@ -82,7 +82,7 @@ def step_grad_norms(
 
     ``GradientStability``, ``ZClip`` and the non-finite check all need this step's norm in
     ``on_before_optimizer_step``; the first caller computes it (collectives included, see
-    :func:`~crma_lightning.grad_norms.group_grad_square_sums`) and the others reuse it. The value is
+    :func:`~crma_lightning.parallel.grad_norms.group_grad_square_sums`) and the others reuse it. The value is
     the norm before any clipping: a later callback that rescales gradients does not change it.
     """
     key = (int(getattr(trainer, "global_step", 0)), _compat.logging_step(trainer))

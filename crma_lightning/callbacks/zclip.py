@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from crma_lightning import _compat
-from crma_lightning.callbacks.gradient import GradientStability
+from crma_lightning.callbacks.gradient_stability import GradientStability
 from crma_lightning.callbacks.stages import StageTracker, log_interval, log_to_loggers, step_grad_norms
 from crma_lightning.parallel.dist import to_local
 from crma_lightning.parallel.fsdp1 import shard_group

@@ -75,13 +75,13 @@ def run_with_exit_codes(command: Callable[[list[str]], Any], args: list[str]) ->
     """Run ``command(args)``; map interrupts, non-finite stops and bad input to exit codes and one line."""
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from crma_lightning.interrupts import RunInterrupted
-    from crma_lightning.nonfinite import NonFiniteError
-    from crma_lightning.report import NonFiniteResults
+    from crma_lightning.evaluation.report import NonFiniteResults
+    from crma_lightning.model.nonfinite import NonFiniteError
+    from crma_lightning.run.interrupts import RunInterrupted
 
     _compat.silence_known_library_warnings()
     _log_to_stdout()
-    from crma_lightning.stage_trainers import verbose
+    from crma_lightning.run.stage_trainers import verbose
 
     _library_verbosity(verbose())
     try:

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from crma_lightning.run_dir import CommandParser, writable_dir
+from crma_lightning.cli.run_dir import CommandParser, writable_dir
 
 COLUMNS = {
     "status": "status",
@@ -73,7 +73,7 @@ def run_compare(args: list[str]) -> None:
     (out / "comparison.md").write_text(markdown)
     written = ["comparison.json", "comparison.md"]
     try:
-        from crma_lightning.plotting import save_comparison_chart
+        from crma_lightning.evaluation.plotting import save_comparison_chart
 
         # The task-score panel only when some run has task scores.
         keys = [k for k in _CHART if k != "ap" or any(_finite(r["ap"]) for r in comparison["runs"])]

@@ -2,9 +2,9 @@
 
 Row 0 is the freshly built model (the same seeded base and adapter initialisation as before stage 1),
 row ``i`` the model after stage ``i`` (``checkpoints/stage-0i-<domain>.ckpt``). Each row is a
-``Trainer.validate`` with :class:`~crma_lightning.callbacks.evaluation.DomainEvaluation`, the same
+``Trainer.validate`` with :class:`~crma_lightning.callbacks.domain_evaluation.DomainEvaluation`, the same
 callback, datamodule and per-domain adapter choice as ``fit`` (domain ``j`` with its own task adapter),
-and the metrics come from the runner's own :func:`crma_lightning.report.summarize_losses`, so the numbers
+and the metrics come from the runner's own :func:`crma_lightning.evaluation.report.summarize_losses`, so the numbers
 are the run's own.
 
 ``--data`` evaluates other held-out files: a list of domains with the fields of ``data.domains``. A
@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from crma_lightning.report import NonFiniteResults, final_status
-from crma_lightning.run_dir import CommandParser, RunDirectory, writable_dir
+from crma_lightning.cli.run_dir import CommandParser, RunDirectory, writable_dir
+from crma_lightning.evaluation.report import NonFiniteResults, final_status
 
 
 def build_parser() -> CommandParser:
@@ -87,7 +87,7 @@ def run_evaluate(args: list[str]) -> None:
     plan = _plan(run, opts)
     out = writable_dir(opts.out or run.path / "evaluation")  # after the checks, before the evaluation
     t0 = time.perf_counter()
-    from crma_lightning.callbacks.evaluation import DomainEvaluation
+    from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
 
     evaluation = DomainEvaluation(log_heatmap=False)  # also fills the score matrix of domains with a metric
     matrix, sources, completed = evaluate_rows(
@@ -120,7 +120,7 @@ def _merge(model: Any, tasks: list[str], opts: Any) -> dict[str, Any] | None:
         return None
     if opts.routing or opts.data:
         raise ValueError("--merge evaluates one merged adapter on the run's own domains: drop --routing and --data")
-    from crma_lightning.merging import check_merge
+    from crma_lightning.adapters.merging import check_merge
 
     check_merge(model.task_adapters, tasks, opts.density, min_tasks=1)
     return {"merge": opts.merge, **({"density": opts.density, "scale": opts.scale} if opts.merge == "ties" else {})}
@@ -136,8 +136,8 @@ def _routing(run: RunDirectory, opts: Any) -> Any:
         return None
     if opts.data:
         raise ValueError("--routing evaluates the run's own domains (their training rows fit the routing); drop --data")
-    from crma_lightning.callbacks.routing import RoutedEvaluation
-    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
+    from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
+    from crma_lightning.routing.policy import DEFAULT_PREFIX_TOKENS
 
     saved = run.routing
     same = saved is not None and saved.mode == opts.routing == "prototype"
@@ -154,7 +154,7 @@ def parse_data(value: str) -> tuple[list[Any], dict[str, str | None]]:
 
     A domain with only ``holdout_path`` reads its training rows from the same file (they are not used).
     """
-    from crma_lightning.domains import as_domain_spec, validate_domains
+    from crma_lightning.data.domains import as_domain_spec, validate_domains
 
     path = Path(value)
     try:
@@ -214,7 +214,7 @@ def evaluate_rows(
     """
     import lightning as L
 
-    from crma_lightning.callbacks.evaluation import DomainEvaluation
+    from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
 
     dm.prepare(model.tokenizer)
     model.prepare_tasks(run.domains)
@@ -277,7 +277,7 @@ def _refit_other_statistics(model: Any, callbacks: list[Any]) -> None:
 
 def _drop_merged(model: Any) -> None:
     from crma_lightning.adapters import delete_lora_adapter, lora_adapter_names
-    from crma_lightning.merging import MERGED_ADAPTER
+    from crma_lightning.adapters.merging import MERGED_ADAPTER
 
     if MERGED_ADAPTER in lora_adapter_names(model.model):
         delete_lora_adapter(model.model, MERGED_ADAPTER)
@@ -286,7 +286,7 @@ def _drop_merged(model: Any) -> None:
 
 def _use_merged(model: Any, tasks: list[str], merge: dict[str, Any]) -> None:
     """Add the merge of ``tasks``' adapters and evaluate every domain with it (no tasks: the base model)."""
-    from crma_lightning.merging import MERGED_ADAPTER, add_merged_adapter
+    from crma_lightning.adapters.merging import MERGED_ADAPTER, add_merged_adapter
 
     if not tasks:
         model.evaluation_tasks = {t: None for t in model.tasks}
@@ -297,7 +297,7 @@ def _use_merged(model: Any, tasks: list[str], merge: dict[str, Any]) -> None:
 
 
 def _report(run, model, dm, matrix, sources, completed, seconds, scores=None) -> dict[str, Any]:
-    from crma_lightning.report import build_report, data_settings, model_settings, summarize_losses
+    from crma_lightning.evaluation.report import build_report, data_settings, model_settings, summarize_losses
 
     comparable = dm.domain_names == run.domains
     summary = summarize_losses(matrix, dm.domain_names, completed) if comparable and matrix else {}
@@ -328,7 +328,7 @@ def _report(run, model, dm, matrix, sources, completed, seconds, scores=None) ->
 
 
 def _markdown(report: dict[str, Any], run: RunDirectory) -> str:
-    from crma_lightning.report import render_markdown
+    from crma_lightning.evaluation.report import render_markdown
 
     title = f"# crma_lightning evaluation of {run.path}"
     merge = report["evaluation"].get("merge")

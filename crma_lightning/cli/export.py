@@ -1,7 +1,7 @@
 """``crma-lightning export``: one task's adapter as a PEFT adapter directory or a merged HF model.
 
 ``--merge mean|ties`` instead of ``--task`` exports one adapter merged from every task adapter the stage
-trained (:mod:`crma_lightning.merging`; ``--density`` and ``--scale`` tune TIES) in either format: a model
+trained (:mod:`crma_lightning.adapters.merging`; ``--density`` and ``--scale`` tune TIES) in either format: a model
 that needs no task label and no routing.
 
 * ``--format peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` for
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from crma_lightning.run_dir import CommandParser, RunDirectory, writable_dir
+from crma_lightning.cli.run_dir import CommandParser, RunDirectory, writable_dir
 
 INFO_FILE = "crma_lightning_export.json"
 """Provenance written into every export: run, stage, task, format, whether CRMA was dropped."""
@@ -80,7 +80,7 @@ def run_export(args: list[str]) -> None:
     if opts.task is not None:
         run.check_task(opts.task, ckpt_info.stage)
     else:
-        from crma_lightning.merging import check_merge
+        from crma_lightning.adapters.merging import check_merge
 
         check_merge(model.task_adapters, run.domains[: ckpt_info.stage], opts.density)
     writable_dir(out)  # after every check: a refused export leaves no empty OUT behind
@@ -88,7 +88,7 @@ def run_export(args: list[str]) -> None:
     model.eval()
     task = opts.task
     if opts.merge is not None:
-        from crma_lightning.merging import MERGED_ADAPTER, add_merged_adapter
+        from crma_lightning.adapters.merging import MERGED_ADAPTER, add_merged_adapter
 
         tasks = run.domains[: ckpt_info.stage]
         add_merged_adapter(model.model, [model.adapter_for(t) for t in tasks], opts.merge, opts.density, opts.scale)

@@ -4,7 +4,7 @@ The YAML is parsed by ``LightningCLI`` (omegaconf interpolation on), so ``--prin
 ``--model.init_args.adapter=lora`` overrides and ``class_path`` subclasses work as in any
 LightningCLI program, and an unknown or mistyped key fails before anything is built. The CLI builds
 no ``Trainer``: it instantiates the model and the datamodule, collects the trainer settings,
-callbacks and run settings into a :class:`~crma_lightning.runner.ContinualRunner`, and calls its
+callbacks and run settings into a :class:`~crma_lightning.run.runner.ContinualRunner`, and calls its
 ``run`` once. The runner does everything else exactly once (checks, config file, stages, report).
 """
 
@@ -21,14 +21,14 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from crma_lightning.callbacks.evaluation import DomainEvaluation
-from crma_lightning.callbacks.gradient import GradientStability
-from crma_lightning.callbacks.routing import RoutedEvaluation
-from crma_lightning.data import SequentialDomainDataModule
-from crma_lightning.module import ContinualLM
+from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
+from crma_lightning.callbacks.gradient_stability import GradientStability
+from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
+from crma_lightning.data.datamodule import SequentialDomainDataModule
+from crma_lightning.evaluation.report import NonFiniteResults
+from crma_lightning.model.continual_lm import ContinualLM
 from crma_lightning.parallel.dist import is_global_zero
-from crma_lightning.report import NonFiniteResults
-from crma_lightning.runner import ContinualRunner
+from crma_lightning.run.runner import ContinualRunner
 
 
 class RunFailed(RuntimeError):
@@ -101,7 +101,7 @@ class CRMALightningCLI(LightningCLI):
         parser.add_lightning_class_args(GradientStability, "gradient_stability")
         parser.add_lightning_class_args(DomainEvaluation, "evaluation")
         parser.add_lightning_class_args(RoutedEvaluation, "routing")
-        parser.set_defaults({"model": {"class_path": "crma_lightning.module.ContinualLM"}})
+        parser.set_defaults({"model": {"class_path": "crma_lightning.model.continual_lm.ContinualLM"}})
 
     def instantiate_classes(self) -> None:
         """Build the model, the datamodule and the run plan; no ``Trainer`` (each stage makes its own)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from crma_lightning.run_dir import CommandParser, RunDirectory
+from crma_lightning.cli.run_dir import CommandParser, RunDirectory
 
 SAMPLING_OPTIONS = {
     "max_new_tokens": int,
@@ -31,7 +31,7 @@ _SCORES = {"perplexity": "prompt_losses", "prototype": "prototype_distances"}
 
 def router_settings(run: RunDirectory) -> tuple[int, dict[str, Any]]:
     """``(prefix_tokens, prototype settings)`` of statistics fitted here: the run's when it routed by prototype."""
-    from crma_lightning.routing import DEFAULT_PREFIX_TOKENS
+    from crma_lightning.routing.policy import DEFAULT_PREFIX_TOKENS
 
     saved = run.routing if run.routing is not None and run.routing.mode == "prototype" else None
     if saved is None:
@@ -46,7 +46,7 @@ def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[st
     """
     import sys
 
-    from crma_lightning.prototype import PrototypeRouter, fit_missing_tasks
+    from crma_lightning.routing.prototype import PrototypeRouter, fit_missing_tasks
 
     if model.router is not None and all(t in model.router.tasks for t in tasks):
         return
@@ -123,7 +123,7 @@ def run_generate(args: list[str]) -> None:
     if opts.routing == "prototype" and margin is None and run.routing is not None and run.routing.mode == "prototype":
         margin = run.routing.fallback_margin  # the hybrid the run was evaluated with
     if opts.routing == "prototype":  # a layer the model lacks or too wide features: before loading anything
-        from crma_lightning.prototype import DEFAULT_LAYER, DEFAULT_POOLING, check_model
+        from crma_lightning.routing.prototype import DEFAULT_LAYER, DEFAULT_POOLING, check_model
 
         settings = router_settings(run)[1]
         check_model(model.model.config, settings.get("layer", DEFAULT_LAYER), settings.get("pooling", DEFAULT_POOLING))

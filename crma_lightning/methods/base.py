@@ -96,7 +96,7 @@ class ContinualMethod:
     ) -> tuple[Any, Any] | None:
         """Replace a stage's training data: ``(dataset, sampler)`` or ``None`` (keep the data module's).
 
-        The sampler must be a :class:`~crma_lightning.sampling.GlobalBatchSampler` (subclass), so that
+        The sampler must be a :class:`~crma_lightning.data.sampling.GlobalBatchSampler` (subclass), so that
         ``ResumableLoader`` can save and restore its position; the dataset's items go to the usual
         ``Collator``.
         """

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from crma_lightning.checks import check_choice, check_number
+from crma_lightning.data.sampling import GlobalBatchSampler
 from crma_lightning.methods.base import Batch, ContinualMethod
-from crma_lightning.sampling import GlobalBatchSampler
 
 SELECTIONS = ("reservoir", "per_domain")
 Row = dict[str, list[int]]  # {"input_ids": [...], optionally "labels": [...] of the same length}

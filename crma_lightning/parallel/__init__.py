@@ -8,8 +8,7 @@ in Lightning). In YAML:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from crma_lightning._lazy import lazy_exports
 
 _LAZY = {
     "AdapterModelParallelStrategy": "crma_lightning.parallel.strategies",
@@ -21,8 +20,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'crma_lightning.parallel' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

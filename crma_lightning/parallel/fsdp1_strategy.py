@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from crma_lightning import _compat
+from crma_lightning.data.sampling import equalize_eval_batches
 from crma_lightning.parallel.fsdp1 import (
     apply_fsdp1,
     fsdp1_full_optimizer_state,
@@ -27,7 +28,6 @@ from crma_lightning.parallel.fsdp1 import (
     fsdp1_load_full_optimizer_state,
     fsdp1_load_params,
 )
-from crma_lightning.sampling import equalize_eval_batches
 
 try:
     from torch.distributed.device_mesh import DeviceMesh

@@ -31,6 +31,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from crma_lightning import _compat
+from crma_lightning.data.sampling import equalize_eval_batches
 from crma_lightning.parallel.fsdp2 import apply_fsdp2, data_parallel_mesh
 from crma_lightning.parallel.gather import (
     full_optimizer_state,
@@ -38,7 +39,6 @@ from crma_lightning.parallel.gather import (
     load_full_optimizer_state,
     load_full_state,
 )
-from crma_lightning.sampling import equalize_eval_batches
 
 try:
     from torch.distributed.device_mesh import DeviceMesh
