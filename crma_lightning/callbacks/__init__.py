@@ -8,6 +8,7 @@ they read by attribute (``current_task``, ``nonfinite``, ``activate_task``), so 
 from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient_stability import GradientStability, RunningStats
 from crma_lightning.callbacks.guards import RestoreTrainingAdapter, SkipNonFiniteSteps
+from crma_lightning.callbacks.train_until_learned import TrainUntilLearned
 from crma_lightning.callbacks.zclip import ZClip
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "RestoreTrainingAdapter",
     "RunningStats",
     "SkipNonFiniteSteps",
+    "TrainUntilLearned",
     "ZClip",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -18,7 +19,17 @@ from crma_lightning.evaluation import scoring
 from crma_lightning.evaluation.plotting import loss_matrix_image
 from crma_lightning.evaluation.report import summarize_losses
 from crma_lightning.metrics import continual as metrics
+from crma_lightning.metrics.learning import (
+    DEFAULT_LOSS_MARGIN,
+    DEFAULT_SCORE_MARGIN,
+    check_margins,
+    learned_only_means,
+    learning_flags,
+    unlearned_line,
+)
 from crma_lightning.parallel.dist import distributed_ready
+
+log = logging.getLogger("crma_lightning")
 
 
 class DomainEvaluation(L.Callback):
@@ -46,9 +57,22 @@ class DomainEvaluation(L.Callback):
     Args:
         log_heatmap: Log the matrix as a TensorBoard image (and as a Markdown text table).
         row_losses: Keep per-row numbers of every matrix row (off by default).
+        learn_loss_margin: A domain without a task metric *learned* in its own stage when its held-out loss
+            fell by at least this fraction of the base model's (docs/metrics.md, "Did it learn").
+        learn_score_margin: A domain with a task metric learned when its score rose by at least this much
+            over the base model's. A stage that did not learn is said on the console, logged
+            (``cl/learned/<domain>`` = 0) and marked in the report.
     """
 
-    def __init__(self, log_heatmap: bool = True, row_losses: bool = False) -> None:
+    def __init__(
+        self,
+        log_heatmap: bool = True,
+        row_losses: bool = False,
+        learn_loss_margin: float = DEFAULT_LOSS_MARGIN,
+        learn_score_margin: float = DEFAULT_SCORE_MARGIN,
+    ) -> None:
+        check_margins(learn_loss_margin, learn_score_margin)
+        self.learn_loss_margin, self.learn_score_margin = learn_loss_margin, learn_score_margin
         self.log_heatmap = log_heatmap
         self.row_losses = row_losses
         self.row_table: dict[int, dict[str, dict[str, list]]] = {}
@@ -121,6 +145,27 @@ class DomainEvaluation(L.Callback):
             "metrics": dict(self.score_metrics),
             **metrics.summarize_scores(rows, self.domains, upto=upto),
             "eval_seconds": {str(r): v for r, v in sorted(self.score_seconds.items()) if r <= upto},
+        }
+
+    def learning_summary(self, upto: int | None = None) -> dict[str, Any]:
+        """Whether each trained domain was learned in its own stage, and the learned-only means (docs/metrics.md).
+
+        ``{}`` before any stage. The report's ``learning`` section; ``evaluate`` shows the same.
+        """
+        if len(self.matrix) < 2 or self.stage_names not in (None, self.domains):
+            return {}
+        upto = len(self.matrix) - 1 if upto is None else upto
+        scores = self.score_summary(upto=upto).get("score_matrix") if self.score_metrics else None
+        flags = learning_flags(
+            self.matrix, self.domains, upto, scores, self.learn_loss_margin, self.learn_score_margin
+        )
+        summary = summarize_losses(self.matrix, self.domains, upto=upto)
+        return {
+            "loss_margin": self.learn_loss_margin,
+            "score_margin": self.learn_score_margin,
+            "domains": flags,
+            "unlearned": [d for d, f in flags.items() if f["learned"] is False],
+            "learned_only": learned_only_means(flags, summary, scores, self.domains, upto),
         }
 
     # ------------------------------------------------------------------ accumulation
@@ -255,6 +300,10 @@ class DomainEvaluation(L.Callback):
                     "its adapters diverged. The report marks it, and every metric computed from it, as non-finite",
                     category=UserWarning,
                 )
+        learning = self.learning_summary(upto=row) if 1 <= row <= len(self.domains) else {}
+        own = (learning.get("domains") or {}).get(self.domains[row - 1]) if learning else None
+        if own is not None and own["learned"] is False:
+            log.warning("after stage %d: %s", row, unlearned_line(self.domains[row - 1], own))
         if not trainer.loggers:
             return  # nothing to log to (`crma-lightning evaluate`, whose --data columns need not be a run's domains)
         step = _compat.logging_step(trainer)
@@ -270,6 +319,9 @@ class DomainEvaluation(L.Callback):
         scores = self.score_summary(upto=row) if row < len(self.scores) else {}
         for key in ("ap", "bwt_score", "fwt_score", "forgetting_mean"):
             scalars[f"cl/{key}"] = scores.get(key)
+        if own is not None and own["learned"] is not None:
+            scalars[f"cl/learned/{self.domains[row - 1]}"] = float(own["learned"])
+            scalars["cl/unlearned_count"] = len(learning["unlearned"])
         scalars = {k: float(v) for k, v in scalars.items() if v is not None}
         for logger in trainer.loggers:
             if scalars:

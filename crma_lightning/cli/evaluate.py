@@ -89,12 +89,15 @@ def run_evaluate(args: list[str]) -> None:
     t0 = time.perf_counter()
     from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
 
-    evaluation = DomainEvaluation(log_heatmap=False)  # also fills the score matrix of domains with a metric
+    # Also fills the score matrix of domains with a metric; judges "did it learn" with the run's own margins.
+    evaluation = DomainEvaluation(log_heatmap=False, **_learn_margins(run))
     matrix, sources, completed = evaluate_rows(
         run, model, dm, plan, routes, opts.accelerator, evaluation, [routing] if routing is not None else [], merge
     )
     scores = evaluation.score_summary(upto=completed) if dm.domain_names == run.domains else {}
     report = _report(run, model, dm, matrix, sources, completed, time.perf_counter() - t0, scores)
+    if dm.domain_names == run.domains and (learning := evaluation.learning_summary(upto=completed)):
+        report["learning"] = learning
     if routing is not None:
         report["routing"] = routing.summary(upto=completed)
     if merge is not None:
@@ -112,6 +115,14 @@ def run_evaluate(args: list[str]) -> None:
     print(f"Written: {out / 'report.json'}, {out / 'report.md'}")
     if report.get("nonfinite_evaluations"):  # as fit: a diverged adapter is exit 3
         raise NonFiniteResults(f"{report['status']}; see {out / 'report.md'}")
+
+
+def _learn_margins(run: RunDirectory) -> dict[str, float]:
+    """The "did it learn" margins the run's report used (the defaults for a run written before they existed)."""
+    path = run.path / "report.json"
+    learning = json.loads(path.read_text()).get("learning", {}) if path.is_file() else {}
+    keys = ("loss_margin", "score_margin")
+    return {f"learn_{k}": float(learning[k]) for k in keys if isinstance(learning.get(k), int | float)}
 
 
 def _merge(model: Any, tasks: list[str], opts: Any) -> dict[str, Any] | None:

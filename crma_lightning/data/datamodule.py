@@ -66,6 +66,9 @@ class SequentialDomainDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the held-out split and of the training order.
         cache_dir: Directory for tokenised datasets (reused across runs); ``None``: ``datasets``' default.
+        dev_rows: Training rows per domain held back as its *dev* slice (the last ``dev_rows`` rows, never
+            trained on and disjoint from the held-out rows the loss and score matrices measure): the signal
+            of a train-until-learned budget (:class:`~crma_lightning.callbacks.TrainUntilLearned`). 0: none.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
+        dev_rows: int = 0,
     ) -> None:
         super().__init__()
         self.specs = [as_domain_spec(d) for d in (domains if domains is not None else DEFAULT_DOMAINS)]
@@ -104,6 +108,8 @@ class SequentialDomainDataModule(L.LightningDataModule):
         for key, value in optional.items():
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1 or null (no limit)")
+        if isinstance(dev_rows, bool) or not isinstance(dev_rows, int) or dev_rows < 0:
+            raise ValueError(f"dev_rows={dev_rows!r} is invalid: expected an integer >= 0 (0: no dev slice)")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers!r} is invalid: expected an integer >= 0")
         if max_length < 2:
@@ -120,10 +126,12 @@ class SequentialDomainDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
+        self.dev_rows = dev_rows
         self.stage = 0
         self._eval_override: str | None = None
         self.train_sets: dict[str, Dataset] = {}
         self.eval_sets: dict[str, Dataset] = {}
+        self.dev_sets: dict[str, Dataset] = {}  # domain -> dev rows (``dev_rows`` > 0), cut from the training rows
         self.holdout_tokens: dict[str, int] = {}
         self.dropped_rows: dict[str, dict[str, int]] = {}
         self.row_formats: dict[str, dict[str, Any]] = {}
@@ -220,7 +228,19 @@ class SequentialDomainDataModule(L.LightningDataModule):
                 dropped[spec.name] = ready.dropped
             if ready.metric is not None:
                 task_metrics[spec.name], scored_rows[spec.name] = ready.metric, ready.score_rows
+        dev_sets = {}
+        if self.dev_rows:
+            for name, rows in list(train_sets.items()):
+                if len(rows) <= self.dev_rows:
+                    raise ValueError(
+                        f"domain {name!r} has {len(rows)} training rows: dev_rows={self.dev_rows} would leave none "
+                        "to train on; lower dev_rows or add data"
+                    )
+                keep = len(rows) - self.dev_rows
+                dev_sets[name] = rows.select(range(keep, len(rows)))
+                train_sets[name] = rows.select(range(keep))
         self.train_sets, self.eval_sets, self.dropped_rows = train_sets, eval_sets, dropped
+        self.dev_sets = dev_sets
         self.holdout_tokens, self.row_formats = holdout_tokens, formats
         self.task_metrics, self.score_rows = task_metrics, scored_rows
 
@@ -298,6 +318,20 @@ class SequentialDomainDataModule(L.LightningDataModule):
             batch = collate([rows[i] for i in order[b * size : (b + 1) * size].tolist()])
             yield batch
 
+    def dev_dataloader(self, domain: str) -> Any:
+        """The dev rows of ``domain`` (``dev_rows``), sharded over ranks like the held-out rows."""
+        if domain not in self.dev_sets:
+            raise ValueError(f"domain {domain!r} has no dev rows: set data.dev_rows > 0 (got {self.dev_rows})")
+        world, rank = self._world()
+        ds = self.dev_sets[domain]
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=self.eval_batch_size,
+            sampler=EvalShardSampler(ds, world, rank),
+            collate_fn=Collator(self._pad_id(), domain),
+        )
+        return equalize_eval_batches(loader)
+
     def val_dataloader(self) -> list[Any]:
         """One loader per evaluated domain; every rank gets as many batches (padding adds zero tokens)."""
         world, rank = self._world()
@@ -333,6 +367,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
             "max_eval_rows": self.max_eval_rows,
             "eval_domains": self.eval_domains,
             "seed": self.seed,
+            **({"dev_rows": self.dev_rows} if self.dev_rows else {}),  # older runs' identities stay as they were
             "sources": [source_identity(s) for s in self.specs],
             **{f"content.{name}": digest for name, digest in self.content_digests().items()},
         }

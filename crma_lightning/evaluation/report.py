@@ -20,6 +20,7 @@ from typing import Any
 
 from crma_lightning.adapters.serialization import atomic_write
 from crma_lightning.metrics import continual as metrics
+from crma_lightning.metrics.learning import unlearned_line
 
 REPORT_VERSION = 1
 NONFINITE_MARKERS = ("nan", "inf", "-inf")
@@ -127,6 +128,8 @@ def build_report(
     method: dict[str, Any] | None = None,
     routing: dict[str, Any] | None = None,
     scores: dict[str, Any] | None = None,
+    learning: dict[str, Any] | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report dictionary (see ``docs/metrics.md`` for every field).
 
@@ -135,6 +138,9 @@ def build_report(
 
     ``method``: the continual method's summary (``None``: plain fine-tuning); ``routing``: the routed
     evaluation's summary (``None``: no routing callback, i.e. oracle task identity only).
+
+    ``learning``: whether each stage learned its domain (``DomainEvaluation.learning_summary``); ``budget``:
+    the stage budget rule and the steps each stage used (``TrainUntilLearned.summary``; ``None``: fixed steps).
 
     ``status="complete"`` becomes :func:`final_status` when a loss is not finite.
     """
@@ -163,6 +169,8 @@ def build_report(
             "method": method,
             "routing": routing or {"mode": "oracle"},
             **({"score_matrix": _score_section(domains, scores)} if scores else {}),
+            **({"learning": learning} if learning else {}),
+            **({"budget": budget} if budget else {}),
         }
     )
     if status == "complete":
@@ -232,17 +240,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
     m = report.get("metrics", {})
     if m:
+        flags = (report.get("learning") or {}).get("domains") or {}
         lines += [
             "",
             "## Forgetting",
             "",
-            "| domain | plasticity `L[j][j]` | drift % | base-relative % |",
-            "|---|---|---|---|",
+            "| domain | learned | plasticity `L[j][j]` | drift % | base-relative % |",
+            "|---|---|---|---|---|",
         ]
         for d in domains:
+            mark = UNLEARNED_MARK if (flags.get(d) or {}).get("learned") is False else ""
             lines.append(
-                f"| {d} | {_fmt(m.get('plasticity', {}).get(d))} | {_fmt(m.get('drift', {}).get(d), 2, '%')} | "
-                f"{_fmt(m.get('base_relative_forgetting', {}).get(d), 2, '%')} |"
+                f"| {d} | {_learned_cell(flags.get(d))} | {_fmt(m.get('plasticity', {}).get(d))} | "
+                f"{_fmt(m.get('drift', {}).get(d), 2, '%')}{mark} | "
+                f"{_fmt(m.get('base_relative_forgetting', {}).get(d), 2, '%')}{mark} |"
             )
         lines += [
             "",
@@ -251,7 +262,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- BWT: {_fmt(m.get('bwt'))} (loss units, negative = forgetting); "
             f"FWT: {_fmt(m.get('fwt'))}; mean plasticity: {_fmt(m.get('plasticity_mean'))}",
         ]
+        lines += _learning_lines(report)
     lines += _score_lines(report)
+    lines += _budget_lines(report)
     stages = report.get("gradients", {}).get("stages", {})
     if stages:
         lines += [
@@ -282,6 +295,63 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+UNLEARNED_MARK = " †"
+"""Marks a forgetting number that rests on a domain its own stage did not learn."""
+
+
+def _learned_cell(flag: dict[str, Any] | None) -> str:
+    if not flag or flag.get("learned") is None:
+        return "—"
+    return "yes" if flag["learned"] else "**no**"
+
+
+def _learning_lines(report: dict[str, Any]) -> list[str]:
+    """The did-not-learn warning and the learned-only means, under the forgetting table."""
+    learning = report.get("learning") or {}
+    unlearned = learning.get("unlearned") or []
+    if not unlearned:
+        return []
+    only = learning.get("learned_only") or {}
+    flags = learning.get("domains") or {}
+    lines = ["", f"**Did not learn: {', '.join(unlearned)}.**"]
+    lines += [f"- {unlearned_line(d, flags[d])}" for d in unlearned if d in flags]
+    lines += [
+        f"- Numbers marked{UNLEARNED_MARK} rest on a domain that was never learned: its drift says nothing about "
+        "forgetting. Over the domains that learned "
+        f"({', '.join(only.get('domains') or []) or 'none'}): mean drift {_fmt(only.get('drift_mean'), 2, '%')}"
+        + (f", BWT_score {_fmt(only.get('bwt_score'), 3)}" if "bwt_score" in only else "")
+        + "."
+    ]
+    return lines
+
+
+def _budget_lines(report: dict[str, Any]) -> list[str]:
+    """Steps each stage used under a train-until-learned budget."""
+    budget = report.get("budget") or {}
+    stages = budget.get("stages") or {}
+    if not stages:
+        return []
+    rule = budget.get("rule") or {}
+    lines = [
+        "",
+        "## Stage budgets",
+        "",
+        "Train until learned: "
+        + ", ".join(f"{k}={v}" for k, v in rule.items())
+        + " (dev loss on each domain's dev rows, disjoint from the scored held-out rows).",
+        "",
+        "| stage | steps used | stopped early | best dev loss (step) | dev loss at start |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in stages.items():
+        best = f"{_fmt(s.get('best'))} ({s.get('best_step')})"
+        lines.append(
+            f"| {name} | {s.get('steps')} | {'yes' if s.get('stopped_early') else 'no'} | {best} | "
+            f"{_fmt(s.get('start'))} |"
+        )
+    return lines
+
+
 def _score_lines(report: dict[str, Any]) -> list[str]:
     """The score matrix ``S[s][j]`` next to the loss matrix, AP, BWT_score, FWT_score, forgetting per domain."""
     section = report.get("score_matrix")
@@ -304,10 +374,17 @@ def _score_lines(report: dict[str, Any]) -> list[str]:
         label = "base" if r == 0 else f"{r}: {domains[r - 1]}"
         lines.append(f"| {label} | " + " | ".join(_fmt(v, 3) for v in row) + " |")
     forgetting = section.get("forgetting") or {}
+    learning = report.get("learning") or {}
+    learned_only = learning.get("learned_only") if learning.get("unlearned") else None
     lines += [
         "",
         f"- AP (mean final score): **{_fmt(section.get('ap'), 3)}**; BWT_score: {_fmt(section.get('bwt_score'), 3)} "
-        f"(negative = forgetting); FWT_score: {_fmt(section.get('fwt_score'), 3)}",
+        f"(negative = forgetting); FWT_score: {_fmt(section.get('fwt_score'), 3)}"
+        + (
+            f"; over the domains that learned: BWT_score {_fmt(learned_only.get('bwt_score'), 3)}"
+            if learned_only is not None
+            else ""
+        ),
         "- forgetting `max_s S[s][j] − S[T][j]`: "
         + (", ".join(f"{d} {_fmt(v, 3)}" for d, v in forgetting.items()) or "—")
         + f" (mean {_fmt(section.get('forgetting_mean'), 3)})",

@@ -32,6 +32,7 @@ from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
 from crma_lightning.callbacks.gradient_stability import GradientStability
 from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
 from crma_lightning.callbacks.row_losses import row_documents, write_row_losses
+from crma_lightning.callbacks.train_until_learned import TrainUntilLearned
 from crma_lightning.data.datamodule import SequentialDomainDataModule
 from crma_lightning.data.sampling import resume_batches
 from crma_lightning.evaluation.report import build_report, data_settings, model_settings, summarize_losses, write_report
@@ -138,6 +139,11 @@ class ContinualRunner:
     def routing(self) -> RoutedEvaluation | None:
         return next((cb for cb in self.callbacks if isinstance(cb, RoutedEvaluation)), None)
 
+    @property
+    def budget(self) -> TrainUntilLearned | None:
+        """The train-until-learned budget rule, when the run has one (``None``: each stage runs its fixed steps)."""
+        return next((cb for cb in self.callbacks if isinstance(cb, TrainUntilLearned)), None)
+
     def _stateful_callbacks(self) -> list[Callback]:
         return [*self.callbacks, self.state]
 
@@ -178,10 +184,14 @@ class ContinualRunner:
         if is_global_zero():
             log.info("domains, in training order:\n  %s", "\n  ".join(datamodule.describe()))
         self.state.domains = datamodule.domain_names
+        if self.budget is not None:
+            self.budget.check_data(datamodule)
         self.state.identity = {
             "model": model.identity(),
             "domains": datamodule.domain_names,
             "data": datamodule.identity(),
+            # A budget rule decides how long each stage trains: part of what a resumed run must keep.
+            **({"budget": self.budget.settings()} if self.budget is not None else {}),
         }
         self._choose_resume(datamodule)
 
@@ -462,6 +472,8 @@ class ContinualRunner:
             method=model.method_summary(),
             routing=None if self.routing is None else self.routing.summary(),
             scores=evaluation.score_summary(upto=self.state.completed) if evaluation.matrix else {},
+            learning=evaluation.learning_summary(upto=self.state.completed),
+            budget=self.budget.summary() if self.budget is not None else None,
         )
         if self.state.killed_runs:
             report["killed_runs"] = list(self.state.killed_runs)
