@@ -52,7 +52,20 @@ def _shift(word: str) -> str:
     return "".join(ALPHABET[(ALPHABET.index(c) + 1) % len(ALPHABET)] for c in word)
 
 
+def _shift_by(word: str, k: int) -> str:
+    return "".join(ALPHABET[(ALPHABET.index(c) + k) % len(ALPHABET)] for c in word)
+
+
+def _dedupe(word: str) -> str:
+    return "".join(c for i, c in enumerate(word) if c not in word[:i])
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
+    # The first seven (the suite's originals); each task draws its own words, so adding one changes no other.
     "copy": ("copy", lambda w: w),
     "first": ("first letter of", lambda w: w[0]),
     "last": ("last letter of", lambda w: w[-1]),
@@ -60,8 +73,58 @@ TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
     "reverse": ("reverse", lambda w: w[::-1]),
     "shift": ("shift", _shift),
     "sort": ("sort", lambda w: "".join(sorted(w))),
+    # Extraction: one letter at a position.
+    "second": ("second letter of", lambda w: w[1]),
+    "third": ("third letter of", lambda w: w[2]),
+    "penultimate": ("next to last of", lambda w: w[-2]),
+    # Reordering: the same letters in another order.
+    "rotate_left": ("rotate left", lambda w: w[1:] + w[0]),
+    "rotate_right": ("rotate right", lambda w: w[-1] + w[:-1]),
+    "swap_ends": ("swap ends of", lambda w: w[-1] + w[1:-1] + w[0]),
+    "sort_desc": ("sort descending", lambda w: "".join(sorted(w, reverse=True))),
+    # Letter maps: every letter mapped on its own.
+    "shift2": ("shift twice", lambda w: _shift_by(w, 2)),
+    "unshift": ("shift back", lambda w: _shift_by(w, -1)),
+    "upper": ("upper case", str.upper),
+    "mirror": ("mirror", lambda w: "".join(ALPHABET[len(ALPHABET) - 1 - ALPHABET.index(c)] for c in w)),
+    # Counting: a digit.
+    "count_a": ("count a in", lambda w: str(w.count("a"))),
+    "distinct": ("distinct letters in", lambda w: str(len(set(w)))),
+    "vowels": ("vowels in", lambda w: str(sum(c in "ae" for c in w))),
+    # Editing: letters added or removed.
+    "drop_first": ("drop first of", lambda w: w[1:]),
+    "drop_last": ("drop last of", lambda w: w[:-1]),
+    "double": ("double", lambda w: "".join(c + c for c in w)),
+    "repeat": ("repeat", lambda w: w + w),
+    "dedupe": ("dedupe", _dedupe),
+    # Predicates: yes or no.
+    "has_c": ("has c", lambda w: _yes("c" in w)),
+    "is_sorted": ("is sorted", lambda w: _yes(list(w) == sorted(w))),
+    "same_ends": ("same ends", lambda w: _yes(w[0] == w[-1])),
+    # Comparisons: the largest or smallest letter.
+    "max_letter": ("max letter of", max),
+    "min_letter": ("min letter of", min),
 }
 """Task name -> (instruction, answer function)."""
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "extraction": ("first", "second", "third", "penultimate", "last"),
+    "reordering": ("copy", "reverse", "sort", "rotate_left", "rotate_right", "swap_ends", "sort_desc"),
+    "letter_maps": ("shift", "shift2", "unshift", "upper", "mirror"),
+    "counting": ("length", "count_a", "distinct", "vowels"),
+    "editing": ("drop_first", "drop_last", "double", "repeat", "dedupe"),
+    "predicates": ("has_c", "is_sorted", "same_ends"),
+    "comparisons": ("max_letter", "min_letter"),
+}
+"""Operation families: every task is in exactly one (``tests`` check it)."""
+
+PRETRAIN_FAMILIES = ("editing", "predicates", "comparisons")
+"""What the task suite's base is pretrained on (benchmarks/task_suite_base.py). Chosen, with
+:data:`HELD_OUT_FAMILIES`, before any learnability was measured: the base never sees an operation of a
+held-out family, so a stage of the suite - whose tasks ``first``, ``shift``, ``sort``, ``length`` are one
+per held-out family - learns an operation that is new to the base, as a user's own task is."""
+HELD_OUT_FAMILIES = ("extraction", "reordering", "letter_maps", "counting")
+"""The families whose learnability the base is chosen for (benchmarks/task_learnability.py)."""
 
 
 def task_rows(task: str, count: int, seed: int = 0) -> dict[str, list[str]]:
