@@ -26,7 +26,7 @@ from typing import Any
 
 from _splits import split_task_holdout
 
-from crma_lightning.data.builtin_tasks import TASKS, task_rows
+from crma_lightning.data.builtin_tasks import FAMILIES, PRETRAIN_FAMILIES, TASKS, task_rows
 from crma_lightning.data.domains import BUILTIN_TASK_ROWS, DomainSpec, load_raw
 
 SUITES = ("domains", "tasks")
@@ -142,6 +142,6 @@ def _first_rows(path: Path, count: int, cache_dir: Path) -> Path:
 
 
 def task_fingerprint() -> str:
-    """SHA-256 of the ``copy`` task's rows: what the task suite's base is pretrained on (its cache key)."""
-    rows = task_rows("copy", BUILTIN_TASK_ROWS)
+    """SHA-256 of the rows the task suite's base is pretrained on (every pretraining-family task): its cache key."""
+    rows = {t: task_rows(t, BUILTIN_TASK_ROWS) for f in PRETRAIN_FAMILIES for t in FAMILIES[f]}
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()

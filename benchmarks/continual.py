@@ -366,13 +366,14 @@ def base_model(args: argparse.Namespace, specs: list[dict[str, Any]], device: st
 
 
 def _task_base(args: argparse.Namespace, tiny: PretrainSettings, device: str) -> dict[str, Any]:
-    """The task suite's base: ``task_suite_base.py``'s model and recipe (the ``copy`` task), or at --tiny size."""
+    """The task suite's base: ``task_suite_base.py``'s model and recipe (pretraining families), or at --tiny size."""
     settings = tiny if args.preset == "tiny" else task_suite_base.SETTINGS
     path, info = pretrained_base(task_suite_base.SPECS, settings, task_fingerprint(), args.cache_dir, device)
     cfg = settings.model_config
     desc = (
         f"tiny Llama {cfg['hidden_size']}x{cfg['num_hidden_layers']} ({info['parameters']:,} params, byte tokenizer), "
-        f"fully trained {settings.steps} steps x {settings.batch_size} rows on the `copy` task (not in the suite; "
+        f"fully trained {settings.steps} steps x {settings.batch_size} rows on the pretraining families' tasks "
+        f"({', '.join(task_suite_base.PRETRAIN_FAMILIES)}; none of the suite's; "
         f"benchmarks/task_suite_base.py's recipe; final train loss {info['loss_curve'][-1]['loss']:.3f}"
         f"{', cached' if info['cached'] else ''})"
     )

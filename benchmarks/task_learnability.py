@@ -32,14 +32,16 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+import task_suite_base
 import torch
 from _pretrain import INFO_FILE, PretrainSettings, pretrain
 from _suites import task_split_specs
 
-from crma_lightning.data.builtin_tasks import FAMILIES, HELD_OUT_FAMILIES, PRETRAIN_FAMILIES
+from crma_lightning.data.builtin_tasks import FAMILIES, HELD_OUT_FAMILIES
 
 GRID = {
-    # name: (hidden, layers, pretraining steps); fixed before any measurement, smallest first.
+    # name: (hidden, layers, pretraining steps); fixed before any measurement, smallest first. The chosen
+    # point is task_suite_base.CHOSEN.
     "a": (128, 2, 1500),
     "b": (128, 4, 3000),
     "c": (256, 4, 3000),
@@ -49,23 +51,7 @@ BAR = 0.5
 
 
 def settings_for(point: str) -> PretrainSettings:
-    hidden, layers, steps = GRID[point]
-    config = {
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": 2 * hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-    }
-    return PretrainSettings(model_config=config, steps=steps, batch_size=16, max_length=64, lr=3e-3, weight_decay=0.0)
-
-
-def pretrain_specs() -> list[dict[str, str]]:
-    """Every task of the pretraining families, as the prompt/response domains the pretraining mixes."""
-    tasks = [t for f in PRETRAIN_FAMILIES for t in FAMILIES[f]]
-    return [{"name": t, "builtin": t, "prompt_field": "prompt", "response_field": "response"} for t in tasks]
+    return task_suite_base.recipe(*GRID[point])
 
 
 def base_for(point: str, cache: Path) -> Path:
@@ -75,7 +61,7 @@ def base_for(point: str, cache: Path) -> Path:
     info = out / INFO_FILE
     if not (info.is_file() and json.loads(info.read_text()).get("settings") == asdict(settings)):
         out.mkdir(parents=True, exist_ok=True)
-        pretrain(pretrain_specs(), settings, out, "cpu", log_every=500)
+        pretrain(task_suite_base.SPECS, settings, out, "cpu", log_every=500)
     return out
 
 
