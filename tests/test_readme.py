@@ -28,7 +28,7 @@ NOT_RUN = {
     "pip": "installs packages",
     "python": "the whole test suite (this file is part of it)",
     "tensorboard": "a server; the test checks that the directory it is given exists",
-    "export": "sets an environment variable for the commands after it (a thread count: no effect on results)",
+    "export": "sets environment variables for the commands after it (threads, kernel pins: no effect on what runs)",
 }
 """First word of a command -> why the test does not run it."""
 TINY = [
