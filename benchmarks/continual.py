@@ -23,7 +23,7 @@ of NAIVE's gap to joint training it closes, ``(NAIVE - X) / (NAIVE - MULTITASK)`
 held-out loss (and on AP with task metrics; docs/metrics.md).
 
 Protocol v3 (issue 23): ``--orders K`` runs K fixed task orders (the given one, its reversal, a half
-rotation, ...: ``_orders.py``), each in ``<out>/order<k>/seed<s>/<SETTING>`` (K = 1 keeps
+rotation, ...: ``lib/orders.py``), each in ``<out>/order<k>/seed<s>/<SETTING>`` (K = 1 keeps
 ``<out>/seed<s>/<SETTING>``); ``results.md`` shows each order's numbers and their mean over orders.
 ``--suite tasks`` runs the built-in task suite of ``configs/tasks.yaml`` (first, shift, sort, length;
 its budgets and the base of ``task_suite_base.py``) and reports the score matrix: AP, BWT_score,
@@ -37,9 +37,9 @@ within ``--fallback-margin``); the shared settings and O-LORA need no
 routing (checked with ``mode="none"``): their routed numbers are the oracle ones.
 
 Held-out rows (protocol v3): each held-out file is split by document into dev and test halves
-(``_splits.py``; the task suite's generated prompts into halves); runs evaluate ``--eval-split`` (default
+(``lib/splits.py``; the task suite's generated prompts into halves); runs evaluate ``--eval-split`` (default
 ``test``). Every run keeps its per-row held-out
-numbers (``heldout_rows.json``), from which ``_stats.py`` computes bootstrap intervals of every headline
+numbers (``heldout_rows.json``), from which ``lib/stats.py`` computes bootstrap intervals of every headline
 number and paired intervals of every pair, routed numbers included (``results.json`` ``intervals``, the end
 of ``results.md``).
 
@@ -49,7 +49,7 @@ the aggregates; a ``null`` always has its reason under ``null_reasons``) and ``r
 into ``--out``, and prints the table.
 
 Base model: ``--model PATH`` (any local Hugging Face causal LM), or by default a tiny Llama-style model
-pretrained briefly on an equal mix of the domains' training text and cached (see ``_pretrain.py``).
+pretrained briefly on an equal mix of the domains' training text and cached (see ``lib/pretrain.py``).
 
 Examples::
 
@@ -80,14 +80,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import task_suite_base
 import torch
-from _bench_data import check_pretrain_disjoint, check_texts_disjoint, domain_specs, fingerprint, resolve_domains
-from _intervals import benchmark_intervals, render_intervals
-from _merged import MERGED_OF, merged_raw
-from _orders import task_orders
-from _pretrain import PretrainSettings, pretrained_base
-from _results import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py`: the repo root
+
+from benchmarks import task_suite_base
+from benchmarks.lib.bench_data import (
+    check_pretrain_disjoint,
+    check_texts_disjoint,
+    domain_specs,
+    fingerprint,
+    resolve_domains,
+)
+from benchmarks.lib.intervals import benchmark_intervals, render_intervals
+from benchmarks.lib.merged import MERGED_OF, merged_raw
+from benchmarks.lib.orders import task_orders
+from benchmarks.lib.pretrain import PretrainSettings, pretrained_base
+from benchmarks.lib.results import (
     LORA_PAIRS,
     Null,
     aggregate,
@@ -98,12 +107,11 @@ from _results import (
     to_json,
     verdicts,
 )
-from _runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, V3_SETTINGS, describe, run_seed
-from _splits import EVAL_SPLITS, with_eval_split
-from _suites import SUITES, multitask_specs, resolve_tasks, task_fingerprint, task_specs, task_split_specs
-from _table import render, render_orders, render_scores
-from _variants import apply_chosen
-
+from benchmarks.lib.runs import ABLATION_SETTINGS, DEFAULT_SETTINGS, SETTINGS, V3_SETTINGS, describe, run_seed
+from benchmarks.lib.splits import EVAL_SPLITS, with_eval_split
+from benchmarks.lib.suites import SUITES, multitask_specs, resolve_tasks, task_fingerprint, task_specs, task_split_specs
+from benchmarks.lib.table import render, render_orders, render_scores
+from benchmarks.lib.variants import apply_chosen
 from crma_lightning.routing.prototype import HYBRID_MARGIN
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -157,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--orders",
         type=int,
         default=1,
-        help="run K task orders: the given one, its reversal, a half rotation, ... (benchmarks/_orders.py); "
+        help="run K task orders: the given one, its reversal, a half rotation, ... (benchmarks/lib/orders.py); "
         "K > 1 puts runs in <out>/order<k>/seed<s>/<SETTING>",
     )
     g.add_argument("--data-dir", type=Path, help="directory of <domain>/train.jsonl + <domain>/holdout.jsonl")
@@ -171,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=EVAL_SPLITS,
         default=None,
         help="which part of each held-out file the runs evaluate: test (reported; the default), dev (for choosing "
-        "settings: benchmarks/sweep.py) or full (both: protocols v1/v2); see benchmarks/_splits.py (--suite tasks: "
+        "settings: benchmarks/sweep.py) or full (both: protocols v1/v2); see benchmarks/lib/splits.py (--suite tasks: "
         "test = the first half of each task's held-out prompts, dev = the second half)",
     )
     g = p.add_argument_group("settings, methods and routing")

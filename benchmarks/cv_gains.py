@@ -14,7 +14,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from _results import LORA_PAIRS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py`: the repo root
+
+from benchmarks.lib.results import LORA_PAIRS
 
 
 def stage_means(report: dict) -> tuple[float, float]:

@@ -3,10 +3,10 @@
 ``continual.py`` writes ``results.md`` once every order and seed has run. This script reads the runs that
 have finished so far under ``--out`` (``order<k>/seed<s>/<SETTING>/report.json`` with status ``complete``;
 or ``seed<s>/<SETTING>`` for one order) and prints the per-order table and the table against joint
-training with task scores, computed by the same functions (``_results``, ``_table``). Step times and
+training with task scores, computed by the same functions (``results``, ``table``). Step times and
 the CRMA effect are not in ``report.json``, so the settings table with them is left to ``results.md``.
 Only orders in which every setting finished are used, so each order counts whole. ``--intervals`` adds
-each order's bootstrap intervals (``_intervals.py``, as ``continual.py`` computes them, from the runs'
+each order's bootstrap intervals (``lib/intervals.py``, as ``continual.py`` computes them, from the runs'
 ``heldout_rows.json``; with ``<SETTING>-apriori`` rows of ``--chosen`` each dev-chosen setting is paired
 with its a-priori row), e.g. for a run from before a statistic existed.
 
@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from _intervals import benchmark_intervals, render_intervals
-from _results import LORA_PAIRS, aggregate, gap_to_joint, over_orders, run_numbers
-from _runs import SETTINGS
-from _table import render_orders, render_scores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py`: the repo root
+
+from benchmarks.lib.intervals import benchmark_intervals, render_intervals
+from benchmarks.lib.results import LORA_PAIRS, aggregate, gap_to_joint, over_orders, run_numbers
+from benchmarks.lib.runs import SETTINGS
+from benchmarks.lib.table import render_orders, render_scores
 
 
 def _group(seed_dir: Path) -> dict[str, Any] | None:

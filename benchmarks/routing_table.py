@@ -23,11 +23,13 @@ import contextlib
 import io
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-from _table import MERGED_DRIFT_NOTE  # benchmarks/ is on sys.path: the script's own directory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py`: the repo root
 
+from benchmarks.lib.table import MERGED_DRIFT_NOTE
 from crma_lightning.cli.evaluate import run_evaluate
 from crma_lightning.metrics import continual as metrics
 from crma_lightning.routing.prototype import DEFAULT_LAYER, DEFAULT_POOLING, DEFAULT_SHRINKAGE, HYBRID_MARGIN

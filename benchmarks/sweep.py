@@ -3,7 +3,7 @@
 The grid and the selection rule live in a committed file (``benchmarks/sweep_grid.yaml``: EWC lambda,
 replay buffer and ratio, O-LoRA lambda, the routing prefix P; ``benchmarks/sweep_grid_tasks.yaml`` for the
 task suite, chosen by AP), written before the sweep ran. Every
-grid point becomes a variant of its setting (:mod:`_variants`), and all of them run in one
+grid point becomes a variant of its setting (:mod:`variants`), and all of them run in one
 ``continual.py`` benchmark on the **dev** part of each held-out file (``--eval-split dev``), with any
 other benchmark options passed through (after ``--``). Writes into ``--out``:
 
@@ -35,7 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _variants import PARAMS, register
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py`: the repo root
+
+from benchmarks.lib.variants import PARAMS, register
 
 GRID = Path(__file__).with_name("sweep_grid.yaml")
 METRICS = {"final_loss_mean": "min", "routing_accuracy_mean": "max", "ap": "max"}
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(f"--groups {unknown}: not in {args.grid}; expected some of {list(groups)}")
         groups = {k: v for k, v in groups.items() if k in args.groups}
     names = {g: [register(v["settings"][0], point) for point in v["grid"]] for g, v in groups.items()}
-    import continual  # after the variants exist: its option parser checks --settings against them
+    from benchmarks import continual  # after the variants exist: its option parser checks --settings against them
 
     flags = [f"--{f}" for f in ("tiny", "quick", "overwrite") if getattr(args, f)]
     every = [n for g in names.values() for n in g]

@@ -7,7 +7,7 @@ split was written down before anything was measured. For each candidate base of 
 size x pretraining steps, smallest first, fixed before measuring), every task of every held-out family
 gets one fresh LoRA stage at the suite's settings (configs/tasks.yaml: LoRA r 8 on all linears, AdamW
 lr 3e-3, batch 16, the per-stage budget) and is scored by exact match on its **dev** prompts (the
-second half of the task's held-out prompts minus the test ones, benchmarks/_splits.py) - or on its test
+second half of the task's held-out prompts minus the test ones, benchmarks/lib/splits.py) - or on its test
 prompts with ``--split test``, for the reported numbers once a base is chosen.
 
 A family counts as learned when the mean exact match of its tasks is >= 0.5 (the issue's bar: at least
@@ -18,7 +18,7 @@ families learned (ties: the higher mean), said as a miss.
     python benchmarks/task_learnability.py --grid a b c --choose          # dev, ~5 min per grid point
     python benchmarks/task_learnability.py --grid b --split test          # the chosen base, test prompts
 
-One process, one thread; bases are cached under ``--cache`` (benchmarks/_pretrain.py's recipe).
+One process, one thread; bases are cached under ``--cache`` (benchmarks/lib/pretrain.py's recipe).
 """
 
 from __future__ import annotations
@@ -26,17 +26,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-import task_suite_base
 import torch
-from _pretrain import INFO_FILE, PretrainSettings, pretrain
-from _suites import task_split_specs
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py`: the repo root
+
+from benchmarks import task_suite_base
+from benchmarks.lib.pretrain import INFO_FILE, PretrainSettings, pretrain
+from benchmarks.lib.suites import task_split_specs
 from crma_lightning.data.builtin_tasks import FAMILIES, HELD_OUT_FAMILIES
 
 GRID = {

@@ -13,7 +13,7 @@ point ``CHOSEN``; docs/benchmarks.md has the table).
     python benchmarks/task_suite_base.py --out runs/tasks-base
     crma-lightning fit --config configs/tasks.yaml --config configs/naive.yaml --run.dir runs/tasks-naive
 
-The recipe is ``benchmarks/_pretrain.pretrain`` (AdamW, warm-up + cosine, packed rows); the directory holds
+The recipe is ``benchmarks.lib.pretrain.pretrain`` (AdamW, warm-up + cosine, packed rows); the directory holds
 ``save_pretrained`` weights, the byte tokenizer and ``pretrain.json`` (settings, loss curve, seconds). An
 existing base with the same settings is kept.
 """
@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from _pretrain import INFO_FILE, PretrainSettings, pretrain
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py`: the repo root
+
+from benchmarks.lib.pretrain import INFO_FILE, PretrainSettings, pretrain
 from crma_lightning.data.builtin_tasks import FAMILIES, PRETRAIN_FAMILIES
 
 

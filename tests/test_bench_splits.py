@@ -1,17 +1,14 @@
-"""The benchmark's dev / test split of held-out files (benchmarks/_splits.py): disjoint, deterministic, by document."""
+"""Dev / test split of held-out files (benchmarks/lib/splits.py): disjoint, deterministic, by document."""
 
 from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from _splits import dev_records, split_holdout, with_eval_split
+from benchmarks.lib.splits import dev_records, split_holdout, with_eval_split
 
 
 def _write(path: Path, texts: list[str]) -> Path:

@@ -1,4 +1,4 @@
-"""Bootstrap intervals of the benchmark (benchmarks/_stats.py) against hand computations on a fixed small sample.
+"""Bootstrap intervals of the benchmark (benchmarks/lib/stats.py) against hand computations on a fixed small sample.
 
 Two domains (a, b), two held-out rows each, four explicit replicates (row draws), so every replicate's
 statistic and the percentile bounds (numpy's linear interpolation: position p (B - 1) in the sorted
@@ -7,15 +7,10 @@ replicates) are computed by hand in the comments.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from _stats import PAIR_STATS, ROUTED_PAIR_STATS, ROUTED_STATS, RUN_STATS, SCORE_STATS, RunRows, interval
+from benchmarks.lib.stats import PAIR_STATS, ROUTED_PAIR_STATS, ROUTED_STATS, RUN_STATS, SCORE_STATS, RunRows, interval
 
 # Row draws per domain, one replicate per line (B = 4).
 DRAWS = [np.array([[0, 0], [0, 1], [1, 1], [1, 0]]), np.array([[1, 1], [0, 1], [0, 0], [1, 0]])]
@@ -141,7 +136,7 @@ def test_task_score_statistics():
 def test_benchmark_intervals_pair_the_settings_of_each_seed(tmp_path):
     import json
 
-    from _intervals import benchmark_intervals, render_intervals
+    from benchmarks.lib.intervals import benchmark_intervals, render_intervals
 
     def write(name, content):
         d = tmp_path / name
@@ -208,8 +203,8 @@ def test_routed_statistics_of_one_run():
 
 def test_routed_rows_missing_for_some_stages_are_refused_not_nan():
     """A run resumed from a version without routed rows has them for the later stages only: no interval."""
-    from _intervals import _routed
-    from _results import Null
+    from benchmarks.lib.intervals import _routed
+    from benchmarks.lib.results import Null
 
     content = _routed_content()
     content["rows"] = {"0": {}, "1": {}, "2": {}}
@@ -248,7 +243,7 @@ def test_routed_units_are_documents_and_null_flags_count_nowhere():
 def test_benchmark_intervals_of_the_routed_settings(tmp_path):
     import json
 
-    from _intervals import benchmark_intervals, render_intervals
+    from benchmarks.lib.intervals import benchmark_intervals, render_intervals
 
     def write(name, content, mode):
         d = tmp_path / name

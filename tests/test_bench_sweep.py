@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import sweep
 
-import sweep  # noqa: E402  (the benchmark's helpers import each other by name)
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_selection_rule():
@@ -33,7 +31,7 @@ def test_the_committed_grid_is_valid_and_bad_grids_are_refused(tmp_path):
     groups = sweep.load_grid(BENCH / "sweep_grid.yaml")
     assert set(groups) == {"EWC", "REPLAY", "O-LORA", "ROUTING"}
     # The a-priori values are the benchmark's own defaults (default preset).
-    import continual
+    from benchmarks import continual
 
     args = continual.parse_args(["--out", "unused"])
     for g in groups.values():
@@ -89,7 +87,7 @@ def test_tiny_sweep_runs_the_grid_on_dev_and_chosen_values_reach_the_benchmark(t
     chosen["groups"]["ROUTING"]["chosen"] = {"prefix_tokens": 8}
     path = tmp_path / "chosen.json"
     path.write_text(json.dumps(chosen))
-    import continual
+    from benchmarks import continual
 
     args = continual.parse_args(["--tiny", "--out", "unused", "--chosen", str(path), "--settings", "NAIVE", "EWC"])
     assert args.settings == ["NAIVE", "EWC", "EWC-apriori"] and args.ewc_lam == 1.0 and args.prefix_tokens == 8

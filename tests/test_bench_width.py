@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _width_trend():
-    sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("width_trend", BENCH / "width_trend.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

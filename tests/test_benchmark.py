@@ -6,7 +6,6 @@ import copy
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ SEQUENTIAL = ["NAIVE", "MODULAR", "REPLAY", "EWC"]  # the interleaving check: ad
 
 
 def _load_benchmark():
-    sys.path.insert(0, str(BENCH_DIR))  # the script imports its helpers (_runs, _results, ...) by name
     spec = importlib.util.spec_from_file_location("crma_bench_continual", BENCH_DIR / "continual.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -137,7 +135,7 @@ def test_settings_are_selectable(tiny_results):
     assert ablation == ["NAIVE", "FROZEN", "MODULAR-v1", "MODULAR-mix", "CRMA-shared-v1", "CRMA-shared-mix"]
     with pytest.raises(SystemExit):
         bench.parse_args([*base, "--settings", "NOPE"])
-    import _runs  # the helpers the benchmark imported (on sys.path)
+    from benchmarks.lib import runs as _runs
 
     cfg = {"mix_g_max": 0.5}
     mix, v1 = _runs.crma_config("MODULAR-mix", cfg), _runs.crma_config("CRMA-shared-v1", cfg)
@@ -196,7 +194,7 @@ def test_pretrain_builtin_must_be_disjoint_from_the_domains(tmp_path):
         bench.main([*argv, "--pretrain-builtin", "medical"])
     assert not out.exists() and not (tmp_path / "cache").exists()  # refused before any work
 
-    from _bench_data import check_texts_disjoint
+    from benchmarks.lib.bench_data import check_texts_disjoint
 
     def write(name, texts):
         path = tmp_path / f"{name}.jsonl"
@@ -214,9 +212,9 @@ def test_pretrain_builtin_must_be_disjoint_from_the_domains(tmp_path):
 def test_merged_settings_merge_the_frozen_adapters_and_the_hybrid_is_selectable(tiny_results, tmp_path):
     """MERGED-mean/-ties evaluate FROZEN's adapters merged (no training); a merge of one adapter is that adapter."""
     bench, _, _, payload = tiny_results
-    import _merged
-    import _results
-    import _runs
+    from benchmarks.lib import merged as _merged
+    from benchmarks.lib import results as _results
+    from benchmarks.lib import runs as _runs
 
     frozen = payload["per_seed"]["0"]["runs"]["FROZEN"]
     raw = {"report": {}, "run_dir": frozen["run_dir"], "error": None}
@@ -242,8 +240,7 @@ def test_merged_settings_merge_the_frozen_adapters_and_the_hybrid_is_selectable(
 
 # ---------------------------------------------------------------------- protocol v3: orders, MULTITASK, task suite
 def test_task_orders_are_fixed_permutations_starting_with_the_given_one():
-    sys.path.insert(0, str(BENCH_DIR))
-    from _orders import task_orders
+    from benchmarks.lib.orders import task_orders
 
     domains = ["a", "b", "c", "d"]
     orders = task_orders(domains, 3)
@@ -352,7 +349,7 @@ def test_task_suite_results_carry_the_score_matrix(tiny_v3, tiny_results):
 
 def test_finished_runs_rebuilds_the_v3_tables_from_the_run_directories(tiny_v3):
     _, root, _ = tiny_v3
-    import finished_runs  # benchmarks/ is on sys.path (the benchmark's helpers)
+    from benchmarks import finished_runs
 
     text = finished_runs.main(["--out", str(root / "out")])
     written = (root / "out" / "results.md").read_text()
@@ -431,9 +428,8 @@ def test_a_refused_overwrite_run_keeps_the_previous_results(tmp_path, monkeypatc
 def test_merged_drift_has_its_footnote_and_routing_table_reuses_only_same_settings(tiny_results, tmp_path, monkeypatch):
     """MERGED's drift (own diagonal, all positions) is footnoted; --reuse re-runs an evaluation with other settings."""
     _, _, _, payload = tiny_results
-    sys.path.insert(0, str(BENCH_DIR))
-    import _table
-    import routing_table
+    from benchmarks import routing_table
+    from benchmarks.lib import table as _table
 
     setup = copy.deepcopy(payload["setup"])
     results = {**payload, "setup": setup}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -150,7 +149,6 @@ def test_detach_removes_the_step_hook():
 
 
 def _crma_ops():
-    sys.path.insert(0, str(BENCH_DIR))
     spec = importlib.util.spec_from_file_location("crma_bench_ops", BENCH_DIR / "crma_ops.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -4,16 +4,12 @@ exactly what the suite always scored, prepared by the library exactly as the bui
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from _splits import split_task_holdout
-from _suites import multitask_specs, task_specs, task_split_specs
-
+from benchmarks.lib.splits import split_task_holdout
+from benchmarks.lib.suites import multitask_specs, task_specs, task_split_specs
 from crma_lightning.data.builtin_tasks import task_rows
 from crma_lightning.data.datamodule import SequentialDomainDataModule
 from crma_lightning.data.domains import BUILTIN_TASK_ROWS

@@ -1,7 +1,7 @@
 """Per-row held-out numbers of each matrix row: what ``DomainEvaluation(row_losses=True)`` keeps.
 
 A domain's held-out loss ``L[s][j]`` is a token-weighted mean over its held-out rows. Intervals over
-held-out rows (a bootstrap, as ``benchmarks/_stats.py`` computes) and paired comparisons of two runs on
+held-out rows (a bootstrap, as ``benchmarks/lib/stats.py`` computes) and paired comparisons of two runs on
 the same rows need the rows' own numbers: per row, the summed next-token loss and the scored-token
 count (``sum(loss_sum) / sum(tokens)`` over all rows is ``L[s][j]``), and per scored row the task score;
 and, per held-out row, the document it starts in (rows of one document are not independent samples).

@@ -1,6 +1,6 @@
 """The benchmark's two data suites (loss domains, the built-in task suite) and the MULTITASK data.
 
-* ``--suite domains`` (default): text domains given as train/held-out files (``_bench_data``); loss only.
+* ``--suite domains`` (default): text domains given as train/held-out files (``bench_data``); loss only.
 * ``--suite tasks``: the built-in task suite of ``configs/tasks.yaml`` (:mod:`crma_lightning.data.builtin_tasks`):
   prompt/response rows scored by exact match after every stage, so every run has a score matrix
   ``S[s][j]`` beside its loss matrix. The domains are ``DomainSpec(builtin=<task>)`` exactly as in the
@@ -24,10 +24,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from _splits import split_task_holdout
-
 from crma_lightning.data.builtin_tasks import FAMILIES, PRETRAIN_FAMILIES, TASKS, task_rows
 from crma_lightning.data.domains import BUILTIN_TASK_ROWS, DomainSpec, load_raw
+
+from .splits import split_task_holdout
 
 SUITES = ("domains", "tasks")
 TASK_SUITE = ("first", "shift", "sort", "length")
@@ -63,7 +63,7 @@ def task_split_specs(specs: list[dict[str, Any]], split: str, cache_dir: Path) -
 
     ``full`` returns ``specs`` (built-in domains, every held-out row). ``test`` / ``dev`` turn each task
     into the same rows as prompt/response files - the training rows unchanged and in the same order, the
-    held-out rows of :func:`_splits.split_task_holdout` - which is what a user with their own dev/test
+    held-out rows of :func:`splits.split_task_holdout` - which is what a user with their own dev/test
     files would configure (the library prepares both forms alike: ``tests/test_task_suite_splits.py``).
     """
     if split == "full":

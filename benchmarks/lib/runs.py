@@ -47,7 +47,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "EWC": {"adapter": "lora", "task_adapters": "shared", "method": "ewc", "routing": "none"},
     "O-LORA": {"adapter": "lora", "task_adapters": "per_task", "method": "olora", "routing": "none"},
     # The upper bound (issue 23): NAIVE's adapter, but every stage trains on the union of all domains
-    # (``cfg["multitask_domains"]``, see _suites.multitask_specs): joint training, same total step budget.
+    # (``cfg["multitask_domains"]``, see suites.multitask_specs): joint training, same total step budget.
     "MULTITASK": {"adapter": "lora", "task_adapters": "shared", "routing": "none", "data": "union"},
     # CRMA v2 ablation (issue 15): MODULAR / CRMA-shared above are v2's defaults (write form, spectral norm,
     # g_max 0.1); "-v1" is the write form with v1's Frobenius norm; "-mix" is the mix form (g_max = --mix-g-max;
@@ -59,7 +59,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # The write form with a larger gate (spectral norm): g_max 0.5, the capacity probe of issue 15.
     "MODULAR-g0.5": {"adapter": "crma", "task_adapters": "per_task", "crma": {"g_max": 0.5}, "routing": "oracle"},
     "CRMA-shared-g0.5": {"adapter": "crma", "task_adapters": "shared", "crma": {"g_max": 0.5}, "routing": "none"},
-    # Not trained: the FROZEN run's per-task LoRAs merged into one adapter (issue 24, ``_merged.py``).
+    # Not trained: the FROZEN run's per-task LoRAs merged into one adapter (issue 24, ``lib/merged.py``).
     "MERGED-mean": {"adapter": "lora", "task_adapters": "per_task", "merge": "mean", "routing": "merged"},
     "MERGED-ties": {"adapter": "lora", "task_adapters": "per_task", "merge": "ties", "routing": "merged"},
 }
@@ -85,7 +85,7 @@ ABLATION_SETTINGS = ["NAIVE", "FROZEN", "CRMA-shared-v1", "MODULAR-v1", "CRMA-sh
 def mode_cfg(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """The benchmark settings as ``mode`` runs them: ``cfg`` with the setting's own ``params`` on top.
 
-    ``params`` are set by the variants of :mod:`_variants` (a method at other hyper-parameters: the dev
+    ``params`` are set by the variants of :mod:`variants` (a method at other hyper-parameters: the dev
     sweep's grid points, the a-priori rows next to dev-chosen values).
     """
     return {**cfg, **SETTINGS[mode].get("params", {})}

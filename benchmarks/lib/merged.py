@@ -20,7 +20,7 @@ MERGED_OF = "FROZEN"
 
 
 def merged_raw(name: str, how: str, seed: int, frozen: dict[str, Any], out: Path) -> dict[str, Any]:
-    """``_runs._run_one``'s record for MERGED setting ``name`` (``how``: ``mean`` or ``ties``); never raises."""
+    """``runs._run_one``'s record for MERGED setting ``name`` (``how``: ``mean`` or ``ties``); never raises."""
     from crma_lightning.cli.evaluate import run_evaluate
 
     run_dir = out / f"seed{seed}" / name

@@ -1,7 +1,7 @@
 """Dev / test split of every benchmark domain's held-out file (protocol v3).
 
 The held-out file of a domain (``holdout.jsonl``: ``--data-dir`` corpora as given, built-in domains as
-:func:`_bench_data.materialize_builtin` writes them) is split **by document** - one JSON Lines record -
+:func:`bench_data.materialize_builtin` writes them) is split **by document** - one JSON Lines record -
 into a *dev* part, on which hyper-parameters are chosen (``benchmarks/sweep.py``), and a *test* part,
 on which the tables report. The split happens before tokenisation and packing (the library packs each
 file on its own), so no packed row holds text of both parts.
@@ -96,7 +96,7 @@ def split_task_holdout(holdout: Path, domain: str, cache_dir: Path) -> dict[str,
     """Write a built-in task's dev and test rows (once; cached by content); returns their paths.
 
     Args:
-        holdout: The task's held-out rows as JSON Lines, in the generated order (``_suites._task_files``).
+        holdout: The task's held-out rows as JSON Lines, in the generated order (``suites._task_files``).
         domain: The task's name (messages, cache folder).
         cache_dir: The benchmark's cache directory.
 

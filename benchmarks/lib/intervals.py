@@ -2,12 +2,12 @@
 
 Per setting: the final mean held-out loss, mean drift, mean base-relative forgetting and mean plasticity
 (oracle evaluation), and with task metrics on every domain AP, BWT_score and mean forgetting; per pair
-(a setting vs its plain-LoRA setting, :data:`_results.LORA_PAIRS`): the final held-out gain and the
+(a setting vs its plain-LoRA setting, :data:`results.LORA_PAIRS`): the final held-out gain and the
 differences of final loss, drift and forgetting (and of AP and BWT_score), on the same documents and
 seeds (a paired bootstrap); per setting evaluated routed (per-task adapters, ``heldout_rows.json``'s
 ``routed`` section): the routed mean drift, base-relative forgetting and plasticity (of the routed matrix
 ``L~``, positions ``>= P``) and the mean final routing accuracy, and per pair whose settings were both
-routed (MODULAR vs FROZEN) the routed drift difference. The method is :mod:`_stats`'s: documents and seeds
+routed (MODULAR vs FROZEN) the routed drift difference. The method is :mod:`stats`'s: documents and seeds
 resampled independently, one draw per replicate shared by every setting (and by the oracle and the routed
 numbers), percentile intervals.
 """
@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _results import Null
-from _stats import (
+
+from crma_lightning.callbacks.row_losses import ROW_LOSSES_FILE, read_row_losses
+
+from .results import Null
+from .stats import (
     PAIR_STATS,
     ROUTED_PAIR_STATS,
     ROUTED_STATS,
@@ -34,10 +37,8 @@ from _stats import (
     seed_draws_for,
 )
 
-from crma_lightning.callbacks.row_losses import ROW_LOSSES_FILE, read_row_losses
-
 METHOD = (
-    "percentile bootstrap over held-out documents and seeds (benchmarks/_stats.py): per replicate, each domain's "
+    "percentile bootstrap over held-out documents and seeds (benchmarks/lib/stats.py): per replicate, each domain's "
     "held-out documents (the packed rows that start in one document, summed) drawn with replacement (one draw "
     "shared by every stage, seed and setting: paired) and, with several seeds, the seeds drawn with replacement; "
     "the replicate is the mean over the drawn seeds"
@@ -146,9 +147,9 @@ def benchmark_intervals(
     Returns:
         ``{"method", "level", "resamples", "seed", "seeds", "units_per_domain", "modes": {setting: {stat:
         interval}}, "pairs": {...}, "routed": {...}, "scores": {...}}``: losses; the routed numbers
-        (:data:`_stats.ROUTED_STATS`, the settings evaluated routed, and :data:`_stats.ROUTED_PAIR_STATS` of
+        (:data:`stats.ROUTED_STATS`, the settings evaluated routed, and :data:`stats.ROUTED_PAIR_STATS` of
         pairs routed on both sides); and (when every domain has a task metric) the task scores' ``ap``,
-        ``bwt_score``, ``forgetting_mean`` and pair differences; a :class:`~_results.Null` where a run has no
+        ``bwt_score``, ``forgetting_mean`` and pair differences; a :class:`~results.Null` where a run has no
         per-row numbers.
     """
     seeds = list(per_seed)

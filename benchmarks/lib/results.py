@@ -62,10 +62,10 @@ def run_numbers(raw: dict[str, Any], time_skip: int) -> dict[str, Any]:
     """Metrics of one run from its report and step times.
 
     Args:
-        raw: What ``_runs._run_one`` returned.
+        raw: What ``runs._run_one`` returned.
         time_skip: Steps at the start of each stage left out of the step-time median.
     """
-    report, failed = raw["report"], raw["error"]  # MERGED: an `evaluate --merge` report (_merged.py)
+    report, failed = raw["report"], raw["error"]  # MERGED: an `evaluate --merge` report (lib/merged.py)
     if report is None or report.get("status") != "complete":
         why = f"run did not complete: {failed or (report or {}).get('status')}"
         return {"status": Null(why), "error": failed or Null("no exception was raised")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from _results import LORA_PAIRS, Null
+from .results import LORA_PAIRS, Null
 
 
 def _f(x: Any, spec: str) -> str:
@@ -247,7 +247,7 @@ def render_orders(results: dict[str, Any]) -> str:
         return ""
     over = results["over_orders"]
     keys = list(per_order)
-    lines = ["", "Task orders (fixed: the given one, its reversal, a half rotation; benchmarks/_orders.py):"]
+    lines = ["", "Task orders (fixed: the given one, its reversal, a half rotation; benchmarks/lib/orders.py):"]
     lines += [f"{k}. {' -> '.join(per_order[k]['domains'])}" for k in keys]
     fields = [
         ("final_loss_mean", ".4f", "mean final held-out loss"),

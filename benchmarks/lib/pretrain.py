@@ -156,7 +156,7 @@ def pretrained_base(
     Args:
         specs: The domains whose training text forms the mix.
         settings: The recipe.
-        data_fingerprint: Hash of the training files (see ``_bench_data.fingerprint``).
+        data_fingerprint: Hash of the training files (see ``bench_data.fingerprint``).
         cache_dir: Root of the benchmark cache.
         device: Torch device for pretraining.
 

@@ -1,9 +1,9 @@
 """Settings at other hyper-parameters: the dev sweep's grid points and the a-priori rows (protocol v3).
 
-A *variant* is a copy of a setting of :data:`_runs.SETTINGS` with ``params``: benchmark settings
+A *variant* is a copy of a setting of :data:`runs.SETTINGS` with ``params``: benchmark settings
 (``ewc_lam``, ``replay_buffer``, ``replay_ratio``, ``olora_lam``, ``prefix_tokens``) that its runs use
-instead of the benchmark-wide values (:func:`_runs.mode_cfg`). It runs, is paired with a plain-LoRA
-setting (:data:`_results.LORA_PAIRS`) and is reported exactly like the setting it copies.
+instead of the benchmark-wide values (:func:`runs.mode_cfg`). It runs, is paired with a plain-LoRA
+setting (:data:`results.LORA_PAIRS`) and is reported exactly like the setting it copies.
 
 :func:`apply_chosen` (``continual.py --chosen FILE``) sets the benchmark-wide values to the dev-chosen
 ones of ``benchmarks/sweep.py``'s ``chosen.json`` and adds, next to every setting whose chosen values
@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _results import LORA_PAIRS
-from _runs import SETTINGS
+from .results import LORA_PAIRS
+from .runs import SETTINGS
 
 PARAMS = ("ewc_lam", "replay_buffer", "replay_ratio", "olora_lam", "prefix_tokens")
 """The benchmark settings a variant may set (each one is also a ``continual.py`` option)."""
