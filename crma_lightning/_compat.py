@@ -139,6 +139,11 @@ def foreach_norm(tensors: list[torch.Tensor], dtype: torch.dtype = torch.float32
     return [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
 
 
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module.compile()`` ran on ``module`` (torch 2.2+: it keeps the compiled call on the module)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
 def tensor_version(tensor: torch.Tensor) -> int:
     """The in-place version counter of ``tensor`` (``Tensor._version``, torch 1.x-2.13).
 

@@ -230,6 +230,28 @@ def test_bad_values_fail_before_any_work(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.init_args.crma.g_max=-1", "CRMA g_max=-1"),
+        ("--model.init_args.crma.n_streams=0", "CRMA n_streams=0"),
+        ("--model.init_args.lora.r=0", "LoRA rank r=0"),
+        ("--model.init_args.task_adapters=per_domain", "task_adapters\": Expected a typing.Literal"),
+    ],
+)
+def test_config_errors_exit_2_before_any_model_loads(tmp_path, monkeypatch, capsys, override, message):
+    """Adapter configs check themselves when built: the base model is never loaded for a bad field."""
+    from crma_lightning.model import continual_lm
+
+    loaded = []
+    monkeypatch.setattr(continual_lm, "build_model", lambda *a, **k: loaded.append(a) or pytest.fail("model built"))
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tiny_config(tmp_path, run_dir)), "--model.init_args.adapter=crma", override])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert loaded == [] and not run_dir.exists()
+
+
 def test_configuration_doc_lists_every_option():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     cfg = yaml.safe_load(print_config("--config", str(CONFIGS / "demo.yaml")))

@@ -88,6 +88,13 @@ def test_foreach_norm_matches_per_tensor_norms():
         assert torch.allclose(n, t.float().norm(), rtol=1e-2)
 
 
+def test_is_compiled_follows_module_compile():
+    layer = torch.nn.Linear(2, 2)
+    assert not _compat.is_compiled(layer)
+    layer.compile(backend="aot_eager")  # lazy: nothing is traced until the first call
+    assert _compat.is_compiled(layer) and not _compat.is_compiled(torch.nn.Linear(2, 2))
+
+
 def test_tensor_version_counts_in_place_changes():
     t = torch.zeros(3)
     before = _compat.tensor_version(t)

@@ -240,21 +240,31 @@ def test_target_selection_suffix_list_and_regex():
 
 
 # ----------------------------------------------------------------------------- bad input
+# Configs as factories: a config checks itself when built, so the bad ones are built inside pytest.raises.
 BAD_INPUTS = [
     ({"adapter": "foo"}, r"adapter='foo' is not supported.*'lora'.*'crma'"),
-    ({"lora": LoRAConfig(target_modules=["nonexistent"])}, r"\['nonexistent'\] matches no linear layer.*q_proj"),
-    ({"lora": LoRAConfig(target_modules=r"layers\.9\..*")}, r"matches no linear layer.*model\.layers\.0\.self_attn"),
-    ({"lora": LoRAConfig(target_modules="(")}, r"target_modules='\(' is not a valid regex"),
-    ({"lora": LoRAConfig(target_modules=[])}, r"target_modules=\[\] is invalid"),
-    ({"lora": LoRAConfig(r=0)}, r"rank r=0 is invalid"),
-    ({"lora": LoRAConfig(r=-3)}, r"rank r=-3 is invalid"),
-    ({"lora": LoRAConfig(r=2.5)}, r"rank r=2\.5 is invalid"),
-    ({"lora": LoRAConfig(dropout=1.0)}, r"dropout=1\.0 is invalid"),
-    ({"lora": LoRAConfig(alpha=0)}, r"alpha=0 is invalid"),
-    ({"adapter": "crma", "crma": CRMAConfig(n_streams=8, stream_rank=8)}, r"8 \* 8 = 64 does not fit.*hidden size 32"),
-    ({"adapter": "crma", "crma": CRMAConfig(n_streams=0)}, r"n_streams=0 is invalid"),
-    ({"adapter": "crma", "crma": CRMAConfig(g_max=0.0)}, r"g_max=0\.0 is invalid"),
-    ({"adapter": "crma", "crma": CRMAConfig(g_max=-1.0)}, r"g_max=-1\.0 is invalid"),
+    (
+        {"lora": lambda: LoRAConfig(target_modules=["nonexistent"])},
+        r"\['nonexistent'\] matches no linear layer.*q_proj",
+    ),
+    (
+        {"lora": lambda: LoRAConfig(target_modules=r"layers\.9\..*")},
+        r"matches no linear layer.*model\.layers\.0\.self_attn",
+    ),
+    ({"lora": lambda: LoRAConfig(target_modules="(")}, r"target_modules='\(' is not a valid regex"),
+    ({"lora": lambda: LoRAConfig(target_modules=[])}, r"target_modules=\[\] is invalid"),
+    ({"lora": lambda: LoRAConfig(r=0)}, r"rank r=0 is invalid"),
+    ({"lora": lambda: LoRAConfig(r=-3)}, r"rank r=-3 is invalid"),
+    ({"lora": lambda: LoRAConfig(r=2.5)}, r"rank r=2\.5 is invalid"),
+    ({"lora": lambda: LoRAConfig(dropout=1.0)}, r"dropout=1\.0 is invalid"),
+    ({"lora": lambda: LoRAConfig(alpha=0)}, r"alpha=0 is invalid"),
+    (
+        {"adapter": "crma", "crma": lambda: CRMAConfig(n_streams=8, stream_rank=8)},
+        r"8 \* 8 = 64 does not fit.*hidden size 32",
+    ),
+    ({"adapter": "crma", "crma": lambda: CRMAConfig(n_streams=0)}, r"n_streams=0 is invalid"),
+    ({"adapter": "crma", "crma": lambda: CRMAConfig(g_max=0.0)}, r"g_max=0\.0 is invalid"),
+    ({"adapter": "crma", "crma": lambda: CRMAConfig(g_max=-1.0)}, r"g_max=-1\.0 is invalid"),
     ({"adapter_name": "a.b"}, r"adapter name 'a\.b' is invalid"),
     ({"adapter_name": ""}, r"adapter name '' is invalid"),
 ]
@@ -265,7 +275,7 @@ def test_bad_input_raises_and_leaves_model_untouched(kwargs, match):
     model = tiny_llama()
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match=match):
-        attach_adapters(model, **kwargs)
+        attach_adapters(model, **{k: v() if callable(v) else v for k, v in kwargs.items()})
     _assert_same(model, snapshot)
 
 

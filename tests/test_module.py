@@ -196,9 +196,9 @@ def test_generate_returns_text_and_restores_the_task():
 def test_bad_model_settings(kwargs, match):
     from crma_lightning.adapters import LoRAConfig
 
-    if isinstance(kwargs.get("lora"), dict):
-        kwargs["lora"] = LoRAConfig(**kwargs["lora"])
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match):  # a LoRAConfig checks itself when built
+        if isinstance(kwargs.get("lora"), dict):
+            kwargs["lora"] = LoRAConfig(**kwargs["lora"])
         make(**kwargs)
 
 

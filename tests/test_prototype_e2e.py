@@ -231,3 +231,30 @@ def test_generate_serves_the_hybrid_by_perplexity_on_the_prefix_for_near_ties(ru
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--run", str(run_dir), "--routing", "perplexity", "--fallback_margin", "1", long])
     assert exit_info.value.code == 2 and "--fallback_margin needs --routing prototype" in capsys.readouterr().err
+
+
+def test_a_python_run_keeps_its_hybrid_margin_for_evaluate_and_generate(tmp_path, capsys):
+    """Routing settings round trip: fit from Python with the hybrid -> config.yaml -> evaluate/generate."""
+    from test_task_scores_methods import TRAINER, _data, _model
+
+    from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
+    from crma_lightning.cli.evaluate import _routing, build_parser
+    from crma_lightning.cli.run_dir import RunDirectory
+    from crma_lightning.routing.config import RoutingConfig
+    from crma_lightning.run.runner import ContinualRunner
+
+    hybrid = RoutedEvaluation(mode="prototype", prefix_tokens=8, pooling="last", fallback_margin=1e9)
+    runner = ContinualRunner(run_dir=tmp_path / "run", trainer_kwargs=dict(TRAINER), resume="never", callbacks=[hybrid])
+    runner.run(_model("lora", "per_task"), _data())
+    run = RunDirectory(tmp_path / "run")
+    run.build()  # reads config.yaml, as every command does
+    assert run.routing.config == hybrid.config == RoutingConfig("prototype", 8, pooling="last", fallback_margin=1e9)
+    again = _routing(run, build_parser().parse_args(["--run", str(tmp_path / "run"), "--routing", "prototype"]))
+    assert again.config == hybrid.config  # evaluate routes as the run did, margin included
+    override = ["--run", str(tmp_path / "run"), "--routing", "prototype", "--fallback_margin", "0.5"]
+    assert _routing(run, build_parser().parse_args(override)).config.fallback_margin == 0.5
+    capsys.readouterr()
+    main(["generate", "--run", str(tmp_path / "run"), "--routing", "prototype", "--json", "--max_new_tokens", "1",
+          "first letter of: kiwi"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert out["fallback"] is True  # a margin of 1e9 makes every prompt a near tie: routed by perplexity

@@ -56,7 +56,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from crma_lightning.adapters.crma_batch import apply_step_factors
-from crma_lightning.adapters.matrices import frobenius_normalize, orthonormal_rows, sigma_max, spectral_normalize
+from crma_lightning.adapters.matrices import (
+    frobenius_normalize,
+    gated_write,
+    orthonormal_rows,
+    sigma_max,
+    spectral_normalize,
+)
 from crma_lightning.adapters.sinkhorn import sinkhorn
 
 NORMS = ("spectral", "frobenius")
@@ -105,6 +111,9 @@ class CRMAConfig:
     norm: str = "spectral"
     form: str = "write"
     init: str = "random"
+
+    def __post_init__(self) -> None:
+        self.validate()  # a bad field fails where the config is built (YAML parsing); sizes at injection
 
     def validate(self, hidden_size: int | None = None) -> None:
         """Raise ``ValueError`` naming the first bad field (``hidden_size``: the model's, if known)."""
@@ -260,15 +269,9 @@ class CRMAAdapter(nn.Module):
         shape ``(n, k)`` flattened row-major equals ``(M ⊗ I_k) vec(s)``, so ``W vec(M s) = W (M ⊗ I_k) vec(s)``;
         the ``(d, n·k)`` product costs ``O(d·n²·k)`` once per forward, independent of the number of tokens.
         """
-        n, k = self.config.n_streams, self.config.stream_rank
-        m = (self.mixing() if m is None else m).float()
-        if self.config.form == "mix":
-            m = m - torch.eye(n, device=m.device)
-        # The small factors are combined in float32 whatever the parameters' dtype (bf16 under
-        # `precision: bf16-true` or FSDP mixed precision); the forward casts the result to h's dtype.
-        w = (self.write() if write is None else write).float().view(self.hidden_size, n, k)  # W[d, (i, c)]
-        # (W (M ⊗ I))[d, (j, c)] = sum_i W[d, (i, c)] · M[i, j]
-        return self.gate().float() * torch.einsum("dic,ij->djc", w, m).reshape(self.hidden_size, n * k)
+        m = self.mixing() if m is None else m
+        write = self.write() if write is None else write
+        return gated_write(write, m, self.gate_logit, self.config.g_max, self.config.form)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Apply the adapter to hidden states ``h`` of shape ``(..., d)``; returns the same shape and dtype."""

@@ -28,6 +28,7 @@ Pure PyTorch; the cache is a weak mapping, so it never keeps adapters alive nor 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from torch import nn
 
 from crma_lightning import _compat
 from crma_lightning.adapters.crma_shards import gather_stacked, is_fsdp2_shard
-from crma_lightning.adapters.matrices import frobenius_normalize, orthonormal_rows, spectral_normalize
+from crma_lightning.adapters.matrices import frobenius_normalize, gated_write, orthonormal_rows, spectral_normalize
 from crma_lightning.adapters.sinkhorn import sinkhorn
 
 
@@ -164,8 +165,7 @@ def _build(adapters: list[nn.Module], stacked: dict[str, torch.Tensor]) -> _Step
 
     ``stacked``: per parameter name, the adapters' full parameters stacked ``(L, ...)`` (with autograd).
     """
-    c, d = adapters[0].config, adapters[0].hidden_size
-    n, k, layers = c.n_streams, c.stream_rank, len(adapters)
+    c, layers = adapters[0].config, len(adapters)
     reads = stacked["read_weight"]  # (L, n·k, d)
     if c.form == "mix":
         read = orthonormal_rows(reads)
@@ -177,26 +177,22 @@ def _build(adapters: list[nn.Module], stacked: dict[str, torch.Tensor]) -> _Step
         read, write = both[:layers], both[layers:].mT
     logits = stacked["mix_logits"]  # (L, n, n)
     m = sinkhorn(logits, c.sinkhorn_iters, c.exact_sinkhorn, c.sinkhorn_backward == "implicit", c.newton_steps)
-    m = m.float()
-    if c.form == "mix":
-        m = m - torch.eye(n, device=m.device)
-    gate = c.g_max * torch.sigmoid(stacked["gate_logit"][:, 0].float())  # (L,)
-    w = write.float().reshape(layers, d, n, k)
-    effective = gate[:, None, None] * torch.einsum("ldic,lij->ldjc", w, m).reshape(layers, d, n * k)
+    effective = gated_write(write, m, stacked["gate_logit"], c.g_max, c.form)  # (L, d, n·k): CRMAAdapter's formula
     return _StepGroup(reads=read.float(), effective=effective, grad=torch.is_grad_enabled())
 
 
-_BATCHING = [True]  # switched off only by per_block_factors()
+_PER_BLOCK = contextvars.ContextVar("crma_per_block_factors", default=False)
+"""Set inside :func:`per_block_factors` only (a context-local flag, like ``torch.no_grad``'s)."""
 
 
 @contextlib.contextmanager
 def per_block_factors() -> Iterator[None]:
     """Within the block, every adapter computes its own factors (the scheme before batching; for comparisons)."""
-    previous, _BATCHING[0] = _BATCHING[0], False
+    token = _PER_BLOCK.set(True)
     try:
         yield
     finally:
-        _BATCHING[0] = previous
+        _PER_BLOCK.reset(token)
 
 
 def precompute_step_factors(adapters: Iterable[nn.Module]) -> int:
@@ -210,10 +206,11 @@ def precompute_step_factors(adapters: Iterable[nn.Module]) -> int:
     hence never taken for shards, whose gathering every rank must join.
     """
     groups: dict[tuple, list[nn.Module]] = {}
-    reuse = _BATCHING[0] and not torch.is_grad_enabled()  # generation, evaluation: parameters unchanged
+    batching = not _PER_BLOCK.get()
+    reuse = batching and not torch.is_grad_enabled()  # generation, evaluation: parameters unchanged
     for adapter in adapters:
         entry = _STEP.get(adapter)
-        layout = _layout(adapter) if _BATCHING[0] else None
+        layout = _layout(adapter) if batching else None
         if reuse and layout == "plain" and entry is not None and _unchanged(adapter, entry):
             continue  # no parameter replaced or changed in place since these factors were built
         _STEP.pop(adapter, None)

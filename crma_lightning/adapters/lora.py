@@ -56,6 +56,9 @@ class LoRAConfig:
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad field fails where the config is built (YAML parsing), not at injection
+
     @property
     def scaling(self) -> float:
         """The factor ``s`` that multiplies ``B A x``."""

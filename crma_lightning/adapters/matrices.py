@@ -73,3 +73,33 @@ def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
     q, r = torch.linalg.qr(x.float().mT)  # (..., b, a), (..., a, a)
     sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0)  # (..., a); a zero diagonal keeps +1
     return (q * sign.unsqueeze(-2)).mT
+
+
+def gated_write(
+    write: torch.Tensor, m: torch.Tensor, gate_logit: torch.Tensor, g_max: float, form: str
+) -> torch.Tensor:
+    """CRMA's effective write ``g · W (M ⊗ I_k)`` (``write`` form) or ``g · Rᵀ ((M - I) ⊗ I_k)`` (``mix``).
+
+    The one formula of :meth:`~crma_lightning.adapters.CRMAAdapter.effective_write` and of the batched
+    factors (:mod:`crma_lightning.adapters.crma_batch`), over any leading dimensions ``...`` (none: one block;
+    ``L``: a stack of blocks). ``vec(M s)`` with ``s`` of shape ``(n, k)`` flattened row-major equals
+    ``(M ⊗ I_k) vec(s)``, so ``(W (M ⊗ I))[d, (j, c)] = sum_i W[d, (i, c)] · M[i, j]``.
+
+    Args:
+        write: ``(..., d, n·k)``: ``W`` (write form) or ``Rᵀ`` (mix form).
+        m: ``(..., n, n)``: the doubly-stochastic mixing matrix.
+        gate_logit: ``(..., 1)``: ``γ``; the gate is ``g = g_max · sigmoid(γ)``.
+        g_max: The gate's bound.
+        form: ``write`` or ``mix``.
+
+    Returns:
+        ``(..., d, n·k)`` float32: the small factors are combined in float32 whatever the parameters' dtype
+        (bf16 under ``precision: bf16-true`` or FSDP mixed precision); the forward casts to ``h``'s dtype.
+    """
+    n = m.shape[-1]
+    m = m.float()
+    if form == "mix":
+        m = m - torch.eye(n, device=m.device)
+    w = write.float().unflatten(-1, (n, -1))  # (..., d, n, k)
+    gate = g_max * torch.sigmoid(gate_logit[..., 0].float())  # (...)
+    return gate[..., None, None] * torch.einsum("...dic,...ij->...djc", w, m).flatten(-2)

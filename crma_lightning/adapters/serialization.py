@@ -178,13 +178,6 @@ def crma_settings_mismatch(model: nn.Module, saved: dict | None, source: str = "
     )
 
 
-def check_crma_settings(model: nn.Module, saved: dict | None, source: str = "adapter file") -> None:
-    """Raise ``ValueError`` with :func:`crma_settings_mismatch`'s message if the settings differ."""
-    message = crma_settings_mismatch(model, saved, source)
-    if message:
-        raise ValueError(message)
-
-
 def read_adapter_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata stored by :func:`save_adapters`."""
     from safetensors import safe_open

@@ -156,9 +156,7 @@ class DomainEvaluation(L.Callback):
             return {}
         upto = len(self.matrix) - 1 if upto is None else upto
         scores = self.score_summary(upto=upto).get("score_matrix") if self.score_metrics else None
-        flags = learning_flags(
-            self.matrix, self.domains, upto, scores, self.learn_loss_margin, self.learn_score_margin
-        )
+        flags = learning_flags(self.matrix, self.domains, upto, scores, self.learn_loss_margin, self.learn_score_margin)
         summary = summarize_losses(self.matrix, self.domains, upto=upto)
         return {
             "loss_margin": self.learn_loss_margin,

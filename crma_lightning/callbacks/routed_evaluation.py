@@ -45,9 +45,11 @@ from crma_lightning.callbacks.domain_evaluation import DomainEvaluation
 from crma_lightning.callbacks.row_losses import RowLosses
 from crma_lightning.callbacks.stages import log_to_loggers
 from crma_lightning.data.sampling import right_padded
+from crma_lightning.data.tokenizer import pad_id
 from crma_lightning.evaluation import scoring
 from crma_lightning.metrics import continual as metrics
 from crma_lightning.routing import prototype
+from crma_lightning.routing.config import RoutingConfig
 from crma_lightning.routing.policy import (
     DEFAULT_PREFIX_TOKENS,
     NONE,
@@ -55,7 +57,6 @@ from crma_lightning.routing.policy import (
     PERPLEXITY,
     PROTOTYPE,
     route_batch,
-    validate_routing,
 )
 
 BASE = "<base>"  # the candidate of row 0: no task trained yet, LoRA off
@@ -102,11 +103,8 @@ class RoutedEvaluation(L.Callback):
         shrinkage: float = prototype.DEFAULT_SHRINKAGE,
         fallback_margin: float | None = None,
     ) -> None:
-        prototype.validate_prototype(layer, pooling, estimator, shrinkage)
-        validate_routing(mode, prefix_tokens, fallback_margin, estimator)
-        self.mode, self.prefix_tokens, self.fallback_margin = mode, prefix_tokens, fallback_margin
-        layer = prototype.plain_layer(layer)
-        self.prototype_settings = {"layer": layer, "pooling": pooling, "estimator": estimator, "shrinkage": shrinkage}
+        self.config = RoutingConfig(mode, prefix_tokens, layer, pooling, estimator, shrinkage, fallback_margin)
+        """The routing settings, checked (:class:`~crma_lightning.routing.config.RoutingConfig`)."""
         self.confusion: list[dict[str, Any] | None] = []
         self.domains: list[str] = []
         self.matrix: list[list[float | None]] = []
@@ -122,6 +120,22 @@ class RoutedEvaluation(L.Callback):
         self.row_table: dict[int, dict[str, dict[str, Any]]] = {}
         self._rows = RowLosses(_ROW_FIELDS, counts=("tokens", "correct", "routed"))
         self._keep_rows = False
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.config.prefix_tokens
+
+    @property
+    def fallback_margin(self) -> float | None:
+        return self.config.fallback_margin
+
+    @property
+    def prototype_settings(self) -> dict[str, Any]:
+        return self.config.prototype_settings
 
     # ------------------------------------------------------------------ which adapters
     @staticmethod
@@ -173,19 +187,14 @@ class RoutedEvaluation(L.Callback):
     # ------------------------------------------------------------------ prototype statistics
     def router(self, pl_module: L.LightningModule) -> prototype.PrototypeRouter:
         """The module's router (created with this callback's settings; a resumed one must agree)."""
-        settings = {"prefix_tokens": self.prefix_tokens, **self.prototype_settings}
+        settings = self.config.router_settings
         router = getattr(pl_module, "router", None)
         if router is None:
             router = pl_module.router = prototype.PrototypeRouter(**settings)
         else:
-            fitted = {k: router.settings()[k] for k in ("prefix_tokens", "layer", "pooling")}
-            wanted = {k: settings[k] for k in fitted}
-            if router.tasks and fitted != wanted:
-                raise ValueError(
-                    f"the checkpoint's routing statistics were fitted with {fitted}; this run has {wanted} "
-                    "(use the original settings or a new run dir)"
-                )
-            router.prefix_tokens, router.layer, router.pooling = wanted.values()
+            if router.tasks:
+                prototype.check_same_fit(router.settings(), settings)
+            router.prefix_tokens, router.layer, router.pooling = (settings[k] for k in prototype.FIT_SETTINGS)
             router.configure(settings["estimator"], settings["shrinkage"])
         return router
 
@@ -193,7 +202,7 @@ class RoutedEvaluation(L.Callback):
         """Fit the statistics of every trained task that has none yet (the stage just trained), on every rank."""
         router = self.router(pl_module)
         dm = trainer.datamodule
-        pad = dm.tokenizer.pad_token_id if dm.tokenizer.pad_token_id is not None else (dm.tokenizer.eos_token_id or 0)
+        pad = pad_id(dm.tokenizer)
         for task in trained:
             if task in router.tasks:
                 continue
@@ -353,8 +362,7 @@ class RoutedEvaluation(L.Callback):
         scores_fn = self._prototype_scores(pl_module)
         choose = None
         if scores_fn is not None:
-            pad = pl_module.tokenizer.pad_token_id
-            pad = pad if pad is not None else (pl_module.tokenizer.eos_token_id or 0)
+            pad = pad_id(pl_module.tokenizer)
 
             def choose(rows: list[dict[str, Any]]) -> list[int]:
                 ids, mask = right_padded([r["prompt_ids"] for r in rows], pad, pl_module.device)

@@ -148,16 +148,11 @@ def _routing(run: RunDirectory, opts: Any) -> Any:
     if opts.data:
         raise ValueError("--routing evaluates the run's own domains (their training rows fit the routing); drop --data")
     from crma_lightning.callbacks.routed_evaluation import RoutedEvaluation
-    from crma_lightning.routing.policy import DEFAULT_PREFIX_TOKENS
+    from crma_lightning.routing.config import RoutingConfig
 
-    saved = run.routing
-    same = saved is not None and saved.mode == opts.routing == "prototype"
-    prefix = opts.prefix_tokens or (saved.prefix_tokens if saved is not None and saved.mode != "oracle" else None)
-    settings = dict(saved.prototype_settings) if same else {}  # --prefix_tokens overrides the prefix only
-    margin = opts.fallback_margin if opts.fallback_margin is not None else saved.fallback_margin if same else None
-    return RoutedEvaluation(
-        mode=opts.routing, prefix_tokens=prefix or DEFAULT_PREFIX_TOKENS, fallback_margin=margin, **settings
-    )
+    saved = run.routing.config if run.routing is not None else RoutingConfig()
+    config = saved.override(opts.routing, opts.prefix_tokens, opts.fallback_margin)
+    return RoutedEvaluation(**dataclasses.asdict(config))
 
 
 def parse_data(value: str) -> tuple[list[Any], dict[str, str | None]]:

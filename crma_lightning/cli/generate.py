@@ -29,14 +29,12 @@ _SCORES = {"perplexity": "prompt_losses", "prototype": "prototype_distances"}
 """The JSON key of each routing mode's per-task scores (lower wins)."""
 
 
-def router_settings(run: RunDirectory) -> tuple[int, dict[str, Any]]:
-    """``(prefix_tokens, prototype settings)`` of statistics fitted here: the run's when it routed by prototype."""
-    from crma_lightning.routing.policy import DEFAULT_PREFIX_TOKENS
+def routing_config(run: RunDirectory, mode: str, fallback_margin: float | None = None) -> Any:
+    """The :class:`~crma_lightning.routing.config.RoutingConfig` ``generate --routing mode`` uses: the run's own."""
+    from crma_lightning.routing.config import RoutingConfig
 
-    saved = run.routing if run.routing is not None and run.routing.mode == "prototype" else None
-    if saved is None:
-        return DEFAULT_PREFIX_TOKENS, {}
-    return saved.prefix_tokens, dict(saved.prototype_settings)
+    saved = run.routing.config if run.routing is not None else RoutingConfig()
+    return saved.override(mode, fallback_margin=fallback_margin)
 
 
 def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[str]) -> None:
@@ -46,16 +44,16 @@ def fit_router_if_missing(run: RunDirectory, model: Any, dm: Any, tasks: list[st
     """
     import sys
 
+    from crma_lightning.data.tokenizer import pad_id
     from crma_lightning.routing.prototype import PrototypeRouter, fit_missing_tasks
 
     if model.router is not None and all(t in model.router.tasks for t in tasks):
         return
     if model.router is None:
-        prefix, settings = router_settings(run)
-        model.router = PrototypeRouter(prefix, **settings)
+        model.router = PrototypeRouter(**routing_config(run, "prototype").router_settings)
     dm.prepare(model.tokenizer)
     tokenizer = model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     rows = {t: dm.train_sets[t] for t in tasks}  # Datasets: read one batch at a time
     fitted = fit_missing_tasks(
         model.router, model.model, model.activate_task, rows, tasks, dm.eval_batch_size, pad, model.device
@@ -120,13 +118,12 @@ def run_generate(args: list[str]) -> None:
     margin = opts.fallback_margin
     if opts.routing != "prototype" and margin is not None:
         raise ValueError("--fallback_margin needs --routing prototype")
-    if opts.routing == "prototype" and margin is None and run.routing is not None and run.routing.mode == "prototype":
-        margin = run.routing.fallback_margin  # the hybrid the run was evaluated with
     if opts.routing == "prototype":  # a layer the model lacks or too wide features: before loading anything
-        from crma_lightning.routing.prototype import DEFAULT_LAYER, DEFAULT_POOLING, check_model
+        from crma_lightning.routing.prototype import check_model
 
-        settings = router_settings(run)[1]
-        check_model(model.model.config, settings.get("layer", DEFAULT_LAYER), settings.get("pooling", DEFAULT_POOLING))
+        routing = routing_config(run, "prototype", margin)  # the hybrid the run was evaluated with, by default
+        margin = routing.fallback_margin
+        check_model(model.model.config, routing.layer, routing.pooling)
     ckpt_info = run.stage_checkpoint(opts.stage)
     if not opts.routing:
         run.check_task(opts.task, ckpt_info.stage)

@@ -37,7 +37,7 @@ from crma_lightning.data.sampling import (
     ResumableLoader,
     equalize_eval_batches,
 )
-from crma_lightning.data.tokenizer import load_tokenizer, tokenizer_difference
+from crma_lightning.data.tokenizer import load_tokenizer, pad_id, tokenizer_difference
 
 EVAL_DOMAINS = ("seen", "all")
 DEFAULT_DOMAINS = ("prose", "code", "arithmetic", "unicode")
@@ -349,8 +349,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         return loaders
 
     def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        return pad_id(self.tokenizer)
 
     # -------------------------------------------------------------- state and summary
 

@@ -69,6 +69,17 @@ def load_tokenizer(
     return tokenizer
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id right- or left-padding fills with: the pad token, else EOS, else 0.
+
+    Padded positions are masked (attention mask 0, label -100), so the id only has to be a valid one;
+    every padded batch of the package takes it from here.
+    """
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
 def tokenizer_difference(data: PreTrainedTokenizerBase, model: PreTrainedTokenizerBase) -> str | None:
     """How the data's tokenizer differs from the model's (vocabulary, EOS), or ``None`` when they agree.
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.data.sampling import right_padded
+from crma_lightning.data.tokenizer import pad_id
 from crma_lightning.generation.decode import generate_from_ids
 from crma_lightning.losses import row_token_losses
 from crma_lightning.metrics.task import TaskMetric, cut_at_stop, row_scores
@@ -44,7 +45,7 @@ def _label_choices(
 ) -> list[str]:
     """Per row, the label with the lowest summed token loss after the prompt (one forward per row)."""
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     chosen = []
     for row in rows:
         seqs = [row["prompt_ids"] + ids for ids in label_ids]
@@ -120,7 +121,7 @@ def prompt_losses(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], device: torch.device, batch_size: int
 ) -> torch.Tensor:
     """Mean next-token loss of each row's prompt ``(N,)`` with the active adapter (0 for a 1-token prompt)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     out = []
     for i in range(0, len(rows), batch_size):
         prompts = [r["prompt_ids"] for r in rows[i : i + batch_size]]

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from crma_lightning.data.tokenizer import pad_id
+
 
 class StopOnStrings(StoppingCriteria):
     """Per row: done once the text generated after the prompt holds one of ``stop`` (decoded as it grows)."""
@@ -41,7 +43,7 @@ def generate_from_ids(
     activates the adapter. ``max_new_tokens`` defaults to 32, ``pad_token_id`` to the tokenizer's (or
     EOS). The model's train/eval mode is restored whatever happens.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     width = max(len(p) for p in prompt_ids)
     # Left padding: every row's next token follows its last prompt token.
     ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], dtype=torch.long, device=device)

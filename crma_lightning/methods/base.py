@@ -21,7 +21,7 @@ State must be loadable by ``torch.load(weights_only=True)``: tensors, lists, dic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -170,6 +170,3 @@ def lm_loss(module: nn.Module, batch: Batch) -> torch.Tensor:
     logits = getattr(out, "logits", out)  # a ContinualLM returns logits, a transformers model an output object
     total, count = token_losses(logits, batch["labels"].to(logits.device))
     return total / count.clamp_min(1)
-
-
-LossFn = Callable[[Batch], torch.Tensor]

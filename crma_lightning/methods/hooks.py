@@ -20,7 +20,6 @@ Call sites (``docs/method.md``, "Continual-learning methods and routing"):
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -51,14 +50,14 @@ def check_method(method: Any, task_adapters: str) -> ContinualMethod | None:
     return method
 
 
-_SET_UP: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose method.setup ran
-
-
 def setup(module: Any) -> None:
-    """``method.setup`` once per module, when its task adapters exist (``prepare_tasks``)."""
-    if module.method is not None and module not in _SET_UP:
+    """``method.setup`` once per module, when its task adapters exist (``prepare_tasks``).
+
+    Whether it ran is the module's own ``method_set_up`` flag (``ContinualLM.__init__`` sets it ``False``).
+    """
+    if module.method is not None and not module.method_set_up:
         module.method.setup(module)
-        _SET_UP.add(module)
+        module.method_set_up = True
 
 
 def start_task(module: Any) -> None:

@@ -11,14 +11,12 @@ shards and gathers (compile after ``fully_shard``), and one compiled graph serve
 
 from __future__ import annotations
 
-import weakref
-
 from torch import nn
 
+from crma_lightning import _compat
 from crma_lightning.adapters import CRMABlock, find_decoder_layers
 
 BACKEND = "inductor"  # needs a C compiler on CPU; tests use "aot_eager" (same graphs, no code generation)
-_COMPILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def compile_decoder_layers(model: nn.Module) -> int:
@@ -27,9 +25,8 @@ def compile_decoder_layers(model: nn.Module) -> int:
     count = 0
     for block in layers:
         layer = block.base_layer if isinstance(block, CRMABlock) else block
-        if layer in _COMPILED:
+        if _compat.is_compiled(layer):  # the layer itself records it: a second call compiles nothing again
             continue
         layer.compile(backend=BACKEND)
-        _COMPILED.add(layer)
         count += 1
     return count

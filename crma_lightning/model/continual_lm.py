@@ -155,6 +155,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         self.init_on_rank0 = init_on_rank0
         self.compile_layers = compile
         self.method = method_hooks.check_method(method, task_adapters)
+        self.method_set_up = False  # method.setup ran (once, when the task adapters exist: prepare_tasks)
 
         self.tokenizer: PreTrainedTokenizerBase = load_model_tokenizer(model_name_or_path, tokenizer, trust_remote_code)
         with torch.random.fork_rng(devices=[]):

@@ -51,7 +51,7 @@ AUTO_LAYERS = "auto"
 DEFAULT_LAYER: int | list[int] | str = AUTO_LAYERS
 """Hidden states read by default (``auto``): all of them (embeddings and every layer), concatenated, while that
 gives at most :data:`AUTO_FEATURES` feature dimensions - on the shared real corpora the most accurate of every
-single layer and layer set measured (docs/benchmarks.md) - and only the last one for wider models (a 7B model's
+single layer and layer set measured (docs/benchmarks-history.md) - and only the last one for wider models (a 7B model's
 33 hidden states of 4096 would give 270k features: a shared covariance far beyond memory)."""
 AUTO_FEATURES = 4096
 """``auto`` reads every hidden state up to this many feature dimensions (a 128 MB float64 covariance)."""
@@ -62,7 +62,7 @@ DEFAULT_SHRINKAGE = 0.01
 real corpora (about 2,600 rows per task to fit; with far fewer rows than features a larger value is safer)."""
 HYBRID_MARGIN = 2.0
 """A ``fallback_margin`` for the hybrid: on training rows held out from the fit (the shared real corpora), the
-smallest margin whose hybrid accuracy came within 0.01 of perplexity routing's (docs/benchmarks.md). Measured
+smallest margin whose hybrid accuracy came within 0.01 of perplexity routing's (docs/benchmarks-history.md). Measured
 at ``F`` = 1,280 features (the 4-layer H = 128 base, ``auto``/``mean_std``) and shrinkage 0.01: the distances'
 scale, hence the margin's meaning, changes with ``F`` and the shrinkage, so it does not transfer automatically to
 other models or settings - measure it again on held-out training rows."""
@@ -370,16 +370,8 @@ class PrototypeRouter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (the settings must agree: the statistics depend on them)."""
-        saved = dict(state.get("settings", {}))
-        if "layer" in saved:
-            saved["layer"] = plain_layer(saved["layer"])
-        mine = self.settings()
-        fitted_by = {k: saved.get(k) for k in ("prefix_tokens", "layer", "pooling")}
-        if state.get("tasks") and fitted_by != {k: mine[k] for k in fitted_by}:
-            raise ValueError(
-                f"the routing statistics were fitted with {fitted_by}; this run has "
-                f"{ {k: mine[k] for k in fitted_by} } (use the original settings or a new run dir)"
-            )
+        if state.get("tasks"):
+            check_same_fit(dict(state.get("settings", {})), self.settings())
         self.tasks = list(state.get("tasks", []))
         self.counts, self.sums, self.second = state.get("counts"), state.get("sums"), state.get("second")
         indices = state.get("indices")  # absent in statistics saved before it was stored: resolved again
@@ -392,6 +384,25 @@ class PrototypeRouter:
         router = cls(**state["settings"])
         router.load_state_dict(state)
         return router
+
+
+FIT_SETTINGS = ("prefix_tokens", "layer", "pooling")
+"""What a router's statistics depend on: statistics are reused only under the same values of these."""
+
+
+def check_same_fit(fitted: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when statistics fitted with ``fitted`` settings cannot serve ``wanted`` ones.
+
+    The estimator and shrinkage may differ (they are applied to the same statistics); the
+    :data:`FIT_SETTINGS` may not.
+    """
+    have = {k: plain_layer(fitted[k]) if k == "layer" and k in fitted else fitted.get(k) for k in FIT_SETTINGS}
+    want = {k: plain_layer(wanted[k]) if k == "layer" and k in wanted else wanted.get(k) for k in FIT_SETTINGS}
+    if have != want:
+        raise ValueError(
+            f"the routing statistics were fitted with {have}; this run has {want} "
+            "(use the original settings or a new run dir)"
+        )
 
 
 def plain_layer(layer: Any) -> int | list[int] | str:

@@ -68,7 +68,5 @@ def python_run_config(
         "data": datamodule.config(),
     }
     if routing is not None:
-        config["routing"] = {"mode": routing.mode, "prefix_tokens": routing.prefix_tokens}
-        if routing.mode == "prototype":
-            config["routing"].update(routing.prototype_settings)
+        config["routing"] = routing.config.as_dict()
     return "# written by ContinualRunner (a run made from Python)\n" + yaml.safe_dump(config, sort_keys=False)
