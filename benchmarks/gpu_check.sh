@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 
 if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "gpu_check.sh: no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False);" \
-        "this check needs one. On CPU run: python -m pytest tests/test_distributed.py" >&2
+        "this check needs one. On CPU run: python -m pytest tests/parallel/test_distributed.py" >&2
     exit 1
 fi
 

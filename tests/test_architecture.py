@@ -160,3 +160,19 @@ def test_old_import_paths_resolve_to_the_same_modules():
     from crma_lightning.routing.prototype import load_router as new_load_router
 
     assert load_router is new_load_router
+
+
+def test_tests_mirror_the_package_folders():
+    tests = ROOT / "tests"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    package = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders - package == {"helpers", "bench"}, folders - package  # every other test folder is a package folder
+    files = sorted(tests.rglob("*.py"))
+    assert not [p for p in files if p.name == "__init__.py"], "tests/ has no packages: names are unique instead"
+    names = [p.name for p in files if p.name.startswith("test_")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert not [p for p in files if p.parent == tests / "helpers" and p.name.startswith("test_")]
+    for path in files:
+        nodes = ast.walk(ast.parse(path.read_text()))
+        imported = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in imported if m.startswith("test_") or m == "conftest"}, (path, imported)

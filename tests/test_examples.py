@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from test_cli import tiny_config
+from fit_runs import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import TINY_LLAMA_CONFIG
+from tiny_models import TINY_LLAMA_CONFIG
 
 from crma_lightning import ContinualLM, SequentialDomainDataModule
 from crma_lightning.adapters import lora_layers

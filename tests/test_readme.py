@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import TINY_LLAMA_CONFIG
+from tiny_models import TINY_LLAMA_CONFIG
 
 from crma_lightning.cli import main
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from datasets import ClassLabel, Dataset, Features, Value
-from test_cli import CONFIGS, print_config
+from fit_runs import CONFIGS, print_config
 
 from crma_lightning.data.datamodule import SequentialDomainDataModule
 from crma_lightning.data.tokenizer import byte_tokenizer

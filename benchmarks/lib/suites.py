@@ -64,7 +64,7 @@ def task_split_specs(specs: list[dict[str, Any]], split: str, cache_dir: Path) -
     ``full`` returns ``specs`` (built-in domains, every held-out row). ``test`` / ``dev`` turn each task
     into the same rows as prompt/response files - the training rows unchanged and in the same order, the
     held-out rows of :func:`splits.split_task_holdout` - which is what a user with their own dev/test
-    files would configure (the library prepares both forms alike: ``tests/test_task_suite_splits.py``).
+    files would configure (the library prepares both forms alike: ``tests/bench/test_task_suite_splits.py``).
     """
     if split == "full":
         return specs

@@ -8,7 +8,7 @@ prompts), and the domain's default metric is ``exact_match`` with ``"\n"`` as th
 
 Determinism: the words come from a 64-bit linear congruential generator of our own (Knuth's MMIX
 constants) seeded per task - not from :mod:`random` or NumPy, whose streams may change between
-versions - so every platform and Python version gets byte-identical rows (``tests/test_task_suite.py``
+versions - so every platform and Python version gets byte-identical rows (``tests/data/test_builtin_tasks.py``
 pins a digest). Rows ``0 .. holdout - 1`` of a task are its held-out rows; the training rows follow.
 A word can occur in the training and the held-out rows of one task (the input space is small); what
 is measured is whether the mapping was learned, not whether a word was seen.

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA_CONFIG
+from tiny_models import TINY_LLAMA_CONFIG
 
 from crma_lightning.callbacks.train_until_learned import TrainUntilLearned
 

@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import TINY_LLAMA_CONFIG
+from tiny_models import TINY_LLAMA_CONFIG
 
 from crma_lightning.metrics.continual import summarize
 from crma_lightning.metrics.learning import learned_only_means, learning_flags
