@@ -139,6 +139,19 @@ def foreach_norm(tensors: list[torch.Tensor], dtype: torch.dtype = torch.float32
     return [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
 
 
+def fused_optimizer_devices() -> list[str]:
+    """Device types with fused optimizer kernels (``torch.utils._foreach_utils``, torch 2.4-2.13: cpu, cuda, ...).
+
+    Falls back to ``["cuda"]`` if the helper moves: the fused path is then only chosen where it
+    certainly exists.
+    """
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return ["cuda"]
+    return list(_get_fused_kernels_supported_devices())
+
+
 def is_compiled(module: torch.nn.Module) -> bool:
     """Whether ``module.compile()`` ran on ``module`` (torch 2.2+: it keeps the compiled call on the module)."""
     return getattr(module, "_compiled_call_impl", None) is not None

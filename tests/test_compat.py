@@ -88,6 +88,11 @@ def test_foreach_norm_matches_per_tensor_norms():
         assert torch.allclose(n, t.float().norm(), rtol=1e-2)
 
 
+def test_fused_optimizer_devices_include_this_machines_cpu():
+    devices = _compat.fused_optimizer_devices()
+    assert "cpu" in devices and "cuda" in devices  # torch 2.4+ has fused Adam(W) kernels for both
+
+
 def test_is_compiled_follows_module_compile():
     layer = torch.nn.Linear(2, 2)
     assert not _compat.is_compiled(layer)

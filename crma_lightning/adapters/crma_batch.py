@@ -13,7 +13,8 @@ How: :func:`precompute_step_factors` (called by a forward pre-hook on the model 
 :func:`~crma_lightning.adapters.attach_adapters` registers) builds the batched factors with autograd and
 remembers, per adapter, a stamp of its parameters (identity and in-place version counter). An adapter's
 forward asks :func:`step_factors` for its ``(R, E)``; it gets them only while the stamp still matches and
-the grad mode allows it, else ``None`` and it computes its own, as before. So an optimizer step, a loaded
+the grad mode allows it, else ``None`` and it computes its own, as before; any optimizer step drops them
+all (a fused optimizer updates parameters without bumping their versions). So an optimizer step, a loaded
 state dict or a direct call of one block outside the model's forward can never see stale factors, and the
 recomputation of a block under (non-reentrant) activation checkpointing reuses the step's factors, whose
 gradient then flows through the one batched backward. Under FSDP2 the adapters' parameters are ``DTensor``
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from crma_lightning import _compat
 from crma_lightning.adapters.crma_shards import gather_stacked, is_fsdp2_shard
@@ -97,6 +99,20 @@ class _ReadWrite(torch.autograd.Function):
 _STEP: weakref.WeakKeyDictionary[nn.Module, tuple[_StepGroup, int, list[torch.Tensor], tuple]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _forget_after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Drop every cached factor after any optimizer step.
+
+    Why: the stamp's version counters do not see every update - torch's fused Adam/AdamW kernels (and
+    other fused optimizers) write parameters in place without bumping them, so factors cached before a
+    step (a training forward's, or an evaluation's) would be served after it.
+    """
+    if _STEP:
+        _STEP.clear()
+
+
+register_optimizer_step_post_hook(_forget_after_optimizer_step)
 
 
 def _params(adapter: nn.Module) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from crma_lightning.callbacks.stages import step_grad_norms
+from crma_lightning.callbacks.stages import ends_logging_interval, step_grad_norms
 from crma_lightning.parallel.fsdp1 import shard_group
 
 
@@ -22,14 +22,20 @@ class SkipNonFiniteSteps(L.Callback):
     """Skip an optimizer step whose gradients are not finite (``pl_module.nonfinite`` decides and counts).
 
     Uses the step's gradient norm shared with ``GradientStability`` (no second pass over the
-    gradients); the norm is exact under FSDP1/FSDP2/DDP, so every rank takes the same decision.
+    gradients); the norm is exact under FSDP1/FSDP2/DDP, so every rank takes the same decision. With
+    a fused optimizer and no grad scaler the decision stays on the device and is counted at each
+    logging interval, at the end of the fit and when a checkpoint is saved: no host sync per step.
     """
 
     def __init__(self) -> None:
         self._shard_group: Any = None
+        self._on_device = False
+        self._flush_after_step = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._shard_group = shard_group(pl_module)
+        # A grad scaler (16-bit mixed precision) sets found_inf on the optimizer itself.
+        self._on_device = getattr(trainer.precision_plugin, "scaler", None) is None
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -38,7 +44,19 @@ class SkipNonFiniteSteps(L.Callback):
         if guard is None or not guard.enabled:
             return
         _, squares = step_grad_norms(trainer, optimizer, pl_module.device, self._shard_group)
-        guard.check(optimizer, step=trainer.global_step, square_norm=squares.sum())
+        guard.check(optimizer, step=trainer.global_step, square_norm=squares.sum(), on_device=self._on_device)
+        self._flush_after_step = ends_logging_interval(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        guard = getattr(pl_module, "nonfinite", None)
+        if guard is not None and self._flush_after_step:
+            guard.flush()
+        self._flush_after_step = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        guard = getattr(pl_module, "nonfinite", None)
+        if guard is not None:
+            guard.flush()
 
 
 class RestoreTrainingAdapter(L.Callback):

@@ -60,6 +60,15 @@ def log_interval(trainer: L.Trainer, every: int | None) -> int:
     return int(trainer.log_every_n_steps) or FALLBACK_INTERVAL
 
 
+def ends_logging_interval(trainer: L.Trainer) -> bool:
+    """Whether the optimizer step about to be taken is one Lightning logs (call before it steps).
+
+    The same test as Lightning's own (``(logged steps + 1) % log_every_n_steps == 0``), on the logging
+    step the stage driver carries across stages, so per-interval flushes land on the logged steps.
+    """
+    return (_compat.logging_step(trainer) + 1) % log_interval(trainer, None) == 0
+
+
 def log_to_loggers(trainer: L.Trainer | None, entries: list[tuple[int, dict[str, float]]]) -> None:
     """Log ``(step, metrics)`` entries with explicit steps to every logger, on global rank 0 only."""
     if trainer is None or not trainer.is_global_zero:

@@ -40,7 +40,7 @@ from crma_lightning.model.checkpoint_state import AdapterStateMixin
 from crma_lightning.model.compile import compile_decoder_layers
 from crma_lightning.model.identity import model_identity_differences
 from crma_lightning.model.nonfinite import NonFiniteGuard
-from crma_lightning.model.optim import adapter_param_groups
+from crma_lightning.model.optim import adapter_param_groups, prefer_fused
 from crma_lightning.model.rng import rng_state, set_rng_state
 from crma_lightning.model.task_adapters import SHARED_ADAPTER, TASK_ADAPTER_MODES, TaskAdapterMode, TaskAdapters
 from crma_lightning.model.task_generation import TaskGeneration
@@ -320,7 +320,7 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
                 "(dm.set_stage(i); trainer.fit(model, datamodule=dm) begins task i), or call "
                 "model.begin_task(name) first (docs/subclassing.md, 'Training from Python')"
             )
-        optimizer = self.optimizer_factory(groups)
+        optimizer = prefer_fused(self.optimizer_factory(groups))
         # For the HParams tab: the factory is a callable, its settings show only on the built optimizer.
         self.optimizer_settings = {"class": hparams.class_path(optimizer), "lr": optimizer.defaults.get("lr")}
         if self.lr_scheduler_factory is None:
@@ -348,7 +348,9 @@ class ContinualLM(AdapterStateMixin, TaskGeneration, L.LightningModule):
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         loss = self.compute_loss(batch, logits)
         loss = method_hooks.add_penalty(self, loss, batch_size=batch["input_ids"].size(0))
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        # Not prog_bar: Lightning would turn it into a number after every batch (a host sync per step);
+        # the stage progress bar shows it as of each logging step (callbacks/progress.py).
+        self.log("train/loss", loss, batch_size=batch["input_ids"].size(0))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:

@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from crma_lightning import _compat
 from crma_lightning.adapters import crma_adapters, lora_layers
 
 GROUP_NAMES = ("lora", "crma", "crma_structural", "crma_gate", "other")
@@ -52,6 +55,38 @@ def adapter_param_groups(
                 group["lr"] = lrs[name]
             out.append(group)
     return out
+
+
+FUSED_BY_DEFAULT = (torch.optim.Adam, torch.optim.AdamW)
+"""Optimizers built with ``fused=True`` unless the configuration chose ``fused`` or ``foreach`` itself."""
+
+
+def prefer_fused(optimizer: Optimizer) -> Optimizer:
+    """The same optimizer with ``fused=True`` when it is an Adam/AdamW left at its implementation default.
+
+    Why: the fused kernel updates every parameter in one call with no host sync (the default
+    per-tensor path reads each parameter's step count with ``.item()``), and it skips a step on the
+    device when told through ``found_inf`` - how the non-finite guard avoids a sync per step
+    (:class:`~crma_lightning.model.nonfinite.NonFiniteGuard`). A configuration that sets ``fused`` or
+    ``foreach``, other optimizer classes, and parameters the fused kernel does not take (not floating
+    point, or on a device without it) keep the optimizer as built.
+    """
+    if type(optimizer) not in FUSED_BY_DEFAULT or optimizer.state:
+        return optimizer
+    defaults = optimizer.defaults
+    if defaults.get("fused") is not None or defaults.get("foreach") is not None or defaults.get("differentiable"):
+        return optimizer
+    if any(g.get("fused") is not None or g.get("foreach") is not None for g in optimizer.param_groups):
+        return optimizer
+    devices = _compat.fused_optimizer_devices()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not all(p.is_floating_point() and p.device.type in devices for p in params):
+        return optimizer
+    groups = [{**{k: v for k, v in g.items() if k not in ("fused", "foreach")}, "params": g["params"]}
+              for g in optimizer.param_groups]
+    accepted = inspect.signature(type(optimizer).__init__).parameters  # AdamW's defaults hold more than it takes
+    settings = {k: v for k, v in defaults.items() if k in accepted}
+    return type(optimizer)(groups, **{**settings, "fused": True, "foreach": None})
 
 
 class WarmupCosine(LambdaLR):

@@ -119,6 +119,23 @@ def test_changed_parameters_never_use_stale_factors():
     torch.testing.assert_close(changed, fresh)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_adamw", "adamw"])
+def test_an_optimizer_step_drops_the_cached_factors_even_without_version_bumps(fused):
+    # torch's fused AdamW writes parameters without bumping their version counters: the version stamp alone
+    # would serve the factors of before the step to the evaluation after it.
+    model = _model(layers=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=fused)
+    with torch.no_grad():
+        model(input_ids=IDS)  # an evaluation caches factors
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model(input_ids=IDS).logits
+        with crma_batch.per_block_factors():
+            fresh = model(input_ids=IDS).logits  # every block computes its own from today's parameters
+    torch.testing.assert_close(after, fresh, atol=1e-5, rtol=1e-5)
+
+
 def test_factors_built_without_grad_are_not_used_for_training():
     model = _model()
     with torch.no_grad():
