@@ -189,8 +189,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.widths:
-        return sweep(args)
-    return measure(args)
+        results = sweep(args)
+        for width, r in results.items():
+            print(f"{READABLE} {r['median_paired_ratio']['crma_over_lora']:.4f} hidden={width}")
+        return results
+    result = measure(args)
+    print(f"{READABLE} {result['median_paired_ratio']['crma_over_lora']:.4f} hidden={args.hidden}")
+    return result
+
+
+READABLE = "CRMA / LoRA"
+"""The last line(s): ``CRMA / LoRA <median paired ratio> hidden=<width>``, one per width, for scripts to read."""
 
 
 def sweep(args: argparse.Namespace) -> dict:

@@ -61,6 +61,9 @@ class SequentialDomainDataModule(L.LightningDataModule):
         eval_batch_size: Rows per validation batch (default ``batch_size``).
         eval_domains: ``"seen"`` (domains trained so far, incl. the current one) or ``"all"`` (also the
             future ones, for forward transfer).
+        eval_every: Evaluate every domain of that scope after every k-th stage and the last one only; after
+            the other stages just the domain trained (its diagonal entry). Bounds the O(T²) end-of-stage
+            evaluation of a long run to O(T + T²/k) (docs/metrics.md, "Evaluation cost").
         max_chars_per_domain: Size cap for the built-in domains.
         max_eval_rows: Evaluate at most this many held-out rows per domain (``None``: all).
         num_workers: DataLoader worker processes.
@@ -83,6 +86,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         eval_domains: str = "seen",
+        eval_every: int = 1,
         max_chars_per_domain: int | None = 200_000,
         max_eval_rows: int | None = None,
         num_workers: int = 0,
@@ -108,6 +112,10 @@ class SequentialDomainDataModule(L.LightningDataModule):
         for key, value in optional.items():
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1 or null (no limit)")
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise ValueError(
+                f"eval_every={eval_every!r} is invalid: expected an integer >= 1 (1: every stage evaluates all)"
+            )
         if isinstance(dev_rows, bool) or not isinstance(dev_rows, int) or dev_rows < 0:
             raise ValueError(f"dev_rows={dev_rows!r} is invalid: expected an integer >= 0 (0: no dev slice)")
         if num_workers < 0:
@@ -121,6 +129,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.eval_domains = eval_domains
+        self.eval_every = eval_every
         self.max_chars_per_domain = max_chars_per_domain
         self.max_eval_rows = max_eval_rows
         self.num_workers = num_workers
@@ -162,8 +171,19 @@ class SequentialDomainDataModule(L.LightningDataModule):
     def eval_domain_names(self, stage: int | None = None) -> list[str]:
         """Domains evaluated after ``stage`` (default: the current one), per ``eval_domains``."""
         stage = self.stage if stage is None else stage
+        if self._eval_override is None and not self.full_row(stage):
+            return [self.domain_names[stage]]  # the diagonal entry only: drift and plasticity need it
         scope = self._eval_override or self.eval_domains
         return self.domain_names if scope == "all" else self.domain_names[: stage + 1]
+
+    def full_row(self, stage: int) -> bool:
+        """Whether the evaluation after ``stage`` covers every domain of its scope (``eval_every``).
+
+        With ``eval_every=k`` only every k-th stage and the last one do; after the others only the domain
+        just trained is evaluated. The end-of-run metrics (drift, BWT, plasticity: the last row and the
+        diagonal) are unchanged; the forgetting maximum and the per-stage ``cl/*`` curves see fewer rows.
+        """
+        return (stage + 1) % self.eval_every == 0 or stage == self.num_stages - 1
 
     @contextmanager
     def evaluating_all_domains(self) -> Iterator[None]:
@@ -367,6 +387,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
             "eval_domains": self.eval_domains,
             "seed": self.seed,
             **({"dev_rows": self.dev_rows} if self.dev_rows else {}),  # older runs' identities stay as they were
+            **({"eval_every": self.eval_every} if self.eval_every != 1 else {}),
             "sources": [source_identity(s) for s in self.specs],
             **{f"content.{name}": digest for name, digest in self.content_digests().items()},
         }
@@ -401,6 +422,7 @@ class SequentialDomainDataModule(L.LightningDataModule):
             "batch_size": self.batch_size,
             "eval_batch_size": self.eval_batch_size,
             "eval_domains": self.eval_domains,
+            "eval_every": self.eval_every,
             "max_chars_per_domain": self.max_chars_per_domain,
             "max_eval_rows": self.max_eval_rows,
             "num_workers": self.num_workers,

@@ -290,6 +290,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     skipped = report.get("nonfinite_steps", {}).get("skipped", 0)
     timings = report.get("timings", {})
     lines += ["", f"Non-finite steps skipped: {skipped}. Wall-clock: {_fmt(timings.get('total_s'), 1)} s."]
+    stages = timings.get("stages") or {}
+    train = sum(t.get("train_s") or 0.0 for t in stages.values())
+    evaluation = sum(t.get("eval_s") or 0.0 for t in stages.values())
+    if train + evaluation > 0:  # the end-of-stage evaluation grows as T² over a run: its share, said plainly
+        shares = ", ".join(f"{d} {100 * (t.get('eval_share') or 0.0):.0f}%" for d, t in stages.items())
+        lines.append(
+            f"End-of-stage evaluation: {evaluation:.1f} s, {100 * evaluation / (train + evaluation):.0f}% of "
+            f"training + evaluation (per stage: {shares}; `data.eval_every` thins it)."
+        )
     for killed in report.get("killed_runs") or []:
         lines.append(f"A previous invocation was killed without a clean stop: {killed.get('holder')}.")
     return "\n".join(lines) + "\n"
@@ -391,10 +400,15 @@ def _score_lines(report: dict[str, Any]) -> list[str]:
     ]
     timings = (report.get("timings") or {}).get("stages") or {}
     if timings:
-        lines += ["", "| stage | train s | eval s (of which generation) |", "|---|---|---|"]
+        lines += ["", "| stage | train s | eval s (of which generation) | eval share |", "|---|---|---|---|"]
         for name, t in timings.items():
             times = f"{_fmt(t.get('train_s'), 1)} | {_fmt(t.get('eval_s'), 1)} ({_fmt(t.get('score_s'), 1)})"
-            lines.append(f"| {name} | {times} |")
+            share = t.get("eval_share")
+            lines.append(f"| {name} | {times} | {'—' if share is None else f'{100 * share:.0f}%'} |")
+        train = sum(t.get("train_s") or 0.0 for t in timings.values())
+        evaluation = sum(t.get("eval_s") or 0.0 for t in timings.values())
+        if train + evaluation > 0:
+            lines.append(f"| all | {train:.1f} | {evaluation:.1f} | {100 * evaluation / (train + evaluation):.0f}% |")
     return lines
 
 

@@ -396,6 +396,8 @@ class ContinualRunner:
                 "score_s": self.evaluation.score_seconds.get(stage + 1, 0.0),  # of which generation
                 "steps": int(trainer.global_step),
             }
+            timing = self.state.timings[domain]
+            timing["eval_share"] = timing["eval_s"] / max(timing["train_s"] + timing["eval_s"], 1e-9)
             self.state.completed = stage + 1
             # The next stage logs from the step after this stage's evaluation: no two events share a step.
             self.state.step_offset = _compat.logging_step(trainer) + 1

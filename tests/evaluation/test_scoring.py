@@ -170,7 +170,8 @@ def test_score_matrix_in_report_tensorboard_checkpoint_and_hparams(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["score_matrix"]["values"] == values
     markdown = (tmp_path / "run" / "report.md").read_text()
-    assert "## Task score `S[s][j]`" in markdown and "| stage | train s | eval s (of which generation) |" in markdown
+    assert "## Task score `S[s][j]`" in markdown
+    assert "| stage | train s | eval s (of which generation) | eval share |" in markdown
     ckpt = torch.load(runner.checkpoints.stage(1, "last"), weights_only=True, map_location="cpu")
     state = next(v for k, v in ckpt["callbacks"].items() if "DomainEvaluation" in k)
     assert state["scores"] == values and state["score_metrics"]["last"] == "accuracy"

@@ -226,3 +226,37 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
         ContinualRunner(run_dir=tmp_path / "r", trainer_kwargs=dict(TRAINER), resume="never").run(
             make_model(), make_data()
         )
+
+
+def test_eval_every_evaluates_full_rows_every_k_stages_and_keeps_the_end_of_run_metrics(tmp_path):
+    domains = ["prose", "code", "arithmetic", "unicode"]
+
+    def fit(name, **data):
+        runner = ContinualRunner(run_dir=tmp_path / name, trainer_kwargs=dict(TRAINER))
+        dm = SequentialDomainDataModule(domains=domains, max_length=32, batch_size=4, max_chars_per_domain=6000,
+                                        max_eval_rows=8, **data)
+        return runner.run(make_model(), dm)
+
+    every, sparse = fit("every"), fit("sparse", eval_every=2)
+    full, thin = every["loss_matrix"]["values"], sparse["loss_matrix"]["values"]
+    present = [[v is not None for v in row] for row in thin]
+    assert present == [
+        [True] * 4,  # the base row: every domain
+        [True, False, False, False],  # after stage 1: only the domain just trained
+        [True, True, False, False],  # after stage 2 (every 2nd): every seen domain
+        [False, False, True, False],  # after stage 3: only its diagonal entry
+        [True] * 4,  # after the last stage: every seen domain
+    ]
+    # Training does not depend on what is evaluated: the entries both runs have agree, and so do the
+    # end-of-run metrics (the last row and the diagonal).
+    for s, row in enumerate(thin):
+        for j, v in enumerate(row):
+            if v is not None:
+                assert v == pytest.approx(full[s][j], rel=1e-6), (s, j)
+    for key in ("drift_mean", "bwt", "plasticity_mean"):
+        assert sparse["metrics"][key] == pytest.approx(every["metrics"][key], rel=1e-6), key
+    timings = sparse["timings"]["stages"]
+    assert all(0.0 < t["eval_share"] < 1.0 for t in timings.values()), timings
+    assert "End-of-stage evaluation: " in (tmp_path / "sparse" / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"eval_every=0 is invalid: expected an integer >= 1"):
+        SequentialDomainDataModule(domains=domains, eval_every=0)
